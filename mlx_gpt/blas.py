@@ -1,0 +1,116 @@
+"""Make MLX's CPU backend multiply matrices with OpenBLAS instead of the reference BLAS.
+
+The Linux ``mlx-cpu`` wheel links netlib's reference BLAS, which runs a 2048^3 sgemm at a few
+GFLOP/s. If an optimized ``libopenblas.so`` is loaded with ``RTLD_GLOBAL`` *before*
+``mlx.core`` is first imported, the dynamic linker resolves MLX's ``cblas_*`` calls to it.
+
+The ``cmeel-openblas`` wheel ships a standard ``libopenblas.so.0`` but not the
+``libgfortran.so.5`` it needs. The ``mlx-cpu`` wheel bundles a libgfortran under a hashed
+soname; when the system has none, we copy that one into a temporary folder with its soname
+set back to ``libgfortran.so.5``, load it, load OpenBLAS, and delete the folder (the loaded
+libraries stay mapped).
+
+This module must not import ``mlx``: it runs before MLX is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+_state: dict[str, str | None] = {"blas": None, "error": None}
+
+
+def _site_dirs() -> list[str]:
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    dirs += [p for p in sys.path if p.endswith("site-packages")]
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def _find(pattern: str) -> str | None:
+    for d in _site_dirs():
+        hits = sorted(glob.glob(os.path.join(d, pattern)))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _load_bundled_gfortran() -> None:
+    """Load mlx-cpu's bundled libgfortran so that it answers to the soname libgfortran.so.5."""
+    gfortran = _find("mlx_cpu.libs/libgfortran*.so*")
+    if gfortran is None:
+        raise OSError("no libgfortran.so.5 on the system and none bundled with mlx-cpu")
+    quadmath = _find("mlx_cpu.libs/libquadmath*.so*")
+    if quadmath is not None:  # the bundled libgfortran needs it under its hashed name
+        ctypes.CDLL(quadmath, mode=ctypes.RTLD_GLOBAL)
+    old = os.path.basename(gfortran).encode() + b"\0"
+    new = b"libgfortran.so.5\0"
+    with open(gfortran, "rb") as f:
+        image = f.read()
+    if image.count(old) != 1 or len(new) > len(old):
+        raise OSError(f"unexpected soname layout in {gfortran}")
+    image = image.replace(old, new + b"\0" * (len(old) - len(new)))
+    tmp = tempfile.mkdtemp(prefix="mlx_gpt_blas_")
+    try:
+        path = os.path.join(tmp, "libgfortran.so.5")
+        with open(path, "wb") as f:
+            f.write(image)
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_optimized_blas() -> str | None:
+    """Load OpenBLAS globally so MLX's CPU backend uses it; return its path, or None.
+
+    Does nothing on macOS (MLX uses Accelerate there), when ``MLX_GPT_NO_BLAS=1`` is set, or
+    when no OpenBLAS is installed. Warns once if ``mlx.core`` was already imported, since
+    then it is too late for the linker to pick OpenBLAS.
+    """
+    if _state["blas"] or _state["error"]:
+        return _state["blas"]
+    if not sys.platform.startswith("linux") or os.environ.get("MLX_GPT_NO_BLAS") == "1":
+        _state["error"] = "not applicable on this platform" if sys.platform == "darwin" else "disabled"
+        return None
+    if "mlx.core" in sys.modules:
+        _state["error"] = "mlx.core was imported before mlx_gpt"
+        warnings.warn(
+            "mlx.core was imported before mlx_gpt, so MLX keeps its slow reference BLAS; "
+            "import mlx_gpt first (or run through python -m mlx_gpt...) for optimized matmuls",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    lib = _find("cmeel.prefix/lib/libopenblas.so.0")
+    if lib is None:
+        _state["error"] = "cmeel-openblas is not installed"
+        return None
+    try:
+        try:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            if "libgfortran" not in str(e):
+                raise
+            _load_bundled_gfortran()
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        _state["error"] = str(e)
+        warnings.warn(f"could not load OpenBLAS ({e}); MLX keeps its reference BLAS", RuntimeWarning)
+        return None
+    _state["blas"] = lib
+    return lib
+
+
+def blas_status() -> str:
+    """One line saying which BLAS MLX's CPU backend calls."""
+    if _state["blas"]:
+        return f"OpenBLAS ({_state['blas']})"
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
+    return f"reference BLAS ({_state['error'] or 'OpenBLAS not loaded'})"

@@ -1,0 +1,341 @@
+"""Corpora in, llm.c token files out, and fixed-shape random batches back.
+
+Token file format (llm.c's ``dev/data/data_common.py``): a header of 256 little-endian int32 —
+magic 20240520, version (1: uint16 tokens, 2: uint32 tokens), token count, zeros — then the
+tokens. A prepared dataset is a directory ``data/<name>/`` holding ``train.bin``, ``val.bin``,
+``meta.json`` and the tokenizer; llm.c's own ``*_train.bin`` / ``*_val.bin`` are read as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UserError
+from .tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+VERSION_DTYPE = {1: np.uint16, 2: np.uint32}
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+BUILTIN_SOURCES = ("pydoc", "shakespeare")
+
+
+# ---------------------------------------------------------------------------- token files
+
+
+def write_tokens(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
+    """Write tokens in llm.c's format: uint16 when every id fits, else uint32 (version 2)."""
+    version = 1 if vocab_size <= 1 << 16 else 2
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError("token id outside the vocabulary")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, version, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.dtype(VERSION_DTYPE[version]).newbyteorder("<")).tobytes())
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, int]:
+    """(version, token count) of a token file, after checking magic and size."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise UserError(f"cannot read token file {path}: {e.strerror}") from None
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"{path} is too short to be a token file")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != MAGIC:
+        raise UserError(f"{path} is not a token file (magic {header[0]}, expected {MAGIC})")
+    version, count = int(header[1]), int(header[2])
+    if version not in VERSION_DTYPE:
+        raise UserError(f"{path}: unsupported token file version {version}")
+    if size != HEADER_BYTES + count * np.dtype(VERSION_DTYPE[version]).itemsize:
+        raise UserError(f"{path} is truncated or corrupt: header says {count} tokens, size is {size} bytes")
+    return version, count
+
+
+def open_tokens(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a token file's payload (read once; batches index into it)."""
+    version, count = read_header(path)
+    dtype = np.dtype(VERSION_DTYPE[version]).newbyteorder("<")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def read_source(source: str, cache_dir: str | os.PathLike = "data") -> tuple[str, list[str]]:
+    """Resolve a source to (dataset name, list of documents).
+
+    A source is a text file, a folder of .txt files (one document each), ``pydoc`` (the
+    Python reference manual that CPython ships, so a first run needs no download) or
+    ``shakespeare`` (tiny-shakespeare, downloaded once and checked by SHA-256).
+    """
+    if source == "pydoc":
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        return "pydoc", [topics[k] for k in sorted(topics)]
+    if source == "shakespeare":
+        path = Path(cache_dir, "downloads", "tinyshakespeare.txt")
+        if not path.exists():
+            download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+        return "shakespeare", [_read_text(path)]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"folder {path} holds no .txt files")
+        docs = [_read_text(p) for p in files]
+        docs = [d for d in docs if d]
+        if not docs:
+            raise UserError(f"every .txt file in {path} is empty")
+        return path.name, docs
+    if not path.exists():
+        raise UserError(f"corpus {source!r} not found (give a text file, a folder of .txt files, or one of {', '.join(BUILTIN_SOURCES)})")
+    text = _read_text(path)
+    if not text:
+        raise UserError(f"corpus {path} is empty")
+    return path.stem, [text]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def download(url: str, dest: Path, sha256: str) -> None:
+    """Fetch url to dest with a progress bar; keep it only if the checksum matches."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while chunk := r.read(1 << 16):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"download of {url} failed: {e}") from None
+    if digest.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"download of {url} has the wrong checksum; try again")
+    tmp.replace(dest)
+
+
+# ---------------------------------------------------------------------------- preparing
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A prepared dataset: where its token files are and how to read them."""
+
+    path: Path
+    train_file: Path
+    val_file: Path
+    vocab_size: int
+    tokenizer: Tokenizer | None
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
+    """``byte`` or ``sp`` / ``sp:VOCAB`` (SentencePiece, default 4096) -> (kind, vocab)."""
+    kind, _, vocab = spec.partition(":")
+    if kind == "byte" and not vocab:
+        return "byte", 256
+    if kind == "sp":
+        try:
+            return "sp", int(vocab or 4096)
+        except ValueError:
+            pass
+    raise UserError(f"unknown tokenizer {spec!r}; use byte, sp or sp:VOCAB (e.g. sp:4096)")
+
+
+def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str | os.PathLike = "data",
+            val_fraction: float = 0.1, force: bool = False) -> Dataset:
+    """Tokenize a source into data/<name>-<tokenizer>/ (reused when already prepared).
+
+    ``tokenizer`` is a spec (``byte``, ``sp:4096``: trained here on the train split) or an
+    existing Tokenizer (fine-tuning a checkpoint encodes new text with its own tokenizer).
+    """
+    existing = _as_prepared(source)
+    if existing is not None:
+        if isinstance(tokenizer, str) or existing.tokenizer is None or _digest(existing.tokenizer) == _digest(tokenizer):
+            return existing
+        raise UserError(f"{source} was tokenized with another tokenizer than the checkpoint's")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val fraction must be in (0, 1), got {val_fraction}")
+    name, docs = read_source(source, data_dir)
+    if isinstance(tokenizer, str):
+        kind, vocab = parse_tokenizer_spec(tokenizer)
+        out = Path(data_dir, f"{name}-{kind if kind == 'byte' else f'sp{vocab}'}")
+        fingerprint = _fingerprint(docs, tokenizer, val_fraction)
+    else:
+        kind, vocab = None, tokenizer.vocab_size
+        digest = _digest(tokenizer)
+        out = Path(data_dir, f"{name}-{tokenizer.kind}{vocab}-{digest[:8]}")
+        fingerprint = _fingerprint(docs, digest, val_fraction)
+    meta_path = out / "meta.json"
+    if not force and meta_path.exists():
+        try:
+            if json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+                return load_dataset(out)
+        except ValueError:
+            pass
+    # hold out the tail of every document, so val is unseen text even for one-document corpora
+    train_docs, val_docs = [], []
+    for d in docs:
+        cut = int(len(d) * (1 - val_fraction))
+        train_docs.append(d[:cut])
+        val_docs.append(d[cut:])
+    if not isinstance(tokenizer, str):
+        tok: Tokenizer = tokenizer
+    elif kind == "byte":
+        tok = ByteTokenizer()
+    else:
+        lines = (line for d in train_docs for line in d.splitlines(keepends=True))
+        tok = SentencePieceTokenizer.train(lines, vocab)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else _mkdir(out.parent)))
+    try:
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            write_tokens(tmp / f"{split}.bin", encode_documents(tok, split_docs), tok.vocab_size)
+        tok.save(tmp)
+        meta = {"source": source, "name": name, "tokenizer": tokenizer if isinstance(tokenizer, str) else tok.kind,
+                "vocab_size": tok.vocab_size,
+                "val_fraction": val_fraction, "fingerprint": fingerprint, "documents": len(docs)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_dataset(out)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _digest(tok: Tokenizer) -> str:
+    """SHA-256 of a tokenizer's saved files: two tokenizers with the same digest encode alike."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        h = hashlib.sha256()
+        for f in sorted(Path(d).iterdir()):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _fingerprint(docs: list[str], tokenizer: str, val_fraction: float) -> str:
+    h = hashlib.sha256(f"{tokenizer}|{val_fraction}|{len(docs)}".encode())
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    return h.hexdigest()
+
+
+def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
+    """Tokens of every document, each followed by end-of-text when the tokenizer has one."""
+    parts = []
+    for d in docs:
+        ids = tok.encode(d)
+        if tok.eot_id is not None:
+            ids.append(tok.eot_id)
+        parts.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _as_prepared(source: str) -> Dataset | None:
+    """A source that already is a prepared directory (ours or llm.c's), else None."""
+    p = Path(source)
+    if not p.is_dir():
+        return None
+    if (p / "train.bin").exists() or any(p.glob("*_train.bin")):
+        return load_dataset(p)
+    return None
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Open a prepared directory: ours (train.bin, val.bin, meta.json) or llm.c's (*_train.bin)."""
+    p = Path(path)
+    if (p / "train.bin").exists():
+        train, val = p / "train.bin", p / "val.bin"
+    else:
+        trains, vals = sorted(p.glob("*_train.bin")), sorted(p.glob("*_val.bin"))
+        if len(trains) != 1 or len(vals) != 1:
+            raise UserError(f"{p} must hold one *_train.bin and one *_val.bin token file")
+        train, val = trains[0], vals[0]
+    if not val.exists():
+        raise UserError(f"{val} is missing")
+    tokenizer = load_tokenizer(p) if (p / "tokenizer.json").exists() else None
+    if tokenizer is not None:
+        vocab = tokenizer.vocab_size
+    else:  # llm.c: version 1 files hold GPT-2 tokens, version 2 files LLaMA-3 tokens
+        version, _ = read_header(train)
+        vocab = 50257 if version == 1 else 128256
+    return Dataset(p, train, val, vocab, tokenizer)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens from a memory-mapped token file.
+
+    Shapes are fixed, (accum, batch, block) for x and y, so the compiled train step is
+    traced once. The generator's state is plain JSON, saved in checkpoints so a resumed run
+    draws exactly the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, seed: int, accum: int = 1):
+        self.tokens = open_tokens(path)
+        self.batch_size, self.block_size, self.accum = batch_size, block_size, accum
+        if len(self.tokens) < block_size + 1:
+            raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one block of {block_size} + 1; "
+                            "use a larger corpus or a smaller --block-size")
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._offsets = np.arange(block_size + 1)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """x, y of shape (accum, batch, block) as int32; y is x shifted left by one."""
+        n = self.accum * self.batch_size
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=n)
+        window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
+        window = window.reshape(self.accum, self.batch_size, self.block_size + 1)
+        return window[..., :-1], window[..., 1:]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while True:
+            yield self.next()
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state

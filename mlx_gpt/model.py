@@ -1,0 +1,172 @@
+"""GPT-2, exactly: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, head tied to wte.
+
+Parameters carry GPT-2's own names (``wte``, ``wpe``, ``h.{i}.ln_1``, ``attn.c_attn``, ...), so
+an imported GPT-2 checkpoint is a transpose of the Conv1D weights and nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# GPT-2's four released shapes, plus two that train on a laptop CPU. The tiny and baby presets
+# leave vocab_size to the tokenizer (train.py sets it); 50257 is only their placeholder.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # byte-level, a few minutes on two CPU cores
+    "tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    # nanoGPT's shakespeare-char model
+    "baby": dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A preset's config with any field overridden (``preset("tiny", vocab_size=4096)``)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, T, C = x.shape
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" aligns the mask to the last query, which is what a cached prefill needs
+        mask = "causal" if T > 1 else None
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = [Block(cfg) for _ in range(cfg.n_layer)]
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
+        B, T = idx.shape
+        offset = cache[0].offset if cache else 0
+        if offset + T > self.config.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(mx.arange(offset, offset + T)))
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache else None)
+        return self.wte.as_linear(self.ln_f(x))
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.h]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count with the tied head counted once (GPT-2 124M: 124,439,808)."""
+        n = sum(v.size for _, v in nn.utils.tree_flatten(self.parameters()))
+        return n - self.wpe.weight.size if non_embedding else n
+
+
+def init_weights(model: GPT, seed: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    key = mx.random.key(seed)
+    resid_std = 0.02 / math.sqrt(2 * model.config.n_layer)
+    params = nn.utils.tree_flatten(model.parameters())
+    keys = mx.random.split(key, len(params))
+    new = []
+    for (name, p), k in zip(params, keys):
+        if name.startswith("ln") or ".ln_" in name or name.endswith(".bias"):
+            new.append((name, mx.ones_like(p) if name.endswith("weight") and "ln" in name else mx.zeros_like(p)))
+        else:
+            std = resid_std if name.endswith("c_proj.weight") else 0.02
+            new.append((name, std * mx.random.normal(p.shape, key=k)))
+    model.load_weights(new)
+
+
+def build(cfg: GPTConfig, seed: int = 0) -> GPT:
+    model = GPT(cfg)
+    init_weights(model, seed)
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,30 @@
+"""Model types by name, so a checkpoint's config.json says which class to rebuild."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UserError
+
+
+def model_types() -> dict[str, tuple[type, type]]:
+    """name -> (config class, model class). Imports lazily to keep start-up light."""
+    from .model import GPT, GPTConfig
+
+    return {"gpt": (GPTConfig, GPT)}
+
+
+def build_model(model_type: str, config: dict) -> Any:
+    """An uninitialised model of a type from its config dict."""
+    types = model_types()
+    if model_type not in types:
+        raise UserError(f"unknown model type {model_type!r}; choose from {', '.join(types)}")
+    config_cls, model_cls = types[model_type]
+    return model_cls(config_cls.from_dict(config))
+
+
+def model_type_of(model: Any) -> str:
+    for name, (_, cls) in model_types().items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"{type(model).__name__} is not a registered model type")

@@ -1,0 +1,493 @@
+"""Train a GPT: ``python -m mlx_gpt.train`` (see ``--help``).
+
+The hot path is one ``mx.compile``d step (forward, loss, backward over every micro-batch,
+clipping, AdamW) whose model, optimizer and RNG state are captured inputs and outputs.
+Everything around it — data, evaluation, logging, checkpoints — is plain Python that
+touches values only when it reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import load_optimized_blas
+
+load_optimized_blas()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .data import BatchSampler, Dataset, prepare  # noqa: E402
+from .errors import UserError, run_cli  # noqa: E402
+from .generate import generate  # noqa: E402
+from .model import PRESETS, GPTConfig, build  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data: str = "pydoc"
+    tokenizer: str = "byte"
+    data_dir: str = "data"
+    val_fraction: float = 0.1
+    # model: a preset, any field overridden, or weights from a checkpoint
+    preset: str = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    init: str | None = None
+    # optimisation
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_iters: int = 1500
+    learning_rate: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    dtype: str = "float32"
+    seed: int = 1337
+    compile: bool = True
+    # reporting and checkpoints
+    out: str | None = None
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_interval: int | None = None
+    sample_tokens: int = 200
+    sample_prompt: str = ""
+    checkpoint_interval: int = 500
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                    "checkpoint_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise UserError("learning rates must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    @property
+    def model_overrides(self) -> dict:
+        names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# Flags a resumed run may change: how long and how often, never what is trained.
+RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
+                       "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir"}
+
+
+# ---------------------------------------------------------------------------- pure pieces
+
+
+class AdamW(optim.AdamW):
+    """AdamW that decays only 2-D weights (matmuls and embeddings), never biases or norms."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim < 2:
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
+def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    warmup = min(cfg.warmup_iters, decay_iters)
+    cosine = optim.cosine_decay(cfg.learning_rate, max(decay_iters - warmup, 1), end=cfg.min_lr)
+    if warmup == 0:
+        return cosine
+    return optim.join_schedules([optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1)
+                                 if warmup > 1 else (lambda _: mx.array(cfg.learning_rate)), cosine], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig) -> AdamW:
+    return AdamW(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=1e-8,
+                 weight_decay=cfg.weight_decay)
+
+
+def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
+    """Mean next-token cross-entropy, computed in float32 whatever the model's dtype."""
+    logits = model(x).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
+
+
+def make_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
+    """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer."""
+    grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
+    accum = cfg.grad_accum
+
+    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = grad_fn(model, x[0], y[0])
+        for i in range(1, accum):
+            loss_i, grads_i = grad_fn(model, x[i], y[i])
+            loss = loss + loss_i
+            grads = tree_map(mx.add, grads, grads_i)
+        if accum > 1:
+            loss = loss / accum
+            grads = tree_map(lambda g: g / accum, grads)
+        if cfg.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        return loss, norm
+
+    if not cfg.compile:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
+    def f(x: mx.array, y: mx.array) -> mx.array:
+        return loss_fn(model, x, y)
+
+    return mx.compile(f, inputs=model.state) if cfg.compile else f
+
+
+def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: int) -> float:
+    """Mean loss over the same ``iters`` batches every time (a fixed seed), so evals compare."""
+    sampler.set_state(np.random.Generator(np.random.PCG64(seed)).bit_generator.state)
+    total = mx.array(0.0)
+    for _ in range(iters):
+        x, y = sampler.next()
+        total = total + eval_loss(mx.array(x[0]), mx.array(y[0]))
+    return (total / iters).item()
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The global RNG (dropout) is re-seeded from (seed, step) every step: resume is exact."""
+    return (seed * 1_000_003 + step) % (1 << 63)
+
+
+def set_wired_limit() -> None:
+    """On Metal, wire the recommended working set so weights are not paged out (as mlx-lm does)."""
+    if mx.metal.is_available():
+        mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+
+
+# ---------------------------------------------------------------------------- setting up a run
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    dataset: Dataset
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    optimizer: AdamW
+    start_step: int = 0
+    best_val: float = math.inf
+    train_state: dict | None = None
+
+
+def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    base = dict(PRESETS[cfg.preset])
+    base["vocab_size"] = dataset.vocab_size
+    return GPTConfig(**{**base, **cfg.model_overrides})
+
+
+def _init_model(cfg: TrainConfig) -> tuple[nn.Module, Tokenizer]:
+    """Weights and tokenizer of --init, with block_size cropped if a smaller one is asked for."""
+    model, tokenizer = checkpoint.load(cfg.init)
+    model.train()
+    overrides = cfg.model_overrides
+    block = overrides.pop("block_size", None)
+    if "dropout" in overrides:
+        object.__setattr__(model.config, "dropout", overrides.pop("dropout"))
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m._p_1 = 1 - model.config.dropout
+    for name, value in overrides.items():
+        if getattr(model.config, name) != value:
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from {cfg.init}'s {getattr(model.config, name)}")
+    if block is not None and block != model.config.block_size:
+        if block > model.config.block_size:
+            raise UserError(f"--block-size {block} is beyond {cfg.init}'s {model.config.block_size} positions")
+        model.wpe.weight = model.wpe.weight[:block]
+        model.config = replace(model.config, block_size=block)
+    return model, tokenizer
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Resolve data, model, optimizer and (when resuming) saved state for a run."""
+    if cfg.resume:
+        if cfg.out is None:
+            raise UserError("--resume needs --out naming the run to continue")
+        saved = checkpoint.read_config(cfg.out).get("train") or {}
+        cfg = _merge_resumed(saved, cfg)
+    if cfg.init:
+        model, tokenizer = _init_model(cfg)
+        dataset = prepare(cfg.data, tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
+    else:
+        dataset = prepare(cfg.data, cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
+        tokenizer = dataset.tokenizer
+        model = None
+    if cfg.out is None:
+        cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{Path(cfg.init).name if cfg.init else cfg.preset}"))
+    out = Path(cfg.out)
+    if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+
+    if cfg.resume:
+        model = checkpoint.load_model(out)
+        model.train()
+    elif model is None:
+        model = build(_model_config(cfg, dataset), seed=cfg.seed)
+    if model.config.vocab_size < dataset.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({dataset.vocab_size})")
+    if cfg.dtype != "float32":
+        model.set_dtype(DTYPES[cfg.dtype])
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    run = Run(cfg, out, dataset, model, tokenizer, optimizer)
+    if cfg.resume:
+        opt_state = checkpoint.load_optimizer_state(out)
+        try:
+            tree_map(lambda a, b: None if a.shape == b.shape else 1 / 0, optimizer.state, opt_state)
+        except (ValueError, ZeroDivisionError, TypeError, KeyError):
+            raise UserError(f"{out}/optimizer.safetensors does not match the model") from None
+        optimizer.state = opt_state
+        state = checkpoint.load_state(out)
+        run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state
+    return run
+
+
+def _merge_resumed(saved: dict, cli: TrainConfig) -> TrainConfig:
+    """The saved config, with only the flags a resumed run may change taken from the CLI."""
+    known = {f.name for f in fields(TrainConfig)}
+    base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    defaults = TrainConfig()
+    changes = {}
+    for f in fields(TrainConfig):
+        value, saved_value = getattr(cli, f.name), getattr(base, f.name)
+        if f.name in ("resume", "overwrite", "out") or value == getattr(defaults, f.name) or value == saved_value:
+            continue
+        if f.name not in RESUMABLE_OVERRIDES:
+            raise UserError(f"--{f.name.replace('_', '-')} {value} differs from the run's {saved_value}; "
+                            "a resumed run keeps its model and optimisation settings")
+        changes[f.name] = value
+    return replace(base, resume=True, overwrite=False, out=cli.out, **changes)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _log(run: Run, record: dict) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    with open(run.out / checkpoint.METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save(run: Run, step: int, sampler_state: dict) -> None:
+    state = {"step": step, "seed": run.cfg.seed, "rng_key": np.array(mx.random.state[0]).tolist(),
+             "sampler": sampler_state, "best_val": run.best_val}
+    checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
+                    state=state)
+
+
+def _sample(run: Run, step: int) -> str | None:
+    if run.tokenizer is None:
+        return None
+    run.model.eval()
+    try:
+        text = generate(run.model, run.tokenizer, run.cfg.sample_prompt, run.cfg.sample_tokens, temperature=0.8,
+                        top_k=50, seed=run.cfg.seed + step)
+    finally:
+        run.model.train()
+    return text
+
+
+def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[int, float], None] | None = None) -> Run:
+    """Run (or resume) training; returns the finished run. ``on_step(step, loss)`` sees every loss."""
+    from tqdm import tqdm
+
+    set_wired_limit()
+    run = setup(cfg)
+    cfg, model = run.cfg, run.model
+    B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
+    if cfg.block_size is not None and cfg.block_size > model.config.block_size:
+        raise UserError(f"--block-size {cfg.block_size} is beyond the model's {model.config.block_size} positions")
+    train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
+    val_sampler = BatchSampler(run.dataset.val_file, B, T, seed=cfg.seed + 1)
+    eval_train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed + 2)
+    if run.train_state is not None:
+        train_sampler.set_state(run.train_state["sampler"])
+
+    model.train()
+    step_fn = make_train_step(model, run.optimizer, cfg)
+    eval_loss = make_eval_loss(model, cfg)
+    sample_interval = cfg.sample_interval or cfg.eval_interval
+    tokens_per_step = A * B * T
+    n_params = model.num_params()
+    print(f"model: {n_params / 1e6:.2f}M parameters, {model.config}", file=sys.stderr)
+    print(f"data: {run.dataset.path} (vocab {run.dataset.vocab_size}); run: {run.out}", file=sys.stderr)
+
+    bar = tqdm(total=cfg.max_iters, initial=run.start_step, disable=progress is False or None, dynamic_ncols=True,
+               unit="step")
+    if progress is None:
+        bar.disable = not sys.stderr.isatty()
+    say = bar.write if not bar.disable else (lambda s: print(s, file=sys.stderr))
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        train_loss = estimate_loss(eval_loss, eval_train_sampler, cfg.eval_iters, cfg.seed + 2)
+        val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1)
+        model.train()
+        run.best_val = min(run.best_val, val_loss)
+        _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
+        say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+
+    step = run.start_step
+    stop = _StopFlag()
+    t_last, tokens_since = time.perf_counter(), 0
+    x, y = train_sampler.next()
+    with stop:
+        for step in range(run.start_step + 1, cfg.max_iters + 1):
+            mx.random.seed(step_seed(cfg.seed, step))
+            loss, norm = step_fn(mx.array(x), mx.array(y))
+            mx.async_eval(loss, norm, model.parameters())
+            sampler_state = train_sampler.state()  # what a resume must draw next from
+            x, y = train_sampler.next()  # prepare the next batch while this step runs
+            tokens_since += tokens_per_step
+            if on_step is not None:
+                on_step(step, loss.item())
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                dt = time.perf_counter() - t_last
+                lr = run.optimizer.learning_rate.item()
+                rec = {"step": step, "loss": loss.item(), "norm": norm.item(), "lr": lr,
+                       "ms": 1000 * dt * tokens_per_step / tokens_since, "tok_s": tokens_since / dt}
+                _log(run, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}")
+                if bar.disable:
+                    say(f"step {step} | loss {rec['loss']:.4f} | norm {rec['norm']:.2f} | lr {lr:.2e} | "
+                        f"{rec['ms']:.0f} ms | {rec['tok_s']:.0f} tok/s")
+                t_last, tokens_since = time.perf_counter(), 0
+            bar.update(1)
+            last = step == cfg.max_iters
+            if step % cfg.eval_interval == 0 or last:
+                evaluate(step)
+            if step % sample_interval == 0 or last:
+                text = _sample(run, step)
+                if text is not None:
+                    say(f"--- sample at step {step} ---\n{cfg.sample_prompt}{text}\n---")
+            if step % cfg.checkpoint_interval == 0 or last or stop.requested:
+                mx.eval(model.parameters(), run.optimizer.state)
+                _save(run, step, sampler_state)
+            if stop.requested:
+                bar.close()
+                say(f"interrupted: saved step {step} in {run.out}; continue with --resume --out {run.out}")
+                raise KeyboardInterrupt
+            if step % cfg.eval_interval == 0 or step % sample_interval == 0:
+                t_last, tokens_since = time.perf_counter(), 0  # eval and sampling are not train time
+    bar.close()
+    print(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})", file=sys.stderr)
+    return run
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop after the current step (and save);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.train", description="Train a GPT on your text with MLX.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(d, f.name)
+        if f.type in ("bool", bool) or isinstance(default, bool) and f.name != "bias":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+        elif f.name == "bias":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+        else:
+            kind = {"int | None": int, "float | None": float, "str | None": str}.get(f.type) or type(default)
+            p.add_argument(flag, type=kind, default=default, help=HELP.get(f.name))
+    return p
+
+
+HELP = {
+    "data": "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), 'pydoc' or 'shakespeare'",
+    "tokenizer": "byte, or sp:VOCAB for SentencePiece BPE trained on the data",
+    "preset": f"model shape: {', '.join(PRESETS)}",
+    "init": "start from this checkpoint's weights and tokenizer (fine-tuning)",
+    "out": "run directory (default checkpoints/<data>-<preset>)",
+    "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
+    "grad_accum": "micro-batches per optimizer step",
+    "compile": "compile the train step with mx.compile",
+    "resume": "continue the run in --out exactly where it stopped",
+    "overwrite": "replace an existing run in --out",
+    "lr_decay_iters": "step where cosine decay reaches min-lr (default max-iters)",
+    "sample_interval": "steps between printed samples (default eval-interval)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> Run:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
