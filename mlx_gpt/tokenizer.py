@@ -121,6 +121,12 @@ class SentencePieceTokenizer:
                 minloglevel=2,
             )
         except RuntimeError as e:
+            import re
+
+            small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if small:
+                raise UserError(f"SentencePiece vocab size {small[1]} is too small for this corpus's characters; "
+                                f"use at least {small[2]}") from None
             raise UserError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
         return cls(model.getvalue())
 

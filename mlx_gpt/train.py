@@ -282,10 +282,9 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, out, dataset, model, tokenizer, optimizer)
     if cfg.resume:
         opt_state = checkpoint.load_optimizer_state(out)
-        try:
-            tree_map(lambda a, b: None if a.shape == b.shape else 1 / 0, optimizer.state, opt_state)
-        except (ValueError, ZeroDivisionError, TypeError, KeyError):
-            raise UserError(f"{out}/optimizer.safetensors does not match the model") from None
+        expected = {k: v.shape for k, v in tree_flatten(optimizer.state)}
+        if expected != {k: v.shape for k, v in tree_flatten(opt_state)}:
+            raise UserError(f"{out}/optimizer.safetensors does not match the model")
         optimizer.state = opt_state
         state = checkpoint.load_state(out)
         run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state

@@ -1,0 +1,175 @@
+import json
+import math
+from collections import Counter
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gpt import checkpoint
+from mlx_gpt.data import prepare
+from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.train import TrainConfig, loss_fn, lr_schedule, make_optimizer, make_train_step, train
+
+SMALL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
+             log_interval=1, sample_tokens=8)
+
+
+def small_cfg(tmp_path, data, **kw) -> TrainConfig:
+    return TrainConfig(**{"data": str(data), "data_dir": str(tmp_path / "data"), "out": str(tmp_path / "run"),
+                          **SMALL, **kw})
+
+
+def params(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def losses_of(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    lr = lr_schedule(cfg)
+    values = [float(lr(mx.array(s))) for s in range(101)]
+    assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
+    assert all(a <= b + 1e-12 for a, b in zip(values[:10], values[1:10]))
+    assert all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
+    assert values[100] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_weight_decay_spares_biases_and_norms():
+    model = build(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
+    model.h[0].attn.c_attn.bias = mx.ones_like(model.h[0].attn.c_attn.bias)
+    before = params(model)
+    opt = make_optimizer(TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_iters=0, max_iters=10))
+    opt.init(model.trainable_parameters())
+    zero = {k: mx.zeros_like(v) for k, v in tree_flatten(model.trainable_parameters())}
+    from mlx.utils import tree_unflatten
+
+    opt.update(model, tree_unflatten(list(zero.items())))
+    after = params(model)
+    np.testing.assert_array_equal(after["h.0.attn.c_attn.bias"], before["h.0.attn.c_attn.bias"])
+    np.testing.assert_array_equal(after["h.0.ln_1.weight"], before["h.0.ln_1.weight"])
+    np.testing.assert_allclose(after["wte.weight"], before["wte.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def _step_pair(accum=1, compile=True, dropout=0.0):
+    cfg = TrainConfig(grad_accum=accum, compile=compile, warmup_iters=0, max_iters=10, learning_rate=1e-2)
+    model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=dropout), seed=1)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    return model, opt, make_train_step(model, opt, cfg)
+
+
+def test_compiled_and_uncompiled_steps_agree():
+    x = mx.random.randint(0, 50, (1, 4, 16), key=mx.random.key(0))
+    y = mx.random.randint(0, 50, (1, 4, 16), key=mx.random.key(1))
+    results = []
+    for compiled in (True, False):
+        model, _, step = _step_pair(compile=compiled)
+        losses = [step(x, y)[0].item() for _ in range(3)]
+        results.append((losses, params(model)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    for k in results[0][1]:
+        np.testing.assert_allclose(results[0][1][k], results[1][1][k], atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    x = mx.random.randint(0, 50, (2, 3, 16), key=mx.random.key(2))
+    y = mx.random.randint(0, 50, (2, 3, 16), key=mx.random.key(3))
+    m1, _, accumulated = _step_pair(accum=2)
+    m2, _, whole = _step_pair(accum=1)
+    la = accumulated(x, y)[0].item()
+    lw = whole(x.reshape(1, 6, 16), y.reshape(1, 6, 16))[0].item()
+    assert la == pytest.approx(lw, rel=1e-5)
+    for k, v in params(m1).items():
+        np.testing.assert_allclose(v, params(m2)[k], atol=1e-5)
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_model():
+    model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=16), seed=0)
+    x = mx.zeros((1, 4), dtype=mx.int32)
+    y = mx.argmax(model(x), axis=-1)
+    assert loss_fn(model, x, y, 0.1).item() > loss_fn(model, x, y, 0.0).item()
+
+
+@pytest.mark.slow
+def test_val_loss_falls_well_below_unigram_entropy(tmp_path, shakespeare):
+    counts = np.array(list(Counter(shakespeare.read_bytes()).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    unigram_nats = float(-(p * np.log(p)).sum())  # ~3.3 nats for tiny shakespeare's bytes
+    cfg = small_cfg(tmp_path, shakespeare, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16,
+                    max_iters=250, eval_interval=250, eval_iters=10, learning_rate=3e-3, warmup_iters=20,
+                    log_interval=50)
+    run = train(cfg, progress=False)
+    val = [json.loads(r)["val_loss"] for r in (run.out / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
+    assert val[-1] < unigram_nats - 0.6, (val, unigram_nats)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, shakespeare):
+    common = dict(max_iters=12, lr_decay_iters=12, warmup_iters=3, dropout=0.1, eval_interval=4,
+                  checkpoint_interval=100, sample_interval=100)
+    whole = small_cfg(tmp_path, shakespeare, **common, out=str(tmp_path / "whole"))
+    train(whole, progress=False)
+    first = small_cfg(tmp_path, shakespeare, **{**common, "max_iters": 5}, out=str(tmp_path / "split"))
+    train(first, progress=False)
+    assert checkpoint.load_state(tmp_path / "split")["step"] == 5
+    resumed = replace(first, max_iters=12, resume=True)
+    train(resumed, progress=False)
+    a, b = losses_of(tmp_path / "whole"), losses_of(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bit for bit
+    wa, wb = params(checkpoint.load_model(tmp_path / "whole")), params(checkpoint.load_model(tmp_path / "split"))
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+
+
+def test_failure_during_save_leaves_previous_checkpoint_loadable(tmp_path, shakespeare, monkeypatch):
+    cfg = small_cfg(tmp_path, shakespeare, max_iters=4, eval_interval=4, checkpoint_interval=2)
+    real = mx.save_safetensors
+    calls = {"n": 0}
+
+    def failing(path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # model and optimizer of the step-2 save pass; the step-4 save dies midway
+            real(path, *a, **kw)
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise OSError("disk full")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mx, "save_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    assert checkpoint.load_state(tmp_path / "run")["step"] == 2
+    model, tok = checkpoint.load(tmp_path / "run")
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 256)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")]
+    assert leftovers == []
+
+
+def test_swap_interrupted_between_renames_is_recovered(tmp_path, shakespeare):
+    cfg = small_cfg(tmp_path, shakespeare, max_iters=2, eval_interval=2)
+    train(cfg, progress=False)
+    (tmp_path / "run").rename(tmp_path / ".run.old")  # as if the process died mid-swap
+    model, _ = checkpoint.load(tmp_path / "run")
+    assert model.config.n_layer == 2
+
+
+def test_fine_tune_from_a_checkpoint_with_a_sentencepiece_tokenizer(tmp_path, shakespeare):
+    base = small_cfg(tmp_path, shakespeare, tokenizer="sp:400", max_iters=3, eval_interval=3, out=str(tmp_path / "base"))
+    train(base, progress=False)
+    verdict = shakespeare.parent / "the-verdict.txt"
+    tuned = small_cfg(tmp_path, verdict, init=str(tmp_path / "base"), max_iters=3, eval_interval=3,
+                      block_size=16, out=str(tmp_path / "tuned"))
+    run = train(tuned, progress=False)
+    assert run.model.config.block_size == 16 and run.model.wpe.weight.shape[0] == 16
+    ds = prepare(str(verdict), run.tokenizer, data_dir=tmp_path / "data")
+    assert ds.tokenizer.encode("the verdict") == run.tokenizer.encode("the verdict")
+    model, tok = checkpoint.load(tmp_path / "tuned")
+    assert tok.kind == "sentencepiece" and model.config.vocab_size == 400
