@@ -120,3 +120,44 @@ def test_corpus_shorter_than_one_block(tmp_path):
     write_tokens(tmp_path / "t.bin", np.arange(10), vocab_size=256)
     with pytest.raises(UserError, match="fewer than one block"):
         BatchSampler(tmp_path / "t.bin", 2, 64, seed=0)
+
+
+class _FakeResponse:
+    def __init__(self, payload: bytes):
+        import io
+
+        self._io, self.headers = io.BytesIO(payload), {"Content-Length": str(len(payload))}
+
+    def read(self, n=-1):
+        return self._io.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_shakespeare_download_is_checked_and_cached(tmp_path, monkeypatch, shakespeare):
+    import urllib.request
+
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return _FakeResponse(shakespeare.read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    name, docs = read_source("shakespeare", tmp_path)
+    assert name == "shakespeare" and docs[0] == shakespeare.read_text()
+    read_source("shakespeare", tmp_path)
+    assert len(calls) == 1  # the second use reads the cached copy
+
+
+def test_corrupted_download_is_refused_and_not_kept(tmp_path, monkeypatch):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"<html>captive portal</html>"))
+    with pytest.raises(UserError, match="wrong checksum"):
+        read_source("shakespeare", tmp_path)
+    assert not any((tmp_path / "downloads").iterdir())

@@ -173,3 +173,10 @@ def test_fine_tune_from_a_checkpoint_with_a_sentencepiece_tokenizer(tmp_path, sh
     assert ds.tokenizer.encode("the verdict") == run.tokenizer.encode("the verdict")
     model, tok = checkpoint.load(tmp_path / "tuned")
     assert tok.kind == "sentencepiece" and model.config.vocab_size == 400
+
+
+def test_bfloat16_training_keeps_a_float32_loss(tmp_path, shakespeare):
+    run = train(small_cfg(tmp_path, shakespeare, dtype="bfloat16", max_iters=3, eval_interval=3), progress=False)
+    assert run.model.wte.weight.dtype == mx.bfloat16
+    losses = losses_of(tmp_path / "run")
+    assert all(math.isfinite(v) for v in losses.values()) and losses[3] < losses[1]
