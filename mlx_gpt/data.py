@@ -186,7 +186,7 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
     """
     existing = _as_prepared(source)
     if existing is not None:
-        if isinstance(tokenizer, str) or existing.tokenizer is None or _digest(existing.tokenizer) == _digest(tokenizer):
+        if isinstance(tokenizer, str) or existing.tokenizer is None or tokenizer_digest(existing.tokenizer) == tokenizer_digest(tokenizer):
             return existing
         raise UserError(f"{source} was tokenized with another tokenizer than the checkpoint's")
     if not 0.0 < val_fraction < 1.0:
@@ -198,7 +198,7 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
         fingerprint = _fingerprint(docs, tokenizer, val_fraction)
     else:
         kind, vocab = None, tokenizer.vocab_size
-        digest = _digest(tokenizer)
+        digest = tokenizer_digest(tokenizer)
         out = Path(data_dir, f"{name}-{tokenizer.kind}{vocab}-{digest[:8]}")
         fingerprint = _fingerprint(docs, digest, val_fraction)
     meta_path = out / "meta.json"
@@ -243,7 +243,7 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _digest(tok: Tokenizer) -> str:
+def tokenizer_digest(tok: Tokenizer) -> str:
     """SHA-256 of a tokenizer's saved files: two tokenizers with the same digest encode alike."""
     with tempfile.TemporaryDirectory() as d:
         tok.save(d)

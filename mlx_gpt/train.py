@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from . import load_optimized_blas
 
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from . import checkpoint  # noqa: E402
-from .data import BatchSampler, Dataset, prepare  # noqa: E402
+from .data import BatchSampler, Dataset, prepare, tokenizer_digest  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .generate import generate  # noqa: E402
 from .model import PRESETS, GPTConfig, build  # noqa: E402
@@ -225,25 +225,32 @@ def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
 
 
 def _init_model(cfg: TrainConfig) -> tuple[nn.Module, Tokenizer]:
-    """Weights and tokenizer of --init, with block_size cropped if a smaller one is asked for."""
-    model, tokenizer = checkpoint.load(cfg.init)
-    model.train()
+    """Weights and tokenizer of --init; dropout may change and block_size may shrink (wpe is cropped)."""
+    base, tokenizer = checkpoint.load(cfg.init)
     overrides = cfg.model_overrides
-    block = overrides.pop("block_size", None)
-    if "dropout" in overrides:
-        object.__setattr__(model.config, "dropout", overrides.pop("dropout"))
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m._p_1 = 1 - model.config.dropout
     for name, value in overrides.items():
-        if getattr(model.config, name) != value:
-            raise UserError(f"--{name.replace('_', '-')} {value} differs from {cfg.init}'s {getattr(model.config, name)}")
-    if block is not None and block != model.config.block_size:
-        if block > model.config.block_size:
-            raise UserError(f"--block-size {block} is beyond {cfg.init}'s {model.config.block_size} positions")
-        model.wpe.weight = model.wpe.weight[:block]
-        model.config = replace(model.config, block_size=block)
+        if name not in ("block_size", "dropout") and getattr(base.config, name) != value:
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from {cfg.init}'s {getattr(base.config, name)}")
+    block = overrides.get("block_size", base.block_size)
+    if block > base.block_size:
+        raise UserError(f"--block-size {block} is beyond {cfg.init}'s {base.block_size} positions")
+    new_config = replace(base.config, **{k: v for k, v in overrides.items() if k in ("block_size", "dropout")})
+    weights = [(k, v[:block] if k == "wpe.weight" else v) for k, v in tree_flatten(base.parameters())]
+    model = type(base)(new_config)
+    model.load_weights(weights, strict=True)
     return model, tokenizer
+
+
+def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
+    """The run's data, encoded with ``tokenizer`` when the model already has one."""
+    kw = dict(data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
+    if tokenizer is None:
+        return prepare(cfg.data, cfg.tokenizer, **kw)
+    if not cfg.init:  # a resumed run: its own data cache, if it still matches the run's tokenizer
+        dataset = prepare(cfg.data, cfg.tokenizer, **kw)
+        if dataset.tokenizer is None or tokenizer_digest(dataset.tokenizer) == tokenizer_digest(tokenizer):
+            return dataset
+    return prepare(cfg.data, tokenizer, **kw)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -253,28 +260,28 @@ def setup(cfg: TrainConfig) -> Run:
             raise UserError("--resume needs --out naming the run to continue")
         saved = checkpoint.read_config(cfg.out).get("train") or {}
         cfg = _merge_resumed(saved, cfg)
-    if cfg.init:
+        model, tokenizer = checkpoint.load(cfg.out)
+    elif cfg.init:
         model, tokenizer = _init_model(cfg)
-        dataset = prepare(cfg.data, tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
     else:
-        dataset = prepare(cfg.data, cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
+        model, tokenizer = None, None
+    dataset = _dataset(cfg, tokenizer)
+    if tokenizer is None:
         tokenizer = dataset.tokenizer
-        model = None
     if cfg.out is None:
-        cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{Path(cfg.init).name if cfg.init else cfg.preset}"))
+        name = Path(cfg.init).name if cfg.init else cfg.preset
+        cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{name}"))
     out = Path(cfg.out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
-
-    if cfg.resume:
-        model = checkpoint.load_model(out)
-        model.train()
-    elif model is None:
+    if model is None:
         model = build(_model_config(cfg, dataset), seed=cfg.seed)
+    model.train()
     if model.config.vocab_size < dataset.vocab_size:
-        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({dataset.vocab_size})")
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
+                        f"({dataset.vocab_size})")
     if cfg.dtype != "float32":
         model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg)
@@ -344,8 +351,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[
     run = setup(cfg)
     cfg, model = run.cfg, run.model
     B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
-    if cfg.block_size is not None and cfg.block_size > model.config.block_size:
-        raise UserError(f"--block-size {cfg.block_size} is beyond the model's {model.config.block_size} positions")
     train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
     val_sampler = BatchSampler(run.dataset.val_file, B, T, seed=cfg.seed + 1)
     eval_train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed + 2)
