@@ -1,0 +1,301 @@
+"""Import GPT-2 checkpoints from Hugging Face and llm.c into mlx_gpt, and export them back.
+
+  python tools/convert.py SRC --out checkpoints/NAME                  import
+  python tools/convert.py CHECKPOINT --to hf|llmc|mlx-lm --out PATH   export
+
+An import is checked whole before anything is written: every tensor name must be one of the
+model's, every parameter must be there, every shape must fit. Tensors are then read one at a
+time (a progress bar per file) into the model, and the result is saved as an ordinary
+checkpoint, atomically, so a failure leaves no output behind. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from . import load_optimized_blas
+
+load_optimized_blas()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .errors import UserError, run_cli  # noqa: E402
+from .formats import hf, llmc, mlx_lm  # noqa: E402
+from .formats.tensors import LazyTensor, progress_bar  # noqa: E402
+from .gpt2_tokenizer import GPT2Tokenizer  # noqa: E402
+from .model import GPT, GPTConfig  # noqa: E402
+from .registry import model_type_of  # noqa: E402
+from .tokenizer import META_FILE, load_tokenizer  # noqa: E402
+
+EXPORTS = ("hf", "llmc", "mlx-lm")
+LLMC_TOKENIZER = "gpt2_tokenizer.bin"
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                      overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Hugging Face GPT-2 directory or an llm.c checkpoint into an mlx_gpt checkpoint."""
+    src, out = Path(src), Path(out)
+    _check_out(out, overwrite, replaceable=checkpoint.exists)
+    cfg, weights, head = _open_source(src)
+    tok = read_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_beside(src)
+    if tok is None:
+        raise UserError(f"{src} comes with no tokenizer; pass --tokenizer (llm.c's {LLMC_TOKENIZER}, or a directory "
+                        "with vocab.json + merges.txt or encoder.json + vocab.bpe)")
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size} embeddings")
+    model = GPT(cfg)  # its initial weights are lazy and never computed: every one is replaced
+    check_names_and_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, weights, src)
+    if head is not None and head.shape != weights["wte.weight"].shape:
+        raise UserError(f"{src}: lm_head.weight is {head.shape}, wte is {weights['wte.weight'].shape}")
+    to_read = dict(weights)
+    if head is not None and head.where != weights["wte.weight"].where:
+        to_read[hf.HEAD] = head
+    arrays = read_tensors(to_read, progress)
+    if hf.HEAD in arrays and not mx.array_equal(arrays.pop(hf.HEAD), arrays["wte.weight"]).item():
+        raise UserError(f"{src}: lm_head.weight differs from wte; mlx_gpt's GPT-2 ties the head to the embedding")
+    model.load_weights(list(arrays.items()), strict=True)
+    mx.eval(model.parameters())
+    return checkpoint.save(out, model, tok)
+
+
+def _open_source(src: Path) -> tuple[GPTConfig, dict[str, LazyTensor], LazyTensor | None]:
+    """(config, our name -> tensor in MLX's layout, lm_head or None)."""
+    if src.is_dir():
+        cfg = hf.read_config(src)
+        named, head = hf.map_names(hf.read_weights(src), cfg.n_layer, src)
+        weights = {n: hf.transposed(t) if hf.is_conv1d(n) else t for n, t in named.items()}
+        return cfg, weights, head
+    if llmc.is_model_file(src):
+        cfg, weights = llmc.read_model(src)
+        return cfg, weights, None
+    if src.exists():
+        raise UserError(f"{src} is neither an llm.c checkpoint nor a Hugging Face model directory "
+                        "(for Hugging Face weights, pass the directory that holds config.json)")
+    raise UserError(f"{src} not found")
+
+
+def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
+    """The tokenizer that comes with a source: its directory's files, or llm.c's file beside it."""
+    if src.is_dir():
+        return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.find_files(src) else None
+    beside = src.parent / LLMC_TOKENIZER
+    return llmc.read_tokenizer(beside) if beside.is_file() else None
+
+
+def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
+    """A GPT-2 tokenizer from llm.c's tokenizer file or a directory of vocab + merges files."""
+    p = Path(path)
+    if p.is_dir():
+        return GPT2Tokenizer.from_directory(p)
+    if p.is_file():
+        return llmc.read_tokenizer(p)
+    raise UserError(f"tokenizer {p} not found")
+
+
+def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, LazyTensor],
+                           source: Path) -> None:
+    """Every parameter present with its shape, nothing else: a mismatch is an error, never skipped."""
+    problems = [f"unknown tensor {n!r}" for n in weights if n not in expected]
+    problems += [f"missing {n!r}" for n in expected if n not in weights]
+    problems += [f"{n!r} is {tuple(t.shape)}, the model needs {tuple(expected[n])}"
+                 for n, t in weights.items() if n in expected and tuple(t.shape) != tuple(expected[n])]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{source} does not match its GPT-2 config: {'; '.join(problems[:3])}{more}")
+
+
+def read_tensors(tensors: Mapping[str, LazyTensor], progress: bool) -> dict[str, mx.array]:
+    """Read each tensor as float32 into MLX, file by file in storage order, one bar per file."""
+    by_file: dict[Path | None, list[str]] = {}
+    for name, t in tensors.items():
+        by_file.setdefault(t.file, []).append(name)
+    arrays = {}
+    for file, names in by_file.items():
+        names.sort(key=lambda n: _position(tensors[n]))
+        with progress_bar(file or Path("memory"), sum(tensors[n].nbytes for n in names), progress) as bar:
+            for name in names:
+                arrays[name] = mx.array(np.ascontiguousarray(tensors[name].read()))
+                mx.eval(arrays[name])
+                bar.update(tensors[name].nbytes)
+    return {name: arrays[name] for name in tensors}
+
+
+def _position(t: LazyTensor) -> int:
+    return t.where[0] if isinstance(t.where, tuple) and t.where else 0
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: str, overwrite: bool = False,
+                      progress: bool = True) -> list[Path]:
+    """Write an mlx_gpt checkpoint as a Hugging Face or mlx-lm directory or an llm.c file.
+
+    The tokenizer goes along when it is GPT-2's byte-level BPE; returns the paths written.
+    """
+    if to not in EXPORTS:
+        raise UserError(f"unknown export format {to!r}; choose from {', '.join(EXPORTS)}")
+    out = Path(out)
+    model = checkpoint.load_model(ckpt)
+    if model_type_of(model) != "gpt" or not model.config.bias:
+        raise UserError(f"{ckpt} is not a GPT-2 (with biases), which {to} expects")
+    cfg = model.config
+    tok = exportable_tokenizer(ckpt)
+    weights = {name: _as_lazy(a) for name, a in tree_flatten(model.parameters())}
+    if to == "llmc":
+        return _export_llmc(out, cfg, weights, tok, overwrite, progress)
+    write = hf.write_directory if to == "hf" else mlx_lm.write_directory
+    _check_out(out, overwrite, replaceable=lambda p: (p / "config.json").is_file())
+    with _replacing_directory(out) as tmp:
+        write(tmp, cfg, weights, tok, progress=progress)
+    return [out]
+
+
+def exportable_tokenizer(ckpt: str | os.PathLike) -> GPT2Tokenizer | None:
+    """The checkpoint's tokenizer if other tools can read it (GPT-2's BPE), else None."""
+    d = checkpoint.resolve(ckpt)
+    if not (d / META_FILE).is_file():
+        return None
+    tok = load_tokenizer(d)
+    return tok if isinstance(tok, GPT2Tokenizer) else None
+
+
+def _as_lazy(a: mx.array) -> LazyTensor:
+    return LazyTensor(tuple(a.shape), "float32", lambda: np.asarray(a.astype(mx.float32)))
+
+
+def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok: GPT2Tokenizer | None,
+                 overwrite: bool, progress: bool) -> list[Path]:
+    """The model file at out; llm.c's tokenizer file beside it (left as is when identical)."""
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --to llmc writes a file (e.g. {out / 'gpt2_124M.bin'})")
+    tok_path, tok_bytes = out.parent / LLMC_TOKENIZER, None
+    if tok is not None:
+        with tempfile.TemporaryDirectory() as d:
+            llmc.write_tokenizer(Path(d, LLMC_TOKENIZER), tok)
+            tok_bytes = Path(d, LLMC_TOKENIZER).read_bytes()
+        if tok_path.is_file() and tok_path.read_bytes() == tok_bytes:
+            tok_bytes = None  # already there
+        elif tok_path.exists() and not overwrite:
+            raise UserError(f"{tok_path} exists and holds another tokenizer; pass --overwrite to replace it")
+    _check_out(out, overwrite, replaceable=Path.is_file)
+    written = []
+    with _replacing_file(out) as tmp:
+        llmc.write_model(tmp, cfg, weights, progress=progress)
+        if tok_bytes is not None:
+            with _replacing_file(tok_path) as tmp_tok:
+                tmp_tok.write_bytes(tok_bytes)
+            written.append(tok_path)
+    return [out, *written]
+
+
+# ---------------------------------------------------------------------------- output safety
+
+
+def _check_out(out: Path, overwrite: bool, replaceable) -> None:
+    """Refuse an existing output unless --overwrite, and even then anything we did not write."""
+    if not out.exists() and not checkpoint.exists(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if not (empty_dir or replaceable(out)):
+        raise UserError(f"{out} exists and does not look like a model this tool writes; "
+                        "refusing to replace it even with --overwrite")
+
+
+@contextmanager
+def _replacing_directory(out: Path) -> Iterator[Path]:
+    """A temp directory beside out that replaces out only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 is for the temp only
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _replacing_file(out: Path) -> Iterator[Path]:
+    """A temp file beside out that replaces out only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tools/convert.py",
+        description="Import a GPT-2 checkpoint (a Hugging Face directory or llm.c's .bin) as an mlx_gpt "
+                    "checkpoint, or export an mlx_gpt checkpoint with --to.")
+    p.add_argument("src", help="import: a Hugging Face GPT-2 directory or an llm.c checkpoint file; "
+                               "export: an mlx_gpt checkpoint directory")
+    p.add_argument("--out", required=True, help="the checkpoint (import), directory (hf, mlx-lm) or .bin file (llmc) "
+                                                "to write")
+    p.add_argument("--to", choices=EXPORTS, help="export SRC to this format instead of importing")
+    p.add_argument("--tokenizer", help=f"import: llm.c's {LLMC_TOKENIZER}, or a directory with vocab.json + "
+                                       "merges.txt (or encoder.json + vocab.bpe); default: the one that comes with SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    a = build_parser().parse_args(argv)
+    progress = not a.quiet
+    if a.to is None:
+        out = import_checkpoint(a.src, a.out, tokenizer=a.tokenizer, overwrite=a.overwrite, progress=progress)
+        c = checkpoint.read_config(out)["model"]
+        print(f"wrote {out}: GPT-2 with {c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, "
+              f"{c['vocab_size']} tokens, {c['block_size']} positions")
+        return [out]
+    if a.tokenizer is not None:
+        raise UserError("--tokenizer is for imports; an export takes the checkpoint's own tokenizer")
+    written = export_checkpoint(a.src, a.out, to=a.to, overwrite=a.overwrite, progress=progress)
+    for path in written:
+        print(f"wrote {path}")
+    if exportable_tokenizer(a.src) is None:
+        d = checkpoint.resolve(a.src)
+        what = f"{load_tokenizer(d).kind} tokenizer" if (d / META_FILE).is_file() else "lack of a tokenizer"
+        print(f"note: the checkpoint's {what} has no {a.to} form; only the model was exported")
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)
