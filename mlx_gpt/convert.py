@@ -31,7 +31,7 @@ from . import checkpoint  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .formats import hf, llmc, mlx_lm  # noqa: E402
 from .formats.tensors import LazyTensor, progress_bar  # noqa: E402
-from .gpt2_tokenizer import GPT2Tokenizer  # noqa: E402
+from .gpt2_tokenizer import FILE_PAIRS, GPT2Tokenizer  # noqa: E402
 from .model import GPT, GPTConfig  # noqa: E402
 from .registry import model_type_of  # noqa: E402
 from .tokenizer import META_FILE, load_tokenizer  # noqa: E402
@@ -97,6 +97,8 @@ def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
 def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
     """A GPT-2 tokenizer from llm.c's tokenizer file or a directory of vocab + merges files."""
     p = Path(path)
+    if p.is_file() and p.name in {name for pair in FILE_PAIRS for name in pair}:
+        p = p.parent  # one of the pair was named: read both
     if p.is_dir():
         return GPT2Tokenizer.from_directory(p)
     if p.is_file():
@@ -117,13 +119,18 @@ def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], weights: Map
 
 
 def read_tensors(tensors: Mapping[str, LazyTensor], progress: bool) -> dict[str, mx.array]:
-    """Read each tensor as float32 into MLX, file by file in storage order, one bar per file."""
+    """Read each tensor as float32 into MLX, one file (and one progress bar) at a time.
+
+    A tensor passes through numpy on its way into MLX, so for a moment it is held twice; the
+    largest go first, while little else is held, which keeps the peak near the model's size.
+    """
     by_file: dict[Path | None, list[str]] = {}
     for name, t in tensors.items():
         by_file.setdefault(t.file, []).append(name)
     arrays = {}
-    for file, names in by_file.items():
-        names.sort(key=lambda n: _position(tensors[n]))
+    largest_first = sorted(by_file.items(), key=lambda kv: -max(tensors[n].nbytes for n in kv[1]))
+    for file, names in largest_first:
+        names.sort(key=lambda n: (-tensors[n].nbytes, _position(tensors[n])))
         with progress_bar(file or Path("memory"), sum(tensors[n].nbytes for n in names), progress) as bar:
             for name in names:
                 arrays[name] = mx.array(np.ascontiguousarray(tensors[name].read()))
@@ -183,9 +190,7 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
         raise UserError(f"{out} is a directory; --to llmc writes a file (e.g. {out / 'gpt2_124M.bin'})")
     tok_path, tok_bytes = out.parent / LLMC_TOKENIZER, None
     if tok is not None:
-        with tempfile.TemporaryDirectory() as d:
-            llmc.write_tokenizer(Path(d, LLMC_TOKENIZER), tok)
-            tok_bytes = Path(d, LLMC_TOKENIZER).read_bytes()
+        tok_bytes = llmc.tokenizer_bytes(tok)
         if tok_path.is_file() and tok_path.read_bytes() == tok_bytes:
             tok_bytes = None  # already there
         elif tok_path.exists() and not overwrite:

@@ -34,13 +34,14 @@ FORMATS = ("safetensors", "sharded", "bin", "bin_legacy")
 
 
 def _random_gpt2(seed: int, **config):
-    """A GPT2LMHeadModel with every weight random: no zero bias or unit norm hides a mix-up."""
+    """A GPT2LMHeadModel with GPT-2's N(0, 0.02) weights and random biases and norm gains too,
+    so no zero bias or unit gain can hide a mix-up."""
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            base = 1.0 if ".ln_" in name and name.endswith("weight") or name.startswith("transformer.ln_f.w") else 0.0
-            p.copy_(base + 0.1 * torch.randn_like(p))
+            gain = (".ln_" in name or ".ln_f." in name) and name.endswith("weight")
+            p.copy_((1.0 if gain else 0.0) + 0.02 * torch.randn_like(p))
     return model
 
 
@@ -362,14 +363,16 @@ def test_existing_output_is_kept_unless_overwrite(small, imported, tmp_path, cap
     assert (other / "cat.jpg").read_bytes() == b"meow"
 
 
-def test_a_source_without_tokenizer_needs_one(imported, shared_data, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["gpt2", "gpt2/encoder.json"])
+def test_a_source_without_tokenizer_needs_one(imported, shared_data, tmp_path, capsys, given):
     src = tmp_path / "m.bin"
     convert.export_checkpoint(imported, src, to="llmc", progress=False)
     (tmp_path / "gpt2_tokenizer.bin").unlink()
     _assert_refused([src], capsys, tmp_path, tmp_path / "ckpt", "comes with no tokenizer; pass --tokenizer")
-    code, _, err = _cli([str(src), "--out", str(tmp_path / "ckpt"), "--tokenizer", str(shared_data / "gpt2"),
+    code, _, err = _cli([str(src), "--out", str(tmp_path / "ckpt"), "--tokenizer", str(shared_data / given),
                          "--quiet"], capsys)
     assert code == 0, err
+    assert (tmp_path / "ckpt" / "merges.txt").read_bytes() == (imported / "merges.txt").read_bytes()
 
 
 # ---------------------------------------------------------------------------- GPT-2 124M shapes

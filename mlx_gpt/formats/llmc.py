@@ -115,12 +115,13 @@ def write_model(path: str | os.PathLike, cfg: GPTConfig, weights: Mapping[str, L
         f.write(header.tobytes())
         for name, shape in entries:
             a = np.ascontiguousarray(weights[name].read(), dtype="<f4")
-            if name == "wte.weight":
-                a = np.concatenate([a, np.zeros((vp - cfg.vocab_size, cfg.n_embd), dtype="<f4")])
-            if a.shape != shape:
-                raise AssertionError(f"{name}: {a.shape} != {shape}")
-            f.write(a.tobytes())
-            bar.update(a.nbytes)
+            padding = np.zeros((vp - cfg.vocab_size, cfg.n_embd), dtype="<f4") if name == "wte.weight" else None
+            if a.shape[0] + (0 if padding is None else padding.shape[0]) != shape[0] or a.shape[1:] != shape[1:]:
+                raise AssertionError(f"{name}: {a.shape} does not fit {shape}")
+            for part in (a, padding):
+                if part is not None:
+                    f.write(memoryview(part.reshape(-1)).cast("B"))
+                    bar.update(part.nbytes)
 
 
 def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
@@ -149,7 +150,7 @@ def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
     return GPT2Tokenizer.from_token_bytes(tokens, special=[eot] if eot >= 0 else [])
 
 
-def write_tokenizer(path: str | os.PathLike, tokenizer: GPT2Tokenizer) -> None:
+def tokenizer_bytes(tokenizer: GPT2Tokenizer) -> bytes:
     """A version 2 tokenizer file, as llm.c's train_gpt2 reads for decoding samples."""
     if tokenizer.eot_id is None:
         raise UserError("llm.c's tokenizer file needs an end-of-text token; this vocabulary has none")
@@ -160,4 +161,8 @@ def write_tokenizer(path: str | os.PathLike, tokenizer: GPT2Tokenizer) -> None:
         if not 0 < len(t) < 256:
             raise UserError(f"token {i} is {len(t)} bytes; llm.c's tokenizer file holds 1 to 255")
         parts.append(bytes([len(t)]) + t)
-    Path(path).write_bytes(b"".join(parts))
+    return b"".join(parts)
+
+
+def write_tokenizer(path: str | os.PathLike, tokenizer: GPT2Tokenizer) -> None:
+    Path(path).write_bytes(tokenizer_bytes(tokenizer))
