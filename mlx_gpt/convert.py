@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -38,6 +39,7 @@ from .tokenizer import META_FILE, load_tokenizer  # noqa: E402
 
 EXPORTS = ("hf", "llmc", "mlx-lm")
 LLMC_TOKENIZER = "gpt2_tokenizer.bin"
+LLMC_LAYER_NORM_EPS = 1e-5  # llm.c's train_gpt2 hard-codes it
 
 
 # ---------------------------------------------------------------------------- import
@@ -146,11 +148,17 @@ def _position(t: LazyTensor) -> int:
 # ---------------------------------------------------------------------------- export
 
 
+@dataclass(frozen=True)
+class Export:
+    paths: list[Path]  # what was written
+    notes: list[str]  # what the other format cannot carry
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: str, overwrite: bool = False,
-                      progress: bool = True) -> list[Path]:
+                      progress: bool = True) -> Export:
     """Write an mlx_gpt checkpoint as a Hugging Face or mlx-lm directory or an llm.c file.
 
-    The tokenizer goes along when it is GPT-2's byte-level BPE; returns the paths written.
+    The tokenizer goes along when it is GPT-2's byte-level BPE.
     """
     if to not in EXPORTS:
         raise UserError(f"unknown export format {to!r}; choose from {', '.join(EXPORTS)}")
@@ -159,24 +167,29 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
     if model_type_of(model) != "gpt" or not model.config.bias:
         raise UserError(f"{ckpt} is not a GPT-2 (with biases), which {to} expects")
     cfg = model.config
-    tok = exportable_tokenizer(ckpt)
+    tok, notes = _exportable_tokenizer(ckpt, to)
     weights = {name: _as_lazy(a) for name, a in tree_flatten(model.parameters())}
     if to == "llmc":
-        return _export_llmc(out, cfg, weights, tok, overwrite, progress)
+        if cfg.layer_norm_eps != LLMC_LAYER_NORM_EPS:
+            notes.append(f"llm.c computes LayerNorm with eps {LLMC_LAYER_NORM_EPS:g}, this model with "
+                         f"{cfg.layer_norm_eps:g}: its outputs will differ slightly there")
+        return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
     write = hf.write_directory if to == "hf" else mlx_lm.write_directory
     _check_out(out, overwrite, replaceable=lambda p: (p / "config.json").is_file())
     with _replacing_directory(out) as tmp:
         write(tmp, cfg, weights, tok, progress=progress)
-    return [out]
+    return Export([out], notes)
 
 
-def exportable_tokenizer(ckpt: str | os.PathLike) -> GPT2Tokenizer | None:
-    """The checkpoint's tokenizer if other tools can read it (GPT-2's BPE), else None."""
+def _exportable_tokenizer(ckpt: str | os.PathLike, to: str) -> tuple[GPT2Tokenizer | None, list[str]]:
+    """The checkpoint's tokenizer if the other format can hold it (GPT-2's BPE), and a note if not."""
     d = checkpoint.resolve(ckpt)
     if not (d / META_FILE).is_file():
-        return None
+        return None, ["the checkpoint has no tokenizer; only the model was exported"]
     tok = load_tokenizer(d)
-    return tok if isinstance(tok, GPT2Tokenizer) else None
+    if isinstance(tok, GPT2Tokenizer):
+        return tok, []
+    return None, [f"the checkpoint's {tok.kind} tokenizer has no {to} form; only the model was exported"]
 
 
 def _as_lazy(a: mx.array) -> LazyTensor:
@@ -292,15 +305,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         return [out]
     if a.tokenizer is not None:
         raise UserError("--tokenizer is for imports; an export takes the checkpoint's own tokenizer")
-    written = export_checkpoint(a.src, a.out, to=a.to, overwrite=a.overwrite, progress=progress)
-    for path in written:
+    result = export_checkpoint(a.src, a.out, to=a.to, overwrite=a.overwrite, progress=progress)
+    for path in result.paths:
         print(f"wrote {path}")
-    if exportable_tokenizer(a.src) is None:
-        d = checkpoint.resolve(a.src)
-        what = f"{load_tokenizer(d).kind} tokenizer" if (d / META_FILE).is_file() else "lack of a tokenizer"
-        print(f"note: the checkpoint's {what} has no {a.to} form; only the model was exported")
-    return written
-
+    for note in result.notes:
+        print(f"note: {note}")
+    return result.paths
 
 if __name__ == "__main__":
     run_cli(main)

@@ -30,7 +30,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. It's 3:14 — naïve café, 日本語 😀!"
 TOLERANCE = 1e-4
-FORMATS = ("safetensors", "sharded", "bin", "bin_legacy")
+FORMATS = ("safetensors", "sharded", "bin", "bin_legacy", "bin_sharded")
 
 
 def _random_gpt2(seed: int, **config):
@@ -49,6 +49,17 @@ def _save_hf(model, directory: Path, fmt: str, tokenizer_dir: Path) -> Path:
     """One model in each of Hugging Face's weight layouts, with OpenAI's tokenizer files."""
     if fmt in ("safetensors", "sharded"):
         model.save_pretrained(directory, max_shard_size="300KB" if fmt == "sharded" else "50GB")
+    elif fmt == "bin_sharded":  # transformers 4's sharded .bin layout: shards and an index
+        directory.mkdir(parents=True)
+        model.config.save_pretrained(directory)
+        state = model.state_dict()
+        names = list(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                  "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
+        for shard, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, directory / shard)
+        index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     else:  # what save_pretrained(safe_serialization=False) wrote: the state dict, head included
         directory.mkdir(parents=True)
         model.config.save_pretrained(directory)
@@ -175,7 +186,9 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(small, imported, t
 
 def test_export_llmc_then_import_gives_identical_weights(imported, tmp_path):
     out = tmp_path / "llmc" / "gpt2_small.bin"
-    convert.export_checkpoint(imported, out, to="llmc", progress=False)
+    result = convert.export_checkpoint(imported, out, to="llmc", progress=False)
+    assert result.paths == [out, out.parent / "gpt2_tokenizer.bin"]
+    assert "eps 1e-05, this model with 1e-06" in result.notes[0]  # llm.c's header has no place for it
     header = np.fromfile(out, np.int32, 8)
     assert list(header) == [20240326, 3, 128, 50257, 2, 4, 64, 50304]
     back = convert.import_checkpoint(out, tmp_path / "back", progress=False)  # gpt2_tokenizer.bin beside it
@@ -330,9 +343,19 @@ def test_names_and_shapes_must_match_exactly(small, tmp_path):
     src = _copy(base, tmp_path / "tied")
     safetensors_numpy.save_file(tied, str(src / "model.safetensors"), metadata={"format": "pt"})
     convert.import_checkpoint(src, tmp_path / "ok", progress=False)
+    # GPT2Model's names, as the original GPT-2 upload has them: no prefix, mask buffers kept
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    bare.update({"h.0.attn.bias": np.ones((1, 1, 128, 128), np.float32), "h.1.attn.masked_bias": np.array(-1e4)})
+    src = _copy(base, tmp_path / "bare")
+    safetensors_numpy.save_file(bare, str(src / "model.safetensors"), metadata={"format": "pt"})
+    convert.import_checkpoint(src, tmp_path / "bare_ok", progress=False)
+    a, b = mx.load(str(tmp_path / "ok/model.safetensors")), mx.load(str(tmp_path / "bare_ok/model.safetensors"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
-def test_unsupported_configs_are_refused(small, tmp_path):
+def test_unsupported_configs_are_refused(small, imported, tmp_path):
+    with pytest.raises(UserError, match="already an mlx_gpt checkpoint; pass --to"):
+        convert.import_checkpoint(imported, tmp_path / "never", progress=False)
     for change, match in [({"activation_function": "gelu"}, "not GPT-2's tanh GELU"),
                           ({"model_type": "llama"}, "is not GPT-2"),
                           ({"scale_attn_by_inverse_layer_idx": True}, "not supported")]:

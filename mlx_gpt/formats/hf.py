@@ -50,6 +50,8 @@ def read_config(directory: Path) -> GPTConfig:
         raise UserError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a JSON object")
+    if raw.get("format") == "mlx_gpt":
+        raise UserError(f"{directory} is already an mlx_gpt checkpoint; pass --to hf, llmc or mlx-lm to export it")
     if raw.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not GPT-2")
     c = {**DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
