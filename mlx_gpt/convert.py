@@ -1,0 +1,316 @@
+"""Import GPT-2 checkpoints from Hugging Face and llm.c into mlx_gpt, and export them back.
+
+  python tools/convert.py SRC --out checkpoints/NAME                  import
+  python tools/convert.py CHECKPOINT --to hf|llmc|mlx-lm --out PATH   export
+
+An import is checked whole before anything is written: every tensor name must be one of the
+model's, every parameter must be there, every shape must fit. Tensors are then read one at a
+time (a progress bar per file) into the model, and the result is saved as an ordinary
+checkpoint, atomically, so a failure leaves no output behind. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from . import load_optimized_blas
+
+load_optimized_blas()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .errors import UserError, run_cli  # noqa: E402
+from .formats import hf, llmc, mlx_lm  # noqa: E402
+from .formats.tensors import LazyTensor, progress_bar  # noqa: E402
+from .gpt2_tokenizer import FILE_PAIRS, GPT2Tokenizer  # noqa: E402
+from .model import GPT, GPTConfig  # noqa: E402
+from .registry import model_type_of  # noqa: E402
+from .tokenizer import META_FILE, load_tokenizer  # noqa: E402
+
+EXPORTS = ("hf", "llmc", "mlx-lm")
+LLMC_TOKENIZER = "gpt2_tokenizer.bin"
+LLMC_LAYER_NORM_EPS = 1e-5  # llm.c's train_gpt2 hard-codes it
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                      overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Hugging Face GPT-2 directory or an llm.c checkpoint into an mlx_gpt checkpoint."""
+    src, out = Path(src), Path(out)
+    _check_out(out, overwrite, replaceable=checkpoint.exists)
+    cfg, weights, head = _open_source(src)
+    tok = read_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_beside(src)
+    if tok is None:
+        raise UserError(f"{src} comes with no tokenizer; pass --tokenizer (llm.c's {LLMC_TOKENIZER}, or a directory "
+                        "with vocab.json + merges.txt or encoder.json + vocab.bpe)")
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size} embeddings")
+    model = GPT(cfg)  # its initial weights are lazy and never computed: every one is replaced
+    check_names_and_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, weights, src)
+    if head is not None and head.shape != weights["wte.weight"].shape:
+        raise UserError(f"{src}: lm_head.weight is {head.shape}, wte is {weights['wte.weight'].shape}")
+    to_read = dict(weights)
+    if head is not None and head.where != weights["wte.weight"].where:
+        to_read[hf.HEAD] = head
+    arrays = read_tensors(to_read, progress)
+    if hf.HEAD in arrays and not mx.array_equal(arrays.pop(hf.HEAD), arrays["wte.weight"]).item():
+        raise UserError(f"{src}: lm_head.weight differs from wte; mlx_gpt's GPT-2 ties the head to the embedding")
+    model.load_weights(list(arrays.items()), strict=True)
+    mx.eval(model.parameters())
+    return checkpoint.save(out, model, tok)
+
+
+def _open_source(src: Path) -> tuple[GPTConfig, dict[str, LazyTensor], LazyTensor | None]:
+    """(config, our name -> tensor in MLX's layout, lm_head or None)."""
+    if src.is_dir():
+        cfg = hf.read_config(src)
+        named, head = hf.map_names(hf.read_weights(src), cfg.n_layer, src)
+        weights = {n: hf.transposed(t) if hf.is_conv1d(n) else t for n, t in named.items()}
+        return cfg, weights, head
+    if llmc.is_model_file(src):
+        cfg, weights = llmc.read_model(src)
+        return cfg, weights, None
+    if src.exists():
+        raise UserError(f"{src} is neither an llm.c checkpoint nor a Hugging Face model directory "
+                        "(for Hugging Face weights, pass the directory that holds config.json)")
+    raise UserError(f"{src} not found")
+
+
+def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
+    """The tokenizer that comes with a source: its directory's files, or llm.c's file beside it."""
+    if src.is_dir():
+        return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.find_files(src) else None
+    beside = src.parent / LLMC_TOKENIZER
+    return llmc.read_tokenizer(beside) if beside.is_file() else None
+
+
+def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
+    """A GPT-2 tokenizer from llm.c's tokenizer file or a directory of vocab + merges files."""
+    p = Path(path)
+    if p.is_file() and p.name in {name for pair in FILE_PAIRS for name in pair}:
+        p = p.parent  # one of the pair was named: read both
+    if p.is_dir():
+        return GPT2Tokenizer.from_directory(p)
+    if p.is_file():
+        return llmc.read_tokenizer(p)
+    raise UserError(f"tokenizer {p} not found")
+
+
+def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, LazyTensor],
+                           source: Path) -> None:
+    """Every parameter present with its shape, nothing else: a mismatch is an error, never skipped."""
+    problems = [f"unknown tensor {n!r}" for n in weights if n not in expected]
+    problems += [f"missing {n!r}" for n in expected if n not in weights]
+    problems += [f"{n!r} is {tuple(t.shape)}, the model needs {tuple(expected[n])}"
+                 for n, t in weights.items() if n in expected and tuple(t.shape) != tuple(expected[n])]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{source} does not match its GPT-2 config: {'; '.join(problems[:3])}{more}")
+
+
+def read_tensors(tensors: Mapping[str, LazyTensor], progress: bool) -> dict[str, mx.array]:
+    """Read each tensor as float32 into MLX, one file (and one progress bar) at a time.
+
+    A tensor passes through numpy on its way into MLX, so for a moment it is held twice; the
+    largest go first, while little else is held, which keeps the peak near the model's size.
+    """
+    by_file: dict[Path | None, list[str]] = {}
+    for name, t in tensors.items():
+        by_file.setdefault(t.file, []).append(name)
+    arrays = {}
+    largest_first = sorted(by_file.items(), key=lambda kv: -max(tensors[n].nbytes for n in kv[1]))
+    for file, names in largest_first:
+        names.sort(key=lambda n: (-tensors[n].nbytes, _position(tensors[n])))
+        with progress_bar(file or Path("memory"), sum(tensors[n].nbytes for n in names), progress) as bar:
+            for name in names:
+                arrays[name] = mx.array(np.ascontiguousarray(tensors[name].read()))
+                mx.eval(arrays[name])
+                bar.update(tensors[name].nbytes)
+    return {name: arrays[name] for name in tensors}
+
+
+def _position(t: LazyTensor) -> int:
+    return t.where[0] if isinstance(t.where, tuple) and t.where else 0
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class Export:
+    paths: list[Path]  # what was written
+    notes: list[str]  # what the other format cannot carry
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: str, overwrite: bool = False,
+                      progress: bool = True) -> Export:
+    """Write an mlx_gpt checkpoint as a Hugging Face or mlx-lm directory or an llm.c file.
+
+    The tokenizer goes along when it is GPT-2's byte-level BPE.
+    """
+    if to not in EXPORTS:
+        raise UserError(f"unknown export format {to!r}; choose from {', '.join(EXPORTS)}")
+    out = Path(out)
+    model = checkpoint.load_model(ckpt)
+    if model_type_of(model) != "gpt" or not model.config.bias:
+        raise UserError(f"{ckpt} is not a GPT-2 (with biases), which {to} expects")
+    cfg = model.config
+    tok, notes = _exportable_tokenizer(ckpt, to)
+    weights = {name: _as_lazy(a) for name, a in tree_flatten(model.parameters())}
+    if to == "llmc":
+        if cfg.layer_norm_eps != LLMC_LAYER_NORM_EPS:
+            notes.append(f"llm.c computes LayerNorm with eps {LLMC_LAYER_NORM_EPS:g}, this model with "
+                         f"{cfg.layer_norm_eps:g}: its outputs will differ slightly there")
+        return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
+    write = hf.write_directory if to == "hf" else mlx_lm.write_directory
+    _check_out(out, overwrite, replaceable=lambda p: (p / "config.json").is_file())
+    with _replacing_directory(out) as tmp:
+        write(tmp, cfg, weights, tok, progress=progress)
+    return Export([out], notes)
+
+
+def _exportable_tokenizer(ckpt: str | os.PathLike, to: str) -> tuple[GPT2Tokenizer | None, list[str]]:
+    """The checkpoint's tokenizer if the other format can hold it (GPT-2's BPE), and a note if not."""
+    d = checkpoint.resolve(ckpt)
+    if not (d / META_FILE).is_file():
+        return None, ["the checkpoint has no tokenizer; only the model was exported"]
+    tok = load_tokenizer(d)
+    if isinstance(tok, GPT2Tokenizer):
+        return tok, []
+    return None, [f"the checkpoint's {tok.kind} tokenizer has no {to} form; only the model was exported"]
+
+
+def _as_lazy(a: mx.array) -> LazyTensor:
+    return LazyTensor(tuple(a.shape), "float32", lambda: np.asarray(a.astype(mx.float32)))
+
+
+def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok: GPT2Tokenizer | None,
+                 overwrite: bool, progress: bool) -> list[Path]:
+    """The model file at out; llm.c's tokenizer file beside it (left as is when identical)."""
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --to llmc writes a file (e.g. {out / 'gpt2_124M.bin'})")
+    tok_path, tok_bytes = out.parent / LLMC_TOKENIZER, None
+    if tok is not None:
+        tok_bytes = llmc.tokenizer_bytes(tok)
+        if tok_path.is_file() and tok_path.read_bytes() == tok_bytes:
+            tok_bytes = None  # already there
+        elif tok_path.exists() and not overwrite:
+            raise UserError(f"{tok_path} exists and holds another tokenizer; pass --overwrite to replace it")
+    _check_out(out, overwrite, replaceable=Path.is_file)
+    written = []
+    with _replacing_file(out) as tmp:
+        llmc.write_model(tmp, cfg, weights, progress=progress)
+        if tok_bytes is not None:
+            with _replacing_file(tok_path) as tmp_tok:
+                tmp_tok.write_bytes(tok_bytes)
+            written.append(tok_path)
+    return [out, *written]
+
+
+# ---------------------------------------------------------------------------- output safety
+
+
+def _check_out(out: Path, overwrite: bool, replaceable) -> None:
+    """Refuse an existing output unless --overwrite, and even then anything we did not write."""
+    if not out.exists() and not checkpoint.exists(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if not (empty_dir or replaceable(out)):
+        raise UserError(f"{out} exists and does not look like a model this tool writes; "
+                        "refusing to replace it even with --overwrite")
+
+
+@contextmanager
+def _replacing_directory(out: Path) -> Iterator[Path]:
+    """A temp directory beside out that replaces out only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 is for the temp only
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _replacing_file(out: Path) -> Iterator[Path]:
+    """A temp file beside out that replaces out only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tools/convert.py",
+        description="Import a GPT-2 checkpoint (a Hugging Face directory or llm.c's .bin) as an mlx_gpt "
+                    "checkpoint, or export an mlx_gpt checkpoint with --to.")
+    p.add_argument("src", help="import: a Hugging Face GPT-2 directory or an llm.c checkpoint file; "
+                               "export: an mlx_gpt checkpoint directory")
+    p.add_argument("--out", required=True, help="the checkpoint (import), directory (hf, mlx-lm) or .bin file (llmc) "
+                                                "to write")
+    p.add_argument("--to", choices=EXPORTS, help="export SRC to this format instead of importing")
+    p.add_argument("--tokenizer", help=f"import: llm.c's {LLMC_TOKENIZER}, or a directory with vocab.json + "
+                                       "merges.txt (or encoder.json + vocab.bpe); default: the one that comes with SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    a = build_parser().parse_args(argv)
+    progress = not a.quiet
+    if a.to is None:
+        out = import_checkpoint(a.src, a.out, tokenizer=a.tokenizer, overwrite=a.overwrite, progress=progress)
+        c = checkpoint.read_config(out)["model"]
+        print(f"wrote {out}: GPT-2 with {c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, "
+              f"{c['vocab_size']} tokens, {c['block_size']} positions")
+        return [out]
+    if a.tokenizer is not None:
+        raise UserError("--tokenizer is for imports; an export takes the checkpoint's own tokenizer")
+    result = export_checkpoint(a.src, a.out, to=a.to, overwrite=a.overwrite, progress=progress)
+    for path in result.paths:
+        print(f"wrote {path}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return result.paths
+
+if __name__ == "__main__":
+    run_cli(main)

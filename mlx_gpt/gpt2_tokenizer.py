@@ -1,0 +1,267 @@
+"""GPT-2's tokenizer: byte-level BPE run by Hugging Face ``tokenizers``, loaded from GPT-2's own files.
+
+The vocabulary maps byte-level strings to ids (``vocab.json``, OpenAI's ``encoder.json``); the
+merges list the pairs to join, best first (``merges.txt``, OpenAI's ``vocab.bpe``). Both pairs of
+names hold the same formats. Text is split with GPT-2's pre-tokenization pattern and every byte
+is a token of its own, so any text round-trips exactly.
+
+``<|endoftext|>`` (50256) is the end-of-text id. Text that happens to contain the string
+``<|endoftext|>`` is encoded as ordinary text: only the data pipeline and generation place the
+id, so a document cannot smuggle one in.
+
+llm.c's tokenizer file lists each id's bytes with no merges; ``from_token_bytes`` recovers the
+merges, since in a byte-level BPE vocabulary token ``r`` is the ``r - 256``-th merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import UserError
+
+EOT = "<|endoftext|>"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+# (vocab, merges) file names, Hugging Face's first, then OpenAI's originals
+FILE_PAIRS = ((VOCAB_FILE, MERGES_FILE), ("encoder.json", "vocab.bpe"))
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, so BPE works on strings.
+
+    Printable Latin-1 bytes stand for themselves; the 68 others (controls, space, ...) take the
+    characters from U+0100 on, in byte order (space becomes 'Ġ', newline 'Ċ').
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
+def to_unicode(data: bytes) -> str:
+    table = byte_to_unicode()
+    return "".join(table[b] for b in data)
+
+
+def to_bytes(token: str) -> bytes:
+    """The bytes a vocabulary string stands for (KeyError for a character outside the map)."""
+    table = unicode_to_byte()
+    return bytes(table[c] for c in token)
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (or any vocabulary built the same way), ids equal to tiktoken's."""
+
+    kind = "gpt2"
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
+        _check_vocab(vocab)
+        self._vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+        self._merges = [tuple(m) for m in merges]
+        self._tok = _build(self._vocab, self._merges)
+
+    # ------------------------------------------------------------------ the Tokenizer protocol
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._vocab.get(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # invalid UTF-8 (a sequence cut inside a character) decodes to U+FFFD
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt and tokenizer.json (which names them) into directory."""
+        d = Path(directory)
+        self.write_files(d)
+        meta = {"version": 1, "kind": self.kind, "vocab_file": VOCAB_FILE, "merges_file": MERGES_FILE}
+        (d / "tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        return list(self._merges)
+
+    def write_files(self, directory: str | os.PathLike) -> None:
+        """vocab.json and merges.txt in Hugging Face's layout (also what transformers reads)."""
+        d = Path(directory)
+        (d / VOCAB_FILE).write_text(json.dumps(self._vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+        lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self._merges)]
+        (d / MERGES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes, in id order (llm.c's tokenizer file); special tokens as their text."""
+        out = []
+        for token in self._vocab:
+            try:
+                out.append(to_bytes(token))
+            except KeyError:  # a special token written in plain characters, e.g. <|endoftext|>
+                out.append(token.encode("utf-8"))
+        return out
+
+    @classmethod
+    def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> "GPT2Tokenizer":
+        return cls(_read_vocab(Path(vocab_path)), _read_merges(Path(merges_path)))
+
+    @classmethod
+    def find_files(cls, directory: str | os.PathLike) -> tuple[Path, Path] | None:
+        """The (vocab, merges) pair a directory holds, under either pair of names, else None."""
+        for vocab, merges in FILE_PAIRS:
+            v, m = Path(directory, vocab), Path(directory, merges)
+            if v.is_file() and m.is_file():
+                return v, m
+        return None
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
+        """From vocab.json + merges.txt or encoder.json + vocab.bpe in directory."""
+        found = cls.find_files(directory)
+        if found is None:
+            names = " or ".join(f"{v} + {m}" for v, m in FILE_PAIRS)
+            raise UserError(f"{directory} has no GPT-2 tokenizer files ({names})")
+        return cls.from_files(*found)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
+        """From a checkpoint directory, whose tokenizer.json names the two files."""
+        meta_path = Path(directory, "tokenizer.json")
+        try:
+            meta = json.loads(meta_path.read_text())
+            vocab, merges = meta.get("vocab_file", VOCAB_FILE), meta.get("merges_file", MERGES_FILE)
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{meta_path} is unreadable: {e}") from None
+        return cls.from_files(Path(directory, vocab), Path(directory, merges))
+
+    @classmethod
+    def from_token_bytes(cls, tokens: Sequence[bytes], special: Iterable[int] = ()) -> "GPT2Tokenizer":
+        """Rebuild vocabulary and merges from each id's bytes (llm.c's tokenizer file).
+
+        In a byte-level BPE vocabulary the 256 single bytes come first and every later token
+        is one merge of two earlier ones, so merges ranked by the id they produce, best
+        first, are the merges. The pair for token ``r`` is what BPE makes of its bytes using
+        only tokens below ``r``. ``special`` ids (end-of-text) are kept but never merged to.
+        """
+        special = set(special)
+        ranks: dict[bytes, int] = {}
+        for i, t in enumerate(tokens):
+            if i in special:
+                continue
+            if not t:
+                raise UserError(f"token {i} is empty; not a byte-level BPE vocabulary")
+            if t in ranks:
+                raise UserError(f"tokens {ranks[t]} and {i} are the same bytes {t!r}")
+            ranks[t] = i
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise UserError(f"{len(missing)} single bytes have no token (e.g. byte {missing[0]}); "
+                            "not a byte-level BPE vocabulary")
+        merges = []
+        for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+            if len(t) == 1:
+                continue
+            parts = _bpe(t, ranks, below=r)
+            if len(parts) != 2:
+                raise UserError(f"token {r} ({t!r}) is not a merge of two earlier tokens; "
+                                "not a byte-level BPE vocabulary")
+            merges.append((to_unicode(parts[0]), to_unicode(parts[1])))
+        vocab = {}
+        for i, t in enumerate(tokens):
+            if i in special:
+                try:
+                    vocab[t.decode("utf-8")] = i
+                except UnicodeDecodeError:
+                    raise UserError(f"special token {i} is not UTF-8 text") from None
+            else:
+                vocab[to_unicode(t)] = i
+        return cls(vocab, merges)
+
+
+def _bpe(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+    """Byte-pair-encode piece, merging the best-ranked adjacent pair first, ranks < below only."""
+    parts = [piece[i : i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best, at = below, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], below)
+            if r < best:
+                best, at = r, i
+        if at < 0:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def _check_vocab(vocab: dict[str, int]) -> None:
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        raise UserError(f"the vocabulary's ids must be 0..{len(ids) - 1}, each once")
+
+
+def _build(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:  # tokenizers raises its own Exception subclass for bad merges
+        raise UserError(f"invalid BPE vocabulary or merges: {str(e).splitlines()[0]}") from None
+    # GPT-2's split: contractions, letters, digits, other symbols, each with one leading space
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a JSON vocabulary: {str(e).splitlines()[0]}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
+        raise UserError(f"{path} must map token strings to integer ids")
+    return vocab
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is unreadable: {e}") from None
+    merges = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise UserError(f"{path}:{n}: a merge is two tokens separated by one space, got {line[:40]!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
