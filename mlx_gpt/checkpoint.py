@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .atomic import previous_version, replacing_directory
 from .errors import UserError
 from .registry import build_model, model_type_of
 from .tokenizer import Tokenizer, load_tokenizer
@@ -32,17 +32,13 @@ VERSION = 1
 METRICS = "metrics.jsonl"
 
 
-def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
-
-
 def resolve(path: str | os.PathLike) -> Path:
     """The directory to read a checkpoint from (recovering from an interrupted swap)."""
     p = Path(path)
     if (p / "config.json").exists():
         return p
-    if not p.exists() and (_old(p) / "config.json").exists():
-        return _old(p)
+    if not p.exists() and (previous_version(p) / "config.json").exists():
+        return previous_version(p)
     if not p.exists():
         raise UserError(f"checkpoint {p} not found")
     raise UserError(f"{p} is not a checkpoint (no config.json)")
@@ -50,18 +46,16 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def exists(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / "config.json").exists() or (_old(p) / "config.json").exists()
+    return (p / "config.json").exists() or (previous_version(p) / "config.json").exists()
 
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,
          optimizer: Any = None, state: dict | None = None) -> Path:
     """Write a checkpoint atomically; the previous one stays readable until the new one is whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        config = {"format": FORMAT, "version": VERSION, "model_type": model_type_of(model),
-                  "model": model.config.to_dict(), "train": train_config}
+    config = {"format": FORMAT, "version": VERSION, "model_type": model_type_of(model),
+              "model": model.config.to_dict(), "train": train_config}
+    with replacing_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weights = dict(tree_flatten(model.parameters()))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -73,18 +67,6 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
             tokenizer.save(tmp)
         if (path / METRICS).exists():
             shutil.copy2(path / METRICS, tmp / METRICS)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = _old(path)
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

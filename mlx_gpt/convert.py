@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from . import load_optimized_blas
 
@@ -29,6 +26,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from . import checkpoint  # noqa: E402
+from .atomic import replacing_directory, replacing_file  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .formats import hf, llmc, mlx_lm  # noqa: E402
 from .formats.tensors import LazyTensor, progress_bar  # noqa: E402
@@ -176,7 +174,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
         return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
     write = hf.write_directory if to == "hf" else mlx_lm.write_directory
     _check_out(out, overwrite, replaceable=lambda p: (p / "config.json").is_file())
-    with _replacing_directory(out) as tmp:
+    with replacing_directory(out) as tmp:
         write(tmp, cfg, weights, tok, progress=progress)
     return Export([out], notes)
 
@@ -210,10 +208,10 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
             raise UserError(f"{tok_path} exists and holds another tokenizer; pass --overwrite to replace it")
     _check_out(out, overwrite, replaceable=Path.is_file)
     written = []
-    with _replacing_file(out) as tmp:
+    with replacing_file(out) as tmp:
         llmc.write_model(tmp, cfg, weights, progress=progress)
         if tok_bytes is not None:
-            with _replacing_file(tok_path) as tmp_tok:
+            with replacing_file(tok_path) as tmp_tok:
                 tmp_tok.write_bytes(tok_bytes)
             written.append(tok_path)
     return [out, *written]
@@ -232,46 +230,6 @@ def _check_out(out: Path, overwrite: bool, replaceable) -> None:
     if not (empty_dir or replaceable(out)):
         raise UserError(f"{out} exists and does not look like a model this tool writes; "
                         "refusing to replace it even with --overwrite")
-
-
-@contextmanager
-def _replacing_directory(out: Path) -> Iterator[Path]:
-    """A temp directory beside out that replaces out only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 is for the temp only
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def _replacing_file(out: Path) -> Iterator[Path]:
-    """A temp file beside out that replaces out only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------------------- CLI

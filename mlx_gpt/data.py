@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .atomic import replacing_directory
 from .errors import UserError
 from .tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
@@ -221,26 +221,15 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
     else:
         lines = (line for d in train_docs for line in d.splitlines(keepends=True))
         tok = SentencePieceTokenizer.train(lines, vocab)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else _mkdir(out.parent)))
-    try:
+    with replacing_directory(out) as tmp:
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             write_tokens(tmp / f"{split}.bin", encode_documents(tok, split_docs), tok.vocab_size)
         tok.save(tmp)
         meta = {"source": source, "name": name, "tokenizer": tokenizer if isinstance(tokenizer, str) else tok.kind,
-                "vocab_size": tok.vocab_size,
-                "val_fraction": val_fraction, "fingerprint": fingerprint, "documents": len(docs)}
+                "vocab_size": tok.vocab_size, "val_fraction": val_fraction, "fingerprint": fingerprint,
+                "documents": len(docs)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return load_dataset(out)
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def tokenizer_digest(tok: Tokenizer) -> str:

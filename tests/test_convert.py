@@ -19,7 +19,6 @@ import pytest
 
 from mlx_gpt import checkpoint, convert
 from mlx_gpt.errors import UserError, run_cli
-from mlx_gpt.formats import llmc
 from mlx_gpt.generate import generate
 from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
 
