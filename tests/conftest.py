@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_gpt  # noqa: F401  (loads OpenBLAS before any test imports mlx.core)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the project root (MLX_GPT_SHARED_DATA overrides)."""
+    env = os.environ.get("MLX_GPT_SHARED_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if not (d / "tinyshakespeare.txt").exists():
+        pytest.skip(f"shared test data not found in {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared_data) -> Path:
+    return shared_data / "tinyshakespeare.txt"
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would, in cwd, capturing text output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, no traceback, one 'error:' line naming the problem."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
