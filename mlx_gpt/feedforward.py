@@ -10,17 +10,17 @@ why it generalises to contexts it never saw.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError
+from .lm import LanguageModel, ModelConfig
 from .ngram import HistoryCache
 
 
 @dataclass(frozen=True)
-class FeedForwardConfig:
+class FeedForwardConfig(ModelConfig):
     vocab_size: int = 256
     block_size: int = 128
     context: int = 16
@@ -30,24 +30,11 @@ class FeedForwardConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "context", "n_embd", "n_hidden"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FeedForwardConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown feed-forward config keys: {sorted(unknown)}")
-        return cls(**d)
+        self.require_positive("vocab_size", "block_size", "context", "n_embd", "n_hidden")
+        self.require_dropout()
 
 
-class FeedForwardLM(nn.Module):
+class FeedForwardLM(LanguageModel):
     def __init__(self, cfg: FeedForwardConfig):
         super().__init__()
         self.config = cfg
@@ -59,13 +46,6 @@ class FeedForwardLM(nn.Module):
         if cfg.direct:
             self.direct = nn.Linear(cfg.context * cfg.n_embd, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_params(self) -> int:
-        return sum(v.size for _, v in nn.utils.tree_flatten(self.parameters()))
 
     def make_cache(self) -> list[HistoryCache]:
         """The last context - 1 tokens: all the history the next window needs."""

@@ -263,8 +263,9 @@ def table(results: list[RungResult]) -> str:
              f"{r.val.loss:.4f}", f"{r.val.perplexity:.2f}", f"{r.val.bits_per_byte:.3f}"] for r in results]
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    def line(cells: list[str]) -> str:  # the rung name left-aligned, figures right-aligned
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(head), rule] + [line(r) for r in rows])

@@ -19,19 +19,19 @@ also groups by order and by context, which gives the two lookups a query needs:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from .errors import UserError
+from .lm import LanguageModel, ModelConfig
 
 SMOOTHING = ("add-k", "kneser-ney")
 
 
 @dataclass(frozen=True)
-class NGramConfig:
+class NGramConfig(ModelConfig):
     """An order-n count model. ``sizes`` and ``fanout`` are set by fitting and fix array shapes.
 
     sizes[m-1]: distinct m-grams stored (sizes[0] = vocab_size).
@@ -53,9 +53,7 @@ class NGramConfig:
         object.__setattr__(self, "fanout", tuple(int(f) for f in self.fanout))
         if self.order < 1:
             raise UserError(f"n-gram order n must be at least 1, got {self.order}")
-        for name in ("vocab_size", "block_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.require_positive("vocab_size", "block_size")
         if self.smoothing not in SMOOTHING:
             raise UserError(f"unknown smoothing {self.smoothing!r}; choose from {', '.join(SMOOTHING)}")
         if self.smoothing == "add-k" and not self.k > 0:
@@ -67,16 +65,6 @@ class NGramConfig:
     @property
     def fitted(self) -> bool:
         return bool(self.sizes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NGramConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown n-gram config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class HistoryCache:
@@ -99,7 +87,7 @@ class HistoryCache:
         return [] if self.tokens is None else [self.tokens]
 
 
-class NGram(nn.Module):
+class NGram(LanguageModel):
     """P(w | last n-1 tokens) from counts; the arrays are frozen parameters (see module doc)."""
 
     def __init__(self, cfg: NGramConfig):
@@ -115,10 +103,6 @@ class NGram(nn.Module):
             self.continuation = mx.zeros((E,), mx.int32)
             self.discount = mx.zeros((cfg.order,), mx.float32)
         self.freeze()
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
 
     def num_params(self) -> int:
         """Stored n-gram types, one count each (the size of the table, not of the arrays)."""

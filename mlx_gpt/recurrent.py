@@ -10,16 +10,16 @@ carries the state forward in a cache, one token per step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError
+from .lm import LanguageModel, ModelConfig
 
 
 @dataclass(frozen=True)
-class RecurrentConfig:
+class RecurrentConfig(ModelConfig):
     """n_embd is the width of the embeddings and of every layer's state."""
 
     vocab_size: int = 256
@@ -29,21 +29,8 @@ class RecurrentConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RecurrentConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown recurrent config keys: {sorted(unknown)}")
-        return cls(**d)
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_embd")
+        self.require_dropout()
 
 
 class RecurrentState:
@@ -59,7 +46,7 @@ class RecurrentState:
         return [a for a in (self.hidden, self.cell) if a is not None]
 
 
-class RecurrentLM(nn.Module):
+class RecurrentLM(LanguageModel):
     """Embedding, a stack of recurrent layers, a linear head; subclasses choose the layer."""
 
     def __init__(self, cfg: RecurrentConfig):
@@ -80,13 +67,6 @@ class RecurrentLM(nn.Module):
     def run_layer(self, layer: nn.Module, x: mx.array, state: RecurrentState | None) -> mx.array:
         """All hidden states (B, T, n_embd) of one layer, starting from and updating state."""
         raise NotImplementedError
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_params(self) -> int:
-        return sum(v.size for _, v in nn.utils.tree_flatten(self.parameters()))
 
     def make_cache(self) -> list[RecurrentState]:
         return [RecurrentState() for _ in self.layers]

@@ -22,7 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
-from .model import CausalSelfAttention, GPTConfig
+from .lm import LanguageModel
+from .model import MLP, CausalSelfAttention, GPTConfig
 
 
 def sinusoids(offset: int, T: int, dims: int) -> mx.array:
@@ -33,12 +34,8 @@ def sinusoids(offset: int, T: int, dims: int) -> mx.array:
     return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(T, -1)[:, :dims]
 
 
-class ReLUMLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+class ReLUMLP(MLP):
+    """GPT-2's MLP with the papers' ReLU in place of GELU."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.dropout(self.c_proj(nn.relu(self.c_fc(x))))
@@ -57,7 +54,7 @@ class PostLNBlock(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
 
-class PostLNTransformer(nn.Module):
+class PostLNTransformer(LanguageModel):
     """Token embedding, post-LN blocks, output layer; subclasses choose positions and head."""
 
     def __init__(self, cfg: GPTConfig):
@@ -66,13 +63,6 @@ class PostLNTransformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = [PostLNBlock(cfg) for _ in range(cfg.n_layer)]
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_params(self) -> int:
-        return sum(v.size for _, v in nn.utils.tree_flatten(self.parameters()))
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

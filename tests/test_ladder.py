@@ -34,7 +34,8 @@ def test_ladder_on_a_small_corpus_writes_table_json_and_png(tmp_path, shared_dat
     assert by_name["bengio"]["steps"] > 0 and by_name["bengio"]["train_time"] >= 0.5
     assert by_name["unigram"]["steps"] == 0 and by_name["unigram"]["tokens"] > 0
     # on the same text, counting more context pays
-    assert by_name["unigram"]["bits_per_byte"] > by_name["bigram"]["bits_per_byte"] > by_name["kneser-ney:3"]["bits_per_byte"]
+    bpb = [by_name[r]["bits_per_byte"] for r in ("unigram", "bigram", "kneser-ney:3")]
+    assert bpb == sorted(bpb, reverse=True)
 
     png = (out / "ladder.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE)
