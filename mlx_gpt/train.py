@@ -383,6 +383,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[
         say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     if not tree_flatten(model.trainable_parameters()):  # a count rung, fitted in setup: nothing to step
+        if cfg.init:
+            raise UserError(f"{cfg.init} holds a count model: it is fitted, not fine-tuned; train --model on the new data")
         evaluate(run.start_step)
         say(f"--- sample ---\n{cfg.sample_prompt}{_sample(run, run.start_step)}\n---")
         _save(run, run.start_step, train_sampler.state())

@@ -124,6 +124,10 @@ def test_train_builds_the_chosen_rung(model, tmp_path, shared_data):
     assert type(loaded) is type(run.model)
     metrics = (run.out / "metrics.jsonl").read_text()
     assert "val_loss" in metrics
+    if parse(model).counted:
+        with pytest.raises(UserError, match="fitted, not fine-tuned"):
+            train(small_run(tmp_path / "again", shared_data / "the-verdict.txt", "gpt", init=str(run.out)),
+                  progress=False)
 
 
 def test_train_cli_rejects_an_unknown_rung(tmp_path, shared_data):
