@@ -341,27 +341,37 @@ def _color(i: int, n: int) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     d = LadderConfig(data="")
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.ladder", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.ladder",
+                                description="Train every rung of the language-model ladder on the same data, "
+                                            "tokenizer and time budget, and compare them.")
     p.add_argument("--data", required=True, help="a text file, a folder of .txt files, a prepared data dir, "
                                                  "'pydoc' or 'shakespeare'")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="byte, or sp:VOCAB for SentencePiece BPE")
-    p.add_argument("--budget", type=float, default=d.budget, help="seconds of training per rung")
-    p.add_argument("--rungs", nargs="+", default=[",".join(d.rungs)],
-                   help="rungs to climb, comma- or space-separated; ngram:N and kneser-ney:N set the order")
-    p.add_argument("--out", default=None, help="output directory (default checkpoints/ladder-<data>)")
-    p.add_argument("--data-dir", default=d.data_dir)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--block-size", type=int, default=d.block_size, help="context of the neural rungs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens sampled from each rung")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="byte (default), or sp:VOCAB for SentencePiece BPE")
+    p.add_argument("--budget", type=float, default=d.budget,
+                   help=f"seconds of training per rung (default {d.budget:g})")
+    p.add_argument("--rungs", nargs="+", default=None,
+                   help=f"rungs to climb, comma- or space-separated (default all: {','.join(d.rungs)}); "
+                        "ngram:N and kneser-ney:N set the order n")
+    p.add_argument("--out", default=None, help="output directory (default checkpoints/ladder-<dataset>)")
+    p.add_argument("--data-dir", default=d.data_dir, help=f"where prepared datasets live (default {d.data_dir})")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"tail of the text held out for scoring (default {d.val_fraction})")
+    p.add_argument("--block-size", type=int, default=d.block_size,
+                   help=f"tokens per training sequence, every rung (default {d.block_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"sequences per step, every neural rung (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                   help=f"tokens sampled from each rung for ladder.json (default {d.sample_tokens})")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> list[RungResult]:
     args = vars(build_parser().parse_args(argv))
-    args["rungs"] = tuple(s for arg in args["rungs"] for s in arg.split(",") if s.strip())
+    if args["rungs"] is None:
+        del args["rungs"]
+    else:
+        args["rungs"] = tuple(s for arg in args["rungs"] for s in arg.split(",") if s.strip())
     results = climb(LadderConfig(**args))
     print(table(results))
     return results

@@ -487,7 +487,7 @@ HELP = {
     "model": f"ladder rung: {', '.join(rungs.RUNGS)}; ngram:N and kneser-ney:N set the order",
     "preset": f"model shape of --model gpt: {', '.join(PRESETS)}",
     "init": "start from this checkpoint's weights and tokenizer (fine-tuning)",
-    "out": "run directory (default checkpoints/<data>-<preset>)",
+    "out": "run directory (default checkpoints/<data>-<preset>, or -<model> for other rungs)",
     "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
     "grad_accum": "micro-batches per optimizer step",
     "compile": "compile the train step with mx.compile",
