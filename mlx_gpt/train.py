@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[
 
     if not tree_flatten(model.trainable_parameters()):  # a count rung, fitted in setup: nothing to step
         if cfg.init:
-            raise UserError(f"{cfg.init} holds a count model: it is fitted, not fine-tuned; train --model on the new data")
+            raise UserError(f"{cfg.init} holds a count model: fitted, not fine-tuned; use --model on the new data")
         evaluate(run.start_step)
         say(f"--- sample ---\n{cfg.sample_prompt}{_sample(run, run.start_step)}\n---")
         _save(run, run.start_step, train_sampler.state())
