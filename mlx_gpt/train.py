@@ -31,7 +31,7 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from . import checkpoint  # noqa: E402
+from . import checkpoint, rungs  # noqa: E402
 from .data import BatchSampler, Dataset, prepare, tokenizer_digest  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .generate import generate  # noqa: E402
@@ -48,7 +48,8 @@ class TrainConfig:
     tokenizer: str = "byte"
     data_dir: str = "data"
     val_fraction: float = 0.1
-    # model: a preset, any field overridden, or weights from a checkpoint
+    # model: a rung of the ladder (gpt: a preset, any field overridden, or weights from a checkpoint)
+    model: str = "gpt"
     preset: str = "tiny"
     n_layer: int | None = None
     n_head: int | None = None
@@ -269,15 +270,18 @@ def setup(cfg: TrainConfig) -> Run:
     if tokenizer is None:
         tokenizer = dataset.tokenizer
     if cfg.out is None:
-        name = Path(cfg.init).name if cfg.init else cfg.preset
+        name = Path(cfg.init).name if cfg.init else cfg.preset if cfg.model == "gpt" else cfg.model.replace(":", "")
         cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{name}"))
     out = Path(cfg.out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
-    if model is None:
+    if model is None and cfg.model == "gpt":
         model = build(_model_config(cfg, dataset), seed=cfg.seed)
+    elif model is None:  # another rung of the ladder; count rungs are fitted here, on the train split
+        model = rungs.build(cfg.model, dataset.vocab_size, tokens=dataset.train_file, overrides=cfg.model_overrides,
+                            seed=cfg.seed)
     model.train()
     if model.config.vocab_size < dataset.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
@@ -381,6 +385,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[
         _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
         say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
+    if not tree_flatten(model.trainable_parameters()):  # a count rung, fitted in setup: nothing to step
+        if cfg.init:
+            raise UserError(f"{cfg.init} holds a count model: fitted, not fine-tuned; use --model on the new data")
+        evaluate(run.start_step)
+        say(f"--- sample ---\n{cfg.sample_prompt}{_sample(run, run.start_step)}\n---")
+        _save(run, run.start_step, train_sampler.state())
+        bar.close()
+        print(f"done: checkpoint in {run.out} (val loss {run.best_val:.4f})", file=sys.stderr)
+        return run
     step = run.start_step
     stop = _StopFlag()
     t_last, tokens_since = time.perf_counter(), 0
@@ -474,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 HELP = {
     "data": "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), 'pydoc' or 'shakespeare'",
     "tokenizer": "byte, or sp:VOCAB for SentencePiece BPE trained on the data",
-    "preset": f"model shape: {', '.join(PRESETS)}",
+    "model": f"ladder rung: {', '.join(rungs.RUNGS)}; ngram:N and kneser-ney:N set the order",
+    "preset": f"model shape of --model gpt: {', '.join(PRESETS)}",
     "init": "start from this checkpoint's weights and tokenizer (fine-tuning)",
-    "out": "run directory (default checkpoints/<data>-<preset>)",
+    "out": "run directory (default checkpoints/<data>-<preset>, or -<model> for other rungs)",
     "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
     "grad_accum": "micro-batches per optimizer step",
     "compile": "compile the train step with mx.compile",
