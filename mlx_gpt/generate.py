@@ -2,7 +2,8 @@
 
 The prompt is prefilled in one forward pass; after that each token costs one call of a
 compiled single-token step against fixed-capacity KV caches (``cache.FixedKVCache``), so the
-step is traced once and reused for every token. The next step is queued with
+step is traced once and reused for every token (models without such caches run the same
+loop uncompiled). The next step is queued with
 ``mx.async_eval`` before the current token is read back, so Python's work (detokenizing,
 printing, stop checks) overlaps the model's.
 
@@ -85,19 +86,22 @@ def _eval_mode(model):
 
 
 class Decoder:
-    """A model's next tokens for a prompt: one prefill pass, then one compiled step per token.
+    """A model's next tokens for a prompt: one prefill pass, then one step per token.
 
-    The step is compiled once per Decoder and reused for every token and window slide (and
-    every later call with the same batch size and cache capacity). The model's weights are
-    inputs of the compiled step, not constants baked into it, so a Decoder stays valid while
-    the model trains.
+    A model that reads its positions and attention mask from the cache (marked by
+    ``accepts_fixed_cache``, as ``GPT`` is) gets fixed-capacity caches and a step compiled
+    once per Decoder, reused for every token and window slide (and every later call with the
+    same batch size and cache capacity). The model's weights are inputs of the compiled step,
+    not constants baked into it, so a Decoder stays valid while the model trains. Any other
+    model with ``make_cache()`` and ``model(idx, cache)`` runs the same loop eagerly with its
+    own caches.
 
     keep: tokens kept when the context fills the block size and the window slides (default
     three quarters of the block). ``keep == block_size`` recomputes the full window for every
     token past the block size, exactly like cropping the context to the last block.
     """
 
-    capacity_step = 256  # caches are sized in steps of this many positions, so shapes repeat
+    capacity_step = 256  # fixed caches are sized in steps of this many positions, so shapes repeat
 
     def __init__(self, model, sampling: SamplingConfig = SamplingConfig(), *, keep: int | None = None) -> None:
         self.model = model
@@ -106,18 +110,21 @@ class Decoder:
         self.keep = max(1, self.block_size * 3 // 4) if keep is None else keep
         if not 1 <= self.keep <= self.block_size:
             raise UserError(f"keep must be in [1, block_size={self.block_size}], got {self.keep}")
-        self._n_layers = len(model.make_cache())
-        self._step = mx.compile(self._decode_step, inputs=[model.state])
+        self.compiled = bool(getattr(model, "accepts_fixed_cache", False))
+        if self.compiled:
+            self._n_layers = len(model.make_cache())
+            self._step = mx.compile(self._fixed_step, inputs=[model.state])
 
     def capacity(self, n_positions: int) -> int:
         """Cache positions for n_positions tokens: rounded up to a step, at most the block size."""
+        if not self.compiled:
+            return self.block_size  # the model's own caches grow as needed
         step = self.capacity_step
         return min(self.block_size, max(1, -(-n_positions // step) * step))
 
-    def _choose(self, logits: mx.array, fed: mx.array, state: dict, caches: list[FixedKVCache]) -> tuple[mx.array, dict]:
+    def _draw(self, logits: mx.array, fed: mx.array, state: dict) -> tuple[mx.array, dict]:
         """Draw the next tokens from last-position logits (B, vocab); fed (B, T) joins the context."""
-        state = dict(state, keys=[c.keys for c in caches], values=[c.values for c in caches],
-                     offset=caches[0].offset)
+        state = dict(state)
         if self.sampling.uses_context:
             seen = state.get("seen")
             if seen is None:
@@ -128,17 +135,29 @@ class Decoder:
             state["rng"], key = mx.random.split(state["rng"])
         return sample(logits, self.sampling, key, state.get("seen")), state
 
-    def _prefill(self, window: mx.array, capacity: int, state: dict, fed: mx.array) -> tuple[mx.array, dict]:
-        """Run window (B, T) through fresh caches of the given capacity; draw the next tokens."""
-        caches = [FixedKVCache(capacity) for _ in range(self._n_layers)]
-        logits = self.model(window, caches)[:, -1, :]
-        return self._choose(logits, fed, state, caches)
+    def _prefill(self, window: mx.array, capacity: int, state: dict, fed: mx.array) -> tuple[mx.array, dict, list]:
+        """Run window (B, T) through fresh caches; draw the next tokens.
 
-    def _decode_step(self, tokens: mx.array, state: dict) -> tuple[mx.array, dict]:
+        Returns the tokens, the state and the model's own caches (for a compiled Decoder the
+        caches' arrays join the state instead, and the list is empty).
+        """
+        caches = [FixedKVCache(capacity) for _ in range(self._n_layers)] if self.compiled else self.model.make_cache()
+        logits = self.model(window, caches)[:, -1, :]
+        y, state = self._draw(logits, fed, state)
+        if self.compiled:
+            return y, {**state, **_fixed_state(caches)}, []
+        return y, state, caches
+
+    def _fixed_step(self, tokens: mx.array, state: dict) -> tuple[mx.array, dict]:
         """Feed tokens (B,) at state["offset"]; draw the next ones. Compiled: shapes never change."""
         caches = [FixedKVCache(k.shape[2], k, v, state["offset"]) for k, v in zip(state["keys"], state["values"])]
         logits = self.model(tokens[:, None], caches)[:, -1, :]
-        return self._choose(logits, tokens[:, None], state, caches)
+        y, state = self._draw(logits, tokens[:, None], state)
+        return y, {**state, **_fixed_state(caches)}
+
+    def _eager_step(self, tokens: mx.array, state: dict, caches: list) -> tuple[mx.array, dict]:
+        logits = self.model(tokens[:, None], caches)[:, -1, :]
+        return self._draw(logits, tokens[:, None], state)
 
     def tokens(self, prompt: Sequence[int], max_new_tokens: int, *, seed: int = 0, num_samples: int = 1,
                timing: Timing | None = None) -> Iterator[list[int]]:
@@ -167,9 +186,9 @@ class Decoder:
 
         with _eval_mode(self.model):
             start = time.perf_counter()
-            y, state = self._prefill(mx.array(window), capacity, state, fed=mx.array(history))
+            y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(history))
             n_cached = window.shape[1]
-            mx.async_eval(y, state)
+            mx.async_eval(y, state, [c.state for c in caches])
             for i in range(max_new_tokens):
                 if i == 0:  # the prompt phase ends here (the step's first trace counts as generation)
                     row = y.tolist()
@@ -179,12 +198,15 @@ class Decoder:
                         assert capacity == block, "caches are sized to fit unless the block is the limit"
                         kept = history[:, history.shape[1] - (self.keep - 1):] if self.keep > 1 else history[:, :0]
                         window = mx.concatenate([mx.array(kept), y[:, None]], axis=1)
-                        y_next, state = self._prefill(window, capacity, state, fed=y[:, None])
+                        y_next, state, caches = self._prefill(window, capacity, state, fed=y[:, None])
                         n_cached = self.keep
-                    else:
+                    elif self.compiled:
                         y_next, state = self._step(y, state)
                         n_cached += 1
-                    mx.async_eval(y_next, state)
+                    else:
+                        y_next, state = self._eager_step(y, state, caches)
+                        n_cached += 1
+                    mx.async_eval(y_next, state, [c.state for c in caches])
                 if i > 0:
                     row = y.tolist()
                     timing.generation_seconds = time.perf_counter() - first
@@ -193,6 +215,10 @@ class Decoder:
                 yield row
                 if i + 1 < max_new_tokens:
                     y = y_next
+
+
+def _fixed_state(caches: list[FixedKVCache]) -> dict:
+    return {"keys": [c.keys for c in caches], "values": [c.values for c in caches], "offset": caches[0].offset}
 
 
 class StopStrings:

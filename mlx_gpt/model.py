@@ -117,6 +117,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # positions and attention masks come from the cache, so generation may hand it
+    # fixed-capacity caches (cache.FixedKVCache) and compile its one-token step
+    accepts_fixed_cache = True
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg

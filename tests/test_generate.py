@@ -67,9 +67,18 @@ def decoded(decoder, prompt, n, **kw) -> list[list[int]]:
 # ------------------------------------------------------------------ the cache against recomputation
 
 
+class EagerGPT(GPT):
+    """GPT as a model without fixed-capacity caches would run: its own caches, no compiled step."""
+
+    accepts_fixed_cache = False
+
+
 @pytest.mark.parametrize("keep", [None, BLOCK, 1, 5])
-def test_cached_greedy_equals_full_recompute_past_the_block(model, keep):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cached_greedy_equals_full_recompute_past_the_block(keep, compiled):
+    model = sharp_model(cls=GPT if compiled else EagerGPT)
     decoder = Decoder(model, GREEDY, keep=keep)
+    assert decoder.compiled == compiled
     prompt = list(b"The cat ")
     got = [row[0] for row in decoded(decoder, prompt, 3 * BLOCK)]  # slides several times
     want = recompute_greedy(model, prompt, 3 * BLOCK, decoder.keep)
@@ -91,9 +100,12 @@ def test_prompt_longer_than_the_block_is_cropped_with_a_warning(model, capsys):
     assert f"the last {BLOCK}" in capsys.readouterr().err
 
 
-def test_batched_greedy_rows_equal_single(model):
+@pytest.mark.parametrize("cls", [GPT, EagerGPT])
+def test_batched_greedy_rows_equal_single(cls):
+    model = sharp_model(cls=cls)
     prompt = list(b"xyz")
     single = [row[0] for row in decoded(Decoder(model, GREEDY), prompt, 25)]
+    assert single == recompute_greedy(model, prompt, 25, Decoder(model, GREEDY).keep)
     batch = decoded(Decoder(model, GREEDY), prompt, 25, num_samples=3)
     assert all(row == [t] * 3 for row, t in zip(batch, single))
 
