@@ -1,4 +1,10 @@
-"""Per-layer key/value cache for incremental decoding."""
+"""Per-layer key/value caches for incremental decoding.
+
+A cache sits inside each attention layer: ``update_and_fetch`` appends the new keys and values
+and returns every key and value the new queries may look at, ``attention_mask`` says which of
+them each new query sees, and ``offset`` is how many positions were written before the call
+(the model places its position embeddings after it).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ class KVCache:
     """Keys and values of the tokens seen so far, grown in blocks of ``step`` positions.
 
     Growing in blocks (rather than concatenating every token) keeps the per-token step from
-    copying the whole cache; ``offset`` is the number of valid positions.
+    copying the whole cache; ``offset`` is the number of valid positions, a Python int.
     """
 
     step = 256
@@ -38,6 +44,51 @@ class KVCache:
         self.values[..., prev : self.offset, :] = v
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def attention_mask(self, T: int) -> str | None:
+        """The mask for the T queries just added: only valid keys are returned, so causal suffices.
+
+        MLX's "causal" aligns the mask to the last query, which is what a cached prefill needs.
+        """
+        return "causal" if T > 1 else None
+
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.keys, self.values) if a is not None]
+
+
+class FixedKVCache:
+    """Keys and values in buffers of a fixed ``capacity``, with ``offset`` an array.
+
+    Every decode step then sees arrays of the same shapes and no Python number that changes,
+    so one compiled step serves every position: the new keys are written in place at
+    ``offset`` and a mask hides the positions not written yet. Attention reads the whole
+    capacity, so choose it near the length the generation needs.
+    """
+
+    def __init__(self, capacity: int, keys: mx.array | None = None, values: mx.array | None = None,
+                 offset: mx.array | None = None) -> None:
+        self.capacity = capacity
+        self.keys = keys
+        self.values = values
+        self.offset = mx.array(0, mx.int32) if offset is None else offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write k, v of shape (B, nh, T, hs) at offset; return the full (B, nh, capacity, hs) buffers."""
+        if self.keys is None:
+            B, nh, _, hs = k.shape
+            self.keys = mx.zeros((B, nh, self.capacity, hs), k.dtype)
+            self.values = mx.zeros((B, nh, self.capacity, v.shape[3]), v.dtype)
+        # slice_update on a buffer nothing else holds runs in place
+        self.keys = mx.slice_update(self.keys, k, self.offset, axes=(2,))
+        self.values = mx.slice_update(self.values, v, self.offset, axes=(2,))
+        self.offset = self.offset + k.shape[2]
+        return self.keys, self.values
+
+    def attention_mask(self, T: int) -> mx.array:
+        """(T, capacity) booleans for the T queries just added: each sees positions up to its own."""
+        query_pos = self.offset - T + mx.arange(T)
+        return mx.arange(self.capacity)[None, :] <= query_pos[:, None]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.keys, self.values, self.offset) if a is not None]

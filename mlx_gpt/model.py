@@ -84,8 +84,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the mask to the last query, which is what a cached prefill needs
-        mask = "causal" if T > 1 else None
+            mask = cache.attention_mask(T)
+        else:
+            mask = "causal" if T > 1 else None
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -116,6 +117,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # positions and attention masks come from the cache, so generation may hand it
+    # fixed-capacity caches (cache.FixedKVCache) and compile its one-token step
+    accepts_fixed_cache = True
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -132,10 +137,10 @@ class GPT(nn.Module):
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
         B, T = idx.shape
-        offset = cache[0].offset if cache else 0
-        if offset + T > self.config.block_size:
+        offset = cache[0].offset if cache else 0  # an int, or an array inside a compiled decode step
+        if isinstance(offset, int) and offset + T > self.config.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(mx.arange(offset, offset + T)))
+        x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T)))
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
         return self.wte.as_linear(self.ln_f(x))

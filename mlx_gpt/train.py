@@ -340,7 +340,9 @@ def _sample(run: Run, step: int) -> str | None:
         return None
     run.model.eval()
     try:
-        text = generate(run.model, run.tokenizer, run.cfg.sample_prompt, run.cfg.sample_tokens, temperature=0.8,
+        # no prompt: start a document, from end-of-text (generate's choice) or else a newline
+        prompt = run.cfg.sample_prompt or ("" if run.tokenizer.eot_id is not None else "\n")
+        text = generate(run.model, run.tokenizer, prompt, run.cfg.sample_tokens, temperature=0.8,
                         top_k=50, seed=run.cfg.seed + step)
     finally:
         run.model.train()

@@ -44,3 +44,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert len(errors) == 1, proc.stderr
     for f in fragments:
         assert f in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    """A small SentencePiece BPE trained on English only, so accents, CJK and emoji fall back to bytes."""
+    from mlx_gpt.tokenizer import SentencePieceTokenizer
+
+    lines = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question.",
+             "All the world's a stage, and all the men and women merely players."] * 40
+    return SentencePieceTokenizer.train(lines, 300)
