@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
     p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this fraction as likely as the top")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens in the context (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; None draws a fresh one, printed at the end")
     p.add_argument("--num-samples", type=int, default=1, help="continuations to draw, as one batch")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a continuation where this text appears, without printing it (repeatable)")
