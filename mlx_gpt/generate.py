@@ -175,28 +175,28 @@ class Decoder:
         if max_new_tokens == 0:
             return
         block = self.block_size
-        history = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (B, n): every token so far
-        if history.shape[1] > block:
-            print(f"warning: the prompt is {history.shape[1]} tokens; the model sees only the last {block} "
+        prompt_rows = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (B, n)
+        steps: list[list[int]] = []  # the tokens drawn so far, one list of B ids per step
+        if prompt_rows.shape[1] > block:
+            print(f"warning: the prompt is {prompt_rows.shape[1]} tokens; the model sees only the last {block} "
                   "(its block size)", file=sys.stderr)
-        window = history[:, -block:]
+        window = prompt_rows[:, -block:]
         capacity = self.capacity(window.shape[1] + max_new_tokens - 1)
         timing.rows, timing.prompt_tokens = num_samples, window.shape[1]
         state = {} if self.sampling.greedy else {"rng": mx.random.key(seed)}
 
         with _eval_mode(self.model):
             start = time.perf_counter()
-            y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(history))
+            y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(prompt_rows))
             n_cached = window.shape[1]
-            mx.async_eval(y, state, [c.state for c in caches])
+            row = y.tolist()  # the prompt phase ends with the first token
+            timing.prompt_seconds = time.perf_counter() - start
+            start = time.perf_counter()
             for i in range(max_new_tokens):
-                if i == 0:  # the prompt phase ends here (the step's first trace counts as generation)
-                    row = y.tolist()
-                    timing.prompt_seconds, first = time.perf_counter() - start, time.perf_counter()
                 if i + 1 < max_new_tokens:  # queue the next step before reading this token back
                     if n_cached == capacity:  # window full: slide it, keeping the last `keep` tokens
                         assert capacity == block, "caches are sized to fit unless the block is the limit"
-                        kept = history[:, history.shape[1] - (self.keep - 1):] if self.keep > 1 else history[:, :0]
+                        kept = _last_tokens(prompt_rows, steps, self.keep - 1)
                         window = mx.concatenate([mx.array(kept), y[:, None]], axis=1)
                         y_next, state, caches = self._prefill(window, capacity, state, fed=y[:, None])
                         n_cached = self.keep
@@ -209,12 +209,19 @@ class Decoder:
                     mx.async_eval(y_next, state, [c.state for c in caches])
                 if i > 0:
                     row = y.tolist()
-                    timing.generation_seconds = time.perf_counter() - first
+                    timing.generation_seconds = time.perf_counter() - start
                 timing.new_tokens = i + 1
-                history = np.concatenate([history, np.asarray(row, np.int32)[:, None]], axis=1)
+                steps.append(row)
                 yield row
                 if i + 1 < max_new_tokens:
                     y = y_next
+
+
+def _last_tokens(prompt_rows: np.ndarray, steps: list[list[int]], k: int) -> np.ndarray:
+    """The last k tokens (B, k) of each row of prompt_rows (B, n) followed by the drawn steps."""
+    recent = np.asarray(steps[len(steps) - min(k, len(steps)):], np.int32).reshape(-1, prompt_rows.shape[0]).T
+    from_prompt = prompt_rows[:, prompt_rows.shape[1] - (k - recent.shape[1]):]
+    return np.concatenate([from_prompt, recent], axis=1)
 
 
 def _fixed_state(caches: list[FixedKVCache]) -> dict:
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
     p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this fraction as likely as the top")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens in the context (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; None draws a fresh one, printed at the end")
     p.add_argument("--num-samples", type=int, default=1, help="continuations to draw, as one batch")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a continuation where this text appears, without printing it (repeatable)")
