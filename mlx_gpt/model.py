@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .cache import KVCache
 from .errors import UserError
 
@@ -84,9 +85,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the mask to the last query, which is what a cached prefill needs
-        mask = "causal" if T > 1 else None
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
+        # the causal mask is aligned to the last query, which is what a cached prefill needs
+        y = ops.attention(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), causal=T > 1)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -99,7 +99,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+        return self.dropout(self.c_proj(ops.gelu_approx(self.c_fc(x))))
 
 
 class Block(nn.Module):
