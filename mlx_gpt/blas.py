@@ -107,6 +107,12 @@ def load_optimized_blas() -> str | None:
     return lib
 
 
+def set_blas_threads(n: int) -> None:
+    """Let OpenBLAS use ``n`` threads per call (no-op without OpenBLAS, e.g. on macOS)."""
+    if _state["blas"]:
+        ctypes.CDLL(_state["blas"]).openblas_set_num_threads(int(n))
+
+
 def blas_status() -> str:
     """One line saying which BLAS MLX's CPU backend calls."""
     if _state["blas"]:

@@ -29,9 +29,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
-from . import checkpoint, ops  # noqa: E402
+from . import checkpoint, ops, parallel  # noqa: E402
 from .data import BatchSampler, Dataset, prepare  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .generate import generate  # noqa: E402
@@ -115,12 +115,36 @@ RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval
 
 
 class AdamW(optim.AdamW):
-    """AdamW that decays only 2-D weights (matmuls and embeddings), never biases or norms."""
+    """AdamW that decays only 2-D weights (matmuls and embeddings), never biases or norms.
+
+    With ``stream_of`` set (a function from a parameter's name to an MLX stream), each
+    parameter is updated on its stream, so the updates of a CPU step run on all cores.
+    """
+
+    stream_of: Callable[[str], mx.Stream] | None = None
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         if parameter.ndim < 2:
             return optim.Adam.apply_single(self, gradient, parameter, state)
         return super().apply_single(gradient, parameter, state)
+
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        if self.stream_of is None:
+            return super().apply_gradients(gradients, parameters)
+        if not self._initialized:
+            self.init(gradients)
+        for name, scheduler in self._schedulers.items():
+            self.state[name] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        params = dict(tree_flatten(parameters))
+        updated = []
+        for key, grad in tree_flatten(gradients):
+            state = self.state
+            for part in key.split("."):
+                state = state[int(part)] if isinstance(state, list) else state[part]
+            with mx.stream(self.stream_of(key)):
+                updated.append((key, self.apply_single(grad, params[key], state)))
+        return tree_unflatten(updated)
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
@@ -149,17 +173,28 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConf
     """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer."""
     grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
     accum = cfg.grad_accum
+    # on the CPU, each micro-batch is split over the cores, one stream (thread) each
+    plan = parallel.plan_for(model, cfg.batch_size)
+    if plan is not None and isinstance(optimizer, AdamW):
+        optimizer.stream_of = plan.stream_of
+
+    def value_and_grad(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
+        if plan is None:
+            return grad_fn(model, x, y)
+        return parallel.value_and_grad_split(plan, grad_fn, model, x, y)
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = grad_fn(model, x[0], y[0])
+        loss, grads = value_and_grad(x[0], y[0])
         for i in range(1, accum):
-            loss_i, grads_i = grad_fn(model, x[i], y[i])
+            loss_i, grads_i = value_and_grad(x[i], y[i])
             loss = loss + loss_i
             grads = tree_map(mx.add, grads, grads_i)
         if accum > 1:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and plan is not None:
+            grads, norm = parallel.clip_grad_norm_split(plan, grads, cfg.grad_clip)
+        elif cfg.grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         else:
             norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mlx_gpt  # noqa: E402  (loads OpenBLAS before mlx.core)
-from mlx_gpt.blas import blas_status  # noqa: E402
+from mlx_gpt.blas import blas_status, set_blas_threads  # noqa: E402
 from mlx_gpt.errors import UserError, run_cli  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from mlx_gpt import ops  # noqa: E402
 from mlx_gpt.model import GPTConfig, build  # noqa: E402
+from mlx_gpt.parallel import cpu_cores  # noqa: E402
 from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
 FLOP_FORMULA = "6N + 12*L*C*T per token (nanoGPT; N = parameters less position embeddings)"
@@ -160,21 +161,22 @@ def max_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def alternate(steps: dict[str, Callable[[], None]], warmup: int, timed: int, pause: float) -> dict[str, list[float]]:
-    """Run each step once per round, in turn, and return the wall times of the rounds after warm-up.
+def alternate(runs: dict[str, Callable[[int], None]], per_round: int, warmup: int, rounds: int,
+              pause: float) -> dict[str, list[float]]:
+    """Time ``per_round`` steps of each implementation in turn, ``rounds`` times after ``warmup`` rounds.
 
-    Between two implementations it sleeps ``pause`` seconds: OpenBLAS's worker threads spin for
-    about 0.1 s after a call and OpenMP's for a while too, and a pool still spinning on one of
-    the two cores would slow the other framework's next step.
+    Returns the seconds per step of each timed round. Between two implementations it sleeps
+    ``pause`` seconds: OpenBLAS's worker threads spin for about 0.1 s after a call and OpenMP's
+    for a while too, and a pool still spinning on a core would slow the other framework.
     """
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + timed):
-        for name, step in steps.items():
-            if len(steps) > 1:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + rounds):
+        for name, run in runs.items():
+            if len(runs) > 1:
                 time.sleep(pause)
             t0 = time.perf_counter()
-            step()
-            dt = time.perf_counter() - t0
+            run(per_round)
+            dt = (time.perf_counter() - t0) / per_round
             if i >= warmup:
                 times[name].append(dt)
     return times
@@ -184,7 +186,12 @@ def alternate(steps: dict[str, Callable[[], None]], warmup: int, timed: int, pau
 
 
 def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool = False):
-    """(model, step) for an MLX train step of ``bench``; ``native`` compiles it with MLX's own kernels."""
+    """(model, run, first-step seconds, first loss) for mlx_gpt's train step on ``bench``.
+
+    ``run(k)`` takes k steps the way ``mlx_gpt.train`` does, each launched with mx.async_eval
+    while the next one is being built, and waits for the last. ``native`` traces the step with
+    MLX's own kernels instead of ``mlx_gpt.ops``.
+    """
     model = build(bench.model_config(), seed=0)
     model.train()
     tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10)
@@ -192,44 +199,42 @@ def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool
     optimizer.init(model.trainable_parameters())
     step_fn = make_train_step(model, optimizer, tcfg)
     xs, ys = mx.array(x[None]), mx.array(y[None])
-    state = [model.parameters(), optimizer.state]
-    last: dict[str, float] = {}
 
-    def step() -> None:
-        loss, _ = step_fn(xs, ys)
-        mx.eval(loss, state[0], state[1])
-        last["loss"] = loss
+    def run(k: int) -> mx.array:
+        for _ in range(k):
+            loss, norm = step_fn(xs, ys)
+            mx.async_eval(loss, norm, model.parameters())
+        mx.eval(loss, model.parameters(), optimizer.state)
+        return loss
 
+    t0 = time.perf_counter()
     if native:
         with ops.native_ops():
-            t0 = time.perf_counter()
-            step()
+            loss = run(1)
     else:
-        t0 = time.perf_counter()
-        step()
-    first = time.perf_counter() - t0
-    return model, step, first, last
+        loss = run(1)
+    return model, run, time.perf_counter() - t0, loss.item()
 
 
 def torch_train_step(mlx_model, x: np.ndarray, y: np.ndarray):
+    """(run, first-step seconds, first loss) for the PyTorch reference with ``mlx_model``'s weights."""
     import torch
 
     from torch_gpt import from_mlx, make_optimizer as torch_optimizer, make_train_step as torch_step
 
     tmodel = from_mlx(mlx_model)
     tmodel.train()
-    opt = torch_optimizer(tmodel)
-    fn = torch_step(tmodel, opt, grad_clip=1.0)
+    fn = torch_step(tmodel, torch_optimizer(tmodel), grad_clip=1.0)
     tx, ty = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
-    last: dict[str, float] = {}
 
-    def step() -> None:
-        loss, _ = fn(tx, ty)
-        last["loss"] = loss
+    def run(k: int) -> float:
+        for _ in range(k):
+            loss, _ = fn(tx, ty)
+        return float(loss)
 
     t0 = time.perf_counter()
-    step()
-    return step, time.perf_counter() - t0, last, opt
+    loss = run(1)
+    return run, time.perf_counter() - t0, loss
 
 
 def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dict:
@@ -237,38 +242,36 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
     x = rng.integers(0, bench.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
     y = rng.integers(0, bench.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
     mx.reset_peak_memory()
-    model, mlx_step, mlx_first, mlx_last = mlx_train_step(bench, x, y)
-    first_loss = mlx_last["loss"].item()
-    n_params = model.num_params()
+    model, mlx_run, mlx_first, mlx_loss = mlx_train_step(bench, x, y)
     fpt = flops_per_token(model.config, bench.seq_len, model.num_params(non_embedding=True))
     tokens = bench.batch_size * bench.seq_len
-    steps = {"mlx": mlx_step}
-    result = {"config": asdict(bench), "params": n_params, "tokens_per_step": tokens, "flops_per_token": fpt}
+    runs = {"mlx": mlx_run}
+    first = {"mlx": mlx_first}
+    result = {"config": asdict(bench), "params": model.num_params(), "tokens_per_step": tokens,
+              "flops_per_token": fpt}
     if args.vs_torch:
-        # same initial weights as the MLX model had before its first step
-        ref = build(bench.model_config(), seed=0)
-        torch_step, torch_first, torch_last, _ = torch_train_step(ref, x, y)
-        result["first_loss"] = {"mlx": first_loss, "torch": float(torch_last["loss"])}
-        steps["torch"] = torch_step
-        del ref
+        # the same initial weights as the MLX model had before its first step
+        torch_run, first["torch"], torch_loss = torch_train_step(build(bench.model_config(), seed=0), x, y)
+        result["first_loss"] = {"mlx": mlx_loss, "torch": torch_loss}
+        runs["torch"] = torch_run
     if args.native:
-        _, native_step, native_first, _ = mlx_train_step(bench, x, y, native=True)
-        steps["mlx_native"] = native_step
+        _, runs["mlx_native"], first["mlx_native"], _ = mlx_train_step(bench, x, y, native=True)
     gc.collect()
-    times = alternate(steps, args.warmup, args.steps, args.pause)
+    # steps per round: enough for about half a second, so a pipelined MLX loop is measured as such
+    t0 = time.perf_counter()
+    mlx_run(1)
+    per_round = max(1, min(10, int(0.5 / max(time.perf_counter() - t0, 1e-3))))
+    times = alternate(runs, per_round, args.warmup, args.steps, args.pause)
     for name, ts in times.items():
         ms = median_ms(ts)
-        entry = {"ms_per_step": ms, "tok_per_s": tokens / (ms / 1000), "gflops": fpt * tokens / (ms / 1000) / 1e9,
-                 "steps": [round(1000 * t, 2) for t in ts]}
-        entry["mfu"] = entry["gflops"] / peak
-        result[name] = entry
-    result["mlx"]["first_step_s"] = mlx_first
+        gflops = fpt * tokens / (ms / 1000) / 1e9
+        result[name] = {"ms_per_step": ms, "tok_per_s": tokens / (ms / 1000), "gflops": gflops, "mfu": gflops / peak,
+                        "first_step_s": first[name], "rounds_ms": [round(1000 * t, 2) for t in ts]}
+    result["steps_per_round"] = per_round
     result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
     if args.vs_torch:
-        result["torch"]["first_step_s"] = torch_first
         result["mlx_vs_torch"] = result["mlx"]["tok_per_s"] / result["torch"]["tok_per_s"]
     if args.native:
-        result["mlx_native"]["first_step_s"] = native_first
         result["fast_vs_native"] = result["mlx"]["tok_per_s"] / result["mlx_native"]["tok_per_s"]
     result["max_rss_mb"] = max_rss_mb()
     return result
@@ -278,11 +281,13 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
 
 
 def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy decoding with the KV cache, pipelined with mx.async_eval; (tokens, prefill s, decode s)."""
+    """Greedy decoding with the KV cache, pipelined with mx.async_eval.
+
+    Returns (tokens, seconds to the first token, seconds for the rest).
+    """
     t0 = time.perf_counter()
     cache = model.make_cache()
-    logits = model(mx.array([prompt]), cache)[:, -1, :]
-    tok = mx.argmax(logits, axis=-1)
+    tok = mx.argmax(model(mx.array([prompt]), cache)[:, -1, :], axis=-1)
     mx.eval(tok)
     t1 = time.perf_counter()
     out = [tok]
@@ -297,54 +302,37 @@ def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
 def bench_decode(bench: DecodeBench, args: argparse.Namespace, bandwidth: float) -> dict:
     model = build(bench.model_config(), seed=0)
     model.eval()
-    rng = np.random.default_rng(1)
-    prompt = rng.integers(0, bench.vocab_size, bench.prompt_len).tolist()
+    prompt = np.random.default_rng(1).integers(0, bench.vocab_size, bench.prompt_len).tolist()
     n_params = model.num_params()
-    # each new token reads every weight once (the tied head counts once) and, on average, the
-    # keys and values of half the generated context
+    # each new token reads every weight once (the tied head once) and, on average, the keys and
+    # values of the prompt and half the generated tokens
     avg_ctx = bench.prompt_len + bench.new_tokens / 2
     bytes_per_token = 4 * n_params + 4 * 2 * bench.n_layer * bench.n_embd * avg_ctx
     bound = bandwidth * 1e9 / bytes_per_token
     mx.reset_peak_memory()
-    mlx_decode(model, prompt, 4)  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {"mlx": []}
-    tokens = {}
-    tmodel = None
+    decoders: dict[str, Callable] = {"mlx": lambda: mlx_decode(model, prompt, bench.new_tokens)}
     if args.vs_torch:
-        import torch
-
         from torch_gpt import decode as torch_decode, from_mlx
 
         tmodel = from_mlx(model).eval()
-        runs["torch"] = []
-        torch_decode(tmodel, prompt, 4)
+        decoders["torch"] = lambda: torch_decode(tmodel, prompt, bench.new_tokens)
+    for fn in decoders.values():  # warm-up
+        fn()
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in decoders}
+    tokens = {}
     for _ in range(args.decode_runs):
-        toks, pre, dec = mlx_decode(model, prompt, bench.new_tokens)
-        runs["mlx"].append((pre, dec))
-        tokens["mlx"] = toks
-        if tmodel is not None:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                cache = tmodel.make_cache()
-                logits = tmodel(torch.tensor([prompt]), cache)[:, -1]
-                t1 = time.perf_counter()
-                out = []
-                for _ in range(bench.new_tokens):
-                    tok = int(logits.argmax(-1))
-                    out.append(tok)
-                    if len(out) < bench.new_tokens:
-                        logits = tmodel(torch.tensor([[tok]]), cache)[:, -1]
-            runs["torch"].append((t1 - t0, time.perf_counter() - t1))
-            tokens["torch"] = out
+        for name, fn in decoders.items():
+            time.sleep(args.pause)
+            tokens[name], pre, dec = fn()
+            runs[name].append((pre, dec))
     result = {"config": asdict(bench), "params": n_params, "bytes_per_token": bytes_per_token,
               "bandwidth_gb_s": bandwidth, "bound_tok_per_s": bound}
     for name, rs in runs.items():
-        dec = statistics.median(d for _, d in rs)
-        tps = (bench.new_tokens - 1) / dec
+        tps = (bench.new_tokens - 1) / statistics.median(d for _, d in rs)
         result[name] = {"tok_per_s": tps, "prefill_ms": 1000 * statistics.median(p for p, _ in rs),
                         "fraction_of_bound": tps / bound}
     result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
-    if tmodel is not None:
+    if args.vs_torch:
         result["mlx_vs_torch"] = result["mlx"]["tok_per_s"] / result["torch"]["tok_per_s"]
         result["same_tokens"] = tokens["mlx"] == tokens["torch"]
     result["max_rss_mb"] = max_rss_mb()
@@ -423,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default="A,B,C,decode", help=f"comma-separated, from {', '.join(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=10, help="timed train steps per implementation")
-    p.add_argument("--warmup", type=int, default=3, help="untimed train steps after the first")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds of train steps per implementation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
     p.add_argument("--pause", type=float, default=0.3,
                    help="seconds to sleep between implementations, so thread pools settle")
     p.add_argument("--decode-runs", type=int, default=3, help="timed decoding runs per implementation")
@@ -466,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["train"][name] = bench_train(bench, args, report["sgemm_peak_gflops"])
             print(f"[{name} done]", file=sys.stderr)
         else:
+            set_blas_threads(cpu_cores())  # a train step may have left one thread per stream
             report["decode"] = bench_decode(bench, args, stream_bandwidth())
         gc.collect()
         mx.clear_cache()

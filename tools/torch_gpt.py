@@ -10,6 +10,7 @@ module; the package never does.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -141,14 +142,17 @@ def make_train_step(model: TorchGPT, optimizer: torch.optim.Optimizer, grad_clip
 
 
 @torch.inference_mode()
-def decode(model: TorchGPT, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding with a key/value cache: one prefill, then one cached step per token."""
+def decode(model: TorchGPT, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy decoding with a key/value cache: one prefill, then one cached step per token.
+
+    Returns (tokens, seconds to the first token, seconds for the rest).
+    """
+    t0 = time.perf_counter()
     cache = model.make_cache()
     logits = model(torch.tensor([prompt]), cache)[:, -1]
-    out = []
-    for _ in range(max_new_tokens):
-        tok = int(logits.argmax(-1))
-        out.append(tok)
-        logits = model(torch.tensor([[tok]]), cache)[:, -1]
-    return out
-
+    out = [int(logits.argmax(-1))]
+    t1 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        logits = model(torch.tensor([[out[-1]]]), cache)[:, -1]
+        out.append(int(logits.argmax(-1)))
+    return out, t1 - t0, time.perf_counter() - t1
