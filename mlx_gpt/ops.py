@@ -252,7 +252,9 @@ def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 
 def causal_mask(t: int, s: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     """Additive (t, s) mask: query i sees keys up to i + s - t (the last query sees them all)."""
     rows = mx.arange(s - t, s)[:, None]
-    return mx.where(mx.arange(s)[None] > rows, mx.array(-mx.inf, dtype), mx.array(0, dtype))
+    # written out on its own: built inside the kernel that adds it to the scores, the select
+    # on broadcast indices would leave that kernel unvectorized
+    return _cut(mx.where(mx.arange(s)[None] > rows, mx.array(-mx.inf, dtype), mx.array(0, dtype)))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:

@@ -3,16 +3,24 @@
 MLX's CPU backend evaluates all operations of a stream on that stream's one thread, and only the
 BLAS library inside a matmul uses more cores. Between matmuls (layer norms, GELU, softmax, the
 loss, the optimizer) one core works and the others wait, and a BLAS pool spinning between calls
-stalls as soon as another process wants a core. A train step built here splits each micro-batch
-into one slice per core, runs the forward and backward pass of each slice on a stream (a thread)
-of its own with single-threaded BLAS, sums the slices' gradients weighted by their sizes (which
-gives exactly the full batch's mean-loss gradient), and spreads the gradient sums and the
+stalls as soon as another process wants a core. A step built here splits each micro-batch into
+one slice per core, runs the forward and backward pass of each slice on a stream (a thread) of
+its own with single-threaded BLAS, sums the slices' gradients weighted by their sizes (exactly
+the full batch's mean-loss gradient), and spreads the gradient sums, the clipping norms and the
 optimizer's updates over the same streams.
+
+Each stream's forward and backward pass is its own compiled function (``mx.compile`` keeps one
+trace per stream). Traced together in one graph, the streams' identical constants would be
+merged into arrays shared across streams, which the compiler then writes out in full and reads
+back with strided, unvectorized loops. For the same reason the updates are spread so that all
+parameters of one shape share a stream.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections import defaultdict
 from typing import Callable
 
 import mlx.core as mx
@@ -47,11 +55,16 @@ def balance(sizes: dict[str, int], bins: int) -> dict[str, int]:
 
 
 class StreamPlan:
-    """The CPU streams a train step uses and which parameters each one updates."""
+    """The CPU streams a train step uses, and which of them updates each parameter."""
 
-    def __init__(self, n_streams: int, param_sizes: dict[str, int]):
+    def __init__(self, n_streams: int, shapes: dict[str, tuple[int, ...]]):
         self.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n_streams - 1)]
-        self.owner = balance(param_sizes, n_streams)
+        groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        for key, shape in shapes.items():
+            groups[shape].append(key)
+        sizes = {shape: len(keys) * math.prod(shape) for shape, keys in groups.items()}
+        owner = balance(sizes, n_streams)
+        self.owner = {key: owner[shape] for shape, keys in groups.items() for key in keys}
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -73,44 +86,63 @@ def plan_for(model, batch_size: int) -> StreamPlan | None:
     if n < 2:
         return None
     set_blas_threads(max(1, cores // n))
-    sizes = {k: v.size for k, v in tree_flatten(model.trainable_parameters())}
-    return StreamPlan(n, sizes)
+    return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
 
 
-def value_and_grad_split(plan: StreamPlan, grad_fn: Callable, model, x: mx.array, y: mx.array
-                         ) -> tuple[mx.array, dict]:
-    """Mean loss and its gradients over the batch (x, y), each slice on its own stream.
+def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, plan: StreamPlan,
+                       compile: bool = True) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """step(x, y) -> (mean loss, gradient norm) for x, y of shape (accum, B, T), as ``mlx_gpt.train``'s step.
 
-    ``grad_fn(model, x, y) -> (mean loss, grads)``. The slices' results are combined with
-    weights len(slice) / batch, each parameter's sum on the stream that will update it.
+    ``loss_fn(model, x, y)`` is the mean loss of one slice. The step clips the gradients to
+    ``grad_clip`` (when positive) and applies ``optimizer``; its parameter updates go to the
+    streams ``plan.stream_of`` names when the optimizer accepts them (``mlx_gpt.train.AdamW``).
     """
-    batch = x.shape[0]
-    parts = slices(batch, len(plan))
-    results = []
-    for stream, part in zip(plan.streams, parts):
-        with mx.stream(stream):
-            results.append(grad_fn(model, x[part], y[part]))
-    weights = [(p.stop - p.start) / batch for p in parts]
-    loss = sum(w * r[0] for w, r in zip(weights, results))
-    flat = [dict(tree_flatten(r[1])) for r in results]
-    grads = {}
-    for key in flat[0]:
-        with mx.stream(plan.stream_of(key)):
-            grads[key] = sum(w * f[key] for w, f in zip(weights, flat))
-    return loss, tree_unflatten(list(grads.items()))
 
+    def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
+        model.update(params)
+        return loss_fn(model, x, y)
 
-def clip_grad_norm_split(plan: StreamPlan, grads: dict, max_norm: float) -> tuple[dict, mx.array]:
-    """``optim.clip_grad_norm`` with each parameter's squared norm and scaling on its own stream."""
-    flat = dict(tree_flatten(grads))
-    squares = []
-    for key, g in flat.items():
-        with mx.stream(plan.stream_of(key)):
-            squares.append(mx.sum(mx.square(g)))
-    norm = mx.sqrt(sum(squares))
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    clipped = {}
-    for key, g in flat.items():
-        with mx.stream(plan.stream_of(key)):
-            clipped[key] = g * scale
-    return tree_unflatten(list(clipped.items())), norm
+    slice_grads = mx.value_and_grad(slice_loss)
+    if compile:
+        # dropout draws from (and advances) the global key, slice by slice
+        slice_grads = mx.compile(slice_grads, inputs=[mx.random.state], outputs=[mx.random.state])
+
+    def apply(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, mx.array]:
+        w = [weights[i] for i in range(len(losses))]
+        loss = sum(wi * li for wi, li in zip(w, losses))
+        flat = [dict(tree_flatten(g)) for g in grads_list]
+        grads, squares = {}, []
+        for key in flat[0]:
+            with mx.stream(plan.stream_of(key)):
+                grads[key] = sum(wi * f[key] for wi, f in zip(w, flat))
+                squares.append(mx.sum(mx.square(grads[key])))
+        norm = mx.sqrt(sum(squares))
+        if grad_clip > 0:
+            scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
+            for key in grads:
+                with mx.stream(plan.stream_of(key)):
+                    grads[key] = grads[key] * scale
+        if hasattr(optimizer, "stream_of"):
+            optimizer.stream_of = plan.stream_of
+        optimizer.update(model, tree_unflatten(list(grads.items())))
+        return loss, norm
+
+    if compile:
+        state = [model.state, optimizer.state]
+        apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        params = model.trainable_parameters()
+        accum, batch = x.shape[0], x.shape[1]
+        weights, losses, grads_list = [], [], []
+        for i in range(accum):
+            for stream, part in zip(plan.streams, slices(batch, len(plan))):
+                with mx.stream(stream):
+                    loss, grads = slice_grads(params, x[i, part], y[i, part])
+                weights.append((part.stop - part.start) / (batch * accum))
+                losses.append(loss)
+                grads_list.append(grads)
+        model.update(params)  # tracing a slice left its placeholders in the model
+        return apply(mx.array(weights, dtype=mx.float32), losses, grads_list)
+
+    return step

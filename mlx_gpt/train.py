@@ -171,37 +171,31 @@ def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float =
 
 def make_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
     """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer."""
-    grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
-    accum = cfg.grad_accum
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
     plan = parallel.plan_for(model, cfg.batch_size)
-    if plan is not None and isinstance(optimizer, AdamW):
-        optimizer.stream_of = plan.stream_of
-
-    def value_and_grad(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
-        if plan is None:
-            return grad_fn(model, x, y)
-        return parallel.value_and_grad_split(plan, grad_fn, model, x, y)
+    cache_freed_buffers()
+    if plan is not None:
+        return parallel.make_parallel_step(model, optimizer, partial(loss_fn, label_smoothing=cfg.label_smoothing),
+                                           cfg.grad_clip, plan, compile=cfg.compile)
+    grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
+    accum = cfg.grad_accum
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = value_and_grad(x[0], y[0])
+        loss, grads = grad_fn(model, x[0], y[0])
         for i in range(1, accum):
-            loss_i, grads_i = value_and_grad(x[i], y[i])
+            loss_i, grads_i = grad_fn(model, x[i], y[i])
             loss = loss + loss_i
             grads = tree_map(mx.add, grads, grads_i)
         if accum > 1:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
-        if cfg.grad_clip > 0 and plan is not None:
-            grads, norm = parallel.clip_grad_norm_split(plan, grads, cfg.grad_clip)
-        elif cfg.grad_clip > 0:
+        if cfg.grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         else:
             norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         optimizer.update(model, grads)
         return loss, norm
 
-    cache_freed_buffers()
     if not cfg.compile:
         return step
     state = [model.state, optimizer.state, mx.random.state]
