@@ -70,12 +70,20 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters) computed by ``ops.linear``, whose weight gradients on the
+    CPU come out laid out like the weights."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.linear(x, self.weight, self.bias if "bias" in self else None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -94,8 +102,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -138,7 +146,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(mx.arange(offset, offset + T)))
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
-        return self.wte.as_linear(self.ln_f(x))
+        return ops.linear(self.ln_f(x), self.wte.weight)  # the head, tied to wte
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

@@ -26,6 +26,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import ops
 from .blas import set_blas_threads
 
 
@@ -115,7 +116,7 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, pl
         for key in flat[0]:
             with mx.stream(plan.stream_of(key)):
                 grads[key] = sum(wi * f[key] for wi, f in zip(w, flat))
-                squares.append(mx.sum(mx.square(grads[key])))
+                squares.append(ops.squared_norm(grads[key]))
         norm = mx.sqrt(sum(squares))
         if grad_clip > 0:
             scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)

@@ -225,6 +225,31 @@ def test_cross_entropy_matches_native_and_torch_with_gradients(rng, smoothing):
     np.testing.assert_allclose(f64(fast_grad), tl.grad.double().numpy(), atol=4 * EPS, rtol=8 * EPS)
 
 
+# ---------------------------------------------------------------------------- linear, norms
+
+
+def test_linear_matches_addmm_with_weight_gradients_laid_out_like_the_weights(rng):
+    x = mx.array(rng.normal(0, 1, (3, 5, 16)).astype(np.float32))
+    w = mx.array(rng.normal(0, 1, (24, 16)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (24,)).astype(np.float32))
+    g = mx.array(rng.normal(0, 1, (3, 5, 24)).astype(np.float32))
+    for bias in (b, None):
+        args = [x, w] + ([bias] if bias is not None else [])
+        fast_out, fast_grads = mx.vjp(lambda *a: ops.linear(*a), args, [g])
+        ref_out, ref_grads = native(lambda *a: mx.vjp(lambda *a: ops.linear(*a), list(a), [g]))(*args)
+        np.testing.assert_allclose(f64(fast_out[0]), f64(ref_out[0]), atol=1e-5)
+        for got, want in zip(fast_grads, ref_grads):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(f64(got), f64(want), atol=1e-4)
+
+
+def test_squared_norm_is_accurate_for_large_arrays(rng):
+    for shape in [(0,), (3,), (7, 5), (9000, 768)]:
+        x = rng.normal(0, 1, shape).astype(np.float32)
+        want = (x.astype(np.float64) ** 2).sum()
+        assert abs(ops.squared_norm(mx.array(x)).item() - want) <= 1e-5 * max(want, 1e-30)
+
+
 # ---------------------------------------------------------------------------- attention
 
 
