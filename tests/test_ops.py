@@ -274,6 +274,26 @@ def test_attention_matches_native_sdpa_and_torch(rng, T, S):
     np.testing.assert_allclose(fast, want, atol=2e-6)
 
 
+@pytest.mark.parametrize("T,S", [(300, 300), (200, 260)])
+def test_attention_by_query_blocks_equals_one_block(rng, T, S):
+    q, k, v = qkv(rng, B=1, nh=2, T=T, S=S)
+    g = rng.normal(0, 1, q.shape).astype(np.float32)
+    args = [mx.array(a) for a in (q, k, v)]
+
+    def run(block):
+        old, ops.QUERY_BLOCK = ops.QUERY_BLOCK, block
+        try:
+            return mx.vjp(lambda q, k, v: ops.attention(q, k, v, 0.3, True), args, [mx.array(g)])
+        finally:
+            ops.QUERY_BLOCK = old
+
+    (blocked,), blocked_grads = run(128)
+    (whole,), whole_grads = run(10**6)
+    np.testing.assert_allclose(f64(blocked), f64(whole), atol=1e-6)
+    for a, b in zip(blocked_grads, whole_grads):
+        np.testing.assert_allclose(f64(a), f64(b), atol=1e-5)
+
+
 def test_attention_gradients_match_torch(rng):
     q, k, v = qkv(rng)
     g = rng.normal(0, 1, q.shape).astype(np.float32)
