@@ -24,7 +24,7 @@ import sysconfig
 import tempfile
 import warnings
 
-_state: dict[str, str | None] = {"blas": None, "error": None}
+_state: dict[str, str | None] = {"blas": None, "error": None, "matvec": None}
 
 
 def _site_dirs() -> list[str]:
@@ -93,24 +93,35 @@ def load_optimized_blas() -> str | None:
         return None
     try:
         try:
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
         except OSError as e:
             if "libgfortran" not in str(e):
                 raise
             _load_bundled_gfortran()
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
     except OSError as e:
         _state["error"] = str(e)
         warnings.warn(f"could not load OpenBLAS ({e}); MLX keeps its reference BLAS", RuntimeWarning)
         return None
+    # matrix-vector products go to gemv: the router must precede OpenBLAS in the global scope
+    from .matvec import install
+
+    _state["matvec"] = install(lib)
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     _state["blas"] = lib
     return lib
+
+
+def set_blas_threads(n: int) -> None:
+    """Let OpenBLAS use ``n`` threads per call (no-op without OpenBLAS, e.g. on macOS)."""
+    if _state["blas"]:
+        ctypes.CDLL(_state["blas"]).openblas_set_num_threads(int(n))
 
 
 def blas_status() -> str:
     """One line saying which BLAS MLX's CPU backend calls."""
     if _state["blas"]:
-        return f"OpenBLAS ({_state['blas']})"
+        return f"OpenBLAS ({_state['blas']})" + (", matrix-vector products via sgemv" if _state["matvec"] else "")
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
     return f"reference BLAS ({_state['error'] or 'OpenBLAS not loaded'})"

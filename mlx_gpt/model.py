@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .cache import KVCache
 from .errors import UserError
 
@@ -69,12 +70,20 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters) computed by ``ops.linear``, whose weight gradients on the
+    CPU come out laid out like the weights."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.linear(x, self.weight, self.bias if "bias" in self else None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -87,7 +96,11 @@ class CausalSelfAttention(nn.Module):
             mask = cache.attention_mask(T)
         else:
             mask = "causal" if T > 1 else None
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
+        scale = 1.0 / math.sqrt(C // self.n_head)
+        if isinstance(mask, mx.array):  # a fixed-capacity cache masks the positions not yet written
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        else:  # "causal" is aligned to the last query, which is what a cached prefill needs
+            y = ops.attention(q, k, v, scale=scale, causal=mask == "causal")
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -95,12 +108,12 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+        return self.dropout(self.c_proj(ops.gelu_approx(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -143,7 +156,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T)))
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
-        return self.wte.as_linear(self.ln_f(x))
+        return ops.linear(self.ln_f(x), self.wte.weight)  # the head, tied to wte
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

@@ -1,0 +1,149 @@
+"""Data parallelism across MLX's CPU streams: every core works on its share of each micro-batch.
+
+MLX's CPU backend evaluates all operations of a stream on that stream's one thread, and only the
+BLAS library inside a matmul uses more cores. Between matmuls (layer norms, GELU, softmax, the
+loss, the optimizer) one core works and the others wait, and a BLAS pool spinning between calls
+stalls as soon as another process wants a core. A step built here splits each micro-batch into
+one slice per core, runs the forward and backward pass of each slice on a stream (a thread) of
+its own with single-threaded BLAS, sums the slices' gradients weighted by their sizes (exactly
+the full batch's mean-loss gradient), and spreads the gradient sums, the clipping norms and the
+optimizer's updates over the same streams.
+
+Each stream's forward and backward pass is its own compiled function (``mx.compile`` keeps one
+trace per stream). Traced together in one graph, the streams' identical constants would be
+merged into arrays shared across streams, which the compiler then writes out in full and reads
+back with strided, unvectorized loops. For the same reason the updates are spread so that all
+parameters of one shape share a stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Callable
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import ops
+from .blas import set_blas_threads
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def slices(batch: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices of ``range(batch)``, as equal as possible."""
+    bounds = [batch * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def balance(sizes: dict[str, int], bins: int) -> dict[str, int]:
+    """Assign each key to one of ``bins`` so that the bins' total sizes are close (largest first)."""
+    load = [0] * bins
+    out = {}
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        b = load.index(min(load))
+        out[key] = b
+        load[b] += sizes[key]
+    return out
+
+
+class StreamPlan:
+    """The CPU streams a train step uses, and which of them updates each parameter."""
+
+    def __init__(self, n_streams: int, shapes: dict[str, tuple[int, ...]]):
+        self.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n_streams - 1)]
+        groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        for key, shape in shapes.items():
+            groups[shape].append(key)
+        sizes = {shape: len(keys) * math.prod(shape) for shape, keys in groups.items()}
+        owner = balance(sizes, n_streams)
+        self.owner = {key: owner[shape] for shape, keys in groups.items() for key in keys}
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def stream_of(self, key: str) -> mx.Stream:
+        return self.streams[self.owner[key]]
+
+
+def plan_for(model, batch_size: int) -> StreamPlan | None:
+    """A plan splitting batches of ``batch_size`` over the CPU's cores, or None where one stream is best.
+
+    Sets the BLAS library to the cores each stream gets (one, on a machine with no more cores
+    than sequences in a batch), which is a process-wide setting.
+    """
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return None
+    cores = cpu_cores()
+    n = min(cores, batch_size)
+    if n < 2:
+        return None
+    set_blas_threads(max(1, cores // n))
+    return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
+
+
+def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, plan: StreamPlan,
+                       compile: bool = True) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """step(x, y) -> (mean loss, gradient norm) for x, y of shape (accum, B, T), as ``mlx_gpt.train``'s step.
+
+    ``loss_fn(model, x, y)`` is the mean loss of one slice. The step clips the gradients to
+    ``grad_clip`` (when positive) and applies ``optimizer``; its parameter updates go to the
+    streams ``plan.stream_of`` names when the optimizer accepts them (``mlx_gpt.train.AdamW``).
+    """
+
+    def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
+        model.update(params)
+        return loss_fn(model, x, y)
+
+    slice_grads = mx.value_and_grad(slice_loss)
+    if compile:
+        # dropout draws from (and advances) the global key, slice by slice
+        slice_grads = mx.compile(slice_grads, inputs=[mx.random.state], outputs=[mx.random.state])
+
+    def apply(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, mx.array]:
+        w = [weights[i] for i in range(len(losses))]
+        loss = sum(wi * li for wi, li in zip(w, losses))
+        flat = [dict(tree_flatten(g)) for g in grads_list]
+        grads, squares = {}, []
+        for key in flat[0]:
+            with mx.stream(plan.stream_of(key)):
+                grads[key] = sum(wi * f[key] for wi, f in zip(w, flat))
+                squares.append(ops.squared_norm(grads[key]))
+        norm = mx.sqrt(sum(squares))
+        if grad_clip > 0:
+            scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
+            for key in grads:
+                with mx.stream(plan.stream_of(key)):
+                    grads[key] = grads[key] * scale
+        if hasattr(optimizer, "stream_of"):
+            optimizer.stream_of = plan.stream_of
+        optimizer.update(model, tree_unflatten(list(grads.items())))
+        return loss, norm
+
+    if compile:
+        state = [model.state, optimizer.state]
+        apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        params = model.trainable_parameters()
+        accum, batch = x.shape[0], x.shape[1]
+        weights, losses, grads_list = [], [], []
+        for i in range(accum):
+            for stream, part in zip(plan.streams, slices(batch, len(plan))):
+                with mx.stream(stream):
+                    loss, grads = slice_grads(params, x[i, part], y[i, part])
+                weights.append((part.stop - part.start) / (batch * accum))
+                losses.append(loss)
+                grads_list.append(grads)
+        model.update(params)  # tracing a slice left its placeholders in the model
+        return apply(mx.array(weights, dtype=mx.float32), losses, grads_list)
+
+    return step

@@ -1,0 +1,65 @@
+import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gpt import parallel
+from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step
+
+CFG = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def test_slices_cover_the_batch_evenly():
+    assert parallel.slices(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert parallel.slices(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert parallel.slices(2, 4) == [slice(0, 1), slice(1, 2)]
+    parts = parallel.slices(17, 3)
+    assert sum(p.stop - p.start for p in parts) == 17 and max(p.stop - p.start for p in parts) <= 6
+
+
+def test_balance_spreads_parameters_by_size():
+    owner = parallel.balance({"a": 100, "b": 60, "c": 50, "d": 10}, 2)
+    load = [sum(s for k, s in {"a": 100, "b": 60, "c": 50, "d": 10}.items() if owner[k] == b) for b in range(2)]
+    assert sorted(load) == [110, 110]
+
+
+def train(monkeypatch, streams: int, batch: int, accum: int, steps: int = 3):
+    """Losses, gradient norms and final weights of a few steps with the batch split over ``streams``."""
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: streams)
+    model = build(CFG, seed=0)
+    tc = TrainConfig(batch_size=batch, grad_accum=accum, max_iters=100, warmup_iters=2)
+    opt = make_optimizer(tc)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, opt, tc)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        x = mx.array(rng.integers(0, 65, (accum, batch, 32)))
+        y = mx.array(rng.integers(0, 65, (accum, batch, 32)))
+        loss, norm = step(x, y)
+        mx.eval(loss, norm, model.parameters(), opt.state)
+        out.append((loss.item(), norm.item()))
+    return out, dict(tree_flatten(model.parameters())), opt
+
+
+@pytest.mark.parametrize("streams,batch,accum", [(2, 4, 1), (2, 5, 2), (3, 4, 1)])
+def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, streams, batch, accum):
+    one, w1, _ = train(monkeypatch, 1, batch, accum)
+    many, w2, opt = train(monkeypatch, streams, batch, accum)
+    assert opt.stream_of is not None
+    np.testing.assert_allclose(np.array(one), np.array(many), rtol=2e-6)
+    for k in w1:
+        np.testing.assert_allclose(np.array(w1[k]), np.array(w2[k]), atol=2e-6, err_msg=k)
+    parallel.set_blas_threads(parallel.cpu_cores())
+
+
+def test_one_core_or_one_sequence_keeps_a_single_stream(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 1)
+    assert parallel.plan_for(build(CFG), 8) is None
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 4)
+    assert parallel.plan_for(build(CFG), 1) is None
+    plan = parallel.plan_for(build(CFG), 3)
+    assert len(plan) == 3
+    parallel.set_blas_threads(2)
