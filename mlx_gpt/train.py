@@ -61,10 +61,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
-    max_iters: int = 1500
+    max_iters: int = 600
     learning_rate: float = 2e-3
     min_lr: float = 2e-4
-    warmup_iters: int = 100
+    warmup_iters: int = 60
     lr_decay_iters: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -76,13 +76,13 @@ class TrainConfig:
     compile: bool = True
     # reporting and checkpoints
     out: str | None = None
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_iters: int = 20
     log_interval: int = 10
     sample_interval: int | None = None
     sample_tokens: int = 200
     sample_prompt: str = ""
-    checkpoint_interval: int = 500
+    checkpoint_interval: int = 200
     resume: bool = False
     overwrite: bool = False
 
