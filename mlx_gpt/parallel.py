@@ -117,14 +117,14 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, pl
         grads, squares = {}, []
         for key in flat[0]:
             with mx.stream(plan.stream_of(key)):
-                grads[key] = sum(wi * f[key] for wi, f in zip(w, flat))
+                grads[key] = sum(wi * f[key] for wi, f in zip(w, flat)).astype(flat[0][key].dtype)
                 squares.append(ops.squared_norm(grads[key]))
         norm = mx.sqrt(sum(squares))
         if grad_clip > 0:
             scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
             for key in grads:
                 with mx.stream(plan.stream_of(key)):
-                    grads[key] = grads[key] * scale
+                    grads[key] = (grads[key] * scale).astype(grads[key].dtype)
         if hasattr(optimizer, "stream_of"):
             optimizer.stream_of = plan.stream_of
         optimizer.update(model, tree_unflatten(list(grads.items())))

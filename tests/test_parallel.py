@@ -63,3 +63,18 @@ def test_one_core_or_one_sequence_keeps_a_single_stream(monkeypatch):
     plan = parallel.plan_for(build(CFG), 3)
     assert len(plan) == 3
     parallel.set_blas_threads(2)
+
+
+def test_split_steps_keep_the_parameters_dtype(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 2)
+    model = build(CFG, seed=0)
+    model.set_dtype(mx.bfloat16)
+    tc = TrainConfig(batch_size=4, max_iters=10, warmup_iters=2)
+    opt = make_optimizer(tc)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, opt, tc)
+    x = mx.random.randint(0, 65, (1, 4, 32), key=mx.random.key(0))
+    loss, norm = step(x, x)
+    mx.eval(loss, norm, model.parameters())
+    assert model.wte.weight.dtype == mx.bfloat16 and np.isfinite(loss.item())
+    parallel.set_blas_threads(parallel.cpu_cores())

@@ -7,10 +7,13 @@ greedy decoding speed against the memory-bandwidth bound. FLOPs per trained toke
 nanoGPT's estimate, 6N + 12·L·C·T, with N the parameters less the position embeddings, L
 layers, C the width and T the sequence length.
 
+MLX steps are timed the way ``mlx_gpt.train`` runs them: each launched with ``mx.async_eval``
+while the next is being built, in rounds of as many steps as take about half a second.
 ``--vs-torch`` builds the PyTorch reference of ``tools/torch_gpt.py`` with the same weights and
-batch, checks that both compute the same first loss, then alternates one timed MLX step and
-one timed PyTorch step after the warm-up, so that both see the same machine load; the ratio of
-medians is reported per config. On a shared machine only ratios from one run compare.
+batch, checks that both compute the same first loss, then alternates one timed round of each
+after the warm-up, so that both see the same machine load; the ratio of the medians is
+reported per config. On a shared machine only ratios from one run compare (the JSON records
+the load average before and after).
 
     python tools/bench.py                          # configs A, B, C and decode, MLX only
     python tools/bench.py --vs-torch --json out.json
@@ -53,16 +56,14 @@ FLOP_FORMULA = "6N + 12*L*C*T per token (nanoGPT; N = parameters less position e
 
 
 @dataclass(frozen=True)
-class TrainBench:
-    name: str
-    note: str
+class Shape:
+    """A GPT's shape (dropout off): what a benchmark builds and counts FLOPs of."""
+
     vocab_size: int
     n_layer: int
     n_head: int
     n_embd: int
     block_size: int
-    batch_size: int
-    seq_len: int
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -70,27 +71,29 @@ class TrainBench:
 
 
 @dataclass(frozen=True)
+class TrainBench:
+    name: str
+    note: str
+    shape: Shape
+    batch_size: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
 class DecodeBench:
     name: str
     note: str
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
+    shape: Shape
     prompt_len: int
     new_tokens: int
 
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=0.0)
 
-
+GPT2_124M = Shape(50257, 12, 12, 768, 1024)
 CONFIGS: dict[str, TrainBench | DecodeBench] = {
-    "A": TrainBench("A", "nanoGPT's CPU example", 65, 4, 4, 128, 64, 12, 64),
-    "B": TrainBench("B", "nanoGPT's shakespeare-char model", 65, 6, 6, 384, 256, 16, 256),
-    "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", 50257, 12, 12, 768, 1024, 4, 64),
-    "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", 50257, 12, 12, 768, 1024, 16, 128),
+    "A": TrainBench("A", "nanoGPT's CPU example", Shape(65, 4, 4, 128, 64), 12, 64),
+    "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256),
+    "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", GPT2_124M, 4, 64),
+    "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", GPT2_124M, 16, 128),
 }
 
 
@@ -196,7 +199,7 @@ def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool
     while the next one is being built, and waits for the last. ``native`` traces the step with
     MLX's own kernels instead of ``mlx_gpt.ops``.
     """
-    model = build(bench.model_config(), seed=0)
+    model = build(bench.shape.model_config(), seed=0)
     model.train()
     tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10)
     optimizer = make_optimizer(tcfg)
@@ -243,8 +246,8 @@ def torch_train_step(mlx_model, x: np.ndarray, y: np.ndarray):
 
 def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dict:
     rng = np.random.default_rng(0)
-    x = rng.integers(0, bench.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
-    y = rng.integers(0, bench.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
+    x = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
+    y = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
     mx.reset_peak_memory()
     model, mlx_run, mlx_first, mlx_loss = mlx_train_step(bench, x, y)
     fpt = flops_per_token(model.config, bench.seq_len, model.num_params(non_embedding=True))
@@ -255,7 +258,7 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
               "flops_per_token": fpt}
     if args.vs_torch:
         # the same initial weights as the MLX model had before its first step
-        torch_run, first["torch"], torch_loss = torch_train_step(build(bench.model_config(), seed=0), x, y)
+        torch_run, first["torch"], torch_loss = torch_train_step(build(bench.shape.model_config(), seed=0), x, y)
         result["first_loss"] = {"mlx": mlx_loss, "torch": torch_loss}
         runs["torch"] = torch_run
     if args.native:
@@ -304,14 +307,14 @@ def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
 
 
 def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, float]) -> dict:
-    model = build(bench.model_config(), seed=0)
+    model = build(bench.shape.model_config(), seed=0)
     model.eval()
-    prompt = np.random.default_rng(1).integers(0, bench.vocab_size, bench.prompt_len).tolist()
+    prompt = np.random.default_rng(1).integers(0, bench.shape.vocab_size, bench.prompt_len).tolist()
     n_params = model.num_params()
     # each new token reads every weight once (the tied head once) and, on average, the keys and
     # values of the prompt and half the generated tokens
     avg_ctx = bench.prompt_len + bench.new_tokens / 2
-    bytes_per_token = 4 * n_params + 4 * 2 * bench.n_layer * bench.n_embd * avg_ctx
+    bytes_per_token = 4 * n_params + 4 * 2 * bench.shape.n_layer * bench.shape.n_embd * avg_ctx
     bandwidth = max(rates.values())
     bound = bandwidth * 1e9 / bytes_per_token
     mx.reset_peak_memory()
@@ -350,7 +353,8 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, 
 def machine_info(args: argparse.Namespace) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "mlx": mx.__version__, "mlx_gpt": mlx_gpt.__version__,
-            "device": str(mx.default_device()), "blas": blas_status(), "fast_ops": ops.fast_ops_enabled()}
+            "device": str(mx.default_device()), "blas": blas_status(), "fast_ops": ops.fast_ops_enabled(),
+            "cores": cpu_cores()}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True, check=True).stdout.strip()
@@ -373,9 +377,11 @@ def machine_info(args: argparse.Namespace) -> dict:
 
 def format_table(report: dict) -> str:
     m = report["machine"]
+    load = "/".join(f"{x:.1f}" for x in m.get("load_avg", ())) + " -> " + "/".join(
+        f"{x:.1f}" for x in m.get("load_avg_after", ()))
     lines = [f"mlx_gpt {m['mlx_gpt']} (commit {m.get('commit')}), MLX {m['mlx']} on {m['device']}, "
-             f"{m['cpus']} CPUs, {m['blas']}" + (f", PyTorch {m['torch']} ({m['torch_threads']} threads)"
-                                                  if "torch" in m else ""),
+             f"{m['cores']} cores, {m['blas']}" + (f"; PyTorch {m['torch']} ({m['torch_threads']} threads)"
+                                                   if "torch" in m else "") + f"; load average {load}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (MLX)"
              + (f", {report['torch_sgemm_peak_gflops']:.0f} GFLOP/s (PyTorch)" if "torch_sgemm_peak_gflops" in report
                 else "") + f"; FLOPs: {FLOP_FORMULA}", ""]
@@ -421,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pause", type=float, default=0.3,
                    help="seconds to sleep between implementations, so thread pools settle")
     p.add_argument("--decode-runs", type=int, default=3, help="timed decoding runs per implementation")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="BLAS threads while decoding (default: one per core; 1 holds up better on a busy machine)")
     p.add_argument("--vs-torch", action="store_true", help="race the PyTorch reference of tools/torch_gpt.py")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch's intra-op threads (default: PyTorch's own choice, one per core)")
@@ -436,8 +444,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         raise UserError(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
-    if args.steps < 1 or args.warmup < 0 or args.decode_runs < 1:
-        raise UserError("--steps and --decode-runs must be at least 1 and --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.decode_runs < 1 or (args.decode_threads or 1) < 1:
+        raise UserError("--steps, --decode-runs and --decode-threads must be at least 1 and --warmup at least 0")
     if args.vs_torch:
         try:
             import torch  # noqa: F401
@@ -459,10 +467,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["train"][name] = bench_train(bench, args, report["sgemm_peak_gflops"])
             print(f"[{name} done]", file=sys.stderr)
         else:
-            set_blas_threads(cpu_cores())  # a train step may have left one thread per stream
+            # a train step may have left one BLAS thread per stream
+            set_blas_threads(args.decode_threads or cpu_cores())
             report["decode"] = bench_decode(bench, args, stream_bandwidth())
         gc.collect()
         mx.clear_cache()
+    # the peak again at the end: on a shared machine either measurement may be depressed
+    set_blas_threads(cpu_cores())
+    report["sgemm_peak_gflops"] = max(report["sgemm_peak_gflops"], sgemm_peak())
+    for r in report["train"].values():
+        for impl in ("mlx", "torch", "mlx_native"):
+            if impl in r:
+                r[impl]["mfu"] = r[impl]["gflops"] / report["sgemm_peak_gflops"]
+    try:
+        report["machine"]["load_avg_after"] = os.getloadavg()
+    except OSError:
+        pass
     table = format_table(report)
     if args.json == "-":
         print(json.dumps(report, indent=1))
