@@ -82,8 +82,6 @@ def plan_for(model, batch_size: int) -> StreamPlan | None:
     """
     if mx.default_device().type != mx.DeviceType.cpu:
         return None
-    if any(v.dtype != mx.float32 for _, v in tree_flatten(model.trainable_parameters())):
-        return None  # the split's slice weights are float32; other dtypes take the one-stream step
     cores = cpu_cores()
     n = min(cores, batch_size)
     if n < 2:
