@@ -94,7 +94,10 @@ CONFIGS: dict[str, TrainBench | DecodeBench] = {
     "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256),
     "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", GPT2_124M, 4, 64),
     "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", GPT2_124M, 16, 128),
+    # not in the default list: a GPU's config (a step takes tens of seconds on two CPU cores)
+    "D": TrainBench("D", "GPT-2 124M, nanoGPT's GPU shapes", GPT2_124M, 12, 1024),
 }
+DEFAULT_CONFIGS = "A,B,C,decode"
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -109,10 +112,15 @@ def median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def sgemm_peak(sizes: Sequence[int] = (1024, 2048, 3072), reps: int = 5) -> float:
+def peak_sizes() -> tuple[int, ...]:
+    """Square matmul sizes that reach the peak: a GPU needs larger ones than a CPU to fill it."""
+    return (2048, 4096, 8192) if mx.default_device().type == mx.DeviceType.gpu else (1024, 2048, 3072)
+
+
+def sgemm_peak(reps: int = 5) -> float:
     """Best float32 matmul throughput MLX reaches on this machine, in GFLOP/s."""
     best = 0.0
-    for n in sizes:
+    for n in peak_sizes():
         a = mx.random.normal((n, n), key=mx.random.key(0))
         b = mx.random.normal((n, n), key=mx.random.key(1))
         mx.eval(a, b)
@@ -148,16 +156,27 @@ def stream_bandwidth(megabytes: int = 512, reps: int = 5) -> dict[str, float]:
     return rates
 
 
-def torch_sgemm_peak(sizes: Sequence[int] = (1024, 2048, 3072), reps: int = 5) -> float:
+def torch_device() -> str:
+    """Where the PyTorch reference runs: on the GPU when MLX runs on one (CUDA), else the CPU."""
     import torch
 
+    return "cuda" if mx.default_device().type == mx.DeviceType.gpu and torch.cuda.is_available() else "cpu"
+
+
+def torch_sgemm_peak(reps: int = 5) -> float:
+    import torch
+
+    device = torch_device()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in peak_sizes():
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         a @ b
+        sync()
         for _ in range(reps):
             t0 = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -229,10 +248,11 @@ def torch_train_step(mlx_model, x: np.ndarray, y: np.ndarray):
 
     from torch_gpt import from_mlx, make_optimizer as torch_optimizer, make_train_step as torch_step
 
-    tmodel = from_mlx(mlx_model)
+    device = torch_device()
+    tmodel = from_mlx(mlx_model, device)
     tmodel.train()
     fn = torch_step(tmodel, torch_optimizer(tmodel), grad_clip=1.0)
-    tx, ty = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+    tx, ty = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (x, y))
 
     def run(k: int) -> float:
         for _ in range(k):
@@ -322,7 +342,7 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, 
     if args.vs_torch:
         from torch_gpt import decode as torch_decode, from_mlx
 
-        tmodel = from_mlx(model).eval()
+        tmodel = from_mlx(model, torch_device()).eval()
         decoders["torch"] = lambda: torch_decode(tmodel, prompt, bench.new_tokens)
     for fn in decoders.values():  # warm-up
         fn()
@@ -368,6 +388,10 @@ def machine_info(args: argparse.Namespace) -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_device"] = torch_device()
+        info["torch_tf32"] = args.torch_tf32
+        if info["torch_device"] == "cuda":
+            info["gpu"] = torch.cuda.get_device_name()
     try:
         info["load_avg"] = os.getloadavg()
     except OSError:
@@ -380,7 +404,7 @@ def format_table(report: dict) -> str:
     load = "/".join(f"{x:.1f}" for x in m.get("load_avg", ())) + " -> " + "/".join(
         f"{x:.1f}" for x in m.get("load_avg_after", ()))
     lines = [f"mlx_gpt {m['mlx_gpt']} (commit {m.get('commit')}), MLX {m['mlx']} on {m['device']}, "
-             f"{m['cores']} cores, {m['blas']}" + (f"; PyTorch {m['torch']} ({m['torch_threads']} threads)"
+             f"{m['cores']} cores, {m['blas']}" + (f"; PyTorch {m['torch']} on {m['torch_device']} ({m['torch_threads']} threads)"
                                                    if "torch" in m else "") + f"; load average {load}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (MLX)"
              + (f", {report['torch_sgemm_peak_gflops']:.0f} GFLOP/s (PyTorch)" if "torch_sgemm_peak_gflops" in report
@@ -421,7 +445,7 @@ def format_table(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", default="A,B,C,decode", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=10, help="timed rounds of train steps per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
     p.add_argument("--pause", type=float, default=0.3,
@@ -432,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-torch", action="store_true", help="race the PyTorch reference of tools/torch_gpt.py")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch's intra-op threads (default: PyTorch's own choice, one per core)")
+    p.add_argument("--torch-tf32", action="store_true",
+                   help="let PyTorch multiply float32 on a GPU's TF32 tensor cores (nanoGPT turns this on)")
     p.add_argument("--native", action="store_true",
                    help="also time mlx_gpt with MLX's native GELU/softmax/attention (what Metal and CUDA use)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
@@ -455,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if args.torch_threads < 1:
                 raise UserError("--torch-threads must be at least 1")
             torch.set_num_threads(args.torch_threads)
+        torch.backends.cuda.matmul.allow_tf32 = args.torch_tf32
+        torch.backends.cudnn.allow_tf32 = args.torch_tf32
         sys.path.insert(0, str(Path(__file__).resolve().parent))
     report: dict = {"machine": machine_info(args), "flop_formula": FLOP_FORMULA}
     report["sgemm_peak_gflops"] = sgemm_peak()

@@ -48,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         if T > 1 and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T > 1:  # a prefill after cached positions: align the causal mask to the last query
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool).tril(k.shape[2] - T)
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v)
@@ -90,7 +90,7 @@ class TorchGPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: list[list] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab); with ``cache`` (one list per layer) positions continue after it."""
         offset = cache[0][0].shape[2] if cache and cache[0] else 0
-        pos = torch.arange(offset, offset + idx.shape[1])
+        pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache is not None else None)
@@ -100,8 +100,8 @@ class TorchGPT(nn.Module):
         return [[] for _ in self.h]
 
 
-def from_mlx(model) -> TorchGPT:
-    """A TorchGPT holding exactly the weights of an ``mlx_gpt.model.GPT`` (same names and layout)."""
+def from_mlx(model, device: str = "cpu") -> TorchGPT:
+    """A TorchGPT on ``device`` holding exactly the weights of an ``mlx_gpt.model.GPT`` (same names and layout)."""
     import numpy as np
     from mlx.utils import tree_flatten
 
@@ -110,7 +110,7 @@ def from_mlx(model) -> TorchGPT:
                                      c.layer_norm_eps))
     weights = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tree_flatten(model.parameters())}
     tmodel.load_state_dict(weights, strict=True)
-    return tmodel
+    return tmodel.to(device)
 
 
 def make_optimizer(model: TorchGPT, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.99),
@@ -147,12 +147,15 @@ def decode(model: TorchGPT, prompt: list[int], max_new_tokens: int) -> tuple[lis
 
     Returns (tokens, seconds to the first token, seconds for the rest).
     """
+    device = model.wte.weight.device
     t0 = time.perf_counter()
     cache = model.make_cache()
-    logits = model(torch.tensor([prompt]), cache)[:, -1]
-    out = [int(logits.argmax(-1))]
+    tok = model(torch.tensor([prompt], device=device), cache)[:, -1].argmax(-1, keepdim=True)
+    out = [int(tok)]
     t1 = time.perf_counter()
-    for _ in range(max_new_tokens - 1):
-        logits = model(torch.tensor([[out[-1]]]), cache)[:, -1]
-        out.append(int(logits.argmax(-1)))
+    toks = [tok]
+    for _ in range(max_new_tokens - 1):  # the next token stays on the device, as mlx_gpt's does
+        tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+    out += [int(t) for t in toks[1:]]
     return out, t1 - t0, time.perf_counter() - t1
