@@ -48,8 +48,10 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_gpt import ops  # noqa: E402
+from mlx_gpt.generate import Decoder, Timing  # noqa: E402
 from mlx_gpt.model import GPTConfig, build  # noqa: E402
 from mlx_gpt.parallel import cpu_cores  # noqa: E402
+from mlx_gpt.sampling import SamplingConfig  # noqa: E402
 from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
 FLOP_FORMULA = "6N + 12*L*C*T per token (nanoGPT; N = parameters less position embeddings)"
@@ -308,10 +310,19 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
 
 
 def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy decoding with the KV cache, pipelined with mx.async_eval.
+    """Greedy decoding as ``python -m mlx_gpt.generate`` runs it: ``mlx_gpt.generate.Decoder``
+    (prefill, then one compiled step per token over fixed-capacity caches, each step queued
+    with mx.async_eval before the previous token is read back).
 
     Returns (tokens, seconds to the first token, seconds for the rest).
     """
+    timing = Timing()
+    tokens = [row[0] for row in Decoder(model, SamplingConfig(temperature=0)).tokens(prompt, new_tokens, timing=timing)]
+    return tokens, timing.prompt_seconds, timing.generation_seconds
+
+
+def mlx_decode_eager(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy decoding in a plain loop: the model's growing caches, no compiled step, async_eval."""
     t0 = time.perf_counter()
     cache = model.make_cache()
     tok = mx.argmax(model(mx.array([prompt]), cache)[:, -1, :], axis=-1)
@@ -338,7 +349,8 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, 
     bandwidth = max(rates.values())
     bound = bandwidth * 1e9 / bytes_per_token
     mx.reset_peak_memory()
-    decoders: dict[str, Callable] = {"mlx": lambda: mlx_decode(model, prompt, bench.new_tokens)}
+    decoders: dict[str, Callable] = {"mlx": lambda: mlx_decode(model, prompt, bench.new_tokens),
+                                     "mlx_eager": lambda: mlx_decode_eager(model, prompt, bench.new_tokens)}
     if args.vs_torch:
         from torch_gpt import decode as torch_decode, from_mlx
 
@@ -362,7 +374,7 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, 
     result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
     if args.vs_torch:
         result["mlx_vs_torch"] = result["mlx"]["tok_per_s"] / result["torch"]["tok_per_s"]
-        result["same_tokens"] = tokens["mlx"] == tokens["torch"]
+        result["same_tokens"] = tokens["mlx"] == tokens["torch"] == tokens["mlx_eager"]
     result["max_rss_mb"] = max_rss_mb()
     return result
 
@@ -429,7 +441,7 @@ def format_table(report: dict) -> str:
         lines += ["", f"decode ({d['config']['note']}, {d['config']['prompt_len']}-token prompt, "
                   f"{d['config']['new_tokens']} new): bound {d['bound_tok_per_s']:.1f} tok/s "
                   f"({d['bytes_per_token'] / 1e6:.0f} MB/token at {d['bandwidth_gb_s']:.1f} GB/s)"]
-        for impl in ("mlx", "torch"):
+        for impl in ("mlx", "mlx_eager", "torch"):
             if impl in d:
                 e = d[impl]
                 lines.append(f"{'':<8}{impl:<12}{e['tok_per_s']:>8.1f} tok/s  {100 * e['fraction_of_bound']:>5.1f}% of bound"
