@@ -78,6 +78,24 @@ def _cut(x: mx.array) -> mx.array:
     return mx.contiguous(x)
 
 
+# MLX's CPU reductions along the last axis run at about a pass over memory per 1.5 ns an
+# element; a matrix-vector product with a vector of ones goes through BLAS and is 5-7x faster
+# (and sums in blocked partial sums). Row statistics here are therefore products.
+
+
+def _row_sum(x: mx.array, scale: float = 1.0) -> mx.array:
+    """``scale`` times the sum of ``x`` over its last axis, keeping that axis (as size 1)."""
+    c = x.shape[-1]
+    ones = mx.full((c, 1), scale, x.dtype)
+    return (x.reshape(-1, c) @ ones).reshape(*x.shape[:-1], 1)
+
+
+def _column_sum(x: mx.array) -> mx.array:
+    """The sum of ``x`` over every axis but the last: shape (x.shape[-1],)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return (mx.ones((1, flat.shape[0]), x.dtype) @ flat).reshape(x.shape[-1])
+
+
 def _exp2_bits(y: mx.array) -> mx.array:
     """int32 bits of the float 2**round(y) for y <= 0 (y in log2 units), or of 0 below 2**-126.
 
@@ -181,12 +199,12 @@ def _fast_softmax(x: mx.array) -> mx.array:
     d = _cut(x - mx.max(x, axis=-1, keepdims=True))
     r, scale = _exp_parts(d, d * _LOG2E)
     e = _cut(_expm_poly(r) * scale)
-    return e / mx.sum(e, axis=-1, keepdims=True)
+    return e / _row_sum(e)
 
 
 @_fast_softmax.vjp
 def _fast_softmax_vjp(x: mx.array, cotangent: mx.array, p: mx.array) -> mx.array:
-    return p * (cotangent - mx.sum(cotangent * p, axis=-1, keepdims=True))
+    return p * (cotangent - _row_sum(_cut(cotangent * p)))
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
@@ -233,6 +251,48 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return _linear(x, weight) if bias is None else _linear_bias(x, weight, bias)
 
 
+@lru_cache(maxsize=None)
+def _fast_layer_norm(eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """The layer-norm custom function for one epsilon: statistics by BLAS, two-pass variance."""
+
+    def centred(x: mx.array) -> tuple[mx.array, mx.array]:
+        c = 1.0 / x.shape[-1]
+        d = _cut(x - _row_sum(x, c))
+        # rsqrt on its own: a fused kernel with a square root is not vectorized (errno)
+        return d, mx.rsqrt(_cut(_row_sum(_cut(d * d), c) + eps))
+
+    @mx.custom_function
+    def norm(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+        d, rstd = centred(x)
+        return (d * rstd) * weight + bias
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        # dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), the standard layer-norm gradient
+        x, weight, _ = primals
+        d, rstd = centred(x)
+        xhat = _cut(d * rstd)
+        gw = _cut(cotangent * weight)
+        c = 1.0 / x.shape[-1]
+        dx = rstd * ((gw - _row_sum(gw, c)) - xhat * _row_sum(_cut(gw * xhat), c))
+        return dx, _column_sum(_cut(cotangent * xhat)), _column_sum(cotangent)
+
+    return norm
+
+
+def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+    """Layer normalization over the last axis, as ``mx.fast.layer_norm`` computes it.
+
+    On the CPU (float32, with a weight) the mean and variance are BLAS products: about twice as
+    fast forward and 1.5x backward as MLX's reductions, and closer to the float64 result.
+    """
+    if weight is None or not fast_ops_enabled(x.dtype):
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    if bias is None:
+        bias = mx.zeros_like(weight)
+    return _fast_layer_norm(float(eps))(x, weight, bias)
+
+
 def squared_norm(x: mx.array) -> mx.array:
     """sum(x**2) as a float32 scalar.
 
@@ -264,7 +324,7 @@ def _fast_cross_entropy(smoothing: float) -> Callable[[mx.array, mx.array], mx.a
     @mx.custom_function
     def loss_fn(logits: mx.array, targets: mx.array) -> mx.array:
         m, e = _exp_shifted(logits)
-        lse = m[..., 0] + mx.log(mx.sum(e, axis=-1))
+        lse = m[..., 0] + mx.log(_row_sum(e)[..., 0])
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         if smoothing == 0.0:
             return lse - picked
@@ -275,7 +335,7 @@ def _fast_cross_entropy(smoothing: float) -> Callable[[mx.array, mx.array], mx.a
         # d loss / d logits = softmax - (1 - s) onehot(target) - s / V
         logits, targets = primals
         _, e = _exp_shifted(logits)
-        grad = e * (cotangent / mx.sum(e, axis=-1))[..., None]
+        grad = e * (cotangent[..., None] / _row_sum(e))
         if smoothing != 0.0:
             grad = grad - (cotangent * (smoothing / logits.shape[-1]))[..., None]
         idx = targets[..., None]

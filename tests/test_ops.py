@@ -243,6 +243,37 @@ def test_linear_matches_addmm_with_weight_gradients_laid_out_like_the_weights(rn
             np.testing.assert_allclose(f64(got), f64(want), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 48), (130, 768)])
+def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape):
+    # an offset mean (GPT-2's residual stream has one) is what a one-pass variance gets wrong
+    x = (rng.normal(0, 3, shape) + 5.0).astype(np.float32)
+    w = rng.normal(1, 0.5, shape[-1:]).astype(np.float32)
+    b = rng.normal(0, 0.5, shape[-1:]).astype(np.float32)
+    g = rng.normal(0, 1, shape).astype(np.float32)
+    eps = 1e-5
+    X = x.astype(np.float64)
+    xhat = (X - X.mean(-1, keepdims=True)) / np.sqrt(X.var(-1, keepdims=True) + eps)
+    want = xhat * w + b
+
+    def run(fn):
+        args = [mx.array(a) for a in (x, w, b)]
+        out, grads = mx.vjp(lambda *a: fn(*a), args, [mx.array(g)])
+        return [f64(out[0])] + [f64(t) for t in grads]
+
+    fast = mx.compile(lambda: run(lambda x, w, b: ops.layer_norm(x, w, b, eps)))()
+    ref = native(lambda: run(lambda x, w, b: ops.layer_norm(x, w, b, eps)))()
+    assert np.abs(fast[0] - want).max() <= np.abs(ref[0] - want).max() + 2 * EPS * np.abs(want).max()
+    tx, tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+    F.layer_norm(tx, shape[-1:], tw, tb, eps).backward(torch.tensor(g, dtype=torch.float64))
+    for got, native_got, exact in zip(fast[1:], ref[1:], (tx.grad, tw.grad, tb.grad)):
+        exact = exact.numpy()
+        scale = np.abs(exact).max()
+        assert np.abs(got - exact).max() <= np.abs(native_got - exact).max() + 16 * EPS * scale
+    # without a bias, and without an affine transform (MLX's own kernel then)
+    np.testing.assert_allclose(f64(ops.layer_norm(mx.array(x), mx.array(w), None, eps)), xhat * w, atol=1e-5)
+    np.testing.assert_allclose(f64(ops.layer_norm(mx.array(x), None, None, eps)), xhat, atol=1e-5)
+
+
 def test_squared_norm_is_accurate_for_large_arrays(rng):
     for shape in [(0,), (3,), (7, 5), (9000, 768)]:
         x = rng.normal(0, 1, shape).astype(np.float32)
@@ -374,6 +405,7 @@ fns = [
     (lambda x, g: (ops.gelu_approx(x), mx.vjp(ops.gelu_approx, [x], [g])[1][0]), x),
     (lambda x, g: (ops.softmax(x), mx.vjp(ops.softmax, [x], [g])[1][0]), s),
     (lambda x, g: mx.grad(lambda x: (ops.cross_entropy(x, t) * g[:, 0]).sum())(x), x),
+    (lambda x, g: mx.vjp(lambda x, w: ops.layer_norm(x, w, w, 1e-5), [x, g[0]], [g]), x),
 ]
 for fn, a in fns:
     mx.eval(mx.compile(fn)(a, mx.ones_like(a)))
