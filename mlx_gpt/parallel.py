@@ -74,8 +74,9 @@ class StreamPlan:
         return self.streams[self.owner[key]]
 
 
-def plan_for(model, batch_size: int) -> StreamPlan | None:
-    """A plan splitting batches of ``batch_size`` over the CPU's cores, or None where one stream is best.
+def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
+    """A plan splitting batches of ``batch_size`` over ``streams`` CPU streams (0: one per core),
+    or None where one stream does the work.
 
     Sets the BLAS library to the cores each stream gets (one, on a machine with no more cores
     than sequences in a batch), which is a process-wide setting.
@@ -83,8 +84,9 @@ def plan_for(model, batch_size: int) -> StreamPlan | None:
     if mx.default_device().type != mx.DeviceType.cpu:
         return None
     cores = cpu_cores()
-    n = min(cores, batch_size)
+    n = min(streams or cores, batch_size)
     if n < 2:
+        set_blas_threads(cores)
         return None
     set_blas_threads(max(1, cores // n))
     return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})

@@ -5,6 +5,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gpt import parallel
+from mlx_gpt.errors import UserError
 from mlx_gpt.model import GPTConfig, build
 from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step
 
@@ -63,6 +64,17 @@ def test_one_core_or_one_sequence_keeps_a_single_stream(monkeypatch):
     plan = parallel.plan_for(build(CFG), 3)
     assert len(plan) == 3
     parallel.set_blas_threads(2)
+
+
+def test_streams_setting_chooses_the_split(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 4)
+    assert parallel.plan_for(build(CFG), 8, streams=1) is None
+    assert len(parallel.plan_for(build(CFG), 8, streams=2)) == 2
+    assert len(parallel.plan_for(build(CFG), 8, streams=0)) == 4
+    assert len(parallel.plan_for(build(CFG), 3, streams=8)) == 3  # never more streams than sequences
+    parallel.set_blas_threads(parallel.cpu_cores())
+    with pytest.raises(UserError, match="--streams must be 0"):
+        TrainConfig(streams=-1)
 
 
 def test_split_steps_keep_the_parameters_dtype(monkeypatch):

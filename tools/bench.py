@@ -213,22 +213,26 @@ def alternate(runs: dict[str, Callable[[int], None]], per_round: int, warmup: in
 # ---------------------------------------------------------------------------- train steps
 
 
-def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool = False):
+def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool = False, streams: int = 0):
     """(model, run, first-step seconds, first loss) for mlx_gpt's train step on ``bench``.
 
     ``run(k)`` takes k steps the way ``mlx_gpt.train`` does, each launched with mx.async_eval
     while the next one is being built, and waits for the last. ``native`` traces the step with
-    MLX's own kernels instead of ``mlx_gpt.ops``.
+    MLX's own kernels instead of ``mlx_gpt.ops``; ``streams`` is ``mlx_gpt.train``'s --streams.
     """
     model = build(bench.shape.model_config(), seed=0)
     model.train()
-    tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10)
+    tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10, streams=streams)
     optimizer = make_optimizer(tcfg)
     optimizer.init(model.trainable_parameters())
     step_fn = make_train_step(model, optimizer, tcfg)
     xs, ys = mx.array(x[None]), mx.array(y[None])
+    # the BLAS threads the step was planned with (a process-wide setting another step may change)
+    n = min(streams or cpu_cores(), bench.batch_size)
+    threads = cpu_cores() if n < 2 else max(1, cpu_cores() // n)
 
     def run(k: int) -> mx.array:
+        set_blas_threads(threads)
         for _ in range(k):
             loss, norm = step_fn(xs, ys)
             mx.async_eval(loss, norm, model.parameters())
@@ -271,7 +275,7 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
     x = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
     y = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
     mx.reset_peak_memory()
-    model, mlx_run, mlx_first, mlx_loss = mlx_train_step(bench, x, y)
+    model, mlx_run, mlx_first, mlx_loss = mlx_train_step(bench, x, y, streams=args.streams[0])
     fpt = flops_per_token(model.config, bench.seq_len, model.num_params(non_embedding=True))
     tokens = bench.batch_size * bench.seq_len
     runs = {"mlx": mlx_run}
@@ -284,7 +288,10 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
         result["first_loss"] = {"mlx": mlx_loss, "torch": torch_loss}
         runs["torch"] = torch_run
     if args.native:
-        _, runs["mlx_native"], first["mlx_native"], _ = mlx_train_step(bench, x, y, native=True)
+        _, runs["mlx_native"], first["mlx_native"], _ = mlx_train_step(bench, x, y, native=True,
+                                                                       streams=args.streams[0])
+    for n in args.streams[1:]:
+        _, runs[f"mlx_streams{n}"], first[f"mlx_streams{n}"], _ = mlx_train_step(bench, x, y, streams=n)
     gc.collect()
     # steps per round: enough for about half a second, so a pipelined MLX loop is measured as such
     t0 = time.perf_counter()
@@ -299,7 +306,10 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
     result["steps_per_round"] = per_round
     result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
     if args.vs_torch:
-        result["mlx_vs_torch"] = result["mlx"]["tok_per_s"] / result["torch"]["tok_per_s"]
+        for name in runs:
+            if name.startswith("mlx"):
+                result[name]["vs_torch"] = result[name]["tok_per_s"] / result["torch"]["tok_per_s"]
+        result["mlx_vs_torch"] = result["mlx"]["vs_torch"]
     if args.native:
         result["fast_vs_native"] = result["mlx"]["tok_per_s"] / result["mlx_native"]["tok_per_s"]
     result["max_rss_mb"] = max_rss_mb()
@@ -421,19 +431,19 @@ def format_table(report: dict) -> str:
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (MLX)"
              + (f", {report['torch_sgemm_peak_gflops']:.0f} GFLOP/s (PyTorch)" if "torch_sgemm_peak_gflops" in report
                 else "") + f"; FLOPs: {FLOP_FORMULA}", ""]
-    head = f"{'config':<8}{'impl':<12}{'ms/step':>10}{'tok/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'first':>8}{'peak MB':>9}"
+    head = f"{'config':<8}{'impl':<14}{'ms/step':>10}{'tok/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'first':>8}{'peak MB':>9}"
     lines += [head, "-" * len(head)]
     for name, r in report["train"].items():
-        for impl in ("mlx", "torch", "mlx_native"):
-            if impl not in r:
-                continue
+        for impl in [k for k, v in r.items() if isinstance(v, dict) and "ms_per_step" in v]:
             e = r[impl]
             peak_mb = f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else ""
-            lines.append(f"{name:<8}{impl:<12}{e['ms_per_step']:>10.1f}{e['tok_per_s']:>10.0f}{e['gflops']:>9.1f}"
+            lines.append(f"{name:<8}{impl:<14}{e['ms_per_step']:>10.1f}{e['tok_per_s']:>10.0f}{e['gflops']:>9.1f}"
                          f"{100 * e['mfu']:>6.1f}%{e['first_step_s']:>7.1f}s{peak_mb:>9}")
         if "mlx_vs_torch" in r:
             fl = r["first_loss"]
             lines.append(f"{'':<8}mlx/torch {r['mlx_vs_torch']:.2f}x   (first loss {fl['mlx']:.5f} vs {fl['torch']:.5f})")
+            for impl in [k for k in r if k.startswith("mlx_streams")]:
+                lines.append(f"{'':<8}{impl}/torch {r[impl]['vs_torch']:.2f}x")
         if "fast_vs_native" in r:
             lines.append(f"{'':<8}fast/native ops {r['fast_vs_native']:.2f}x")
     if report.get("decode"):
@@ -472,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let PyTorch multiply float32 on a GPU's TF32 tensor cores (nanoGPT turns this on)")
     p.add_argument("--native", action="store_true",
                    help="also time mlx_gpt with MLX's native GELU/softmax/attention (what Metal and CUDA use)")
+    p.add_argument("--streams", default="0",
+                   help="mlx_gpt.train's --streams for the MLX step (0: one per core, 1: no split); "
+                        "a list such as 0,1 times each, the first as 'mlx'")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     return p
 
@@ -482,6 +495,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         raise UserError(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
+    try:
+        args.streams = [int(n) for n in args.streams.split(",")]
+    except ValueError:
+        raise UserError(f"--streams takes comma-separated integers, got {args.streams!r}") from None
+    if any(n < 0 for n in args.streams):
+        raise UserError("--streams values must be 0 (one per core) or more")
     if args.steps < 1 or args.warmup < 0 or args.decode_runs < 1 or (args.decode_threads or 1) < 1:
         raise UserError("--steps, --decode-runs and --decode-threads must be at least 1 and --warmup at least 0")
     if args.vs_torch:
@@ -516,9 +535,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_blas_threads(cpu_cores())
     report["sgemm_peak_gflops"] = max(report["sgemm_peak_gflops"], sgemm_peak())
     for r in report["train"].values():
-        for impl in ("mlx", "torch", "mlx_native"):
-            if impl in r:
-                r[impl]["mfu"] = r[impl]["gflops"] / report["sgemm_peak_gflops"]
+        for e in r.values():
+            if isinstance(e, dict) and "gflops" in e:
+                e["mfu"] = e["gflops"] / report["sgemm_peak_gflops"]
     try:
         report["machine"]["load_avg_after"] = os.getloadavg()
     except OSError:
