@@ -280,13 +280,18 @@ def _fast_layer_norm(eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.
     return norm
 
 
+# below this many elements (a few rows: decoding) MLX's own layer norm is faster: the BLAS
+# statistics take more kernels, and each kernel costs microseconds however small its input
+LAYER_NORM_MIN_SIZE = 8192
+
+
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """Layer normalization over the last axis, as ``mx.fast.layer_norm`` computes it.
 
     On the CPU (float32, with a weight) the mean and variance are BLAS products: about twice as
     fast forward and 1.5x backward as MLX's reductions, and closer to the float64 result.
     """
-    if weight is None or not fast_ops_enabled(x.dtype):
+    if weight is None or x.size < LAYER_NORM_MIN_SIZE or not fast_ops_enabled(x.dtype):
         return mx.fast.layer_norm(x, weight, bias, eps)
     if bias is None:
         bias = mx.zeros_like(weight)

@@ -243,7 +243,7 @@ def test_linear_matches_addmm_with_weight_gradients_laid_out_like_the_weights(rn
             np.testing.assert_allclose(f64(got), f64(want), atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 48), (130, 768)])
+@pytest.mark.parametrize("shape", [(4, 33, 96), (130, 768)])
 def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape):
     # an offset mean (GPT-2's residual stream has one) is what a one-pass variance gets wrong
     x = (rng.normal(0, 3, shape) + 5.0).astype(np.float32)
@@ -272,6 +272,13 @@ def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape):
     # without a bias, and without an affine transform (MLX's own kernel then)
     np.testing.assert_allclose(f64(ops.layer_norm(mx.array(x), mx.array(w), None, eps)), xhat * w, atol=1e-5)
     np.testing.assert_allclose(f64(ops.layer_norm(mx.array(x), None, None, eps)), xhat, atol=1e-5)
+
+
+def test_layer_norm_of_a_few_rows_is_mlx_own():
+    # decoding normalizes one row at a time, where fewer kernels beat faster statistics
+    x, w, b = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(1, 1, 768), (768,), (768,)]))
+    assert x.size < ops.LAYER_NORM_MIN_SIZE
+    assert mx.array_equal(ops.layer_norm(x, w, b, 1e-5), mx.fast.layer_norm(x, w, b, 1e-5))
 
 
 def test_squared_norm_is_accurate_for_large_arrays(rng):
