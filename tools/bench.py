@@ -321,8 +321,8 @@ def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dic
 
 def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
     """Greedy decoding as ``python -m mlx_gpt.generate`` runs it: ``mlx_gpt.generate.Decoder``
-    (prefill, then one compiled step per token over fixed-capacity caches, each step queued
-    with mx.async_eval before the previous token is read back).
+    (prefill, then one step per token, compiled over fixed-capacity caches on the CPU, each
+    queued with mx.async_eval before the previous token is read back).
 
     Returns (tokens, seconds to the first token, seconds for the rest).
     """
