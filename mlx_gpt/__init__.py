@@ -8,6 +8,12 @@ from .blas import load_optimized_blas
 
 load_optimized_blas()
 
+try:
+    import mlx.core  # noqa: E402,F401
+except ImportError as e:  # on Linux the mlx package alone has no backend
+    raise ImportError(f"MLX cannot load its backend ({e}); on Linux install one with mlx_gpt: "
+                      "pip install -e '.[cpu]' (or '.[cuda12]', '.[cuda13]')") from e
+
 from .errors import UserError  # noqa: E402
 from .model import GPT, GPTConfig  # noqa: E402
 

@@ -34,3 +34,18 @@ def test_importing_mlx_first_warns_once_with_the_fix():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("RuntimeWarning") == 1
     assert "import mlx_gpt first" in proc.stderr
+
+
+def test_mlx_without_a_backend_says_which_extra_to_install():
+    # what `pip install mlx` alone gives on Linux: mlx.core fails to find libmlx.so
+    code = ("import sys\n"
+            "class NoBackend:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'mlx.core':\n"
+            "            raise ImportError('libmlx.so: cannot open shared object file')\n"
+            "sys.meta_path.insert(0, NoBackend())\n"
+            "import mlx_gpt\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "MLX cannot load its backend (libmlx.so" in proc.stderr
+    assert ".[cpu]" in proc.stderr and ".[cuda12]" in proc.stderr
