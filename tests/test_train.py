@@ -78,6 +78,28 @@ def test_compiled_and_uncompiled_steps_agree():
         np.testing.assert_allclose(results[0][1][k], results[1][1][k], atol=1e-5)
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_step_reports_the_exact_gradient_norm_and_clips_to_it(streams):
+    x = mx.random.randint(0, 50, (1, 4, 16), key=mx.random.key(4))
+    y = mx.random.randint(0, 50, (1, 4, 16), key=mx.random.key(5))
+    model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0), seed=1)
+    grads = mx.grad(lambda p: (model.update(p), loss_fn(model, x[0], y[0]))[1])(model.trainable_parameters())
+    want = math.sqrt(sum((np.array(g, np.float64) ** 2).sum() for _, g in tree_flatten(grads)))
+    cfg = TrainConfig(warmup_iters=0, max_iters=10, learning_rate=1e-2, grad_clip=want / 2, streams=streams)
+    model = build(model.config, seed=1)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    before = params(model)
+    _, norm = make_train_step(model, opt, cfg)(x, y)
+    assert norm.item() == pytest.approx(want, rel=1e-6)
+    # Adam's first step moves each weight by about lr whatever the gradient's scale, so the
+    # clipping shows in the optimizer's first moment: (1 - beta1) * g * clip / norm
+    g = dict(tree_flatten(grads))["wte.weight"]
+    m = dict(tree_flatten(opt.state))["wte.weight.m"]
+    np.testing.assert_allclose(np.array(m), (1 - cfg.beta1) * np.array(g) / 2, rtol=1e-4, atol=1e-7)
+    assert any(not np.array_equal(v, params(model)[k]) for k, v in before.items())
+
+
 def test_gradient_accumulation_equals_the_big_batch():
     x = mx.random.randint(0, 50, (2, 3, 16), key=mx.random.key(2))
     y = mx.random.randint(0, 50, (2, 3, 16), key=mx.random.key(3))
