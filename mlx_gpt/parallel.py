@@ -74,21 +74,31 @@ class StreamPlan:
         return self.streams[self.owner[key]]
 
 
+def split_for(batch_size: int, streams: int = 0) -> tuple[int, int]:
+    """(streams, BLAS threads per stream) for batches of ``batch_size`` and a ``--streams`` setting.
+
+    ``streams`` 0 means one per core; there are never more streams than sequences. One stream
+    lets BLAS use every core; several share the cores out (one each, on a machine with no more
+    cores than sequences in a batch).
+    """
+    cores = cpu_cores()
+    n = min(streams or cores, batch_size)
+    return (n, max(1, cores // n)) if n >= 2 else (1, cores)
+
+
 def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
     """A plan splitting batches of ``batch_size`` over ``streams`` CPU streams (0: one per core),
     or None where one stream does the work.
 
-    Sets the BLAS library to the cores each stream gets (one, on a machine with no more cores
-    than sequences in a batch), which is a process-wide setting.
+    Sets the BLAS library to the threads ``split_for`` gives each stream, which is a
+    process-wide setting.
     """
     if mx.default_device().type != mx.DeviceType.cpu:
         return None
-    cores = cpu_cores()
-    n = min(streams or cores, batch_size)
+    n, threads = split_for(batch_size, streams)
+    set_blas_threads(threads)
     if n < 2:
-        set_blas_threads(cores)
         return None
-    set_blas_threads(max(1, cores // n))
     return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
 
 

@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from mlx_gpt import ops  # noqa: E402
 from mlx_gpt.generate import Decoder, Timing  # noqa: E402
 from mlx_gpt.model import GPTConfig, build  # noqa: E402
-from mlx_gpt.parallel import cpu_cores  # noqa: E402
+from mlx_gpt.parallel import cpu_cores, split_for  # noqa: E402
 from mlx_gpt.sampling import SamplingConfig  # noqa: E402
 from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
@@ -228,8 +228,7 @@ def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool
     step_fn = make_train_step(model, optimizer, tcfg)
     xs, ys = mx.array(x[None]), mx.array(y[None])
     # the BLAS threads the step was planned with (a process-wide setting another step may change)
-    n = min(streams or cpu_cores(), bench.batch_size)
-    threads = cpu_cores() if n < 2 else max(1, cpu_cores() // n)
+    _, threads = split_for(bench.batch_size, streams)
 
     def run(k: int) -> mx.array:
         set_blas_threads(threads)
