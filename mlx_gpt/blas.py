@@ -66,6 +66,42 @@ def _load_bundled_gfortran() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# OpenBLAS builds made for one processor family, and the instruction set each one needs
+_CORE_NEEDS = {"SKYLAKEX": "avx512f", "COOPERLAKE": "avx512bf16", "SAPPHIRERAPIDS": "amx_tile",
+               "HASWELL": "avx2", "ZEN": "avx2"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _runs_here(lib: ctypes.CDLL) -> str | None:
+    """None if this OpenBLAS build can run on this processor, else why not.
+
+    A wheel built without DYNAMIC_ARCH has the kernels of its build machine only; calling one
+    that needs AVX-512 on a processor without it kills the process with SIGILL.
+    """
+    try:
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        config = lib.openblas_get_config().decode()
+    except (AttributeError, OSError):
+        return None
+    if "DYNAMIC_ARCH" in config:
+        return None
+    flags = _cpu_flags()
+    for core, flag in _CORE_NEEDS.items():
+        if f" {core}" in f" {config.upper()}" and flags and flag not in flags:
+            return f"{config.strip()} needs {flag}, which this processor lacks"
+    return None
+
+
 def load_optimized_blas() -> str | None:
     """Load OpenBLAS globally so MLX's CPU backend uses it; return its path, or None.
 
@@ -93,12 +129,15 @@ def load_optimized_blas() -> str | None:
         return None
     try:
         try:
-            ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
+            local = ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
         except OSError as e:
             if "libgfortran" not in str(e):
                 raise
             _load_bundled_gfortran()
-            ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
+            local = ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
+        mismatch = _runs_here(local)
+        if mismatch:
+            raise OSError(mismatch)
     except OSError as e:
         _state["error"] = str(e)
         warnings.warn(f"could not load OpenBLAS ({e}); MLX keeps its reference BLAS", RuntimeWarning)
