@@ -1,8 +1,10 @@
 """Corpora in, llm.c token files out, and fixed-shape random batches back.
 
 Token file format (llm.c's ``dev/data/data_common.py``): a header of 256 little-endian int32 —
-magic 20240520, version (1: uint16 tokens, 2: uint32 tokens), token count, zeros — then the
-tokens. A prepared dataset is a directory ``data/<name>/`` holding ``train.bin``, ``val.bin``,
+magic, version, token count, then 253 zeros — then the tokens. GPT-2 files are magic 20240520
+version 1 with uint16 tokens; LLaMA-3 files are magic 20240801 version 7 with uint32 tokens.
+We write the first whenever every id fits in 16 bits (llm.c's C loader reads only those), the
+second otherwise. A prepared dataset is a directory ``data/<name>/`` holding ``train.bin``, ``val.bin``,
 ``meta.json`` and the tokenizer; llm.c's own ``*_train.bin`` / ``*_val.bin`` are read as they are.
 """
 
@@ -14,6 +16,7 @@ import os
 import tempfile
 import urllib.request
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -23,10 +26,15 @@ from .atomic import replacing_directory
 from .errors import UserError
 from .tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
-MAGIC = 20240520
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-VERSION_DTYPE = {1: np.uint16, 2: np.uint32}
+# (magic, version) -> token dtype, and the vocabulary llm.c's files of that kind hold
+GPT2_HEADER, LLAMA3_HEADER = (20240520, 1), (20240801, 7)
+HEADER_DTYPE = {GPT2_HEADER: np.dtype("<u2"), LLAMA3_HEADER: np.dtype("<u4")}
+LLMC_VOCAB = {GPT2_HEADER: 50257, LLAMA3_HEADER: 128256}
+MAGIC = GPT2_HEADER[0]
+MAX_TOKENS = 2**31 - 1  # the count is an int32
+SCAN_CHUNK = 1 << 24  # tokens per read when checking ids
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -36,21 +44,46 @@ BUILTIN_SOURCES = ("pydoc", "shakespeare")
 # ---------------------------------------------------------------------------- token files
 
 
+def header_for(vocab_size: int) -> tuple[int, int]:
+    """(magic, version) of the file llm.c writes for this vocabulary: GPT-2's when ids fit uint16."""
+    return GPT2_HEADER if vocab_size <= 1 << 16 else LLAMA3_HEADER
+
+
 def write_tokens(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
-    """Write tokens in llm.c's format: uint16 when every id fits, else uint32 (version 2)."""
-    version = 1 if vocab_size <= 1 << 16 else 2
+    """Write tokens as llm.c does: GPT-2's uint16 file when every id fits, else LLaMA-3's uint32."""
+    magic, version = header_for(vocab_size)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError("token id outside the vocabulary")
+    if tokens.size > MAX_TOKENS:
+        raise UserError(f"{path}: {tokens.size:,} tokens is more than a token file holds ({MAX_TOKENS:,})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, version, tokens.size)
+    header[:3] = (magic, version, tokens.size)
     with open(path, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(np.dtype(VERSION_DTYPE[version]).newbyteorder("<")).tobytes())
+        f.write(tokens.astype(HEADER_DTYPE[magic, version]).tobytes())
 
 
-def read_header(path: str | os.PathLike) -> tuple[int, int]:
-    """(version, token count) of a token file, after checking magic and size."""
+@dataclass(frozen=True)
+class TokenFile:
+    """What a token file's header says, checked against the file's size."""
+
+    magic: int
+    version: int
+    count: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return HEADER_DTYPE[self.magic, self.version]
+
+    @property
+    def llmc_vocab_size(self) -> int:
+        """The vocabulary llm.c's files of this kind are tokenized with (GPT-2's or LLaMA-3's)."""
+        return LLMC_VOCAB[self.magic, self.version]
+
+
+def read_header(path: str | os.PathLike) -> TokenFile:
+    """The header of a token file, after checking magic, version and size."""
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -59,24 +92,46 @@ def read_header(path: str | os.PathLike) -> tuple[int, int]:
         raise UserError(f"cannot read token file {path}: {e.strerror}") from None
     if len(raw) < HEADER_BYTES:
         raise UserError(f"{path} is too short to be a token file")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != MAGIC:
-        raise UserError(f"{path} is not a token file (magic {header[0]}, expected {MAGIC})")
-    version, count = int(header[1]), int(header[2])
-    if version not in VERSION_DTYPE:
-        raise UserError(f"{path}: unsupported token file version {version}")
-    if size != HEADER_BYTES + count * np.dtype(VERSION_DTYPE[version]).itemsize:
+    magic, version, count = (int(v) for v in np.frombuffer(raw[:12], dtype="<i4"))
+    known = " or ".join(f"magic {m} version {v}" for m, v in HEADER_DTYPE)
+    if magic not in {m for m, _ in HEADER_DTYPE}:
+        raise UserError(f"{path} is not a token file (magic {magic}; llm.c's are {known})")
+    if (magic, version) not in HEADER_DTYPE:
+        raise UserError(f"{path}: unsupported token file version {version} for magic {magic} "
+                        f"(llm.c's are {known}; prepare the data again with --force)")
+    info = TokenFile(magic, version, count)
+    if count < 0 or size != HEADER_BYTES + count * info.dtype.itemsize:
         raise UserError(f"{path} is truncated or corrupt: header says {count} tokens, size is {size} bytes")
-    return version, count
+    return info
 
 
 def open_tokens(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a token file's payload (read once; batches index into it)."""
-    version, count = read_header(path)
-    dtype = np.dtype(VERSION_DTYPE[version]).newbyteorder("<")
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+    info = read_header(path)
+    if info.count == 0:
+        return np.zeros(0, dtype=info.dtype)
+    return np.memmap(path, dtype=info.dtype, mode="r", offset=HEADER_BYTES, shape=(info.count,))
+
+
+def check_token_ids(path: str | os.PathLike, vocab_size: int) -> None:
+    """Refuse a token file holding an id the vocabulary lacks (it would index past the embedding).
+
+    The file is scanned once per process (remembered by path, size and modification time), in
+    chunks, so a large file is never read into memory whole.
+    """
+    st = os.stat(path)
+    largest = _largest_id(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if largest >= vocab_size:
+        raise UserError(f"{path} holds token id {largest}, outside the vocabulary of {vocab_size} tokens")
+
+
+@lru_cache(maxsize=64)
+def _largest_id(path: str, size: int, mtime_ns: int) -> int:
+    tokens = open_tokens(path)
+    largest = -1
+    for i in range(0, len(tokens), SCAN_CHUNK):
+        largest = max(largest, int(tokens[i : i + SCAN_CHUNK].max()))
+    return largest
 
 
 # ---------------------------------------------------------------------------- sources
@@ -283,11 +338,10 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if not val.exists():
         raise UserError(f"{val} is missing")
     tokenizer = load_tokenizer(p) if (p / "tokenizer.json").exists() else None
-    if tokenizer is not None:
-        vocab = tokenizer.vocab_size
-    else:  # llm.c: version 1 files hold GPT-2 tokens, version 2 files LLaMA-3 tokens
-        version, _ = read_header(train)
-        vocab = 50257 if version == 1 else 128256
+    # llm.c's files say by their header whether they hold GPT-2's or LLaMA-3's tokens
+    vocab = tokenizer.vocab_size if tokenizer is not None else read_header(train).llmc_vocab_size
+    for f in (train, val):
+        check_token_ids(f, vocab)
     return Dataset(p, train, val, vocab, tokenizer)
 
 

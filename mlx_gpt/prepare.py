@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="prepare again even if a matching dataset exists")
     a = p.parse_args(argv)
     ds = prepare(a.source, a.tokenizer, data_dir=a.data_dir, val_fraction=a.val_fraction, force=a.force)
-    n_train, n_val = read_header(ds.train_file)[1], read_header(ds.val_file)[1]
+    n_train, n_val = read_header(ds.train_file).count, read_header(ds.val_file).count
     print(f"{ds.path}: {n_train:,} train and {n_val:,} val tokens, vocab {ds.vocab_size}")
 
 

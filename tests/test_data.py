@@ -1,9 +1,10 @@
 import json
+import struct
 
 import numpy as np
 import pytest
 
-from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, load_dataset, open_tokens, prepare, read_header,
+from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, TokenFile, load_dataset, open_tokens, prepare, read_header,
                           read_source, write_tokens)
 from mlx_gpt.errors import UserError
 from mlx_gpt.tokenizer import ByteTokenizer
@@ -21,15 +22,66 @@ def test_header_fields_and_uint16_payload(tmp_path):
     assert open_tokens(tmp_path / "t.bin").tolist() == tokens.tolist()
 
 
-def test_uint32_when_vocabulary_needs_it(tmp_path):
-    tokens = np.array([0, 65536, 128255])
-    write_tokens(tmp_path / "t.bin", tokens, vocab_size=128256)
-    assert read_header(tmp_path / "t.bin") == (2, 3)
-    assert (tmp_path / "t.bin").stat().st_size == HEADER_BYTES + 4 * 3
-    assert open_tokens(tmp_path / "t.bin").dtype == np.dtype("<u4")
-    assert open_tokens(tmp_path / "t.bin").tolist() == tokens.tolist()
-    write_tokens(tmp_path / "u.bin", np.array([1, 2]), vocab_size=65536)
-    assert read_header(tmp_path / "u.bin") == (1, 2)
+def _llmc_file(path, magic, version, tokens, fmt):
+    """A token file laid out as llm.c's data_common.write_datafile does, field by field."""
+    header = struct.pack("<3i", magic, version, len(tokens)) + struct.pack("<253i", *[0] * 253)
+    path.write_bytes(header + struct.pack(f"<{len(tokens)}{fmt}", *tokens))
+    return path
+
+
+def test_llmc_gpt2_and_llama3_files_are_read(tmp_path):
+    gpt2 = _llmc_file(tmp_path / "gpt2.bin", 20240520, 1, [50256, 0, 65535, 17], "H")
+    llama = _llmc_file(tmp_path / "llama.bin", 20240801, 7, [128000, 0, 65536, 128255, 9], "I")
+    assert read_header(gpt2) == TokenFile(20240520, 1, 4) and read_header(gpt2).llmc_vocab_size == 50257
+    assert read_header(llama) == TokenFile(20240801, 7, 5) and read_header(llama).llmc_vocab_size == 128256
+    assert open_tokens(gpt2).tolist() == [50256, 0, 65535, 17]
+    assert open_tokens(llama).tolist() == [128000, 0, 65536, 128255, 9]
+
+
+def test_writes_what_llmc_writes(tmp_path):
+    """uint16 GPT-2 files while ids fit, LLaMA-3's uint32 files beyond: llm.c's bytes exactly."""
+    write_tokens(tmp_path / "small.bin", np.array([0, 1, 65535]), vocab_size=65536)
+    assert (tmp_path / "small.bin").read_bytes() == _llmc_file(tmp_path / "a.bin", 20240520, 1, [0, 1, 65535], "H").read_bytes()
+    write_tokens(tmp_path / "big.bin", np.array([0, 65536, 128255]), vocab_size=128256)
+    assert (tmp_path / "big.bin").read_bytes() == _llmc_file(tmp_path / "b.bin", 20240801, 7, [0, 65536, 128255], "I").read_bytes()
+
+
+@pytest.mark.parametrize("magic,version,message", [
+    (20240520, 2, "unsupported token file version 2"),  # neither llm.c's nor readable as one
+    (20240801, 1, "unsupported token file version 1"),
+    (20240522, 1, "not a token file"),  # llm.c's HellaSwag eval file
+])
+def test_unknown_headers_are_refused(tmp_path, magic, version, message):
+    path = _llmc_file(tmp_path / "t.bin", magic, version, [1, 2], "I")
+    with pytest.raises(UserError, match=message):
+        read_header(path)
+
+
+def test_llama3_directory_takes_llama3_vocabulary(tmp_path):
+    _llmc_file(tmp_path / "x_train.bin", 20240801, 7, list(range(0, 128256, 1000)), "I")
+    _llmc_file(tmp_path / "x_val.bin", 20240801, 7, [128255, 1, 2], "I")
+    assert load_dataset(tmp_path).vocab_size == 128256
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_on_opening(tmp_path, monkeypatch):
+    import mlx_gpt.data as data
+
+    monkeypatch.setattr(data, "SCAN_CHUNK", 7)  # the offending id sits in a later chunk
+    ids = [1] * 40 + [65535] + [2] * 10  # GPT-2's vocabulary has 50257 ids
+    _llmc_file(tmp_path / "x_train.bin", 20240520, 1, ids, "H")
+    _llmc_file(tmp_path / "x_val.bin", 20240520, 1, [1, 2, 3], "H")
+    with pytest.raises(UserError, match=r"x_train.bin holds token id 65535, outside the vocabulary of 50257"):
+        load_dataset(tmp_path)
+    ds = prepare(str(_corpus(tmp_path)), data_dir=tmp_path / "d")
+    write_tokens(ds.val_file, np.array([0, 300, 2]), vocab_size=301)  # a byte dataset holding id 300
+    with pytest.raises(UserError, match="val.bin holds token id 300, outside the vocabulary of 256"):
+        load_dataset(ds.path)
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello world. " * 100)
+    return path
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):
@@ -67,7 +119,7 @@ def test_sampler_state_round_trips_through_json(tmp_path):
 def test_prepare_byte_dataset_and_reuse(tmp_path, shakespeare):
     ds = prepare(str(shakespeare), "byte", data_dir=tmp_path)
     assert ds.path == tmp_path / "tinyshakespeare-byte" and ds.vocab_size == 256
-    n_train, n_val = read_header(ds.train_file)[1], read_header(ds.val_file)[1]
+    n_train, n_val = read_header(ds.train_file).count, read_header(ds.val_file).count
     assert n_train + n_val == len(shakespeare.read_bytes())
     assert abs(n_val / (n_train + n_val) - 0.1) < 0.01
     text = shakespeare.read_text()
