@@ -348,6 +348,9 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
 # ---------------------------------------------------------------------------- batches
 
 
+SAMPLERS = ("random", "sequential")
+
+
 class BatchSampler:
     """Random windows of block_size + 1 tokens from a memory-mapped token file.
 
@@ -381,4 +384,63 @@ class BatchSampler:
         return self.rng.bit_generator.state
 
     def set_state(self, state: dict) -> None:
+        if state.get("sampler", "random") != "random":
+            raise UserError(f"the run was saved with --sampler {state['sampler']}, not random")
         self.rng.bit_generator.state = state
+
+
+class SequentialSampler:
+    """The token file in order, as llm.c's DataLoader reads one shard without shuffling.
+
+    Micro-batch k is tokens[k*B*T : k*B*T + B*T + 1] cut into B rows of T (y one token on);
+    the next starts B*T later. When no whole window of B*T + 1 is left, reading starts over
+    at the beginning, so the last (n - 1) % (B*T) tokens are never targets. With
+    gradient accumulation, a step's micro-batches are consecutive windows. The state is
+    the next window's index.
+    """
+
+    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, accum: int = 1):
+        self.tokens = open_tokens(path)
+        self.batch_size, self.block_size, self.accum = batch_size, block_size, accum
+        self.windows = (len(self.tokens) - 1) // (batch_size * block_size)  # llm.c's shard_num_samples
+        if self.windows < 1:
+            raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one batch of "
+                            f"{batch_size} x {block_size} + 1 that --sampler sequential reads; "
+                            "use a larger corpus or a smaller --batch-size or --block-size")
+        self.position = 0
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """x, y of shape (accum, batch, block) as int32; y is x shifted left by one."""
+        B, T = self.batch_size, self.block_size
+        x = np.empty((self.accum, B, T), dtype=np.int32)
+        y = np.empty_like(x)
+        for a in range(self.accum):
+            if self.position >= self.windows:
+                self.position = 0
+            start = self.position * B * T
+            window = self.tokens[start : start + B * T + 1].astype(np.int32)
+            x[a], y[a] = window[:-1].reshape(B, T), window[1:].reshape(B, T)
+            self.position += 1
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while True:
+            yield self.next()
+
+    def state(self) -> dict:
+        return {"sampler": "sequential", "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("sampler") != "sequential":
+            raise UserError(f"the run was saved with --sampler {state.get('sampler', 'random')}, not sequential")
+        self.position = int(state["position"])
+
+
+def make_sampler(kind: str, path: str | os.PathLike, batch_size: int, block_size: int, seed: int,
+                 accum: int = 1) -> BatchSampler | SequentialSampler:
+    """The training sampler ``--sampler`` names: random windows, or the file in order."""
+    if kind == "sequential":
+        return SequentialSampler(path, batch_size, block_size, accum)
+    if kind == "random":
+        return BatchSampler(path, batch_size, block_size, seed, accum)
+    raise UserError(f"unknown sampler {kind!r}; choose from {', '.join(SAMPLERS)}")

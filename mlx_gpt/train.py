@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from . import checkpoint, ops, parallel, rungs  # noqa: E402
-from .data import BatchSampler, Dataset, prepare, tokenizer_digest  # noqa: E402
+from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
 from .generate import generate  # noqa: E402
 from .model import PRESETS, GPTConfig, build  # noqa: E402
@@ -48,6 +48,7 @@ class TrainConfig:
     tokenizer: str = "byte"
     data_dir: str = "data"
     val_fraction: float = 0.1
+    sampler: str = "random"
     # model: a rung of the ladder (gpt: a preset, any field overridden, or weights from a checkpoint)
     model: str = "gpt"
     preset: str = "tiny"
@@ -101,6 +102,8 @@ class TrainConfig:
             raise UserError(f"--streams must be 0 (one per core) or more, got {self.streams}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 
@@ -403,7 +406,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[
     run = setup(cfg)
     cfg, model = run.cfg, run.model
     B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
-    train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
+    train_sampler = make_sampler(cfg.sampler, run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
     val_sampler = BatchSampler(run.dataset.val_file, B, T, seed=cfg.seed + 1)
     eval_train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed + 2)
     if run.train_state is not None:
@@ -535,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 HELP = {
     "data": "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), 'pydoc' or 'shakespeare'",
     "tokenizer": "byte, or sp:VOCAB for SentencePiece BPE trained on the data",
+    "sampler": "training batches: random windows, or sequential (the file in order, as llm.c's DataLoader)",
     "model": f"ladder rung: {', '.join(rungs.RUNGS)}; ngram:N and kneser-ney:N set the order",
     "preset": f"model shape of --model gpt: {', '.join(PRESETS)}",
     "init": "start from this checkpoint's weights and tokenizer (fine-tuning)",

@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, TokenFile, load_dataset, open_tokens, prepare, read_header,
-                          read_source, write_tokens)
+from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, SequentialSampler, TokenFile, load_dataset, make_sampler,
+                          open_tokens, prepare, read_header, read_source, write_tokens)
 from mlx_gpt.errors import UserError
 from mlx_gpt.tokenizer import ByteTokenizer
 
@@ -166,6 +166,46 @@ def test_bad_corpora(tmp_path, setup, message):
     setup(path)
     with pytest.raises(UserError, match=message):
         prepare(str(path), data_dir=tmp_path / "data")
+
+
+def test_sequential_sampler_reads_as_llmc_does(tmp_path):
+    """llm.c's DataLoader, one shard, no shuffle: window k starts at k*B*T and holds B*T+1 tokens;
+    (n - 1) // (B*T) windows, then back to the start."""
+    B, T, n = 2, 4, 30  # (30 - 1) // 8 = 3 windows; tokens 25..29 are never read
+    write_tokens(tmp_path / "t.bin", np.arange(n) + 100, vocab_size=256)
+    s = SequentialSampler(tmp_path / "t.bin", B, T, accum=2)
+    llmc = []
+    for k in (0, 1, 2, 0, 1, 2, 0, 1):  # the order of llm.c's windows over four steps of two
+        buf = np.arange(k * B * T, k * B * T + B * T + 1) + 100
+        llmc.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
+    got = []
+    for _ in range(4):
+        x, y = s.next()
+        assert x.shape == y.shape == (2, B, T) and x.dtype == np.int32
+        got += [(x[0], y[0]), (x[1], y[1])]
+    for (gx, gy), (ex, ey) in zip(got, llmc):
+        np.testing.assert_array_equal(gx, ex)
+        np.testing.assert_array_equal(gy, ey)
+    assert s.state() == {"sampler": "sequential", "position": 2}
+
+
+def test_sequential_sampler_state_resumes_exactly(tmp_path):
+    write_tokens(tmp_path / "t.bin", np.arange(500) % 256, vocab_size=256)
+    a = make_sampler("sequential", tmp_path / "t.bin", 3, 8, seed=0)
+    for _ in range(5):
+        a.next()
+    saved = json.loads(json.dumps(a.state()))
+    expected = [a.next()[0] for _ in range(40)]  # past the wrap
+    b = make_sampler("sequential", tmp_path / "t.bin", 3, 8, seed=0)
+    b.set_state(saved)
+    for e in expected:
+        np.testing.assert_array_equal(b.next()[0], e)
+    with pytest.raises(UserError, match="saved with --sampler sequential"):
+        make_sampler("random", tmp_path / "t.bin", 3, 8, seed=0).set_state(saved)
+    with pytest.raises(UserError, match="saved with --sampler random"):
+        b.set_state(make_sampler("random", tmp_path / "t.bin", 3, 8, seed=0).state())
+    with pytest.raises(UserError, match="fewer than one batch"):
+        make_sampler("sequential", tmp_path / "t.bin", 50, 10, seed=0)
 
 
 def test_corpus_shorter_than_one_block(tmp_path):

@@ -132,14 +132,17 @@ def test_val_loss_falls_well_below_unigram_entropy(tmp_path, shakespeare):
     assert val[-1] < unigram_nats - 0.6, (val, unigram_nats)
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path, shakespeare):
+@pytest.mark.parametrize("sampler", ["random", "sequential"])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, shakespeare, sampler):
     common = dict(max_iters=12, lr_decay_iters=12, warmup_iters=3, dropout=0.1, eval_interval=4,
-                  checkpoint_interval=100, sample_interval=100)
+                  checkpoint_interval=100, sample_interval=100, sampler=sampler)
     whole = small_cfg(tmp_path, shakespeare, **common, out=str(tmp_path / "whole"))
     train(whole, progress=False)
     first = small_cfg(tmp_path, shakespeare, **{**common, "max_iters": 5}, out=str(tmp_path / "split"))
     train(first, progress=False)
     assert checkpoint.load_state(tmp_path / "split")["step"] == 5
+    if sampler == "sequential":  # five steps have read the first five windows of the file
+        assert checkpoint.load_state(tmp_path / "split")["sampler"] == {"sampler": "sequential", "position": 5}
     resumed = replace(first, max_iters=12, resume=True)
     train(resumed, progress=False)
     a, b = losses_of(tmp_path / "whole"), losses_of(tmp_path / "split")
