@@ -4,7 +4,7 @@ OpenBLAS is loaded before anything imports ``mlx.core`` (see ``blas.py``), so ev
 point and a plain ``import mlx_gpt`` get fast CPU matmuls on Linux.
 """
 
-from .blas import load_optimized_blas
+from .cpu.blas import load_optimized_blas
 
 load_optimized_blas()
 
@@ -15,7 +15,7 @@ except ImportError as e:  # on Linux the mlx package alone has no backend
                       "pip install -e '.[cpu]' (or '.[cuda12]', '.[cuda13]')") from e
 
 from .errors import UserError  # noqa: E402
-from .model import GPT, GPTConfig  # noqa: E402
+from .models.gpt import GPT, GPTConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .atomic import previous_version, replacing_directory
 from .errors import UserError
-from .registry import build_model, model_type_of
+from .models.registry import build_model, model_type_of
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mlx_gpt"

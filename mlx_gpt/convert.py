@@ -17,23 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import load_optimized_blas
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
-load_optimized_blas()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from . import checkpoint  # noqa: E402
-from .atomic import replacing_directory, replacing_file  # noqa: E402
-from .errors import UserError, run_cli  # noqa: E402
-from .formats import hf, llmc, mlx_lm  # noqa: E402
-from .formats.tensors import LazyTensor, progress_bar  # noqa: E402
-from .gpt2_tokenizer import FILE_PAIRS, GPT2Tokenizer  # noqa: E402
-from .model import GPT, GPTConfig  # noqa: E402
-from .registry import model_type_of  # noqa: E402
-from .tokenizer import META_FILE, load_tokenizer  # noqa: E402
+from . import checkpoint
+from .atomic import replacing_directory, replacing_file
+from .errors import UserError, run_cli
+from .formats import hf, llmc, mlx_lm
+from .formats.tensors import LazyTensor, progress_bar
+from .gpt2_tokenizer import FILE_PAIRS, GPT2Tokenizer
+from .models.gpt import GPT, GPTConfig
+from .models.registry import model_type_of
+from .tokenizer import META_FILE, load_tokenizer
 
 EXPORTS = ("hf", "llmc", "mlx-lm")
 LLMC_TOKENIZER = "gpt2_tokenizer.bin"

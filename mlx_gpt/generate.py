@@ -22,26 +22,22 @@ In Python::
 
 from __future__ import annotations
 
-from . import load_optimized_blas
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
-load_optimized_blas()
+import mlx.core as mx
+import numpy as np
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Iterator, Sequence  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .cache import FixedKVCache  # noqa: E402
-from .detokenizer import StreamingDetokenizer  # noqa: E402
-from .errors import UserError, run_cli  # noqa: E402
-from .sampling import SamplingConfig, mark_seen, sample  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+from .models.cache import FixedKVCache
+from .detokenizer import StreamingDetokenizer
+from .errors import UserError, run_cli
+from .sampling import SamplingConfig, mark_seen, sample
+from .tokenizer import Tokenizer
 
 
 @dataclass

@@ -7,14 +7,10 @@ import platform
 import time
 from typing import Sequence
 
-from . import load_optimized_blas
+import mlx.core as mx
 
-load_optimized_blas()
-
-import mlx.core as mx  # noqa: E402
-
-from .blas import blas_status  # noqa: E402
-from .errors import run_cli  # noqa: E402
+from .cpu.blas import blas_status
+from .errors import run_cli
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -21,20 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import load_optimized_blas
+import mlx.core as mx
+import numpy as np
 
-load_optimized_blas()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import checkpoint, perplexity  # noqa: E402
-from .data import BatchSampler, Dataset, open_tokens, prepare  # noqa: E402
-from .errors import UserError, run_cli  # noqa: E402
-from .generate import generate  # noqa: E402
-from .rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, parse  # noqa: E402
-from .rungs import build as build_rung  # noqa: E402
-from .train import AdamW, TrainConfig, estimate_loss, make_eval_loss, make_train_step, step_seed  # noqa: E402
+from . import checkpoint, perplexity
+from .data import BatchSampler, Dataset, open_tokens, prepare
+from .errors import UserError, run_cli
+from .generate import generate
+from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, parse
+from .models.rungs import build as build_rung
+from .optim import AdamW
+from .train import TrainConfig, estimate_loss, make_eval_loss, make_train_step, step_seed
 
 WARMUP_STEPS = 100
 EVAL_BATCH = 32  # sequences per val-curve batch, whatever the training batch
@@ -143,7 +140,7 @@ def train_for(model, tcfg: TrainConfig, budget: float, train: BatchSampler, val:
     """Train until `budget` seconds of stepping are spent (evaluation is not counted).
 
     Returns (train seconds, steps, curve of (seconds, val loss), diverged)."""
-    optimizer = AdamW(learning_rate=tcfg.learning_rate, betas=[tcfg.beta1, tcfg.beta2], eps=1e-8,
+    optimizer = AdamW(learning_rate=tcfg.learning_rate, betas=[tcfg.beta1, tcfg.beta2], eps=1e-8, bias_correction=True,
                       weight_decay=tcfg.weight_decay)
     optimizer.init(model.trainable_parameters())
     model.train()

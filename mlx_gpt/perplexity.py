@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .loss import cross_entropy
 from .tokenizer import Tokenizer
 
 
@@ -54,8 +55,7 @@ def total_nll(model: nn.Module, tokens: np.ndarray, *, batch_size: int = 16) -> 
         return 0.0, 0
 
     def nats(x: mx.array, y: mx.array) -> mx.array:
-        logits = model(x).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, y, reduction="sum")
+        return mx.sum(cross_entropy(model(x), y))
 
     compiled = mx.compile(nats, inputs=model.state)
     full = n // T

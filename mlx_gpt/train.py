@@ -21,22 +21,21 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import load_optimized_blas
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
-load_optimized_blas()
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
-
-from . import checkpoint, ops, parallel, rungs  # noqa: E402
-from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest  # noqa: E402
-from .errors import UserError, run_cli  # noqa: E402
-from .generate import generate  # noqa: E402
-from .model import PRESETS, GPTConfig, build  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+from . import checkpoint
+from .cpu import accelerate, parallel
+from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
+from .errors import UserError, run_cli
+from .generate import generate
+from .loss import cross_entropy
+from .models import rungs
+from .models.gpt import PRESETS, GPTConfig, build
+from .optim import AdamW, OptimConfig, clip_and_update, make_optimizer
+from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -108,6 +107,12 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 
     @property
+    def optim(self) -> OptimConfig:
+        return OptimConfig(learning_rate=self.learning_rate, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+                           decay_iters=self.lr_decay_iters or self.max_iters, weight_decay=self.weight_decay,
+                           beta1=self.beta1, beta2=self.beta2, grad_clip=self.grad_clip)
+
+    @property
     def model_overrides(self) -> dict:
         names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
@@ -121,69 +126,20 @@ RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval
 # ---------------------------------------------------------------------------- pure pieces
 
 
-class AdamW(optim.AdamW):
-    """AdamW that decays only 2-D weights (matmuls and embeddings), never biases or norms.
-
-    With ``stream_of`` set (a function from a parameter's name to an MLX stream), each
-    parameter is updated on its stream, so the updates of a CPU step run on all cores.
-    """
-
-    stream_of: Callable[[str], mx.Stream] | None = None
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        if parameter.ndim < 2:
-            return optim.Adam.apply_single(self, gradient, parameter, state)
-        return super().apply_single(gradient, parameter, state)
-
-    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
-        if self.stream_of is None:
-            return super().apply_gradients(gradients, parameters)
-        if not self._initialized:
-            self.init(gradients)
-        for name, scheduler in self._schedulers.items():
-            self.state[name] = scheduler(self.step)
-        self.state["step"] = self.step + 1
-        params = dict(tree_flatten(parameters))
-        updated = []
-        for key, grad in tree_flatten(gradients):
-            state = self.state
-            for part in key.split("."):
-                state = state[int(part)] if isinstance(state, list) else state[part]
-            with mx.stream(self.stream_of(key)):
-                updated.append((key, self.apply_single(grad, params[key], state)))
-        return tree_unflatten(updated)
-
-
-def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    warmup = min(cfg.warmup_iters, decay_iters)
-    cosine = optim.cosine_decay(cfg.learning_rate, max(decay_iters - warmup, 1), end=cfg.min_lr)
-    if warmup == 0:
-        return cosine
-    return optim.join_schedules([optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1)
-                                 if warmup > 1 else (lambda _: mx.array(cfg.learning_rate)), cosine], [warmup])
-
-
-def make_optimizer(cfg: TrainConfig) -> AdamW:
-    return AdamW(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=1e-8,
-                 weight_decay=cfg.weight_decay)
-
-
 def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
     """Mean next-token cross-entropy, computed in float32 whatever the model's dtype."""
-    logits = model(x).astype(mx.float32)
-    return mx.mean(ops.cross_entropy(logits, y, label_smoothing=label_smoothing))
+    return mx.mean(cross_entropy(model(x), y, label_smoothing=label_smoothing))
 
 
-def make_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
+def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig) -> Callable:
     """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer."""
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
     plan = parallel.plan_for(model, cfg.batch_size, cfg.streams)
     cache_freed_buffers()
     if plan is not None:
         return parallel.make_parallel_step(model, optimizer, partial(loss_fn, label_smoothing=cfg.label_smoothing),
-                                           cfg.grad_clip, plan, compile=cfg.compile)
+                                           partial(clip_and_update, max_norm=cfg.grad_clip), plan,
+                                           compile=cfg.compile)
     grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
     accum = cfg.grad_accum
 
@@ -196,14 +152,7 @@ def make_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConf
         if accum > 1:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
-        # BLAS dot products (ops.squared_norm): 58 ms over GPT-2's gradients on the CPU where
-        # optim.clip_grad_norm's reductions take 264 ms and drift in the fourth digit
-        norm = mx.sqrt(sum(ops.squared_norm(g) for _, g in tree_flatten(grads)))
-        if cfg.grad_clip > 0:
-            scale = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
-            grads = tree_map(lambda g: (g * scale).astype(g.dtype), grads)
-        optimizer.update(model, grads)
-        return loss, norm
+        return loss, clip_and_update(model, optimizer, grads, cfg.grad_clip)
 
     if not cfg.compile:
         return step
@@ -331,13 +280,14 @@ def setup(cfg: TrainConfig) -> Run:
     elif model is None:  # another rung of the ladder; count rungs are fitted here, on the train split
         model = rungs.build(cfg.model, dataset.vocab_size, tokens=dataset.train_file, overrides=cfg.model_overrides,
                             seed=cfg.seed)
+    accelerate(model)
     model.train()
     if model.config.vocab_size < dataset.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
                         f"({dataset.vocab_size})")
     if cfg.dtype != "float32":
         model.set_dtype(DTYPES[cfg.dtype])
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     run = Run(cfg, out, dataset, model, tokenizer, optimizer)
     if cfg.resume:

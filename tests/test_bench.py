@@ -10,9 +10,10 @@ import pytest
 
 from conftest import ROOT, assert_one_line_error
 from mlx_gpt.generate import Decoder
-from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.sampling import SamplingConfig
-from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step
+from mlx_gpt.optim import make_optimizer
+from mlx_gpt.train import TrainConfig, make_train_step
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(ROOT / "tools"))
@@ -34,7 +35,7 @@ def test_reference_has_the_same_logits_loss_and_gradient_norm():
     np.testing.assert_allclose(tmodel(torch.from_numpy(x.astype(np.int64))).detach().numpy(),
                                np.array(model(mx.array(x))), atol=2e-5)
     tcfg = TrainConfig(batch_size=4, max_iters=10, warmup_iters=2, streams=1)
-    opt = make_optimizer(tcfg)
+    opt = make_optimizer(tcfg.optim)
     opt.init(model.trainable_parameters())
     loss, norm = make_train_step(model, opt, tcfg)(mx.array(x[None]), mx.array(y[None]))
     tstep = torch_gpt.make_train_step(tmodel, torch_gpt.make_optimizer(tmodel), grad_clip=1.0)

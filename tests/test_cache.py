@@ -5,8 +5,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gpt.cache import FixedKVCache, KVCache
-from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.models.cache import FixedKVCache, KVCache
+from mlx_gpt.models.gpt import GPTConfig, build
 
 CFG = GPTConfig(vocab_size=64, block_size=24, n_layer=2, n_head=2, n_embd=32)
 

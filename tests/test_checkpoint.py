@@ -6,15 +6,16 @@ import pytest
 
 import mlx_gpt
 from mlx_gpt import checkpoint
+from mlx_gpt.cpu import accelerate
 from mlx_gpt.errors import UserError
-from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.tokenizer import ByteTokenizer
 
 CFG = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
 def test_save_then_load_gives_the_same_model(tmp_path):
-    model = build(CFG, seed=4)
+    model = accelerate(build(CFG, seed=4))  # as loading gives it
     checkpoint.save(tmp_path / "ck", model, ByteTokenizer(), train_config={"lr": 1})
     loaded, tok = mlx_gpt.load(str(tmp_path / "ck"))
     assert not loaded.training and tok.kind == "byte"

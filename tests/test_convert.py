@@ -224,7 +224,7 @@ def test_export_mlx_lm_loads_in_mlx_lm(imported, tok, tmp_path):
 
 
 def test_export_of_a_byte_level_checkpoint_writes_the_model_only(tmp_path, capsys):
-    from mlx_gpt.model import GPTConfig, build
+    from mlx_gpt.models.gpt import GPTConfig, build
     from mlx_gpt.tokenizer import ByteTokenizer
 
     ckpt = checkpoint.save(tmp_path / "byte", build(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2,

@@ -14,7 +14,7 @@ from mlx_gpt import checkpoint
 from mlx_gpt.errors import UserError
 from mlx_gpt.generate import (Decoder, StopStrings, Timing, encode_prompt, generate, generate_batch, stream,
                               stream_batch)
-from mlx_gpt.model import GPT, GPTConfig, build
+from mlx_gpt.models.gpt import GPT, GPTConfig, build
 from mlx_gpt.sampling import SamplingConfig
 from mlx_gpt.tokenizer import ByteTokenizer
 

@@ -7,7 +7,7 @@ from mlx_gpt.errors import UserError
 from mlx_gpt.formats import llmc
 from mlx_gpt.formats.tensors import LazyTensor, float32_to_bfloat16
 from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
-from mlx_gpt.model import GPTConfig
+from mlx_gpt.models.gpt import GPTConfig
 
 CFG = GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8)
 # llm.c's write_tensors order; every per-layer parameter is written for all layers in turn

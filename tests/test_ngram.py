@@ -7,7 +7,7 @@ import pytest
 from mlx_gpt import checkpoint
 from mlx_gpt.errors import UserError
 from mlx_gpt.generate import generate
-from mlx_gpt.ngram import NGramConfig, fit
+from mlx_gpt.models.ngram import NGramConfig, fit
 from mlx_gpt.tokenizer import ByteTokenizer
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from mlx_gpt.model import GPTConfig, build
+from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.perplexity import Score, score, total_nll, utf8_bytes
 from mlx_gpt.tokenizer import ByteTokenizer, SentencePieceTokenizer
 

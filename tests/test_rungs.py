@@ -8,10 +8,11 @@ from conftest import assert_one_line_error, run_module
 from mlx_gpt import checkpoint
 from mlx_gpt.errors import UserError
 from mlx_gpt.generate import generate
-from mlx_gpt.rungs import NEURAL, RUNGS, build, parse
+from mlx_gpt.models.rungs import NEURAL, RUNGS, build, parse
 from mlx_gpt.tokenizer import ByteTokenizer
-from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step, train
-from mlx_gpt.transformer import sinusoids
+from mlx_gpt.optim import make_optimizer
+from mlx_gpt.train import TrainConfig, make_train_step, train
+from mlx_gpt.models.transformer import sinusoids
 
 # every neural rung, shrunk to train in a second or two
 TINY = {
@@ -47,7 +48,7 @@ def test_specs_name_a_rung_and_an_order():
 def test_each_neural_rung_drives_the_loss_on_one_batch_close_to_zero(name):
     model = tiny(name)
     cfg = TrainConfig(learning_rate=1e-2, min_lr=1e-3, warmup_iters=10, max_iters=150, weight_decay=0.0)
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     step = make_train_step(model, optimizer, cfg)  # train.py's own compiled step
     batch = np.random.default_rng(0).integers(0, 256, size=(1, 4, 17))

@@ -10,8 +10,9 @@ from mlx.utils import tree_flatten
 
 from mlx_gpt import checkpoint
 from mlx_gpt.data import prepare
-from mlx_gpt.model import GPTConfig, build
-from mlx_gpt.train import TrainConfig, loss_fn, lr_schedule, make_optimizer, make_train_step, train
+from mlx_gpt.models.gpt import GPTConfig, build
+from mlx_gpt.optim import lr_schedule, make_optimizer
+from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, train
 
 SMALL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
              log_interval=1, sample_tokens=8)
@@ -33,7 +34,7 @@ def losses_of(run_dir) -> dict[int, float]:
 
 def test_lr_schedule_warms_up_then_decays_to_min():
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
-    lr = lr_schedule(cfg)
+    lr = lr_schedule(cfg.optim)
     values = [float(lr(mx.array(s))) for s in range(101)]
     assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
     assert all(a <= b + 1e-12 for a, b in zip(values[:10], values[1:10]))
@@ -45,7 +46,7 @@ def test_weight_decay_spares_biases_and_norms():
     model = build(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
     model.h[0].attn.c_attn.bias = mx.ones_like(model.h[0].attn.c_attn.bias)
     before = params(model)
-    opt = make_optimizer(TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_iters=0, max_iters=10))
+    opt = make_optimizer(TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_iters=0, max_iters=10).optim)
     opt.init(model.trainable_parameters())
     zero = {k: mx.zeros_like(v) for k, v in tree_flatten(model.trainable_parameters())}
     from mlx.utils import tree_unflatten
@@ -60,7 +61,7 @@ def test_weight_decay_spares_biases_and_norms():
 def _step_pair(accum=1, compile=True, dropout=0.0):
     cfg = TrainConfig(grad_accum=accum, compile=compile, warmup_iters=0, max_iters=10, learning_rate=1e-2)
     model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=dropout), seed=1)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     return model, opt, make_train_step(model, opt, cfg)
 
@@ -87,7 +88,7 @@ def test_step_reports_the_exact_gradient_norm_and_clips_to_it(streams):
     want = math.sqrt(sum((np.array(g, np.float64) ** 2).sum() for _, g in tree_flatten(grads)))
     cfg = TrainConfig(warmup_iters=0, max_iters=10, learning_rate=1e-2, grad_clip=want / 2, streams=streams)
     model = build(model.config, seed=1)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     before = params(model)
     _, norm = make_train_step(model, opt, cfg)(x, y)

@@ -41,18 +41,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mlx_gpt  # noqa: E402  (loads OpenBLAS before mlx.core)
-from mlx_gpt.blas import blas_status, set_blas_threads  # noqa: E402
+from mlx_gpt.cpu.blas import blas_status, set_blas_threads  # noqa: E402
 from mlx_gpt.errors import UserError, run_cli  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_gpt import ops  # noqa: E402
+from mlx_gpt.cpu import accelerate, ops  # noqa: E402
 from mlx_gpt.generate import Decoder, Timing  # noqa: E402
-from mlx_gpt.model import GPTConfig, build  # noqa: E402
-from mlx_gpt.parallel import cpu_cores, split_for  # noqa: E402
+from mlx_gpt.models.gpt import GPTConfig, build  # noqa: E402
+from mlx_gpt.cpu.parallel import cpu_cores, split_for  # noqa: E402
 from mlx_gpt.sampling import SamplingConfig  # noqa: E402
-from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
+from mlx_gpt.optim import make_optimizer  # noqa: E402
+from mlx_gpt.train import TrainConfig, make_train_step  # noqa: E402
 
 FLOP_FORMULA = "6N + 12*L*C*T per token (nanoGPT; N = parameters less position embeddings)"
 
@@ -218,12 +219,12 @@ def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool
 
     ``run(k)`` takes k steps the way ``mlx_gpt.train`` does, each launched with mx.async_eval
     while the next one is being built, and waits for the last. ``native`` traces the step with
-    MLX's own kernels instead of ``mlx_gpt.ops``; ``streams`` is ``mlx_gpt.train``'s --streams.
+    MLX's own kernels instead of ``mlx_gpt.cpu.ops``; ``streams`` is ``mlx_gpt.train``'s --streams.
     """
-    model = build(bench.shape.model_config(), seed=0)
+    model = accelerate(build(bench.shape.model_config(), seed=0))
     model.train()
     tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10, streams=streams)
-    optimizer = make_optimizer(tcfg)
+    optimizer = make_optimizer(tcfg.optim)
     optimizer.init(model.trainable_parameters())
     step_fn = make_train_step(model, optimizer, tcfg)
     xs, ys = mx.array(x[None]), mx.array(y[None])
@@ -347,7 +348,7 @@ def mlx_decode_eager(model, prompt: list[int], new_tokens: int) -> tuple[list[in
 
 
 def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, float]) -> dict:
-    model = build(bench.shape.model_config(), seed=0)
+    model = accelerate(build(bench.shape.model_config(), seed=0))
     model.eval()
     prompt = np.random.default_rng(1).integers(0, bench.shape.vocab_size, bench.prompt_len).tolist()
     n_params = model.num_params()

@@ -31,8 +31,9 @@ import mlx_gpt  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mlx_gpt.cpu import accelerate  # noqa: E402
 from mlx_gpt.generate import Decoder, Timing  # noqa: E402
-from mlx_gpt.model import GPT, build, preset  # noqa: E402
+from mlx_gpt.models.gpt import GPT, build, preset  # noqa: E402
 from mlx_gpt.sampling import SamplingConfig  # noqa: E402
 
 
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     cfg = preset(args.preset)
-    model = build(cfg, seed=0)
+    model = accelerate(build(cfg, seed=0))
     model.eval()
     eager = EagerGPT(cfg)
     eager.update(model.parameters())

@@ -1,6 +1,6 @@
 """The PyTorch reference that ``tools/bench.py --vs-torch`` races against.
 
-The same GPT-2 as ``mlx_gpt.model`` (learned positions, pre-LayerNorm blocks, tanh-GELU MLP,
+The same GPT-2 as ``mlx_gpt.models.gpt`` (learned positions, pre-LayerNorm blocks, tanh-GELU MLP,
 head tied to ``wte``, the same parameter names and Linear layout) and the same train step as
 ``mlx_gpt.train`` (mean cross-entropy, global-norm clipping, AdamW that decays only 2-D
 weights), written the way a PyTorch user would: eager mode, ``F.scaled_dot_product_attention``,
@@ -101,7 +101,7 @@ class TorchGPT(nn.Module):
 
 
 def from_mlx(model, device: str = "cpu") -> TorchGPT:
-    """A TorchGPT on ``device`` holding exactly the weights of an ``mlx_gpt.model.GPT`` (same names and layout)."""
+    """A TorchGPT on ``device`` holding exactly the weights of an ``mlx_gpt.models.gpt.GPT`` (same names and layout)."""
     import numpy as np
     from mlx.utils import tree_flatten
 

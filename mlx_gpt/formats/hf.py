@@ -17,7 +17,7 @@ from typing import Mapping
 
 from ..errors import UserError
 from ..gpt2_tokenizer import EOT, GPT2Tokenizer
-from ..model import GPTConfig
+from ..models.gpt import GPTConfig
 from .safetensors_file import read_safetensors, write_safetensors
 from .tensors import LazyTensor
 from .torch_pickle import read_torch

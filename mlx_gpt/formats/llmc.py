@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..gpt2_tokenizer import EOT, GPT2Tokenizer
-from ..model import GPTConfig
+from ..models.gpt import GPTConfig
 from .tensors import STORAGE, LazyTensor, file_size, progress_bar, read_at
 
 MODEL_MAGIC = 20240326

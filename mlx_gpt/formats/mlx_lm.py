@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..gpt2_tokenizer import GPT2Tokenizer
-from ..model import GPTConfig
+from ..models.gpt import GPTConfig
 from . import hf
 from .safetensors_file import write_safetensors
 from .tensors import LazyTensor

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .lm import LanguageModel, ModelConfig
-from .ngram import HistoryCache
+from .base import LanguageModel, ModelConfig
+from .cache import HistoryCache
 
 
 @dataclass(frozen=True)

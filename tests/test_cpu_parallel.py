@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gpt import parallel
+from mlx_gpt.cpu import parallel
 from mlx_gpt.errors import UserError
-from mlx_gpt.model import GPTConfig, build
-from mlx_gpt.train import TrainConfig, make_optimizer, make_train_step
+from mlx_gpt.models.gpt import GPTConfig, build
+from mlx_gpt.optim import make_optimizer
+from mlx_gpt.train import TrainConfig, make_train_step
 
 CFG = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -31,7 +32,7 @@ def train(monkeypatch, streams: int, batch: int, accum: int, steps: int = 3):
     monkeypatch.setattr(parallel, "cpu_cores", lambda: streams)
     model = build(CFG, seed=0)
     tc = TrainConfig(batch_size=batch, grad_accum=accum, max_iters=100, warmup_iters=2)
-    opt = make_optimizer(tc)
+    opt = make_optimizer(tc.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, tc)
     rng = np.random.default_rng(0)
@@ -49,7 +50,7 @@ def train(monkeypatch, streams: int, batch: int, accum: int, steps: int = 3):
 def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, streams, batch, accum):
     one, w1, _ = train(monkeypatch, 1, batch, accum)
     many, w2, opt = train(monkeypatch, streams, batch, accum)
-    assert opt.stream_of is not None
+    assert opt.stream_for is not None
     np.testing.assert_allclose(np.array(one), np.array(many), rtol=2e-6)
     for k in w1:
         np.testing.assert_allclose(np.array(w1[k]), np.array(w2[k]), atol=2e-6, err_msg=k)
@@ -82,7 +83,7 @@ def test_split_steps_keep_the_parameters_dtype(monkeypatch):
     model = build(CFG, seed=0)
     model.set_dtype(mx.bfloat16)
     tc = TrainConfig(batch_size=4, max_iters=10, warmup_iters=2)
-    opt = make_optimizer(tc)
+    opt = make_optimizer(tc.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, tc)
     x = mx.random.randint(0, 65, (1, 4, 32), key=mx.random.key(0))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def model_types() -> dict[str, tuple[type, type]]:
     """name -> (config class, model class). Imports lazily to keep start-up light."""
     from .feedforward import FeedForwardConfig, FeedForwardLM
-    from .model import GPT, GPTConfig
+    from .gpt import GPT, GPTConfig
     from .ngram import NGram, NGramConfig
     from .recurrent import LSTM, ElmanRNN, RecurrentConfig
     from .transformer import GPT1, TransformerLM
@@ -21,12 +21,15 @@ def model_types() -> dict[str, tuple[type, type]]:
 
 
 def build_model(model_type: str, config: dict) -> Any:
-    """An uninitialised model of a type from its config dict."""
+    """An uninitialised model of a type from its config dict, with this machine's layers
+    (``cpu.accelerate``)."""
+    from ..cpu import accelerate
+
     types = model_types()
     if model_type not in types:
         raise UserError(f"unknown model type {model_type!r}; choose from {', '.join(types)}")
     config_cls, model_cls = types[model_type]
-    return model_cls(config_cls.from_dict(config))
+    return accelerate(model_cls(config_cls.from_dict(config)))
 
 
 def model_type_of(model: Any) -> str:

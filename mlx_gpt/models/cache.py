@@ -1,4 +1,8 @@
-"""Per-layer key/value caches for incremental decoding.
+"""What each model carries from one call to the next while decoding: every cache, in one place.
+
+Attention layers keep keys and values (``KVCache``, or ``FixedKVCache`` for a compiled step),
+recurrent layers their state (``RecurrentState``), and fixed-window models the last tokens
+(``HistoryCache``).
 
 A cache sits inside each attention layer: ``update_and_fetch`` appends the new keys and values
 and returns every key and value the new queries may look at, ``attention_mask`` says which of
@@ -92,3 +96,36 @@ class FixedKVCache:
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.keys, self.values, self.offset) if a is not None]
+
+
+class HistoryCache:
+    """The last `keep` tokens of each sequence: all the history a fixed-window model needs."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.tokens: mx.array | None = None  # (B, <= keep)
+        self.offset = 0
+
+    def update_and_fetch(self, idx: mx.array) -> mx.array:
+        """Prepend the kept history to idx (B, T); remember the new tail."""
+        seq = idx if self.tokens is None else mx.concatenate([self.tokens, idx], axis=1)
+        self.offset += idx.shape[1]
+        self.tokens = seq[:, seq.shape[1] - min(self.keep, seq.shape[1]):]
+        return seq
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.tokens is None else [self.tokens]
+
+
+class RecurrentState:
+    """One layer's state after the tokens seen so far (the LSTM also keeps its cell)."""
+
+    def __init__(self) -> None:
+        self.hidden: mx.array | None = None  # (B, n_embd)
+        self.cell: mx.array | None = None
+        self.offset = 0
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.hidden, self.cell) if a is not None]

@@ -22,8 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
-from .lm import LanguageModel
-from .model import MLP, CausalSelfAttention, GPTConfig, LayerNorm
+from .base import LanguageModel
+from .gpt import MLP, CausalSelfAttention, GPTConfig
 
 
 def sinusoids(offset: int, T: int, dims: int) -> mx.array:
@@ -45,9 +45,9 @@ class PostLNBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.attn = CausalSelfAttention(cfg)
-        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = ReLUMLP(cfg)
-        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         x = self.ln_1(x + self.attn(x, cache))

@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # name -> (smoothing, default order); unigram and bigram are add-k n-grams of a fixed order
 COUNT = {"unigram": ("add-k", 1), "bigram": ("add-k", 2), "ngram": ("add-k", 3), "kneser-ney": ("kneser-ney", 5)}
@@ -95,10 +95,11 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
           overrides: dict | None = None, seed: int = 0) -> Any:
     """The rung's model: fitted on the training ``tokens`` (or the token file holding them) for
     count rungs, freshly initialised otherwise."""
+    from ..cpu import accelerate
     from . import ngram
-    from .data import open_tokens
-    from .model import GPTConfig
-    from .model import build as build_gpt
+    from ..data import open_tokens
+    from .gpt import GPTConfig
+    from .gpt import build as build_gpt
     from .registry import build_model
 
     rung = parse(rung) if isinstance(rung, str) else rung
@@ -110,7 +111,7 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
             tokens = open_tokens(tokens)
         return ngram.fit(tokens, ngram.NGramConfig(**config))
     if rung.model_type == "gpt":
-        return build_gpt(GPTConfig(**config), seed=seed)
+        return accelerate(build_gpt(GPTConfig(**config), seed=seed))
     mx.random.seed(seed)  # MLX's default initialisers draw from the global generator
     model = build_model(rung.model_type, config)
     mx.eval(model.parameters())

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .lm import LanguageModel, ModelConfig
+from .base import LanguageModel, ModelConfig
+from .cache import RecurrentState
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,6 @@ class RecurrentConfig(ModelConfig):
     def __post_init__(self) -> None:
         self.require_positive("vocab_size", "block_size", "n_layer", "n_embd")
         self.require_dropout()
-
-
-class RecurrentState:
-    """One layer's state after the tokens seen so far (the LSTM also keeps its cell)."""
-
-    def __init__(self) -> None:
-        self.hidden: mx.array | None = None  # (B, n_embd)
-        self.cell: mx.array | None = None
-        self.offset = 0
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [a for a in (self.hidden, self.cell) if a is not None]
 
 
 class RecurrentLM(LanguageModel):

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gpt.blas import _state, blas_status
+from mlx_gpt.cpu.blas import _state, blas_status
 
 needs_router = pytest.mark.skipif(not _state.get("matvec"), reason="no OpenBLAS or no C compiler here")
 
@@ -56,7 +56,7 @@ def test_mlx_links_to_the_router():
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_build_is_cached(tmp_path, monkeypatch):
-    from mlx_gpt import matvec
+    from mlx_gpt.cpu import matvec
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = matvec.build()

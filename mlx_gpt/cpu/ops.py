@@ -378,14 +378,16 @@ def causal_mask(t: int, s: int, dtype: mx.Dtype = mx.float32) -> mx.array:
 QUERY_BLOCK = 128
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
+              dropout: Callable[[mx.array], mx.array] | None = None) -> mx.array:
     """softmax(q k^T * scale [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
 
     With ``causal`` the mask is aligned to the last query, which is what a prefill after cached
     positions needs. On the CPU it is written as batched matmuls around ``softmax``, by blocks
     of queries when causal; on other devices it is ``mx.fast.scaled_dot_product_attention``.
+    ``dropout``, when given, is applied to the attention weights (training).
     """
-    if not fast_ops_enabled(q.dtype):
+    if not fast_ops_enabled(q.dtype) and dropout is None:
         mask = "causal" if causal else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     T, S = q.shape[2], k.shape[2]
@@ -401,5 +403,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
         scores = qb @ kb.swapaxes(-1, -2)  # (B, nh, block, seen)
         if causal:
             scores = scores + causal_mask(stop - start, seen)
-        outs.append(softmax(scores) @ vb)
+        weights = softmax(scores)
+        outs.append((weights if dropout is None else dropout(weights)) @ vb)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlx_gpt.errors import UserError
-from mlx_gpt.model import GPT, GPTConfig, build, preset
+from mlx_gpt.models.gpt import GPT, GPTConfig, build, preset
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -71,7 +71,7 @@ def test_config_errors_are_user_errors():
         GPTConfig(n_embd=100, n_head=3)
     with pytest.raises(UserError, match="unknown preset"):
         preset("gpt5")
-    with pytest.raises(UserError, match="unknown model config"):
+    with pytest.raises(UserError, match="unknown GPTConfig keys"):
         GPTConfig.from_dict({"n_embd": 64, "flavour": 1})
 
 

@@ -26,7 +26,6 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import ops
 from .blas import set_blas_threads
 
 
@@ -66,12 +65,17 @@ class StreamPlan:
         sizes = {shape: len(keys) * math.prod(shape) for shape, keys in groups.items()}
         owner = balance(sizes, n_streams)
         self.owner = {key: owner[shape] for shape, keys in groups.items() for key in keys}
+        self.by_shape = owner
 
     def __len__(self) -> int:
         return len(self.streams)
 
     def stream_of(self, key: str) -> mx.Stream:
         return self.streams[self.owner[key]]
+
+    def stream_for(self, a: mx.array) -> mx.Stream:
+        """The stream of the parameters shaped like ``a`` (and of their gradients)."""
+        return self.streams[self.by_shape[tuple(a.shape)]]
 
 
 def split_for(batch_size: int, streams: int = 0) -> tuple[int, int]:
@@ -102,13 +106,13 @@ def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
     return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
 
 
-def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, plan: StreamPlan,
+def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, plan: StreamPlan,
                        compile: bool = True) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """step(x, y) -> (mean loss, gradient norm) for x, y of shape (accum, B, T), as ``mlx_gpt.train``'s step.
 
-    ``loss_fn(model, x, y)`` is the mean loss of one slice. The step clips the gradients to
-    ``grad_clip`` (when positive) and applies ``optimizer``; its parameter updates go to the
-    streams ``plan.stream_of`` names when the optimizer accepts them (``mlx_gpt.train.AdamW``).
+    ``loss_fn(model, x, y)`` is the mean loss of one slice; ``update(model, optimizer, grads,
+    stream_for=...)`` clips and applies the summed gradients and returns their norm
+    (``optim.clip_and_update``), each parameter's share on the stream ``plan.stream_for`` gives it.
     """
 
     def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
@@ -124,21 +128,11 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, grad_clip: float, pl
         w = [weights[i] for i in range(len(losses))]
         loss = sum(wi * li for wi, li in zip(w, losses))
         flat = [dict(tree_flatten(g)) for g in grads_list]
-        grads, squares = {}, []
+        grads = {}
         for key in flat[0]:
             with mx.stream(plan.stream_of(key)):
                 grads[key] = sum(wi * f[key] for wi, f in zip(w, flat)).astype(flat[0][key].dtype)
-                squares.append(ops.squared_norm(grads[key]))
-        norm = mx.sqrt(sum(squares))
-        if grad_clip > 0:
-            scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
-            for key in grads:
-                with mx.stream(plan.stream_of(key)):
-                    grads[key] = (grads[key] * scale).astype(grads[key].dtype)
-        if hasattr(optimizer, "stream_of"):
-            optimizer.stream_of = plan.stream_of
-        optimizer.update(model, tree_unflatten(list(grads.items())))
-        return loss, norm
+        return loss, update(model, optimizer, tree_unflatten(list(grads.items())), stream_for=plan.stream_for)
 
     if compile:
         state = [model.state, optimizer.state]

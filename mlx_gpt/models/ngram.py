@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
-from .lm import LanguageModel, ModelConfig
+from ..errors import UserError
+from .base import LanguageModel, ModelConfig
+from .cache import HistoryCache
 
 SMOOTHING = ("add-k", "kneser-ney")
 
@@ -65,26 +66,6 @@ class NGramConfig(ModelConfig):
     @property
     def fitted(self) -> bool:
         return bool(self.sizes)
-
-
-class HistoryCache:
-    """The last `keep` tokens of each sequence: all the history a fixed-window model needs."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.tokens: mx.array | None = None  # (B, <= keep)
-        self.offset = 0
-
-    def update_and_fetch(self, idx: mx.array) -> mx.array:
-        """Prepend the kept history to idx (B, T); remember the new tail."""
-        seq = idx if self.tokens is None else mx.concatenate([self.tokens, idx], axis=1)
-        self.offset += idx.shape[1]
-        self.tokens = seq[:, seq.shape[1] - min(self.keep, seq.shape[1]):]
-        return seq
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.tokens is None else [self.tokens]
 
 
 class NGram(LanguageModel):

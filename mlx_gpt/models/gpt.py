@@ -7,18 +7,18 @@ an imported GPT-2 checkpoint is a transpose of the Conv1D weights and nothing mo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ops
+from ..errors import UserError
+from .base import LanguageModel, ModelConfig
 from .cache import KVCache
-from .errors import UserError
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ModelConfig):
     vocab_size: int = 50257
     block_size: int = 1024
     n_layer: int = 12
@@ -29,24 +29,10 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        self.require_dropout()
 
 
 # GPT-2's four released shapes, plus two that train on a laptop CPU. The tiny and baby presets
@@ -70,28 +56,14 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters) computed by ``ops.linear``, whose weight gradients on the
-    CPU come out laid out like the weights."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return ops.linear(x, self.weight, self.bias if "bias" in self else None)
-
-
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters) computed by ``ops.layer_norm``: BLAS statistics on the CPU."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return ops.layer_norm(x, self.weight if "weight" in self else None, self.bias if "bias" in self else None,
-                              self.eps)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_pdrop = cfg.dropout
+        self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -104,32 +76,41 @@ class CausalSelfAttention(nn.Module):
             mask = cache.attention_mask(T)
         else:
             mask = "causal" if T > 1 else None
-        scale = 1.0 / math.sqrt(C // self.n_head)
-        if isinstance(mask, mx.array):  # a fixed-capacity cache masks the positions not yet written
-            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        else:  # "causal" is aligned to the last query, which is what a cached prefill needs
-            y = ops.attention(q, k, v, scale=scale, causal=mask == "causal")
+        y = self.attend(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
+        """softmax(q k^T * scale, masked) v; "causal" is aligned to the last query, which is what a
+        prefill after cached positions needs. With dropout (training only), the attention
+        weights are dropped as in GPT-2 and nanoGPT, which needs them written out."""
+        if self.training and self.attn_pdrop > 0:  # mask is "causal" here: training has no cache
+            scores = (q * scale) @ k.swapaxes(-1, -2)
+            if mask is not None:
+                T, S = q.shape[2], k.shape[2]
+                scores = scores + nn.MultiHeadAttention.create_additive_causal_mask(S)[S - T:].astype(scores.dtype)
+            return self.attn_dropout(mx.softmax(scores, axis=-1, precise=True)) @ v
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approx="tanh")  # GPT-2's tanh approximation
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(ops.gelu_approx(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -137,7 +118,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     # positions and attention masks come from the cache, so generation may hand it
     # fixed-capacity caches (cache.FixedKVCache) and compile its one-token step
     accepts_fixed_cache = True
@@ -149,11 +130,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
@@ -164,14 +141,14 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T)))
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
-        return ops.linear(self.ln_f(x), self.wte.weight)  # the head, tied to wte
+        return self.wte.as_linear(self.ln_f(x))  # the head, tied to wte
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count with the tied head counted once (GPT-2 124M: 124,439,808)."""
-        n = sum(v.size for _, v in nn.utils.tree_flatten(self.parameters()))
+        n = super().num_params()
         return n - self.wpe.weight.size if non_embedding else n
 
 

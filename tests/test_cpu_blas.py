@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mlx_gpt.blas import blas_status
+from mlx_gpt.cpu.blas import blas_status
 
 linux_x86 = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
                                reason="OpenBLAS is loaded on Linux x86_64 only")

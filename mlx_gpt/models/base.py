@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class ModelConfig:
