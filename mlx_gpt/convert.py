@@ -26,7 +26,7 @@ from .atomic import replacing_directory, replacing_file
 from .errors import UserError, run_cli
 from .formats import hf, llmc, mlx_lm
 from .formats.tensors import LazyTensor, progress_bar
-from .gpt2_tokenizer import FILE_PAIRS, GPT2Tokenizer
+from .gpt2_tokenizer import GPT2Tokenizer
 from .models.gpt import GPT, GPTConfig
 from .models.registry import model_type_of
 from .tokenizer import META_FILE, load_tokenizer
@@ -45,10 +45,10 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokeniz
     src, out = Path(src), Path(out)
     _check_out(out, overwrite, replaceable=checkpoint.exists)
     cfg, weights, head = _open_source(src)
-    tok = read_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_beside(src)
+    tok = GPT2Tokenizer.from_path(tokenizer) if tokenizer is not None else _tokenizer_beside(src)
     if tok is None:
-        raise UserError(f"{src} comes with no tokenizer; pass --tokenizer (llm.c's {LLMC_TOKENIZER}, or a directory "
-                        "with vocab.json + merges.txt or encoder.json + vocab.bpe)")
+        raise UserError(f"{src} comes with no tokenizer; pass --tokenizer (llm.c's {LLMC_TOKENIZER}, Hugging Face's "
+                        "tokenizer.json, or a directory with vocab.json + merges.txt or encoder.json + vocab.bpe)")
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size} embeddings")
     model = GPT(cfg)  # its initial weights are lazy and never computed: every one is replaced
@@ -85,21 +85,9 @@ def _open_source(src: Path) -> tuple[GPTConfig, dict[str, LazyTensor], LazyTenso
 def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
     """The tokenizer that comes with a source: its directory's files, or llm.c's file beside it."""
     if src.is_dir():
-        return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.find_files(src) else None
+        return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.found_in(src) else None
     beside = src.parent / LLMC_TOKENIZER
     return llmc.read_tokenizer(beside) if beside.is_file() else None
-
-
-def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
-    """A GPT-2 tokenizer from llm.c's tokenizer file or a directory of vocab + merges files."""
-    p = Path(path)
-    if p.is_file() and p.name in {name for pair in FILE_PAIRS for name in pair}:
-        p = p.parent  # one of the pair was named: read both
-    if p.is_dir():
-        return GPT2Tokenizer.from_directory(p)
-    if p.is_file():
-        return llmc.read_tokenizer(p)
-    raise UserError(f"tokenizer {p} not found")
 
 
 def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, LazyTensor],
@@ -241,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the checkpoint (import), directory (hf, mlx-lm) or .bin file (llmc) "
                                                 "to write")
     p.add_argument("--to", choices=EXPORTS, help="export SRC to this format instead of importing")
-    p.add_argument("--tokenizer", help=f"import: llm.c's {LLMC_TOKENIZER}, or a directory with vocab.json + "
-                                       "merges.txt (or encoder.json + vocab.bpe); default: the one that comes with SRC")
+    p.add_argument("--tokenizer", help=f"import: llm.c's {LLMC_TOKENIZER}, Hugging Face's tokenizer.json, or a "
+                                       "directory with vocab.json + merges.txt, encoder.json + vocab.bpe or "
+                                       "tokenizer.json; default: the one that comes with SRC")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

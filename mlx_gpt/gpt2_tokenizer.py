@@ -9,6 +9,10 @@ is a token of its own, so any text round-trips exactly.
 ``<|endoftext|>`` is encoded as ordinary text: only the data pipeline and generation place the
 id, so a document cannot smuggle one in.
 
+Hugging Face repos may ship the tokenizer only as ``tokenizer.json`` (the ``tokenizers``
+library's whole pipeline in one file); its BPE model holds the same vocabulary and merges,
+which are read from it when its pipeline is GPT-2's (byte-level, no normalizer).
+
 llm.c's tokenizer file lists each id's bytes with no merges; ``from_token_bytes`` recovers the
 merges, since in a byte-level BPE vocabulary token ``r`` is the ``r - 256``-th merge.
 """
@@ -28,6 +32,8 @@ VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 # (vocab, merges) file names, Hugging Face's first, then OpenAI's originals
 FILE_PAIRS = ((VOCAB_FILE, MERGES_FILE), ("encoder.json", "vocab.bpe"))
+HF_TOKENIZER_FILE = "tokenizer.json"  # also the name of our own small tokenizer meta file
+WHERE = " or ".join([*(f"{v} + {m}" for v, m in FILE_PAIRS), f"Hugging Face's {HF_TOKENIZER_FILE}"])
 
 
 @lru_cache(maxsize=1)
@@ -139,13 +145,67 @@ class GPT2Tokenizer:
         return None
 
     @classmethod
+    def found_in(cls, directory: str | os.PathLike) -> bool:
+        """Whether from_directory would find GPT-2 tokenizer files in directory."""
+        return cls.find_files(directory) is not None or is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE))
+
+    @classmethod
     def from_directory(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
-        """From vocab.json + merges.txt or encoder.json + vocab.bpe in directory."""
+        """From vocab.json + merges.txt, encoder.json + vocab.bpe, or tokenizer.json in directory."""
         found = cls.find_files(directory)
-        if found is None:
-            names = " or ".join(f"{v} + {m}" for v, m in FILE_PAIRS)
-            raise UserError(f"{directory} has no GPT-2 tokenizer files ({names})")
-        return cls.from_files(*found)
+        if found is not None:
+            return cls.from_files(*found)
+        if is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE)):
+            return cls.from_tokenizer_json(Path(directory, HF_TOKENIZER_FILE))
+        raise UserError(f"{directory} has no GPT-2 tokenizer files ({WHERE})")
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
+        """From a directory of tokenizer files, one of them named, or llm.c's tokenizer file."""
+        p = Path(path)
+        if p.is_file() and p.name in {name for pair in FILE_PAIRS for name in pair}:
+            p = p.parent  # one of a pair was named: read both
+        if p.is_dir():
+            return cls.from_directory(p)
+        if is_hf_tokenizer_json(p):
+            return cls.from_tokenizer_json(p)
+        if p.is_file():
+            from .formats import llmc
+
+            return llmc.read_tokenizer(p)
+        raise UserError(f"tokenizer {p} not found")
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
+        """From Hugging Face's tokenizer.json, when it describes a GPT-2-style byte-level BPE.
+
+        Anything that would make its ids differ from ours (a normalizer, a prefix space, a
+        non-byte-level pre-tokenizer, subword prefixes) is refused rather than ignored.
+        """
+        path = Path(path)
+        data = _read_json(path)
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
+            raise UserError(f"{path} is not a Hugging Face BPE tokenizer.json")
+        problem = _not_gpt2_pipeline(data, model)
+        if problem:
+            raise UserError(f"{path}: {problem}; only GPT-2's byte-level BPE pipeline is read")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
+            raise UserError(f"{path}: model.vocab must map token strings to integer ids")
+        vocab = dict(vocab)
+        for added in data.get("added_tokens") or []:  # e.g. <|endoftext|>, sometimes only listed here
+            content, i = added.get("content"), added.get("id")
+            if not isinstance(content, str) or type(i) is not int or vocab.get(content, i) != i:
+                raise UserError(f"{path}: added token {added!r} conflicts with the vocabulary")
+            vocab[content] = i
+        merges = []
+        for m in model["merges"]:  # "a b" strings (older files) or [a, b] pairs (tokenizers >= 0.20)
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
+                raise UserError(f"{path}: a merge is two tokens, got {m!r:.40}")
+            merges.append((pair[0], pair[1]))
+        return cls(vocab, merges)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
@@ -202,6 +262,44 @@ class GPT2Tokenizer:
         return cls(vocab, merges)
 
 
+def is_hf_tokenizer_json(path: Path) -> bool:
+    """Whether path is Hugging Face's tokenizer.json (a "model" inside), not our meta file."""
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
+
+
+def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
+    """What in a tokenizer.json would encode differently from GPT-2's pipeline, or None."""
+    if data.get("normalizer") is not None:
+        return f"it normalizes text ({data['normalizer'].get('type')})"
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
+        return f"its pre-tokenizer is {pre.get('type')}, not ByteLevel"
+    if steps[0].get("add_prefix_space") or not steps[0].get("use_regex", True):
+        return "its ByteLevel pre-tokenizer adds a prefix space or skips GPT-2's split"
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "ignore_merges"):
+        if model.get(key):
+            return f"its BPE sets {key}"
+    if model.get("byte_fallback"):
+        return "its BPE falls back to bytes"
+    return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from None
+
+
 def _bpe(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
     """Byte-pair-encode piece, merging the best-ranked adjacent pair first, ranks < below only."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
@@ -237,12 +335,7 @@ def _build(vocab: dict[str, int], merges: list[tuple[str, str]]):
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a JSON vocabulary: {str(e).splitlines()[0]}") from None
+    vocab = _read_json(path)
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
         raise UserError(f"{path} must map token strings to integer ids")
     return vocab

@@ -397,6 +397,21 @@ def test_a_source_without_tokenizer_needs_one(imported, shared_data, tmp_path, c
     assert (tmp_path / "ckpt" / "merges.txt").read_bytes() == (imported / "merges.txt").read_bytes()
 
 
+def test_a_repo_shipping_only_tokenizer_json_converts(small, tok, shared_data, tmp_path):
+    from test_gpt2_tokenizer import write_tokenizer_json
+
+    src = _copy(small[1]["safetensors"], tmp_path / "repo")
+    for name in ("encoder.json", "vocab.bpe"):
+        (src / name).unlink()
+    write_tokenizer_json(shared_data / "gpt2", src / "tokenizer.json")
+    out = convert.import_checkpoint(src, tmp_path / "ckpt", progress=False)
+    model, back = mlx_gpt.load(out)
+    assert back.vocab == tok.vocab and back.merges == tok.merges
+    ids = back.encode(TEXT)
+    assert ids == tok.encode(TEXT)
+    np.testing.assert_allclose(_logits(model, ids), _logits(small[0], ids), atol=TOLERANCE)
+
+
 # ---------------------------------------------------------------------------- GPT-2 124M shapes
 
 

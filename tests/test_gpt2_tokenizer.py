@@ -102,6 +102,51 @@ def test_both_file_namings_give_the_same_tokenizer(gpt2_dir, tok, tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes()
 
 
+def write_tokenizer_json(gpt2_dir, path, *, string_merges: bool = False, **pre_tokenizer) -> None:
+    """GPT-2's tokenizer.json as the tokenizers library writes it (the only tokenizer file some repos ship)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    t = Tokenizer(models.BPE.from_file(vocab=str(gpt2_dir / "encoder.json"), merges=str(gpt2_dir / "vocab.bpe")))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(**{"add_prefix_space": False, **pre_tokenizer})
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<|endoftext|>"])
+    t.save(str(path))
+    if string_merges:  # tokenizers before 0.20 wrote each merge as one "a b" string
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.mark.parametrize("string_merges", [False, True])
+def test_tokenizer_json_alone_gives_tiktoken_ids(gpt2_dir, tok, tiktoken_enc, tmp_path, string_merges):
+    from tokenizers import Tokenizer
+
+    write_tokenizer_json(gpt2_dir, tmp_path / "tokenizer.json", string_merges=string_merges)
+    from_json = GPT2Tokenizer.from_directory(tmp_path)
+    assert from_json.vocab == tok.vocab and from_json.merges == tok.merges and from_json.eot_id == 50256
+    assert GPT2Tokenizer.from_path(tmp_path / "tokenizer.json").vocab == tok.vocab
+    library = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in TEXTS[:12] + _random_texts(100, seed=1):
+        ids = from_json.encode(text)
+        assert ids == tiktoken_enc.encode_ordinary(text) == library.encode(text, add_special_tokens=False).ids
+        assert from_json.decode(ids) == text
+
+
+def test_tokenizer_json_with_another_pipeline_is_refused(gpt2_dir, tmp_path):
+    write_tokenizer_json(gpt2_dir, tmp_path / "tokenizer.json", add_prefix_space=True)
+    with pytest.raises(UserError, match="prefix space"):
+        GPT2Tokenizer.from_directory(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["add_prefix_space"] = False
+    data["normalizer"] = {"type": "NFC"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(UserError, match="normalizes text"):
+        GPT2Tokenizer.from_directory(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": 1, "kind": "byte"}')  # our own meta file
+    with pytest.raises(UserError, match="no GPT-2 tokenizer files"):
+        GPT2Tokenizer.from_directory(tmp_path)
+
+
 def test_merges_recovered_from_token_bytes_alone(tok):
     """llm.c's tokenizer file has only each id's bytes: the merges must come back exactly."""
     rebuilt = GPT2Tokenizer.from_token_bytes(tok.token_bytes(), special=[tok.eot_id])
@@ -131,7 +176,7 @@ def test_bad_tokenizer_files_are_user_errors(gpt2_dir, tmp_path):
     with pytest.raises(UserError, match="ids must be"):
         GPT2Tokenizer.from_files(tmp_path / "vocab.json", gpt2_dir / "vocab.bpe")
     (tmp_path / "vocab.json").write_text("[1, 2")
-    with pytest.raises(UserError, match="not a JSON vocabulary"):
+    with pytest.raises(UserError, match="not valid JSON"):
         GPT2Tokenizer.from_files(tmp_path / "vocab.json", gpt2_dir / "vocab.bpe")
 
 
