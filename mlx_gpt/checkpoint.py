@@ -5,6 +5,7 @@ A checkpoint is a directory holding
   model.safetensors    weights, GPT-2 names, MLX layout (Linear weights are (out, in))
   optimizer.safetensors, state.json   only for runs that can be resumed
   tokenizer.json (+ its model file)
+  train.toml           the run's settings, every one: ``--config`` reproduces the run
   metrics.jsonl        the run's log, one JSON object a line
 
 A save writes a sibling temp directory, then swaps it in with two renames; if a crash falls
@@ -50,8 +51,11 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,
-         optimizer: Any = None, state: dict | None = None) -> Path:
-    """Write a checkpoint atomically; the previous one stays readable until the new one is whole."""
+         optimizer: Any = None, state: dict | None = None, files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint atomically; the previous one stays readable until the new one is whole.
+
+    ``files``: further text files to write into it, by name (e.g. the run's ``train.toml``).
+    """
     path = Path(path)
     config = {"format": FORMAT, "version": VERSION, "model_type": model_type_of(model),
               "model": model.config.to_dict(), "train": train_config}
@@ -65,6 +69,8 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
             (tmp / "state.json").write_text(json.dumps(state) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         if (path / METRICS).exists():
             shutil.copy2(path / METRICS, tmp / METRICS)
     return path

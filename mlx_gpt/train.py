@@ -19,14 +19,14 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint
+from . import checkpoint, flags
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
@@ -252,13 +252,13 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
     return prepare(cfg.data, tokenizer, **kw)
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     """Resolve data, model, optimizer and (when resuming) saved state for a run."""
     if cfg.resume:
         if cfg.out is None:
             raise UserError("--resume needs --out naming the run to continue")
         saved = checkpoint.read_config(cfg.out).get("train") or {}
-        cfg = _merge_resumed(saved, cfg)
+        cfg = _merge_resumed(saved, cfg, _given(cfg) if given is None else given)
         model, tokenizer = checkpoint.load(cfg.out)
     elif cfg.init:
         model, tokenizer = _init_model(cfg)
@@ -301,24 +301,29 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def _merge_resumed(saved: dict, cli: TrainConfig) -> TrainConfig:
-    """The saved config, with only the flags a resumed run may change taken from the CLI."""
+def _merge_resumed(saved: dict, cli: TrainConfig, given: Collection[str]) -> TrainConfig:
+    """The saved config, with only the settings a resumed run may change taken from ``given``."""
     known = {f.name for f in fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    defaults = TrainConfig()
     changes = {}
-    for f in fields(TrainConfig):
-        value, saved_value = getattr(cli, f.name), getattr(base, f.name)
-        if f.name in ("resume", "overwrite", "out") or value == getattr(defaults, f.name) or value == saved_value:
+    for name in sorted(set(given) - {"resume", "overwrite", "out"}):
+        value, saved_value = getattr(cli, name), getattr(base, name)
+        if value == saved_value:
             continue
-        if f.name not in RESUMABLE_OVERRIDES:
-            raise UserError(f"--{f.name.replace('_', '-')} {value} differs from the run's {saved_value}; "
+        if name not in RESUMABLE_OVERRIDES:
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from the run's {saved_value}; "
                             "a resumed run keeps its model and optimisation settings")
-        changes[f.name] = value
+        changes[name] = value
     return replace(base, resume=True, overwrite=False, out=cli.out, **changes)
 
 
 # ---------------------------------------------------------------------------- the loop
+
+
+def _given(cfg: TrainConfig) -> set[str]:
+    """The settings that differ from the defaults: what an API caller evidently chose."""
+    defaults = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
 
 
 def _log(run: Run, record: dict) -> None:
@@ -328,9 +333,9 @@ def _log(run: Run, record: dict) -> None:
 
 
 def _save(run: Run, step: int, sampler_state: dict) -> None:
-    state = {"step": step, "seed": run.cfg.seed, "rng_key": np.array(mx.random.state[0]).tolist(),
-             "sampler": sampler_state, "best_val": run.best_val}
+    state = {"step": step, "sampler": sampler_state, "best_val": run.best_val}
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
+                    files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False))},
                     state=state)
 
 
@@ -348,12 +353,17 @@ def _sample(run: Run, step: int) -> str | None:
     return text
 
 
-def train(cfg: TrainConfig, *, progress: bool | None = None, on_step: Callable[[int, float], None] | None = None) -> Run:
-    """Run (or resume) training; returns the finished run. ``on_step(step, loss)`` sees every loss."""
+def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: bool | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> Run:
+    """Run (or resume) training; returns the finished run. ``on_step(step, loss)`` sees every loss.
+
+    ``given``: the settings the user chose (the CLI passes them); a resumed run takes only
+    those from ``cfg``. By default, every setting that differs from TrainConfig's default.
+    """
     from tqdm import tqdm
 
     set_wired_limit()
-    run = setup(cfg)
+    run = setup(cfg, given)
     cfg, model = run.cfg, run.model
     B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
     train_sampler = make_sampler(cfg.sampler, run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
@@ -468,47 +478,74 @@ class _StopFlag:
 # ---------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.train", description="Train a GPT on your text with MLX.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(d, f.name)
-        if f.type in ("bool", bool) or isinstance(default, bool) and f.name != "bias":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
-        elif f.name == "bias":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
-        else:
-            kind = {"int | None": int, "float | None": float, "str | None": str}.get(f.type) or type(default)
-            p.add_argument(flag, type=kind, default=default, help=HELP.get(f.name))
-    return p
-
-
 HELP = {
     "data": "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), 'pydoc' or 'shakespeare'",
     "tokenizer": "byte, or sp:VOCAB for SentencePiece BPE trained on the data",
+    "data_dir": "where prepared datasets are cached",
+    "val_fraction": "tail of each document held out for evaluation",
     "sampler": "training batches: random windows, or sequential (the file in order, as llm.c's DataLoader)",
     "model": f"ladder rung: {', '.join(rungs.RUNGS)}; ngram:N and kneser-ney:N set the order",
     "preset": f"model shape of --model gpt: {', '.join(PRESETS)}",
-    "init": "start from this checkpoint's weights and tokenizer (fine-tuning)",
-    "out": "run directory (default checkpoints/<data>-<preset>, or -<model> for other rungs)",
-    "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
+    "n_layer": "transformer blocks (default: the preset's)",
+    "n_head": "attention heads (default: the preset's)",
+    "n_embd": "embedding width (default: the preset's)",
+    "block_size": "context length in tokens (default: the preset's, or --init's; --init may crop it)",
+    "dropout": "dropout on embeddings, attention weights and residuals (default: the preset's, or --init's)",
+    "bias": "biases in linear layers and layer norms (default: the preset's)",
+    "init": "start from this checkpoint's weights and tokenizer (fine-tuning; see README for its defaults)",
+    "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
+    "max_iters": "optimizer steps in the run",
+    "learning_rate": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_iters": "steps of linear warmup",
+    "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
+    "weight_decay": "AdamW's decoupled weight decay, on 2-D weights only",
+    "beta1": "AdamW's beta1",
+    "beta2": "AdamW's beta2",
+    "grad_clip": "clip the gradients' global norm to this (0: off)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
+    "seed": "seed of initialisation, batches, dropout and samples",
     "compile": "compile the train step with mx.compile",
     "streams": "CPU only: threads each micro-batch is split over (0: one per core; 1: no split, BLAS uses every "
                "core, often faster on a quiet machine)",
+    "out": "run directory (default: checkpoints/<data>-<preset>, or -<model> for other rungs)",
+    "eval_interval": "steps between evaluations of train and val loss",
+    "eval_iters": "batches per evaluation",
+    "log_interval": "steps between log lines",
+    "sample_interval": "steps between printed samples (default: eval-interval)",
+    "sample_tokens": "tokens per printed sample",
+    "sample_prompt": "prompt of printed samples (default: a new document)",
+    "checkpoint_interval": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
     "resume": "continue the run in --out exactly where it stopped",
     "overwrite": "replace an existing run in --out",
-    "lr_decay_iters": "step where cosine decay reaches min-lr (default max-iters)",
-    "sample_interval": "steps between printed samples (default eval-interval)",
 }
+
+# nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant
+# learning rate; applied with --init to every one of these the user does not set
+FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
+                         max_iters=200, eval_interval=50, checkpoint_interval=50)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return flags.build(TrainConfig, HELP, prog="python -m mlx_gpt.train",
+                       description="Train a GPT (or any rung of the ladder) on your text with MLX.",
+                       epilog="With --init, unset flags take fine-tuning defaults: " +
+                              ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINETUNE_DEFAULTS.items()))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """The run's config and the names of the settings the user gave (flags or --config file)."""
+    given = flags.parse(build_parser(), TrainConfig, argv)
+    if given.get("init") and not given.get("resume"):
+        given = {**FINETUNE_DEFAULTS, **given}
+    return TrainConfig(**given), frozenset(given)
 
 
 def main(argv: Sequence[str] | None = None) -> Run:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
-    return train(cfg)
+    cfg, given = parse_args(argv)
+    return train(cfg, given=given)
 
 
 if __name__ == "__main__":
