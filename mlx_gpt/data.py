@@ -219,25 +219,51 @@ class Dataset:
     tokenizer: Tokenizer | None
 
 
-def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
-    """``byte`` or ``sp`` / ``sp:VOCAB`` (SentencePiece, default 4096) -> (kind, vocab)."""
-    kind, _, vocab = spec.partition(":")
-    if kind == "byte" and not vocab:
+GPT2_TOKENIZER_DIR = ("tokenizers", "gpt2")  # under --data-dir: where `--tokenizer gpt2` looks
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int | str | None]:
+    """``byte``; ``sp`` / ``sp:VOCAB`` (SentencePiece, default 4096); ``gpt2`` / ``gpt2:PATH``.
+
+    Returns (kind, argument): the vocabulary size for sp, the path (or None) for gpt2.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "byte" and not arg:
         return "byte", 256
     if kind == "sp":
         try:
-            return "sp", int(vocab or 4096)
+            return "sp", int(arg or 4096)
         except ValueError:
             pass
-    raise UserError(f"unknown tokenizer {spec!r}; use byte, sp or sp:VOCAB (e.g. sp:4096)")
+    if kind == "gpt2":
+        return "gpt2", arg or None
+    raise UserError(f"unknown tokenizer {spec!r}; use byte, sp, sp:VOCAB (e.g. sp:4096), gpt2 or gpt2:PATH")
+
+
+def gpt2_tokenizer(path: str | None, data_dir: str | os.PathLike = "data") -> Tokenizer:
+    """GPT-2's BPE from PATH, or from <data-dir>/tokenizers/gpt2/ when no path is given.
+
+    Nothing is downloaded: the files are OpenAI's encoder.json + vocab.bpe, Hugging Face's
+    vocab.json + merges.txt or tokenizer.json, or llm.c's gpt2_tokenizer.bin.
+    """
+    from .gpt2_tokenizer import WHERE, GPT2Tokenizer
+
+    if path is not None:
+        return GPT2Tokenizer.from_path(path)
+    default = Path(data_dir, *GPT2_TOKENIZER_DIR)
+    if not GPT2Tokenizer.found_in(default):
+        raise UserError(f"--tokenizer gpt2 reads GPT-2's tokenizer files from {default}/ ({WHERE}), which has none; "
+                        "put them there or pass --tokenizer gpt2:PATH")
+    return GPT2Tokenizer.from_directory(default)
 
 
 def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str | os.PathLike = "data",
             val_fraction: float = 0.1, force: bool = False) -> Dataset:
     """Tokenize a source into data/<name>-<tokenizer>/ (reused when already prepared).
 
-    ``tokenizer`` is a spec (``byte``, ``sp:4096``: trained here on the train split) or an
-    existing Tokenizer (fine-tuning a checkpoint encodes new text with its own tokenizer).
+    ``tokenizer`` is a spec (``byte``; ``sp:4096``, trained here on the train split; ``gpt2`` or
+    ``gpt2:PATH``, GPT-2's BPE read from files) or an existing Tokenizer (fine-tuning a
+    checkpoint encodes new text with its own tokenizer).
     """
     existing = _as_prepared(source)
     if existing is not None:
@@ -247,14 +273,18 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val fraction must be in (0, 1), got {val_fraction}")
     name, docs = read_source(source, data_dir)
+    label = None  # the output's suffix when the tokenizer is named by a spec
     if isinstance(tokenizer, str):
-        kind, vocab = parse_tokenizer_spec(tokenizer)
-        out = Path(data_dir, f"{name}-{kind if kind == 'byte' else f'sp{vocab}'}")
+        kind, arg = parse_tokenizer_spec(tokenizer)
+        label = {"byte": "byte", "sp": f"sp{arg}", "gpt2": "gpt2"}[kind]
+        if kind == "gpt2":  # GPT-2's BPE is not trained here: read its files, then as any given tokenizer
+            tokenizer = gpt2_tokenizer(arg, data_dir)
+    if isinstance(tokenizer, str):
+        out = Path(data_dir, f"{name}-{label}")
         fingerprint = _fingerprint(docs, tokenizer, val_fraction)
     else:
-        kind, vocab = None, tokenizer.vocab_size
         digest = tokenizer_digest(tokenizer)
-        out = Path(data_dir, f"{name}-{tokenizer.kind}{vocab}-{digest[:8]}")
+        out = Path(data_dir, f"{name}-{label or f'{tokenizer.kind}{tokenizer.vocab_size}-{digest[:8]}'}")
         fingerprint = _fingerprint(docs, digest, val_fraction)
     meta_path = out / "meta.json"
     if not force and meta_path.exists():
@@ -275,7 +305,7 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
         tok = ByteTokenizer()
     else:
         lines = (line for d in train_docs for line in d.splitlines(keepends=True))
-        tok = SentencePieceTokenizer.train(lines, vocab)
+        tok = SentencePieceTokenizer.train(lines, arg)
     with replacing_directory(out) as tmp:
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             write_tokens(tmp / f"{split}.bin", encode_documents(tok, split_docs), tok.vocab_size)

@@ -13,7 +13,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gpt.prepare", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a text file, a folder of .txt files, 'pydoc' or 'shakespeare'")
-    p.add_argument("--tokenizer", default="byte", help="byte, or sp:VOCAB for SentencePiece BPE")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte; sp:VOCAB for SentencePiece BPE trained on the data; gpt2:PATH for GPT-2's BPE from a "
+                        "directory with encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json "
+                        "(gpt2 alone: from DATA_DIR/tokenizers/gpt2/)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--force", action="store_true", help="prepare again even if a matching dataset exists")

@@ -1,4 +1,5 @@
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, SequentialSampler, TokenFile, load_dataset, make_sampler,
                           open_tokens, prepare, read_header, read_source, write_tokens)
+from conftest import assert_one_line_error, run_module
 from mlx_gpt.errors import UserError
 from mlx_gpt.tokenizer import ByteTokenizer
 
@@ -140,6 +142,43 @@ def test_prepare_sentencepiece_folder_with_end_of_text(tmp_path):
     train = open_tokens(ds.train_file)
     assert (train == ds.tokenizer.eot_id).sum() == 3  # one end-of-text after each document
     assert json.loads((ds.path / "meta.json").read_text())["documents"] == 3
+
+
+def test_gpt2_tokenizer_from_files_gives_tiktoken_ids(tmp_path, shared_data):
+    from test_gpt2_tokenizer import tiktoken_gpt2
+
+    enc = tiktoken_gpt2(shared_data / "gpt2")
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:50_000]
+    (tmp_path / "play.txt").write_text(text)
+    ds = prepare(str(tmp_path / "play.txt"), f"gpt2:{shared_data / 'gpt2'}", data_dir=tmp_path / "data")
+    assert ds.path.name == "play-gpt2" and ds.vocab_size == 50257 and ds.tokenizer.kind == "gpt2"
+    cut = int(len(text) * 0.9)
+    assert open_tokens(ds.train_file).tolist() == enc.encode_ordinary(text[:cut]) + [50256]
+    assert open_tokens(ds.val_file).tolist() == enc.encode_ordinary(text[cut:]) + [50256]
+    assert read_header(ds.train_file) == TokenFile(20240520, 1, len(enc.encode_ordinary(text[:cut])) + 1)
+    assert json.loads((ds.path / "meta.json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_gpt2_tokenizer_from_the_default_place(tmp_path, shared_data):
+    (tmp_path / "play.txt").write_text("To be, or not to be.\n" * 50)
+    data = tmp_path / "data"
+    with pytest.raises(UserError, match=r"data/tokenizers/gpt2/ \(vocab.json \+ merges.txt or encoder.json"):
+        prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data)
+    shutil.copytree(shared_data / "gpt2", data / "tokenizers" / "gpt2")
+    ds = prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data)
+    assert ds.tokenizer.encode(" To be") == [1675, 307]
+    assert prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data).path == ds.path  # reused
+
+
+def test_prepare_cli_with_gpt2_files(tmp_path, shared_data):
+    (tmp_path / "play.txt").write_text("To be, or not to be.\n" * 50)
+    proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", f"gpt2:{shared_data / 'gpt2'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "data/play-gpt2: " in proc.stdout and "vocab 50257" in proc.stdout
+    proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", "gpt2", cwd=tmp_path)
+    assert_one_line_error(proc, "data/tokenizers/gpt2/", "gpt2:PATH")
+    proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", "gpt2:nowhere", cwd=tmp_path)
+    assert_one_line_error(proc, "tokenizer nowhere not found")
 
 
 def test_llmc_token_files_are_read_as_they_are(tmp_path):

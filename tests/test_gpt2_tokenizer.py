@@ -43,14 +43,19 @@ def tok(gpt2_dir):
     return GPT2Tokenizer.from_directory(gpt2_dir)
 
 
-@pytest.fixture(scope="module")
-def tiktoken_enc(gpt2_dir):
+def tiktoken_gpt2(gpt2_dir):
+    """tiktoken's GPT-2 encoding built from OpenAI's files in gpt2_dir (tiktoken would download them)."""
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     ranks = data_gym_to_mergeable_bpe_ranks(str(gpt2_dir / "vocab.bpe"), str(gpt2_dir / "encoder.json"))
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
+
+
+@pytest.fixture(scope="module")
+def tiktoken_enc(gpt2_dir):
+    return tiktoken_gpt2(gpt2_dir)
 
 
 def _random_texts(n: int, seed: int = 0) -> list[str]:
