@@ -24,12 +24,12 @@ from mlx.utils import tree_flatten
 from . import checkpoint
 from .atomic import replacing_directory, replacing_file
 from .errors import UserError, run_cli
-from .formats import hf, llmc, mlx_lm
+from .formats import hf, hf_tokenizer, llmc, mlx_lm
 from .formats.tensors import LazyTensor, progress_bar
 from .gpt2_tokenizer import GPT2Tokenizer
 from .models.gpt import GPT, GPTConfig
 from .models.registry import model_type_of
-from .tokenizer import META_FILE, load_tokenizer
+from .tokenizer import META_FILE, Tokenizer, load_tokenizer
 
 EXPORTS = ("hf", "llmc", "mlx-lm")
 LLMC_TOKENIZER = "gpt2_tokenizer.bin"
@@ -140,7 +140,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
                       progress: bool = True) -> Export:
     """Write an mlx_gpt checkpoint as a Hugging Face or mlx-lm directory or an llm.c file.
 
-    The tokenizer goes along when it is GPT-2's byte-level BPE.
+    The tokenizer goes along: any kind to Hugging Face and mlx-lm, GPT-2's BPE to llm.c.
     """
     if to not in EXPORTS:
         raise UserError(f"unknown export format {to!r}; choose from {', '.join(EXPORTS)}")
@@ -163,13 +163,17 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
     return Export([out], notes)
 
 
-def _exportable_tokenizer(ckpt: str | os.PathLike, to: str) -> tuple[GPT2Tokenizer | None, list[str]]:
-    """The checkpoint's tokenizer if the other format can hold it (GPT-2's BPE), and a note if not."""
+def _exportable_tokenizer(ckpt: str | os.PathLike, to: str) -> tuple[Tokenizer | None, list[str]]:
+    """The checkpoint's tokenizer if the other format can hold it, and a note if not.
+
+    llm.c's file holds GPT-2's BPE only; Hugging Face and mlx-lm directories hold every kind
+    that converts exactly (see formats.hf_tokenizer).
+    """
     d = checkpoint.resolve(ckpt)
     if not (d / META_FILE).is_file():
         return None, ["the checkpoint has no tokenizer; only the model was exported"]
     tok = load_tokenizer(d)
-    if isinstance(tok, GPT2Tokenizer):
+    if isinstance(tok, GPT2Tokenizer) or (to != "llmc" and hf_tokenizer.has_form(tok)):
         return tok, []
     return None, [f"the checkpoint's {tok.kind} tokenizer has no {to} form; only the model was exported"]
 

@@ -223,15 +223,59 @@ def test_export_mlx_lm_loads_in_mlx_lm(imported, tok, tmp_path):
     assert lm_tok.encode(TEXT) == ids
 
 
-def test_export_of_a_byte_level_checkpoint_writes_the_model_only(tmp_path, capsys):
-    from mlx_gpt.models.gpt import GPTConfig, build
-    from mlx_gpt.tokenizer import ByteTokenizer
+ROUND_TRIP = ["Hello, world!\n\n    def f(x):\n\treturn x ** 2  # 3.14", "naïve café 日本語 😀👍🏽 e\u0301",
+              "  runs   of  spaces\r\n", ""]
 
-    ckpt = checkpoint.save(tmp_path / "byte", build(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2,
-                                                              n_embd=16)), ByteTokenizer())
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
+def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_path, capsys, kind, shared_data):
+    """The tokenizer goes along as tokenizer.json: AutoTokenizer gives our ids and our text back, the
+    model our logits, and config.json carries the tokenizer's own end-of-text id (or none), never 50256."""
+    from mlx_gpt.models.gpt import GPTConfig, build
+    from mlx_gpt.tokenizer import ByteTokenizer, SentencePieceTokenizer
+
+    if kind == "byte":
+        tok = ByteTokenizer()
+    else:
+        text = (shared_data / "tinyshakespeare.txt").read_text()[:300_000]
+        tok = SentencePieceTokenizer.train(text.splitlines(keepends=True), 600)
+    model = build(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    ckpt = checkpoint.save(tmp_path / kind, model, tok)
     code, out, _ = _cli([str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf"), "--quiet"], capsys)
-    assert code == 0 and "byte tokenizer has no hf form" in out
-    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.vocab_size == 256
+    assert code == 0 and "note:" not in out, out
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert back.config.vocab_size == tok.vocab_size
+    assert back.config.eos_token_id == back.config.bos_token_id == tok.eot_id  # None for bytes, 1 for sp
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf_tok) == tok.vocab_size and hf_tok.eos_token_id == tok.eot_id
+    for text in ROUND_TRIP + [(shared_data / "the-verdict.txt").read_text()[:5000]]:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok.encode(text), repr(text[:40])
+        assert hf_tok.decode(ids) == text == tok.decode(ids)
+    ids = tok.encode(TEXT)[:64]
+    np.testing.assert_allclose(_logits(back, ids), _logits(model, ids), atol=TOLERANCE, rtol=0)
+    code, out, _ = _cli([str(ckpt), "--to", "llmc", "--out", str(tmp_path / "m.bin"), "--quiet"], capsys)
+    assert code == 0 and f"{kind} tokenizer has no llmc form" in out
+
+
+def test_sentencepiece_conversion_gives_sentencepiece_ids_on_varied_text(sp_tokenizer, shared_data):
+    """The tokenizers pipeline written for a SentencePiece BPE encodes as SentencePiece does."""
+    import random
+
+    from mlx_gpt.formats.hf_tokenizer import to_tokenizers
+    from mlx_gpt.tokenizer import SentencePieceTokenizer
+
+    rng = random.Random(0)
+    pools = ["abcXYZ", "0123456789", " \t\n\r", "'’\"-.,!?", "éßøçñ", "αβγ", "жщы", "中文字", "😀🎉🇯🇵", "\u0301\u200d",
+             "the ", "ing ", "    "]
+    texts = ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 80))) for _ in range(500)]
+    code = (REPO / "mlx_gpt" / "data.py").read_text()
+    play = (shared_data / "tinyshakespeare.txt").read_text()
+    trained = SentencePieceTokenizer.train((play[:200_000] + code * 5).splitlines(keepends=True), 800)
+    for tok in (sp_tokenizer, trained):
+        fast = to_tokenizers(tok)
+        for text in texts + [code, play[-20_000:]]:
+            assert fast.encode(text, add_special_tokens=False).ids == tok.encode(text), repr(text[:40])
 
 
 # ---------------------------------------------------------------------------- refusals

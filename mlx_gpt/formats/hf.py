@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import UserError
-from ..gpt2_tokenizer import EOT, GPT2Tokenizer
+from ..tokenizer import Tokenizer
+from . import hf_tokenizer
 from ..models.gpt import GPTConfig
 from .safetensors_file import read_safetensors, write_safetensors
 from .tensors import LazyTensor
@@ -81,8 +82,8 @@ def config_dict(cfg: GPTConfig, eot_id: int | None) -> dict:
          "attn_pdrop": cfg.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
          "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
          "use_cache": True, "torch_dtype": "float32"}
-    if eot_id is not None:
-        d["bos_token_id"] = d["eos_token_id"] = eot_id
+    # always written: left out, transformers would take GPT-2's 50256 even for a 256-token model
+    d["bos_token_id"] = d["eos_token_id"] = eot_id
     return d
 
 
@@ -139,24 +140,15 @@ def map_names(tensors: Mapping[str, LazyTensor], n_layer: int, source: Path
     return ours, head
 
 
-def write_tokenizer(directory: Path, tokenizer: GPT2Tokenizer, block_size: int) -> None:
-    """vocab.json, merges.txt and tokenizer_config.json, which AutoTokenizer loads."""
-    tokenizer.write_files(directory)
-    config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "model_max_length": block_size}
-    if tokenizer.eot_id is not None:
-        config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def write_directory(directory: Path, cfg: GPTConfig, weights: Mapping[str, LazyTensor],
-                    tokenizer: GPT2Tokenizer | None, *, progress: bool = False) -> None:
+                    tokenizer: Tokenizer | None, *, progress: bool = False) -> None:
     """A directory GPT2LMHeadModel.from_pretrained loads; weights given in MLX's layout."""
     eot = tokenizer.eot_id if tokenizer is not None else None
     (directory / "config.json").write_text(json.dumps(config_dict(cfg, eot), indent=2) + "\n")
     hf = {PREFIX + name: transposed(t) if is_conv1d(name) else t for name, t in weights.items()}
     write_safetensors(directory / "model.safetensors", hf, metadata={"format": "pt"}, progress=progress)
     if tokenizer is not None:
-        write_tokenizer(directory, tokenizer, cfg.block_size)
+        hf_tokenizer.write_tokenizer(directory, tokenizer, cfg.block_size)
 
 
 def transposed(t: LazyTensor) -> LazyTensor:

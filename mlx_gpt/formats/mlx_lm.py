@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from ..gpt2_tokenizer import GPT2Tokenizer
+from ..tokenizer import Tokenizer
 from ..models.gpt import GPTConfig
-from . import hf
+from . import hf_tokenizer
 from .safetensors_file import write_safetensors
 from .tensors import LazyTensor
 
@@ -26,17 +26,16 @@ def config_dict(cfg: GPTConfig, eot_id: int | None) -> dict:
     d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
          "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
          "n_layer": cfg.n_layer, "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True}
-    if eot_id is not None:
-        d["bos_token_id"] = d["eos_token_id"] = eot_id
+    d["bos_token_id"] = d["eos_token_id"] = eot_id  # null when there is none, never GPT-2's default
     return d
 
 
 def write_directory(directory: Path, cfg: GPTConfig, weights: Mapping[str, LazyTensor],
-                    tokenizer: GPT2Tokenizer | None, *, progress: bool = False) -> None:
+                    tokenizer: Tokenizer | None, *, progress: bool = False) -> None:
     """Write an mlx-lm model directory; weights given under our names in MLX's layout."""
     eot = tokenizer.eot_id if tokenizer is not None else None
     (directory / "config.json").write_text(json.dumps(config_dict(cfg, eot), indent=2) + "\n")
     prefixed = {PREFIX + name: t for name, t in weights.items()}
     write_safetensors(directory / "model.safetensors", prefixed, metadata={"format": "mlx"}, progress=progress)
     if tokenizer is not None:
-        hf.write_tokenizer(directory, tokenizer, cfg.block_size)
+        hf_tokenizer.write_tokenizer(directory, tokenizer, cfg.block_size)
