@@ -54,3 +54,9 @@ def sp_tokenizer():
     lines = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question.",
              "All the world's a stage, and all the men and women merely players."] * 40
     return SentencePieceTokenizer.train(lines, 300)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch, a test-only oracle: the tests that compare against it skip without it, no others."""
+    return pytest.importorskip("torch")

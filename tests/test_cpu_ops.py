@@ -20,8 +20,6 @@ import pytest
 from mlx_gpt.cpu import ops
 from mlx_gpt.models.gpt import GPTConfig, build
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
 
 EPS = np.finfo(np.float32).eps  # 2**-23, one ulp of 1.0
 
@@ -131,7 +129,8 @@ def test_gelu_gradient_matches_float64_and_native(gelu_inputs):
     assert np.abs(fast - dwant).max() <= np.abs(ref - dwant).max() + 4 * EPS
 
 
-def test_gelu_matches_torch_values_and_gradients(gelu_inputs):
+def test_gelu_matches_torch_values_and_gradients(gelu_inputs, torch):
+    F = torch.nn.functional
     x, g = gelu_inputs
     tx = torch.tensor(x, requires_grad=True)
     ty = F.gelu(tx, approximate="tanh")
@@ -167,7 +166,8 @@ def softmax64(s: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def test_softmax_matches_float64_native_and_torch(scores):
+def test_softmax_matches_float64_native_and_torch(scores, torch):
+    F = torch.nn.functional
     s, _ = scores
     want = softmax64(s)
     fast = f64(ops.softmax(mx.array(s)))
@@ -179,7 +179,8 @@ def test_softmax_matches_float64_native_and_torch(scores):
     assert np.abs(fast - theirs).max() <= np.abs(theirs - want).max() + 2 * EPS
 
 
-def test_softmax_gradient_matches_float64_and_torch(scores):
+def test_softmax_gradient_matches_float64_and_torch(scores, torch):
+    F = torch.nn.functional
     s, g = scores
     p = softmax64(s)
     want = p * (g - (g * p).sum(-1, keepdims=True))
@@ -203,7 +204,8 @@ def test_softmax_other_axes_fall_back_to_native():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_cross_entropy_matches_native_and_torch_with_gradients(rng, smoothing):
+def test_cross_entropy_matches_native_and_torch_with_gradients(rng, smoothing, torch):
+    F = torch.nn.functional
     logits = (rng.normal(0, 4, (6, 9, 257))).astype(np.float32)
     targets = rng.integers(0, 257, (6, 9)).astype(np.int32)
     w = rng.uniform(0.5, 1.5, (6, 9)).astype(np.float32)  # a non-uniform cotangent
@@ -246,7 +248,8 @@ def test_linear_matches_addmm_with_weight_gradients_laid_out_like_the_weights(rn
 
 
 @pytest.mark.parametrize("shape", [(4, 33, 96), (130, 768)])
-def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape):
+def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape, torch):
+    F = torch.nn.functional
     # an offset mean (GPT-2's residual stream has one) is what a one-pass variance gets wrong
     x = (rng.normal(0, 3, shape) + 5.0).astype(np.float32)
     w = rng.normal(1, 0.5, shape[-1:]).astype(np.float32)
@@ -301,7 +304,8 @@ def qkv(rng, B=2, nh=3, T=17, S=17, hs=8):
 
 
 @pytest.mark.parametrize("T,S", [(17, 17), (5, 17), (1, 17)])
-def test_attention_matches_native_sdpa_and_torch(rng, T, S):
+def test_attention_matches_native_sdpa_and_torch(rng, T, S, torch):
+    F = torch.nn.functional
     q, k, v = qkv(rng, T=T, S=S)
     scale = 1 / np.sqrt(8)
     causal = T > 1
@@ -334,7 +338,8 @@ def test_attention_by_query_blocks_equals_one_block(rng, T, S):
         np.testing.assert_allclose(f64(a), f64(b), atol=1e-5)
 
 
-def test_attention_gradients_match_torch(rng):
+def test_attention_gradients_match_torch(rng, torch):
+    F = torch.nn.functional
     q, k, v = qkv(rng)
     g = rng.normal(0, 1, q.shape).astype(np.float32)
     scale = 1 / np.sqrt(8)
