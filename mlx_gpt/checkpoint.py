@@ -7,6 +7,7 @@ A checkpoint is a directory holding
   tokenizer.json (+ its model file)
   train.toml           the run's settings, every one: ``--config`` reproduces the run
   metrics.jsonl        the run's log, one JSON object a line
+  loss.png             the picture of that log (``mlx_gpt.plot``)
 
 A save writes a sibling temp directory, then swaps it in with two renames; if a crash falls
 between the two, ``resolve`` finds the previous checkpoint under its ``.old`` name.
@@ -31,6 +32,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 FORMAT = "mlx_gpt"
 VERSION = 1
 METRICS = "metrics.jsonl"
+# what a run writes between checkpoints (its log and the picture of it): each save keeps them
+RUN_LOGS = (METRICS, "loss.png")
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -71,8 +74,9 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
             tokenizer.save(tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        if (path / METRICS).exists():
-            shutil.copy2(path / METRICS, tmp / METRICS)
+        for name in RUN_LOGS:
+            if (path / name).exists():
+                shutil.copy2(path / name, tmp / name)
     return path
 
 

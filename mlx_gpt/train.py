@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, flags
+from . import checkpoint, flags, plot
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
@@ -332,6 +332,14 @@ def _log(run: Run, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _draw(run: Run) -> None:
+    """Redraw the run's loss.png from its metrics; a picture that cannot be written is only a warning."""
+    try:
+        plot.save([plot.read_run(run.out)], run.out / plot.PICTURE, title=f"{run.out.name}")
+    except (OSError, UserError) as e:
+        print(f"warning: {run.out / plot.PICTURE} not written ({e})", file=sys.stderr)
+
+
 def _save(run: Run, step: int, sampler_state: dict) -> None:
     state = {"step": step, "sampler": sampler_state, "best_val": run.best_val}
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
@@ -384,7 +392,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     bar = tqdm(total=cfg.max_iters, initial=run.start_step, disable=progress is False or None, dynamic_ncols=True,
                unit="step")
     if progress is None:
-        bar.disable = not sys.stderr.isatty()
+        bar.disable = not _bar_fits()
     say = bar.write if not bar.disable else (lambda s: print(s, file=sys.stderr))
 
     def evaluate(step: int) -> None:
@@ -394,6 +402,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
         model.train()
         run.best_val = min(run.best_val, val_loss)
         _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
+        _draw(run)
         say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     if not tree_flatten(model.trainable_parameters()):  # a count rung, fitted in setup: nothing to step
@@ -426,9 +435,10 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
                        "ms": 1000 * dt * tokens_per_step / tokens_since, "tok_s": tokens_since / dt}
                 _log(run, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}")
-                if bar.disable:
-                    say(f"step {step} | loss {rec['loss']:.4f} | norm {rec['norm']:.2f} | lr {lr:.2e} | "
-                        f"{rec['ms']:.0f} ms | {rec['tok_s']:.0f} tok/s")
+                if bar.disable:  # a log (a file, a pipe, a tiny terminal): whole lines, with the way to go
+                    eta = (cfg.max_iters - step) * rec["ms"] / 1000
+                    say(f"step {step}/{cfg.max_iters} | loss {rec['loss']:.4f} | norm {rec['norm']:.2f} | "
+                        f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s']:.0f} tok/s | eta {_duration(eta)}")
                 t_last, tokens_since = time.perf_counter(), 0
             bar.update(1)
             last = step == cfg.max_iters
@@ -450,6 +460,18 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     bar.close()
     print(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})", file=sys.stderr)
     return run
+
+
+def _bar_fits() -> bool:
+    """A progress bar only where it can be read: a terminal at least 40 columns wide."""
+    import shutil
+
+    return sys.stderr.isatty() and shutil.get_terminal_size(fallback=(0, 0)).columns >= 40
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class _StopFlag:

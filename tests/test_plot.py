@@ -1,0 +1,61 @@
+"""Pictures of runs: loss.png is written at each evaluation, holds the run's own numbers, and
+python -m mlx_gpt.plot overlays runs."""
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from conftest import assert_one_line_error, run_module
+from mlx_gpt import plot
+
+
+def fake_run(path, val, lr=1e-3, steps=(10, 20, 30)):
+    path.mkdir(parents=True)
+    lines = []
+    for i, s in enumerate(steps):
+        lines.append({"step": s, "loss": 3.0 - 0.1 * i, "norm": 1.0, "lr": lr * (1 - i / 10), "ms": 5, "tok_s": 9})
+        lines.append({"step": s, "train_loss": 2.9 - 0.1 * i, "val_loss": val[i]})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (path / "config.json").write_text(json.dumps({"model": {"block_size": 64},
+                                                  "train": {"batch_size": 4, "grad_accum": 2}}))
+    return path
+
+
+def test_the_picture_draws_the_runs_own_numbers(tmp_path):
+    run = plot.read_run(fake_run(tmp_path / "a", [3.1, 2.5, 2.7]))
+    assert run.best_val == (20, 2.5) and run.tokens_per_step == 4 * 2 * 64
+    fig = plot.figure([run])
+    loss_ax, lr_ax = fig.axes[:2]
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_ax.lines}
+    assert drawn["val loss"] == ([10, 20, 30], [3.1, 2.5, 2.7])
+    assert drawn["train loss (logged)"][1] == [3.0, 2.9, 2.8]
+    assert [line.get_ydata()[0] for line in loss_ax.lines if line.get_marker() == "*"] == [2.5]  # the best val
+    np.testing.assert_allclose(lr_ax.lines[0].get_ydata(), [1e-3, 9e-4, 8e-4])
+    assert loss_ax.get_ylabel().startswith("loss") and lr_ax.get_ylabel() == "learning rate"
+    assert any("tokens" in ax.get_xlabel() for ax in loss_ax.child_axes)  # steps read as tokens too
+
+
+def test_cli_overlays_runs_into_a_png(tmp_path):
+    a, b = fake_run(tmp_path / "lr-1e-3", [3.1, 2.5, 2.7]), fake_run(tmp_path / "lr-3e-4", [3.2, 3.0, 2.9], lr=3e-4)
+    out = tmp_path / "both.png"
+    proc = run_module("mlx_gpt.plot", str(a), str(b), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    image = imread(out)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
+    assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # drawn, not blank
+    assert_one_line_error(run_module("mlx_gpt.plot", str(tmp_path / "nothing"), cwd=tmp_path), "no metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_training_writes_loss_png_at_each_evaluation(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    proc = run_module("mlx_gpt.train", "--data", str(shakespeare), "--max-iters", "20", "--eval-interval", "10",
+                      "--eval-iters", "2", "--batch-size", "4", "--block-size", "32", "--out", str(out),
+                      "--data-dir", str(tmp_path / "data"), "--sample-tokens", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert imread(out / "loss.png").shape[0] > 300
+    assert "step 10/20" in proc.stderr and "eta" in proc.stderr  # a log, not a terminal: whole lines
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [plot.read_run(out).eval_val[i][1] for i in range(2)] == [e["val_loss"] for e in evals]
