@@ -198,7 +198,7 @@ def download(url: str, dest: Path, sha256: str) -> None:
                     bar.update(len(chunk))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"download of {url} failed: {e}") from None
+        raise UserError(f"download of {url} failed: {e}; offline, put the file at {dest} yourself") from None
     if digest.hexdigest() != sha256:
         tmp.unlink(missing_ok=True)
         raise UserError(f"download of {url} has the wrong checksum; try again")

@@ -547,7 +547,7 @@ HELP = {
 # nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant
 # learning rate; applied with --init to every one of these the user does not set
 FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
-                         max_iters=200, eval_interval=50, checkpoint_interval=50)
+                         max_iters=20, eval_interval=5, checkpoint_interval=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
