@@ -293,12 +293,7 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
                 return load_dataset(out)
         except ValueError:
             pass
-    # hold out the tail of every document, so val is unseen text even for one-document corpora
-    train_docs, val_docs = [], []
-    for d in docs:
-        cut = int(len(d) * (1 - val_fraction))
-        train_docs.append(d[:cut])
-        val_docs.append(d[cut:])
+    train_docs, val_docs = split_documents(docs, val_fraction)
     if not isinstance(tokenizer, str):
         tok: Tokenizer = tokenizer
     elif kind == "byte":
@@ -315,6 +310,12 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
                 "documents": len(docs)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return load_dataset(out)
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): the tail of every document is held out, so val is unseen text even for one document."""
+    cuts = [int(len(d) * (1 - val_fraction)) for d in docs]
+    return [d[:c] for d, c in zip(docs, cuts)], [d[c:] for d, c in zip(docs, cuts)]
 
 
 def tokenizer_digest(tok: Tokenizer) -> str:

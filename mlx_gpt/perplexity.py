@@ -40,9 +40,15 @@ class Score:
 
 
 def utf8_bytes(tokenizer: Tokenizer, ids: np.ndarray) -> int:
-    """UTF-8 length of the text the ids spell (a byte token is one byte, even mid-character)."""
+    """UTF-8 length of the text the ids spell (a byte token is one byte, even mid-character).
+
+    End-of-text ids stand between documents, not for text: they count no bytes.
+    """
     if tokenizer.kind == "byte":
         return len(ids)
+    ids = np.asarray(ids)
+    if tokenizer.eot_id is not None:
+        ids = ids[ids != tokenizer.eot_id]
     return len(tokenizer.decode(ids.tolist()).encode("utf-8"))
 
 
@@ -79,3 +85,10 @@ def score(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, batch_s
     """Loss, perplexity and bits per byte of a held-out stream (e.g. the val split)."""
     nats, n = total_nll(model, tokens, batch_size=batch_size)
     return Score(nats, n, utf8_bytes(tokenizer, np.asarray(tokens)[1:]))
+
+
+if __name__ == "__main__":  # the command is mlx_gpt.eval; this name is kept for it
+    from .errors import run_cli
+    from .eval import main
+
+    run_cli(main)

@@ -43,6 +43,14 @@ def test_utf8_bytes_are_counted_the_same_for_every_tokenizer(shared_data):
         assert utf8_bytes(tok, ids) == len(text.encode("utf-8"))
 
 
+def test_end_of_text_counts_no_bytes(shared_data):
+    from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer.from_directory(shared_data / "gpt2")
+    ids = np.array(tok.encode("one document") + [tok.eot_id] + tok.encode(" and another"))
+    assert utf8_bytes(tok, ids) == len("one document and another")
+
+
 def test_score_puts_a_uniform_model_at_log_v():
     model = build(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=1, n_embd=8), seed=0)
     model.update(tree_map(mx.zeros_like, model.parameters()))  # every logit 0

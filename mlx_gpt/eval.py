@@ -1,0 +1,246 @@
+"""``python -m mlx_gpt.eval``: a checkpoint's exact loss, perplexity and bits per byte on any
+text, and its accuracy on multiple-choice questions in HellaSwag's format.
+
+  python -m mlx_gpt.eval --checkpoint CKPT --data SRC [--split all|train|val]
+  python -m mlx_gpt.eval --checkpoint CKPT --hellaswag hellaswag_val.jsonl
+
+Language modelling: SRC is a text file, a folder of .txt files, ``pydoc``/``shakespeare``
+(encoded with the checkpoint's tokenizer, one end-of-text after each document, as prepare
+does), or a prepared data directory, ours or llm.c's (its val.bin unless --split says
+otherwise). Every token after the first is predicted exactly once (perplexity.score).
+
+Multiple choice: one JSON object a line with ``ctx``, ``endings`` and ``label`` (the index of
+the right ending), as in HellaSwag's public jsonl files. As llm.c's dev/data/hellaswag.py
+does, the context and ``" " + ending`` are encoded apart and joined, and each ending is scored
+by the losses of its tokens given the context: ``acc`` counts the examples where the ending
+with the lowest total loss is the label, ``acc_norm`` those where the lowest mean loss per
+ending token is. A context longer than the model's block keeps its last tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import checkpoint
+from .data import (encode_documents, load_dataset, open_tokens, read_source, split_documents,
+                   tokenizer_digest)
+from .errors import UserError, run_cli
+from .loss import cross_entropy
+from .perplexity import Score, score
+from .tokenizer import Tokenizer
+
+SPLITS = ("all", "train", "val")
+
+
+# ---------------------------------------------------------------------------- language modelling
+
+
+def text_tokens(source: str, tokenizer: Tokenizer, *, split: str | None = None, data_dir: str | os.PathLike = "data",
+                val_fraction: float = 0.1) -> tuple[str, np.ndarray]:
+    """(what was read, its tokens) for --data: a prepared directory's file, or any text encoded here.
+
+    ``split``: None is val for a prepared directory and the whole text otherwise; train and
+    val cut a text as prepare does (the tail ``val_fraction`` of every document is val).
+    """
+    if split not in (None, *SPLITS):
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    p = Path(source)
+    if p.is_dir() and ((p / "train.bin").exists() or any(p.glob("*_train.bin"))):
+        ds = load_dataset(p)  # checks every id against the data's vocabulary
+        if ds.tokenizer is not None and tokenizer_digest(ds.tokenizer) != tokenizer_digest(tokenizer):
+            raise UserError(f"{p} was tokenized with another tokenizer than the checkpoint's")
+        if ds.tokenizer is None and (tokenizer.kind != "gpt2" or tokenizer.vocab_size != ds.vocab_size):
+            raise UserError(f"{p} holds llm.c's tokens of a {ds.vocab_size}-token vocabulary; the checkpoint's "
+                            f"tokenizer is {tokenizer.kind} with {tokenizer.vocab_size}")
+        files = {"val": [ds.val_file], "train": [ds.train_file], "all": [ds.train_file, ds.val_file]}[split or "val"]
+        tokens = np.concatenate([open_tokens(f) for f in files])
+        return " + ".join(str(f) for f in files), tokens
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    name, docs = read_source(source, data_dir)
+    if split in ("train", "val"):
+        docs = split_documents(docs, val_fraction)[split == "val"]
+    what = f"{source}" + (f" ({split} split, {val_fraction:g} held out)" if split in ("train", "val") else "")
+    return what, encode_documents(tokenizer, docs)
+
+
+def evaluate_text(model: nn.Module, tokenizer: Tokenizer, tokens: np.ndarray, *, batch_size: int = 16) -> Score:
+    """Loss, perplexity and bits per byte of a token stream."""
+    if len(tokens) < 2:
+        raise UserError("the text is shorter than two tokens; there is nothing to predict")
+    vocab = model.config.vocab_size
+    if int(tokens.max()) >= vocab:
+        raise UserError(f"the data holds token id {int(tokens.max())}, outside the model's {vocab}-token vocabulary")
+    return score(model, tokens, tokenizer, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------- multiple choice
+
+
+@dataclass(frozen=True)
+class Question:
+    context: list[int]
+    endings: list[list[int]]
+    label: int
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    examples: int
+    correct: int  # lowest total loss of the ending is the label
+    correct_norm: int  # lowest mean loss per ending token is the label
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.examples
+
+    @property
+    def acc_norm(self) -> float:
+        return self.correct_norm / self.examples
+
+
+def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int | None = None) -> list[Question]:
+    """HellaSwag-style questions from a jsonl file, encoded; one line a question, blank lines skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    questions = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(questions) >= limit:
+            break
+        where = f"{path}:{n}"
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where}: not JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: expected an object with ctx, endings and label")
+        ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")
+        if not isinstance(ctx, str) or not ctx:
+            raise UserError(f"{where}: ctx must be a non-empty string")
+        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+            raise UserError(f"{where}: endings must be a list of at least two strings")
+        if type(label) is not int or not 0 <= label < len(endings):
+            raise UserError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r}")
+        questions.append(Question(tokenizer.encode(ctx), [tokenizer.encode(" " + e) for e in endings], label))
+    if not questions:
+        raise UserError(f"{path} holds no questions")
+    return questions
+
+
+def ending_losses(model: nn.Module, questions: Sequence[Question]) -> list[np.ndarray]:
+    """For each question, each ending's per-token losses (nats) given the context, in one batch.
+
+    A row is context + ending, cut to the model's block from the left; rows are padded on the
+    right, which a causal model never sees from earlier positions.
+    """
+    T = model.block_size
+    rows, spans = [], []
+    for q in questions:
+        for e in q.endings:
+            if len(e) > T:
+                raise UserError(f"an ending of {len(e)} tokens is longer than the model's block of {T}")
+            row = (q.context + e)[-(T + 1):]
+            rows.append(row)
+            spans.append(len(e))
+    width = max(len(r) for r in rows) - 1
+    x = np.zeros((len(rows), width), dtype=np.int32)
+    y = np.zeros_like(x)
+    for i, r in enumerate(rows):
+        x[i, : len(r) - 1], y[i, : len(r) - 1] = r[:-1], r[1:]
+    losses = np.array(cross_entropy(model(mx.array(x)), mx.array(y)))
+    per_row = [losses[i, len(r) - 1 - k : len(r) - 1] for i, (r, k) in enumerate(zip(rows, spans))]
+    out, at = [], 0
+    for q in questions:
+        out.append(per_row[at : at + len(q.endings)])
+        at += len(q.endings)
+    return out
+
+
+def evaluate_choices(model: nn.Module, questions: Sequence[Question], *, batch_size: int = 8,
+                     progress: bool = False) -> ChoiceScore:
+    """acc and acc_norm over the questions (see the module's docstring)."""
+    from tqdm import tqdm
+
+    correct = correct_norm = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(questions), unit="q", disable=None if progress else True, desc="multiple choice") as bar:
+            for batch in _chunks(questions, batch_size):
+                for q, losses in zip(batch, ending_losses(model, batch)):
+                    total = [float(np.sum(l, dtype=np.float64)) for l in losses]
+                    correct += int(np.argmin(total)) == q.label
+                    correct_norm += int(np.argmin([t / len(l) for t, l in zip(total, losses)])) == q.label
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return ChoiceScore(len(questions), correct, correct_norm)
+
+
+def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Loss, perplexity and bits per byte of a checkpoint on any text, and "
+                                            "multiple-choice accuracy in HellaSwag's format.")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint (run directory) to evaluate")
+    p.add_argument("--data", help="a text file, a folder of .txt files, 'pydoc', 'shakespeare', or a prepared data "
+                                  "directory (ours or llm.c's)")
+    p.add_argument("--split", choices=SPLITS, help="part of --data to score (default: val of a prepared directory, "
+                                                   "all of a text)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out tail of each document for --split of a text")
+    p.add_argument("--data-dir", default="data", help="where 'shakespeare' is downloaded")
+    p.add_argument("--hellaswag", help="a jsonl file of questions (ctx, endings, label), e.g. hellaswag_val.jsonl")
+    p.add_argument("--limit", type=int, help="score only the first N questions")
+    p.add_argument("--batch-size", type=int, default=16, help="windows (text) or questions (multiple choice) at once")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = build_parser().parse_args(argv)
+    if a.data is None and a.hellaswag is None:
+        raise UserError("nothing to evaluate: pass --data SRC, --hellaswag FILE.jsonl, or both")
+    if a.batch_size < 1 or (a.limit is not None and a.limit < 1):
+        raise UserError("--batch-size and --limit must be at least 1")
+    model, tokenizer = checkpoint.load(a.checkpoint)
+    results: dict = {"checkpoint": str(a.checkpoint)}
+    if a.data is not None:
+        what, tokens = text_tokens(a.data, tokenizer, split=a.split, data_dir=a.data_dir, val_fraction=a.val_fraction)
+        s = evaluate_text(model, tokenizer, tokens, batch_size=a.batch_size)
+        print(f"loss {s.loss:.4f} | perplexity {s.perplexity:.3f} | bits/byte {s.bits_per_byte:.4f} "
+              f"({s.tokens:,} tokens, {s.bytes:,} bytes of {what})")
+        results.update(loss=s.loss, perplexity=s.perplexity, bits_per_byte=s.bits_per_byte, tokens=s.tokens,
+                       bytes=s.bytes)
+    if a.hellaswag is not None:
+        questions = read_questions(a.hellaswag, tokenizer, limit=a.limit)
+        c = evaluate_choices(model, questions, batch_size=a.batch_size, progress=True)
+        print(f"multiple choice: acc {c.acc:.4f} | acc_norm {c.acc_norm:.4f} ({c.correct}/{c.examples} and "
+              f"{c.correct_norm}/{c.examples} of {a.hellaswag})")
+        results.update(acc=c.acc, acc_norm=c.acc_norm, examples=c.examples)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
