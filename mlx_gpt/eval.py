@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "directory (ours or llm.c's)")
     p.add_argument("--split", choices=SPLITS, help="part of --data to score (default: val of a prepared directory, "
                                                    "all of a text)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out tail of each document for --split of a text")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out tail of each document for --split of a text")
     p.add_argument("--data-dir", default="data", help="where 'shakespeare' is downloaded")
     p.add_argument("--hellaswag", help="a jsonl file of questions (ctx, endings, label), e.g. hellaswag_val.jsonl")
     p.add_argument("--limit", type=int, help="score only the first N questions")

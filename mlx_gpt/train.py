@@ -502,7 +502,8 @@ class _StopFlag:
 
 HELP = {
     "data": "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), 'pydoc' or 'shakespeare'",
-    "tokenizer": "byte, or sp:VOCAB for SentencePiece BPE trained on the data",
+    "tokenizer": "byte, sp:VOCAB for SentencePiece BPE trained on the data, or gpt2[:PATH] for GPT-2's BPE "
+                 "from its files (see prepare --help)",
     "data_dir": "where prepared datasets are cached",
     "val_fraction": "tail of each document held out for evaluation",
     "sampler": "training batches: random windows, or sequential (the file in order, as llm.c's DataLoader)",

@@ -43,9 +43,11 @@ def test_llmc_gpt2_and_llama3_files_are_read(tmp_path):
 def test_writes_what_llmc_writes(tmp_path):
     """uint16 GPT-2 files while ids fit, LLaMA-3's uint32 files beyond: llm.c's bytes exactly."""
     write_tokens(tmp_path / "small.bin", np.array([0, 1, 65535]), vocab_size=65536)
-    assert (tmp_path / "small.bin").read_bytes() == _llmc_file(tmp_path / "a.bin", 20240520, 1, [0, 1, 65535], "H").read_bytes()
+    expected = _llmc_file(tmp_path / "a.bin", 20240520, 1, [0, 1, 65535], "H")
+    assert (tmp_path / "small.bin").read_bytes() == expected.read_bytes()
     write_tokens(tmp_path / "big.bin", np.array([0, 65536, 128255]), vocab_size=128256)
-    assert (tmp_path / "big.bin").read_bytes() == _llmc_file(tmp_path / "b.bin", 20240801, 7, [0, 65536, 128255], "I").read_bytes()
+    expected = _llmc_file(tmp_path / "b.bin", 20240801, 7, [0, 65536, 128255], "I")
+    assert (tmp_path / "big.bin").read_bytes() == expected.read_bytes()
 
 
 @pytest.mark.parametrize("magic,version,message", [
