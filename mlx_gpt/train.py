@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
@@ -72,6 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     dtype: str = "float32"
+    grad_checkpoint: bool = False
     seed: int = 1337
     compile: bool = True
     streams: int = 0
@@ -120,7 +121,8 @@ class TrainConfig:
 
 # Flags a resumed run may change: how long and how often, never what is trained.
 RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
-                       "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir", "streams"}
+                       "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir", "streams",
+                       "grad_checkpoint"}
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -129,6 +131,47 @@ RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval
 def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
     """Mean next-token cross-entropy, computed in float32 whatever the model's dtype."""
     return mx.mean(cross_entropy(model(x), y, label_smoothing=label_smoothing))
+
+
+class _Recomputed:
+    """A transformer block whose activations are recomputed in the backward pass instead of kept.
+
+    Only the block's input survives the forward pass (``mx.checkpoint``); the backward pass runs
+    the block again to rebuild what its gradient needs, so the same gradients cost one more
+    forward pass and a block's activations instead of all of them.
+    """
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if cache is not None:  # generation: nothing is differentiated
+            return super().__call__(x, cache)
+        outer = self.trainable_parameters()
+
+        def forward(params: dict, x: mx.array) -> mx.array:
+            self.update(params)
+            y = super(_Recomputed, self).__call__(x)
+            self.update(outer)  # the recomputation must not leave its copies in the model
+            return y
+
+        return mx.checkpoint(forward)(outer, x)
+
+
+def recompute_blocks(model: nn.Module) -> nn.Module:
+    """Give each block of ``model.h`` the recomputing ``__call__`` (same parameters); returns it."""
+    if not hasattr(model, "h"):
+        raise UserError("--grad-checkpoint applies to transformer models (those with blocks)")
+    if model.config.dropout > 0:
+        raise UserError("--grad-checkpoint needs --dropout 0: a recomputed block would draw new dropout masks "
+                        "and its gradients would not be those of the forward pass")
+    for block in model.h:
+        cls = type(block)
+        if not issubclass(cls, _Recomputed):
+            block.__class__ = _recomputed_class(cls)
+    return model
+
+
+@lru_cache(maxsize=None)
+def _recomputed_class(cls: type) -> type:
+    return type(cls.__name__, (_Recomputed, cls), {})
 
 
 def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig) -> Callable:
@@ -281,6 +324,8 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         model = rungs.build(cfg.model, dataset.vocab_size, tokens=dataset.train_file, overrides=cfg.model_overrides,
                             seed=cfg.seed)
     accelerate(model)
+    if cfg.grad_checkpoint:
+        recompute_blocks(model)
     model.train()
     if model.config.vocab_size < dataset.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
@@ -530,6 +575,8 @@ HELP = {
     "label_smoothing": "label smoothing of the cross-entropy",
     "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
     "seed": "seed of initialisation, batches, dropout and samples",
+    "grad_checkpoint": "recompute each transformer block in the backward pass: far less activation memory for "
+                       "one more forward pass; same gradients",
     "compile": "compile the train step with mx.compile",
     "streams": "CPU only: threads each micro-batch is split over (0: one per core; 1: no split, BLAS uses every "
                "core, often faster on a quiet machine)",

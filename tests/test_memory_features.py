@@ -1,0 +1,91 @@
+"""Memory savings that must not change what is trained: recomputed blocks and mixed precision."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gpt.cpu import accelerate
+from mlx_gpt.errors import UserError
+from mlx_gpt.models.gpt import GPTConfig, build
+from mlx_gpt.optim import make_optimizer
+from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, recompute_blocks
+
+
+def tiny(dropout=0.0, **kw):
+    cfg = dict(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=32, dropout=dropout)
+    return accelerate(build(GPTConfig(**{**cfg, **kw}), seed=3))
+
+
+def batch(shape, vocab=64, seed=0):
+    return (mx.random.randint(0, vocab, shape, key=mx.random.key(seed)),
+            mx.random.randint(0, vocab, shape, key=mx.random.key(seed + 1)))
+
+
+def grads_of(model, x, y):
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+    return loss.item(), {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+def test_recomputed_blocks_give_the_same_gradients():
+    x, y = batch((4, 32))
+    loss, grads = grads_of(tiny(), x, y)
+    loss_r, grads_r = grads_of(recompute_blocks(tiny()), x, y)
+    assert loss_r == loss
+    for k in grads:
+        np.testing.assert_array_equal(grads_r[k], grads[k], err_msg=k)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_recomputed_blocks_train_the_same_weights_over_several_steps(streams):
+    x, y = batch((2, 4, 32))  # two micro-batches
+    weights = []
+    for recompute in (False, True):
+        model = tiny()
+        if recompute:
+            recompute_blocks(model)
+        cfg = TrainConfig(grad_accum=2, batch_size=4, streams=streams, warmup_iters=0, max_iters=10, learning_rate=1e-2)
+        opt = make_optimizer(cfg.optim)
+        opt.init(model.trainable_parameters())
+        step = make_train_step(model, opt, cfg)
+        losses = [step(x, y)[0].item() for _ in range(3)]
+        weights.append((losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}))
+    np.testing.assert_allclose(weights[1][0], weights[0][0], rtol=1e-6)
+    for k, v in weights[0][1].items():
+        np.testing.assert_allclose(weights[1][1][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_recomputed_blocks_still_generate_with_a_cache():
+    model = tiny()
+    model.eval()
+    x, _ = batch((1, 8))
+    expected = model(x)
+    recompute_blocks(model)
+    cache = model.make_cache()
+    np.testing.assert_array_equal(np.array(model(x, cache)), np.array(expected))
+
+
+def test_recomputing_with_dropout_is_refused():
+    with pytest.raises(UserError, match="dropout"):
+        recompute_blocks(tiny(dropout=0.1))
+
+
+def peak_of(fn) -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    return mx.get_peak_memory()
+
+
+def test_recomputed_blocks_lower_the_peak():
+    x, y = batch((2, 128), vocab=256)
+    peaks = []
+    for recompute in (False, True):
+        model = tiny(n_layer=8, n_embd=64, n_head=4, block_size=128, vocab_size=256)
+        if recompute:
+            recompute_blocks(model)
+        grad_fn = nn.value_and_grad(model, loss_fn)
+        peaks.append(peak_of(lambda: grad_fn(model, x, y)))
+    assert peaks[1] < 0.75 * peaks[0], peaks  # weights and logits stay; 8 blocks' activations go
