@@ -9,6 +9,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from .cpu import extension
 from .cpu.blas import blas_status
 from .errors import run_cli
 
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"mlx {mx.__version__} on {platform.system()} {platform.machine()}, Python {platform.python_version()}")
     print(f"device: {mx.default_device()}")
     print(f"blas: {blas_status()}")
+    print(f"cpu kernels: {extension.status()}")
     print(f"sgemm {a.size}^3: {sgemm_gflops(a.size):.1f} GFLOP/s")
 
 

@@ -3,6 +3,8 @@
 - ``blas``: loads OpenBLAS before ``mlx.core`` (the Linux wheel links the reference BLAS).
 - ``matvec``: sends one-row products to BLAS gemv (decoding).
 - ``ops``: GELU, softmax, attention, layer norm, cross-entropy and linear layers built for the CPU.
+- ``extension``: builds and loads ``ext/``, those ops' C++ kernels as MLX primitives, which
+  ``ops`` uses where they load (its pure-MLX formulations are the fallback).
 - ``layers``: ``accelerate(model)`` swaps a model's plain MLX layers for ones computed by ``ops``.
 - ``parallel``: a train step split over one MLX stream per core.
 

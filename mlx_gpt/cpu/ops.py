@@ -26,6 +26,11 @@ fuses on the CPU:
 The forward and backward passes are ``mx.custom_function``s with hand-written VJPs (the bit
 tricks have no useful derivative of their own). Metal and CUDA keep MLX's native kernels, as
 do non-float32 inputs: ``fast_ops_enabled()`` decides, per call, from the default device.
+
+Where the C++ kernels of ``mlx_gpt.cpu.extension`` are built, GELU, layer norm, softmax,
+attention's softmax and cross-entropy run as those primitives instead (each one multithreaded,
+vectorized kernel); everything in this module remains their fallback (``MLX_GPT_NO_EXT=1``, or
+``pure_mlx_ops()`` inside one process).
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import extension
+
 _native_only: ContextVar[bool] = ContextVar("mlx_gpt_native_ops", default=False)
+_pure_mlx: ContextVar[bool] = ContextVar("mlx_gpt_pure_mlx_ops", default=False)
 
 
 def fast_ops_enabled(dtype: mx.Dtype = mx.float32) -> bool:
@@ -59,6 +67,24 @@ def native_ops() -> Iterator[None]:
         yield
     finally:
         _native_only.reset(token)
+
+
+@contextmanager
+def pure_mlx_ops() -> Iterator[None]:
+    """Use this module's pure-MLX formulations inside this block even where the C++ kernels load.
+
+    Like ``native_ops()``, the choice is made when a function is traced.
+    """
+    token = _pure_mlx.set(True)
+    try:
+        yield
+    finally:
+        _pure_mlx.reset(token)
+
+
+def _kernels():
+    """The C++ kernels' module where it is built and not turned off, else None (pure MLX)."""
+    return None if _pure_mlx.get() else extension.load()
 
 
 # ---------------------------------------------------------------------------- exp(d), d <= 0
@@ -187,7 +213,8 @@ def gelu_approx(x: mx.array) -> mx.array:
     """GPT-2's tanh-approximated GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))``."""
     if not fast_ops_enabled(x.dtype):
         return nn.gelu_approx(x)
-    return _fast_gelu(x)
+    kernels = _kernels()
+    return _fast_gelu(x) if kernels is None else kernels.gelu_approx(x)
 
 
 # ---------------------------------------------------------------------------- softmax
@@ -212,7 +239,8 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax over ``axis`` (float32 inputs on the CPU take the fast path for the last axis)."""
     if axis not in (-1, x.ndim - 1) or not fast_ops_enabled(x.dtype):
         return mx.softmax(x, axis=axis, precise=True)
-    return _fast_softmax(x)
+    kernels = _kernels()
+    return _fast_softmax(x) if kernels is None else kernels.softmax(x)
 
 
 # ---------------------------------------------------------------------------- linear layers
@@ -296,7 +324,10 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
         return mx.fast.layer_norm(x, weight, bias, eps)
     if bias is None:
         bias = mx.zeros_like(weight)
-    return _fast_layer_norm(float(eps))(x, weight, bias)
+    kernels = _kernels()
+    if kernels is None:
+        return _fast_layer_norm(float(eps))(x, weight, bias)
+    return kernels.layer_norm(x, weight, bias, float(eps))
 
 
 def squared_norm(x: mx.array) -> mx.array:
@@ -359,7 +390,10 @@ def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 
     """
     if not fast_ops_enabled(logits.dtype):
         return nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    return _fast_cross_entropy(float(label_smoothing))(logits, targets)
+    kernels = _kernels()
+    if kernels is None:
+        return _fast_cross_entropy(float(label_smoothing))(logits, targets)
+    return kernels.cross_entropy(logits, targets, float(label_smoothing))
 
 
 # ---------------------------------------------------------------------------- attention
@@ -391,7 +425,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
         mask = "causal" if causal else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     T, S = q.shape[2], k.shape[2]
-    q = q * scale
+    kernels = _kernels() if fast_ops_enabled(q.dtype) else None
+    if kernels is None:
+        q = q * scale
     n_blocks = -(-T // QUERY_BLOCK) if causal else 1
     size = -(-T // n_blocks)
     outs = []
@@ -401,8 +437,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
         qb = q if n_blocks == 1 else q[:, :, start:stop]
         kb, vb = (k, v) if seen == S else (k[:, :, :seen], v[:, :, :seen])
         scores = qb @ kb.swapaxes(-1, -2)  # (B, nh, block, seen)
-        if causal:
-            scores = scores + causal_mask(stop - start, seen)
-        weights = softmax(scores)
+        if kernels is not None:  # scale and mask fused into the softmax
+            weights = kernels.softmax(scores, scale, causal)
+        else:
+            if causal:
+                scores = scores + causal_mask(stop - start, seen)
+            weights = softmax(scores)
         outs.append((weights if dropout is None else dropout(weights)) @ vb)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -1,0 +1,19 @@
+// Python bindings: the module mlx_gpt.cpu.extension loads as _mlx_gpt_ext.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "primitives.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_mlx_gpt_ext, m) {
+  m.doc() = "CPU kernels for mlx_gpt as MLX primitives";
+  m.def("gelu_approx", &mlx_gpt::gelu_approx, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("layer_norm", &mlx_gpt::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("softmax", &mlx_gpt::softmax, "x"_a, "scale"_a = 1.0f, "causal"_a = false, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("cross_entropy", &mlx_gpt::cross_entropy, "logits"_a, "targets"_a, "smoothing"_a = 0.0f, nb::kw_only(),
+        "stream"_a = nb::none());
+}

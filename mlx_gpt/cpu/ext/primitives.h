@@ -1,0 +1,155 @@
+// MLX primitives for the CPU hot paths of a GPT step: tanh-GELU, layer norm, softmax (causal
+// masking fused), and cross-entropy, each with the primitive of its backward pass.
+//
+// The ops take float32 arrays of any layout (they are made row-contiguous first) and run on the
+// CPU only: mlx_gpt picks them when the default device is the CPU and uses MLX's own kernels
+// elsewhere.
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mlx_gpt {
+
+namespace mx = mlx::core;
+
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3))), elementwise
+mx::array gelu_approx(const mx::array& x, mx::StreamOrDevice s = {});
+
+// (x - mean) / sqrt(var + eps) * weight + bias over the last axis
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps,
+                     mx::StreamOrDevice s = {});
+
+// softmax(scale * x) over the last axis (scale > 0); with `causal`, row i of each (T, S) matrix sees only the
+// keys j <= i + S - T (the mask aligned to the last query) and is 0 elsewhere
+mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevice s = {});
+
+// logsumexp(logits) - (1 - smoothing) logits[target] - smoothing mean(logits), per row; a target
+// outside [0, V) gives NaN
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, float smoothing,
+                        mx::StreamOrDevice s = {});
+
+class GeluApprox : public mx::UnaryPrimitive {
+ public:
+  explicit GeluApprox(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptGeluApprox"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+// inputs (x, cotangent) -> the cotangent times GELU'(x)
+class GeluApproxGrad : public mx::UnaryPrimitive {
+ public:
+  explicit GeluApproxGrad(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "MlxGptGeluApproxGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+// inputs (x, weight, bias) -> (y, mean, rstd); mean and rstd (one per row) feed the backward pass
+class LayerNorm : public mx::Primitive {
+ public:
+  LayerNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptLayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+// inputs (x, weight, cotangent, mean, rstd) -> (dx, dweight, dbias)
+class LayerNormGrad : public mx::Primitive {
+ public:
+  explicit LayerNormGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptLayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class Softmax : public mx::UnaryPrimitive {
+ public:
+  Softmax(mx::Stream stream, float scale, bool causal) : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Softmax&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+// inputs (p, cotangent) -> scale p (cotangent - sum(cotangent p)); the softmax's Jacobian is
+// symmetric, so this is both its VJP and its JVP
+class SoftmaxGrad : public mx::UnaryPrimitive {
+ public:
+  SoftmaxGrad(mx::Stream stream, float scale) : mx::UnaryPrimitive(stream), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "MlxGptSoftmaxGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const SoftmaxGrad&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+};
+
+// inputs (logits, int32 targets) -> (loss, max, sum of e**(logits - max)), one per row
+class CrossEntropy : public mx::Primitive {
+ public:
+  CrossEntropy(mx::Stream stream, float smoothing) : mx::Primitive(stream), smoothing_(smoothing) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptCrossEntropy"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return smoothing_ == static_cast<const CrossEntropy&>(other).smoothing_;
+  }
+
+ private:
+  float smoothing_;
+};
+
+// inputs (logits, targets, max, sum, cotangent) -> d loss / d logits
+class CrossEntropyGrad : public mx::UnaryPrimitive {
+ public:
+  CrossEntropyGrad(mx::Stream stream, float smoothing) : mx::UnaryPrimitive(stream), smoothing_(smoothing) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "MlxGptCrossEntropyGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return smoothing_ == static_cast<const CrossEntropyGrad&>(other).smoothing_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float smoothing_;
+};
+
+}  // namespace mlx_gpt
