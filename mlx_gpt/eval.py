@@ -62,7 +62,8 @@ def text_tokens(source: str, tokenizer: Tokenizer, *, split: str | None = None, 
             raise UserError(f"{p} holds llm.c's tokens of a {ds.vocab_size}-token vocabulary; the checkpoint's "
                             f"tokenizer is {tokenizer.kind} with {tokenizer.vocab_size}")
         files = {"val": [ds.val_file], "train": [ds.train_file], "all": [ds.train_file, ds.val_file]}[split or "val"]
-        tokens = np.concatenate([open_tokens(f) for f in files])
+        parts = [open_tokens(f) for f in files]
+        tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return " + ".join(str(f) for f in files), tokens
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")

@@ -256,6 +256,11 @@ def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_
     np.testing.assert_allclose(_logits(back, ids), _logits(model, ids), atol=TOLERANCE, rtol=0)
     code, out, _ = _cli([str(ckpt), "--to", "llmc", "--out", str(tmp_path / "m.bin"), "--quiet"], capsys)
     assert code == 0 and f"{kind} tokenizer has no llmc form" in out
+    mlx_lm = pytest.importorskip("mlx_lm")
+    convert.export_checkpoint(ckpt, tmp_path / "lm", to="mlx-lm", progress=False)
+    _, lm_tok = mlx_lm.load(str(tmp_path / "lm"))
+    assert lm_tok.encode(ROUND_TRIP[1]) == tok.encode(ROUND_TRIP[1])
+    assert lm_tok.eos_token_ids == ({tok.eot_id} if tok.eot_id is not None else set())
 
 
 def test_sentencepiece_conversion_gives_sentencepiece_ids_on_varied_text(sp_tokenizer, shared_data):
