@@ -388,11 +388,19 @@ class BatchSampler:
     Shapes are fixed, (accum, batch, block) for x and y, so the compiled train step is
     traced once. The generator's state is plain JSON, saved in checkpoints so a resumed run
     draws exactly the batches the uninterrupted run would have drawn.
+
+    With ``world`` processes, every rank draws the same global batch of ``world * batch``
+    windows from the same seed and keeps rows ``rank * batch`` to ``(rank + 1) * batch``: the
+    ranks read different windows, their rows together are the batch one process would draw
+    with ``world`` times the batch size, and every rank's state is the same.
     """
 
-    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, seed: int, accum: int = 1):
+    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, seed: int, accum: int = 1,
+                 rank: int = 0, world: int = 1):
         self.tokens = open_tokens(path)
         self.batch_size, self.block_size, self.accum = batch_size, block_size, accum
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.world = world
         if len(self.tokens) < block_size + 1:
             raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one block of {block_size} + 1; "
                             "use a larger corpus or a smaller --block-size")
@@ -401,10 +409,10 @@ class BatchSampler:
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """x, y of shape (accum, batch, block) as int32; y is x shifted left by one."""
-        n = self.accum * self.batch_size
+        n = self.accum * self.world * self.batch_size
         starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=n)
-        window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
-        window = window.reshape(self.accum, self.batch_size, self.block_size + 1)
+        starts = starts.reshape(self.accum, self.world * self.batch_size)[:, self.rows]
+        window = self.tokens[starts[..., None] + self._offsets].astype(np.int32)
         return window[..., :-1], window[..., 1:]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -428,15 +436,23 @@ class SequentialSampler:
     at the beginning, so the last (n - 1) % (B*T) tokens are never targets. With
     gradient accumulation, a step's micro-batches are consecutive windows. The state is
     the next window's index.
+
+    With ``world`` processes, a window is ``world`` times longer and each rank reads its own
+    stripe of B*T tokens (+ 1) in rank order, as llm.c's DistributedDataLoader does: the ranks'
+    rows together are the micro-batch one process reads with ``world`` times the batch size.
     """
 
-    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, accum: int = 1):
+    def __init__(self, path: str | os.PathLike, batch_size: int, block_size: int, accum: int = 1,
+                 rank: int = 0, world: int = 1):
         self.tokens = open_tokens(path)
         self.batch_size, self.block_size, self.accum = batch_size, block_size, accum
-        self.windows = (len(self.tokens) - 1) // (batch_size * block_size)  # llm.c's shard_num_samples
+        self.rank, self.world = rank, world
+        # llm.c's shard_num_samples, for the ranks' windows together
+        self.windows = (len(self.tokens) - 1) // (world * batch_size * block_size)
         if self.windows < 1:
+            processes = f" on each of {world} processes" if world > 1 else ""
             raise UserError(f"{path} holds {len(self.tokens)} tokens, fewer than one batch of "
-                            f"{batch_size} x {block_size} + 1 that --sampler sequential reads; "
+                            f"{batch_size} x {block_size} + 1{processes} that --sampler sequential reads; "
                             "use a larger corpus or a smaller --batch-size or --block-size")
         self.position = 0
 
@@ -448,7 +464,7 @@ class SequentialSampler:
         for a in range(self.accum):
             if self.position >= self.windows:
                 self.position = 0
-            start = self.position * B * T
+            start = (self.position * self.world + self.rank) * B * T
             window = self.tokens[start : start + B * T + 1].astype(np.int32)
             x[a], y[a] = window[:-1].reshape(B, T), window[1:].reshape(B, T)
             self.position += 1
@@ -468,10 +484,11 @@ class SequentialSampler:
 
 
 def make_sampler(kind: str, path: str | os.PathLike, batch_size: int, block_size: int, seed: int,
-                 accum: int = 1) -> BatchSampler | SequentialSampler:
-    """The training sampler ``--sampler`` names: random windows, or the file in order."""
+                 accum: int = 1, rank: int = 0, world: int = 1) -> BatchSampler | SequentialSampler:
+    """The training sampler ``--sampler`` names: random windows, or the file in order (rank
+    ``rank``'s rows of the ``world`` processes' batch)."""
     if kind == "sequential":
-        return SequentialSampler(path, batch_size, block_size, accum)
+        return SequentialSampler(path, batch_size, block_size, accum, rank, world)
     if kind == "random":
-        return BatchSampler(path, batch_size, block_size, seed, accum)
+        return BatchSampler(path, batch_size, block_size, seed, accum, rank, world)
     raise UserError(f"unknown sampler {kind!r}; choose from {', '.join(SAMPLERS)}")

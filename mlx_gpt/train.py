@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, flags, plot
+from . import checkpoint, distributed, flags, plot
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
@@ -85,6 +85,7 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_prompt: str = ""
     checkpoint_interval: int = 200
+    rank_timeout: float = 600.0
     resume: bool = False
     overwrite: bool = False
 
@@ -98,6 +99,8 @@ class TrainConfig:
             raise UserError("learning rates must be positive")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.rank_timeout < 0:
+            raise UserError(f"--rank-timeout must be 0 (none) or more seconds, got {self.rank_timeout}")
         if self.streams < 0:
             raise UserError(f"--streams must be 0 (one per core) or more, got {self.streams}")
         if self.dtype not in DTYPES:
@@ -122,7 +125,7 @@ class TrainConfig:
 # Flags a resumed run may change: how long and how often, never what is trained.
 RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
                        "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir", "streams",
-                       "grad_checkpoint"}
+                       "grad_checkpoint", "rank_timeout"}
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -174,15 +177,21 @@ def _recomputed_class(cls: type) -> type:
     return type(cls.__name__, (_Recomputed, cls), {})
 
 
-def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig) -> Callable:
-    """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer."""
+def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
+                    group: mx.distributed.Group | None = None) -> Callable:
+    """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer.
+
+    With several processes (``group``), the loss and gradients are the means over every rank's
+    batch, so the norm, the clipping and the update are the same on every rank.
+    """
+    group = group or distributed.init()
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
     plan = parallel.plan_for(model, cfg.batch_size, cfg.streams)
     cache_freed_buffers()
     if plan is not None:
         return parallel.make_parallel_step(model, optimizer, partial(loss_fn, label_smoothing=cfg.label_smoothing),
                                            partial(clip_and_update, max_norm=cfg.grad_clip), plan,
-                                           compile=cfg.compile)
+                                           compile=cfg.compile, reduce=partial(distributed.all_mean, group=group))
     grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
     accum = cfg.grad_accum
 
@@ -195,6 +204,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig) -> Cal
         if accum > 1:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
+        loss, grads = distributed.all_mean((loss, grads), group)
         return loss, clip_and_update(model, optimizer, grads, cfg.grad_clip)
 
     if not cfg.compile:
@@ -210,19 +220,22 @@ def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
     return mx.compile(f, inputs=model.state) if cfg.compile else f
 
 
-def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: int) -> float:
-    """Mean loss over the same ``iters`` batches every time (a fixed seed), so evals compare."""
+def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: int,
+                  group: mx.distributed.Group | None = None) -> float:
+    """Mean loss over the same ``iters`` batches every time (a fixed seed), so evals compare;
+    with several processes, over every rank's rows of those batches."""
     sampler.set_state(np.random.Generator(np.random.PCG64(seed)).bit_generator.state)
     total = mx.array(0.0)
     for _ in range(iters):
         x, y = sampler.next()
         total = total + eval_loss(mx.array(x[0]), mx.array(y[0]))
-    return (total / iters).item()
+    return distributed.all_mean(total / iters, group or distributed.init()).item()
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The global RNG (dropout) is re-seeded from (seed, step) every step: resume is exact."""
-    return (seed * 1_000_003 + step) % (1 << 63)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The global RNG (dropout) is re-seeded from (seed, step) every step: resume is exact.
+    Each rank draws its own dropout masks."""
+    return (seed * 1_000_003 + step + (rank << 40)) % (1 << 63)
 
 
 def cache_freed_buffers() -> None:
@@ -256,6 +269,8 @@ class Run:
     start_step: int = 0
     best_val: float = math.inf
     train_state: dict | None = None
+    rank: int = 0  # this process's place among ``world`` (mlx.launch); only rank 0 writes
+    world: int = 1
 
 
 def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
@@ -297,6 +312,7 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
 
 def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     """Resolve data, model, optimizer and (when resuming) saved state for a run."""
+    group = distributed.init()
     if cfg.resume:
         if cfg.out is None:
             raise UserError("--resume needs --out naming the run to continue")
@@ -307,7 +323,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         model, tokenizer = _init_model(cfg)
     else:
         model, tokenizer = None, None
-    dataset = _dataset(cfg, tokenizer)
+    dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
     if tokenizer is None:
         tokenizer = dataset.tokenizer
     if cfg.out is None:
@@ -316,7 +332,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     out = Path(cfg.out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if cfg.overwrite and out.exists():
+    if cfg.overwrite and out.exists() and group.rank() == 0:
         shutil.rmtree(out)
     if model is None and cfg.model == "gpt":
         model = build(_model_config(cfg, dataset), seed=cfg.seed)
@@ -334,7 +350,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
-    run = Run(cfg, out, dataset, model, tokenizer, optimizer)
+    run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size())
     if cfg.resume:
         opt_state = checkpoint.load_optimizer_state(out)
         expected = {k: v.shape for k, v in tree_flatten(optimizer.state)}
@@ -342,6 +358,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
             raise UserError(f"{out}/optimizer.safetensors does not match the model")
         optimizer.state = opt_state
         state = checkpoint.load_state(out)
+        distributed.check_world_size(state.get("world_size", 1), group, str(out))
         run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state
     return run
 
@@ -372,6 +389,8 @@ def _given(cfg: TrainConfig) -> set[str]:
 
 
 def _log(run: Run, record: dict) -> None:
+    if run.rank != 0:
+        return
     run.out.mkdir(parents=True, exist_ok=True)
     with open(run.out / checkpoint.METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -379,6 +398,8 @@ def _log(run: Run, record: dict) -> None:
 
 def _draw(run: Run) -> None:
     """Redraw the run's loss.png from its metrics; a picture that cannot be written is only a warning."""
+    if run.rank != 0:
+        return
     try:
         plot.save([plot.read_run(run.out)], run.out / plot.PICTURE, title=f"{run.out.name}")
     except (OSError, UserError) as e:
@@ -386,14 +407,17 @@ def _draw(run: Run) -> None:
 
 
 def _save(run: Run, step: int, sampler_state: dict) -> None:
-    state = {"step": step, "sampler": sampler_state, "best_val": run.best_val}
+    """Rank 0 writes the checkpoint (every rank holds the same weights and sampler state)."""
+    if run.rank != 0:
+        return
+    state = {"step": step, "sampler": sampler_state, "best_val": run.best_val, "world_size": run.world}
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
                     files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False))},
                     state=state)
 
 
 def _sample(run: Run, step: int) -> str | None:
-    if run.tokenizer is None:
+    if run.tokenizer is None or run.rank != 0:
         return None
     run.model.eval()
     try:
@@ -419,31 +443,34 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     run = setup(cfg, given)
     cfg, model = run.cfg, run.model
     B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
-    train_sampler = make_sampler(cfg.sampler, run.dataset.train_file, B, T, seed=cfg.seed, accum=A)
-    val_sampler = BatchSampler(run.dataset.val_file, B, T, seed=cfg.seed + 1)
-    eval_train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed + 2)
+    group, shard = distributed.init(), dict(rank=run.rank, world=run.world)
+    train_sampler = make_sampler(cfg.sampler, run.dataset.train_file, B, T, seed=cfg.seed, accum=A, **shard)
+    val_sampler = BatchSampler(run.dataset.val_file, B, T, seed=cfg.seed + 1, **shard)
+    eval_train_sampler = BatchSampler(run.dataset.train_file, B, T, seed=cfg.seed + 2, **shard)
     if run.train_state is not None:
         train_sampler.set_state(run.train_state["sampler"])
 
     model.train()
-    step_fn = make_train_step(model, run.optimizer, cfg)
+    step_fn = make_train_step(model, run.optimizer, cfg, group)
     eval_loss = make_eval_loss(model, cfg)
     sample_interval = cfg.sample_interval or cfg.eval_interval
-    tokens_per_step = A * B * T
+    tokens_per_step = A * B * T * run.world
     n_params = model.num_params()
-    print(f"model: {n_params / 1e6:.2f}M parameters, {model.config}", file=sys.stderr)
-    print(f"data: {run.dataset.path} (vocab {run.dataset.vocab_size}); run: {run.out}", file=sys.stderr)
+    note = (lambda s: print(s, file=sys.stderr)) if run.rank == 0 else (lambda s: None)  # the others stay quiet
+    note(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
+    note(f"data: {run.dataset.path} (vocab {run.dataset.vocab_size}); run: {run.out}"
+         + (f"; {run.world} processes" if run.world > 1 else ""))
 
-    bar = tqdm(total=cfg.max_iters, initial=run.start_step, disable=progress is False or None, dynamic_ncols=True,
-               unit="step")
-    if progress is None:
+    bar = tqdm(total=cfg.max_iters, initial=run.start_step, disable=progress is False or run.rank != 0 or None,
+               dynamic_ncols=True, unit="step")
+    if progress is None and run.rank == 0:
         bar.disable = not _bar_fits()
-    say = bar.write if not bar.disable else (lambda s: print(s, file=sys.stderr))
+    say = bar.write if not bar.disable else note
 
     def evaluate(step: int) -> None:
         model.eval()
-        train_loss = estimate_loss(eval_loss, eval_train_sampler, cfg.eval_iters, cfg.seed + 2)
-        val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1)
+        train_loss = estimate_loss(eval_loss, eval_train_sampler, cfg.eval_iters, cfg.seed + 2, group)
+        val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1, group)
         model.train()
         run.best_val = min(run.best_val, val_loss)
         _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
@@ -457,15 +484,16 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
         say(f"--- sample ---\n{cfg.sample_prompt}{_sample(run, run.start_step)}\n---")
         _save(run, run.start_step, train_sampler.state())
         bar.close()
-        print(f"done: checkpoint in {run.out} (val loss {run.best_val:.4f})", file=sys.stderr)
+        note(f"done: checkpoint in {run.out} (val loss {run.best_val:.4f})")
         return run
     step = run.start_step
-    stop = _StopFlag()
+    stop, vote = _StopFlag(), distributed.AnyRank(group)
     t_last, tokens_since = time.perf_counter(), 0
     x, y = train_sampler.next()
-    with stop:
+    with stop, distributed.Watchdog(group, cfg.rank_timeout) as watchdog:
         for step in range(run.start_step + 1, cfg.max_iters + 1):
-            mx.random.seed(step_seed(cfg.seed, step))
+            watchdog.beat()
+            mx.random.seed(step_seed(cfg.seed, step, run.rank))
             loss, norm = step_fn(mx.array(x), mx.array(y))
             mx.async_eval(loss, norm, model.parameters())
             sampler_state = train_sampler.state()  # what a resume must draw next from
@@ -493,17 +521,20 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
                 text = _sample(run, step)
                 if text is not None:
                     say(f"--- sample at step {step} ---\n{cfg.sample_prompt}{text}\n---")
-            if step % cfg.checkpoint_interval == 0 or last or stop.requested:
+            stopping = vote(stop.requested)  # with several processes, all stop at the same step
+            if step % cfg.checkpoint_interval == 0 or last or stopping:
                 mx.eval(model.parameters(), run.optimizer.state)
                 _save(run, step, sampler_state)
-            if stop.requested:
+            if stopping:
                 bar.close()
+                distributed.barrier(group)  # the others wait for rank 0's checkpoint
                 say(f"interrupted: saved step {step} in {run.out}; continue with --resume --out {run.out}")
                 raise KeyboardInterrupt
             if step % cfg.eval_interval == 0 or step % sample_interval == 0:
                 t_last, tokens_since = time.perf_counter(), 0  # eval and sampling are not train time
+        distributed.barrier(group)
     bar.close()
-    print(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})", file=sys.stderr)
+    note(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})")
     return run
 
 
@@ -589,6 +620,8 @@ HELP = {
     "sample_prompt": "prompt of printed samples (default: a new document)",
     "checkpoint_interval": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
     "resume": "continue the run in --out exactly where it stopped",
+    "rank_timeout": "with several processes (mlx.launch): seconds a process waits on the others before it gives "
+                    "up (0: forever)",
     "overwrite": "replace an existing run in --out",
 }
 

@@ -107,12 +107,15 @@ def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
 
 
 def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, plan: StreamPlan,
-                       compile: bool = True) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+                       compile: bool = True, reduce: Callable | None = None
+                       ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """step(x, y) -> (mean loss, gradient norm) for x, y of shape (accum, B, T), as ``mlx_gpt.train``'s step.
 
     ``loss_fn(model, x, y)`` is the mean loss of one slice; ``update(model, optimizer, grads,
     stream_for=...)`` clips and applies the summed gradients and returns their norm
     (``optim.clip_and_update``), each parameter's share on the stream ``plan.stream_for`` gives it.
+    ``reduce((loss, grads))``, when given, combines them with other processes' before the update
+    (``distributed.all_mean``).
     """
 
     def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
@@ -132,7 +135,10 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
         for key in flat[0]:
             with mx.stream(plan.stream_of(key)):
                 grads[key] = sum(wi * f[key] for wi, f in zip(w, flat)).astype(flat[0][key].dtype)
-        return loss, update(model, optimizer, tree_unflatten(list(grads.items())), stream_for=plan.stream_for)
+        grads = tree_unflatten(list(grads.items()))
+        if reduce is not None:
+            loss, grads = reduce((loss, grads))
+        return loss, update(model, optimizer, grads, stream_for=plan.stream_for)
 
     if compile:
         state = [model.state, optimizer.state]
