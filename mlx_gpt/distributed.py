@@ -136,14 +136,15 @@ class Watchdog:
     """Ends a rank whose loop has not called ``beat`` for ``timeout`` seconds, and turns a lost
     peer into one ``error:`` line.
 
-    The main thread waits on collectives inside MLX, which releases the GIL, so a plain thread
-    can watch it. On timeout the process prints why and exits at once (its last checkpoint was
-    written atomically, so it is whole); mlx.launch then stops the other ranks.
+    The clock starts at the first ``beat``, after the first step, whose compilation may take
+    long. The main thread waits on collectives inside MLX, which releases the GIL, so a plain
+    thread can watch it. On timeout the process prints why and exits at once (its last
+    checkpoint was written atomically, so it is whole); mlx.launch then stops the other ranks.
     """
 
     def __init__(self, group: mx.distributed.Group, timeout: float):
         self.rank, self.size, self.timeout = group.rank(), group.size(), timeout
-        self.last = time.monotonic()
+        self.last: float | None = None
         self._done = threading.Event()
 
     def beat(self) -> None:
@@ -151,14 +152,13 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.timeout / 4)):
-            if time.monotonic() - self.last > self.timeout:
-                print(f"error: rank {self.rank} of {self.size} waited {self.timeout:g} s for the other processes; "
-                      "one has stopped or hangs. The last checkpoint is intact; continue with --resume",
+            if self.last is not None and time.monotonic() - self.last > self.timeout:
+                print(f"error: rank {self.rank} of {self.size}: no step finished for {self.timeout:g} s, so a process "
+                      "hangs or has stopped; the last checkpoint is intact; continue with --resume",
                       file=sys.stderr, flush=True)
                 os._exit(2)
 
     def __enter__(self) -> "Watchdog":
-        self.beat()
         if self.size > 1 and self.timeout > 0:
             threading.Thread(target=self._watch, name="mlx_gpt-watchdog", daemon=True).start()
         return self

@@ -492,7 +492,6 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     x, y = train_sampler.next()
     with stop, distributed.Watchdog(group, cfg.rank_timeout) as watchdog:
         for step in range(run.start_step + 1, cfg.max_iters + 1):
-            watchdog.beat()
             mx.random.seed(step_seed(cfg.seed, step, run.rank))
             loss, norm = step_fn(mx.array(x), mx.array(y))
             mx.async_eval(loss, norm, model.parameters())
@@ -532,6 +531,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
                 raise KeyboardInterrupt
             if step % cfg.eval_interval == 0 or step % sample_interval == 0:
                 t_last, tokens_since = time.perf_counter(), 0  # eval and sampling are not train time
+            watchdog.beat()
         distributed.barrier(group)
     bar.close()
     note(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})")
