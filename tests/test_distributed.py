@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_gpt import checkpoint, distributed
 from mlx_gpt.data import BatchSampler, SequentialSampler, prepare
 from mlx_gpt.errors import UserError
-from mlx_gpt.train import TrainConfig, build_parser, train
+from mlx_gpt.train import TrainConfig, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sysconfig.get_path("scripts")) / "mlx.launch"
@@ -139,7 +139,8 @@ def launch(cwd: Path, *args: str, action: str = "none", at: int = 0, timeout: fl
 
 def cli_args(cfg: dict) -> list[str]:
     flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-    return [flag(k) if v is True else f"{flag(k)}={v}" for k, v in cfg.items()]
+    return [flag(k) if v is True else f"--no-{k.replace('_', '-')}" if v is False else f"{flag(k)}={v}"
+            for k, v in cfg.items()]
 
 
 def losses_of(run_dir: Path) -> dict[int, float]:
@@ -243,7 +244,8 @@ def _rank_main(argv: list[str]) -> None:
             time.sleep(3600)
 
     def main(args):
-        run = train(TrainConfig(**vars(build_parser().parse_args(args))), progress=False, on_step=on_step)
+        cfg, given = parse_args(args)
+        run = train(cfg, given=given, progress=False, on_step=on_step)
         mx.save_safetensors(f"{run.out}-rank{run.rank}.safetensors", dict(tree_flatten(run.model.parameters())))
 
     run_cli(main, argv[2:])
