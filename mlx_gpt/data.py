@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -183,6 +182,8 @@ def _read_text(path: Path) -> str:
 
 def download(url: str, dest: Path, sha256: str) -> None:
     """Fetch url to dest with a progress bar; keep it only if the checksum matches."""
+    import urllib.request  # imported here: the network stack costs every run's startup otherwise
+
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,9 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .cpu.blas import get_blas_threads, set_blas_threads
+from .cpu.matvec import fastest_threads
+from .cpu.parallel import cpu_cores
 from .models.cache import FixedKVCache
 from .detokenizer import StreamingDetokenizer
 from .errors import UserError, run_cli
@@ -91,13 +94,18 @@ class Decoder:
     not constants baked into it, so a Decoder stays valid while the model trains. Any other
     model with ``make_cache()`` and ``model(idx, cache)``, and every model on a GPU, runs the
     same loop eagerly with its own caches. The compiled step saves the CPU backend's
-    per-operation cost (GPT-2 124M: 25.8 against 17.5 tokens/s on two cores), while on
-    CUDA it measured the slower one (346 against 482 tokens/s on an H200; it also attends over
-    the whole capacity). Metal keeps the eager loop too, as mlx-lm's generation does.
+    per-operation cost, while on CUDA it measured slower than the eager loop (it also attends
+    over the whole capacity). Metal keeps the eager loop too, as mlx-lm's generation does.
 
     keep: tokens kept when the context fills the block size and the window slides (default
     three quarters of the block). ``keep == block_size`` recomputes the full window for every
     token past the block size, exactly like cropping the context to the last block.
+
+    On the CPU with OpenBLAS, each token is a chain of matrix-vector products, and a second
+    BLAS thread helps only while a core is free for it: on a busy machine every product waits
+    for one. So the first generation measures products of the model's shape with one thread
+    and with one per core and decodes with the faster (``blas_threads``); the process's
+    setting is restored afterwards, since training wants every core.
     """
 
     capacity_step = 256  # fixed caches are sized in steps of this many positions, so shapes repeat
@@ -114,6 +122,22 @@ class Decoder:
         if self.compiled:
             self._n_layers = len(model.make_cache())
             self._step = mx.compile(self._fixed_step, inputs=[model.state])
+        self.blas_threads: int | None = None  # chosen at the first generation on the CPU
+
+    @contextlib.contextmanager
+    def _decoding_threads(self) -> Iterator[None]:
+        """BLAS threads for decoding (measured once per Decoder); the previous setting afterwards."""
+        previous = get_blas_threads()
+        if previous is None or mx.default_device().type != mx.DeviceType.cpu:
+            yield
+            return
+        if self.blas_threads is None:
+            self.blas_threads = fastest_threads(*_matvec_shape(self.model), cpu_cores())
+        set_blas_threads(self.blas_threads)
+        try:
+            yield
+        finally:
+            set_blas_threads(previous)
 
     def capacity(self, n_positions: int) -> int:
         """Cache positions for n_positions tokens: rounded up to a step, at most the block size."""
@@ -185,7 +209,7 @@ class Decoder:
         timing.rows, timing.prompt_tokens = num_samples, window.shape[1]
         state = {} if self.sampling.greedy else {"rng": mx.random.key(seed)}
 
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), self._decoding_threads():
             start = time.perf_counter()
             y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(prompt_rows))
             n_cached = window.shape[1]
@@ -222,6 +246,17 @@ def _last_tokens(prompt_rows: np.ndarray, steps: list[list[int]], k: int) -> np.
     recent = np.asarray(steps[len(steps) - min(k, len(steps)):], np.int32).reshape(-1, prompt_rows.shape[0]).T
     from_prompt = prompt_rows[:, prompt_rows.shape[1] - (k - recent.shape[1]):]
     return np.concatenate([from_prompt, recent], axis=1)
+
+
+def _matvec_shape(model) -> tuple[int, int]:
+    """(rows, cols) of a typical weight a decode step multiplies by: the MLP's (4C, C) for a GPT."""
+    n_embd = getattr(getattr(model, "config", None), "n_embd", None)
+    if n_embd:
+        return 4 * n_embd, n_embd
+    from mlx.utils import tree_flatten
+
+    shapes = [tuple(v.shape) for _, v in tree_flatten(model.parameters()) if v.ndim == 2]
+    return max(shapes, key=lambda s: s[0] * s[1], default=(256, 256))
 
 
 def _fixed_state(caches: list[FixedKVCache]) -> dict:

@@ -328,3 +328,30 @@ def test_cli_bad_input_is_one_line(ckpt, tmp_path, args, message):
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_decoder_chooses_blas_threads_at_its_first_generation_and_restores_them(monkeypatch):
+    """Matrix-vector threads are measured once per Decoder (the choice, not the speed, is tested)."""
+    import mlx_gpt.generate as gen
+
+    setting = [3]
+    measured = []
+    monkeypatch.setattr(gen, "get_blas_threads", lambda: setting[0])
+    monkeypatch.setattr(gen, "set_blas_threads", lambda n: setting.__setitem__(0, n))
+    monkeypatch.setattr(gen, "cpu_cores", lambda: 4)
+
+    def fastest(rows, cols, threads):
+        measured.append((rows, cols, threads))
+        return 1
+
+    monkeypatch.setattr(gen, "fastest_threads", fastest)
+    model = build(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.0), seed=0)
+    decoder = gen.Decoder(model, SamplingConfig(temperature=0))
+    seen = []
+    for _ in decoder.tokens([1, 2, 3], 4):
+        seen.append(setting[0])
+    assert decoder.blas_threads == 1 and seen == [1, 1, 1, 1]
+    assert measured == [(64, 16, 4)]
+    assert setting[0] == 3  # the process's setting is back for training
+    list(decoder.tokens([1, 2], 2))
+    assert len(measured) == 1  # measured once per Decoder

@@ -1,60 +1,55 @@
-"""Benchmark mlx_gpt's train step and decoding, side by side with PyTorch: ``python tools/bench.py``.
+"""Benchmark mlx_gpt against what its users would otherwise run, each in a process of its own.
 
-For each config it reports the train step's milliseconds, tokens per second, achieved GFLOP/s
-and model-FLOPs utilisation against the sgemm peak it measures on this machine, the first step
-(which includes tracing, compiling and JIT-building the fused kernels), and peak memory; then
-greedy decoding speed against the memory-bandwidth bound. FLOPs per trained token follow
-nanoGPT's estimate, 6N + 12·L·C·T, with N the parameters less the position embeddings, L
-layers, C the width and T the sequence length.
+    python tools/bench.py                      # mlx_gpt alone: train A, B, C, decode, startup
+    python tools/bench.py --vs-torch           # the honest race: every peer in its own process
+    python tools/bench.py --vs-torch --configs A,decode --rounds 2 --json out.json
 
-MLX steps are timed the way ``mlx_gpt.train`` runs them: each launched with ``mx.async_eval``
-while the next is being built, in rounds of as many steps as take about half a second.
-``--vs-torch`` builds the PyTorch reference of ``tools/torch_gpt.py`` with the same weights and
-batch, checks that both compute the same first loss, then alternates one timed round of each
-after the warm-up, so that both see the same machine load; the ratio of the medians is
-reported per config. On a shared machine only ratios from one run compare (the JSON records
-the load average before and after).
+Every figure comes from a fresh subprocess that loads one framework, warms up, times its work
+and prints one JSON object; this process only starts them, alternates them and divides.
+``--vs-torch`` races, config by config:
 
-    python tools/bench.py                          # configs A, B, C and decode, MLX only
-    python tools/bench.py --vs-torch --json out.json
-    python tools/bench.py --configs A,B --steps 20 --vs-torch
+- train (A, B, C; D only when named): mlx_gpt's compiled step against
+  tests/reference/torch_gpt.py (the same model, loss, clipping and fused AdamW, in eager
+  PyTorch with its own thread pool), on the same weights (exported with ``mlx_gpt.convert --to
+  hf``) and batch, in alternating rounds (mlx_gpt, PyTorch, mlx_gpt, ...), each round a new
+  process timing ``--steps`` steps after warm-up; the ratio of medians per config. Once, for A,
+  the same PyTorch step is also timed in a process that imported mlx_gpt first (OpenBLAS
+  loaded globally), which is how the benchmark used to run it and why it must not.
+- decode (124M, batch 1, 16-token prompt, 128 new tokens, greedy): ``python -m
+  mlx_gpt.generate``'s Decoder against Hugging Face transformers' ``generate`` and mlx-lm's
+  generation loop, on exports of the same weights (``--to hf``, ``--to mlx-lm``); the greedy
+  tokens must agree. The bound is the bytes one token reads over the matrix-vector bandwidth
+  that ``python -m mlx_gpt.info`` measures.
+- race: nanoGPT's CPU example end to end (character-level Shakespeare, 4 layers, 4 heads, 128
+  wide, block 64, batch 12, 2000 iterations), ``python -m mlx_gpt.train`` against
+  tests/reference/nanogpt_train.py, one after the other: wall time and final val loss.
+- startup: ``python -m mlx_gpt.train --max-iters 1`` wall time, and from the first import to
+  the first loss, with MLX's compile cache (and mlx_gpt's) empty and then warm.
+
+The machine's load average is recorded before and after; on a shared machine only ratios
+from one run compare. Train FLOPs per token follow nanoGPT's estimate 6N + 12·L·C·T.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import mlx_gpt  # noqa: E402  (loads OpenBLAS before mlx.core)
-from mlx_gpt.cpu.blas import blas_status, set_blas_threads  # noqa: E402
-from mlx_gpt.errors import UserError, run_cli  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mlx_gpt.cpu import accelerate, ops  # noqa: E402
-from mlx_gpt.generate import Decoder, Timing  # noqa: E402
-from mlx_gpt.models.gpt import GPTConfig, build  # noqa: E402
-from mlx_gpt.cpu.parallel import cpu_cores, split_for  # noqa: E402
-from mlx_gpt.sampling import SamplingConfig  # noqa: E402
-from mlx_gpt.optim import make_optimizer  # noqa: E402
-from mlx_gpt.train import TrainConfig, make_train_step  # noqa: E402
-
+REFERENCE = ROOT / "tests" / "reference"
 FLOP_FORMULA = "6N + 12*L*C*T per token (nanoGPT; N = parameters less position embeddings)"
 
 
@@ -68,10 +63,6 @@ class Shape:
     n_embd: int
     block_size: int
 
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=0.0)
-
 
 @dataclass(frozen=True)
 class TrainBench:
@@ -80,6 +71,9 @@ class TrainBench:
     shape: Shape
     batch_size: int
     seq_len: int
+    steps: int  # timed steps per round
+    warmup: int
+    chunk: int = 1  # mlx_gpt's steps per timed sample: steps overlap, so short ones are timed a few at a time
 
 
 @dataclass(frozen=True)
@@ -91,374 +85,516 @@ class DecodeBench:
     new_tokens: int
 
 
+@dataclass(frozen=True)
+class RaceBench:
+    """nanoGPT's README CPU example (config/train_shakespeare_char.py with its command-line overrides)."""
+
+    name: str = "race"
+    note: str = "nanoGPT's CPU example end to end"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    beta2: float = 0.99
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 1
+
+
 GPT2_124M = Shape(50257, 12, 12, 768, 1024)
-CONFIGS: dict[str, TrainBench | DecodeBench] = {
-    "A": TrainBench("A", "nanoGPT's CPU example", Shape(65, 4, 4, 128, 64), 12, 64),
-    "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256),
-    "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", GPT2_124M, 4, 64),
+CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | None] = {
+    "A": TrainBench("A", "nanoGPT's CPU example", Shape(65, 4, 4, 128, 64), 12, 64, steps=40, warmup=10,
+                     chunk=5),
+    "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256, steps=8, warmup=2),
+    "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", GPT2_124M, 4, 64, steps=8, warmup=2),
     "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", GPT2_124M, 16, 128),
+    "race": RaceBench(),
+    "startup": None,
     # not in the default list: a GPU's config (a step takes tens of seconds on two CPU cores)
-    "D": TrainBench("D", "GPT-2 124M, nanoGPT's GPU shapes", GPT2_124M, 12, 1024),
+    "D": TrainBench("D", "GPT-2 124M, nanoGPT's GPU shapes", GPT2_124M, 12, 1024, steps=5, warmup=2),
 }
-DEFAULT_CONFIGS = "A,B,C,decode"
+DEFAULT_CONFIGS = "A,B,C,decode,race,startup"
 
 
-# ---------------------------------------------------------------------------- measurements
+# ---------------------------------------------------------------------------- running workers
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int, n_params_non_embedding: int) -> int:
-    """nanoGPT's estimate of the FLOPs of one trained token: 6N + 12*L*C*T."""
-    return 6 * n_params_non_embedding + 12 * cfg.n_layer * cfg.n_embd * seq_len
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
-def median_ms(times: Sequence[float]) -> float:
-    return 1000.0 * statistics.median(times)
-
-
-def peak_sizes() -> tuple[int, ...]:
-    """Square matmul sizes that reach the peak: a GPU needs larger ones than a CPU to fill it."""
-    return (2048, 4096, 8192) if mx.default_device().type == mx.DeviceType.gpu else (1024, 2048, 3072)
-
-
-def sgemm_peak(reps: int = 5) -> float:
-    """Best float32 matmul throughput MLX reaches on this machine, in GFLOP/s."""
-    best = 0.0
-    for n in peak_sizes():
-        a = mx.random.normal((n, n), key=mx.random.key(0))
-        b = mx.random.normal((n, n), key=mx.random.key(1))
-        mx.eval(a, b)
-        mx.eval(a @ b)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            mx.eval(a @ b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def stream_bandwidth(megabytes: int = 512, reps: int = 5) -> dict[str, float]:
-    """Best rates, in GB/s, at which a large float32 matrix streams through a matrix-vector product.
-
-    Decoding one token is made of such products over every weight. numpy's BLAS is measured
-    beside MLX so that the bound does not depend on how well MLX itself does it.
-    """
-    cols = 4096
-    rows = megabytes * 2**20 // 4 // cols
-    a = mx.random.normal((rows, cols), key=mx.random.key(2))
-    v = mx.random.normal((cols,), key=mx.random.key(3))
-    mx.eval(a, v)
-    na, nv = np.array(a), np.array(v)
-    rates = {}
-    for name, fn in (("mlx", lambda: mx.eval(a @ v)), ("numpy", lambda: na @ nv)):
-        fn()
-        best = 0.0
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
-        rates[name] = best
-    return rates
-
-
-def torch_device() -> str:
-    """Where the PyTorch reference runs: on the GPU when MLX runs on one (CUDA), else the CPU."""
-    import torch
-
-    return "cuda" if mx.default_device().type == mx.DeviceType.gpu and torch.cuda.is_available() else "cpu"
-
-
-def torch_sgemm_peak(reps: int = 5) -> float:
-    import torch
-
-    device = torch_device()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = 0.0
-    for n in peak_sizes():
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        a @ b
-        sync()
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def max_rss_mb() -> float:
-    """The process's peak resident memory so far (MLX and PyTorch together), in MB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def alternate(runs: dict[str, Callable[[int], None]], per_round: int, warmup: int, rounds: int,
-              pause: float) -> dict[str, list[float]]:
-    """Time ``per_round`` steps of each implementation in turn, ``rounds`` times after ``warmup`` rounds.
-
-    Returns the seconds per step of each timed round. Between two implementations it sleeps
-    ``pause`` seconds: OpenBLAS's worker threads spin for about 0.1 s after a call and OpenMP's
-    for a while too, and a pool still spinning on a core would slow the other framework.
-    """
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + rounds):
-        for name, run in runs.items():
-            if len(runs) > 1:
-                time.sleep(pause)
-            t0 = time.perf_counter()
-            run(per_round)
-            dt = (time.perf_counter() - t0) / per_round
-            if i >= warmup:
-                times[name].append(dt)
-    return times
-
-
-# ---------------------------------------------------------------------------- train steps
-
-
-def mlx_train_step(bench: TrainBench, x: np.ndarray, y: np.ndarray, native: bool = False, streams: int = 0):
-    """(model, run, first-step seconds, first loss) for mlx_gpt's train step on ``bench``.
-
-    ``run(k)`` takes k steps the way ``mlx_gpt.train`` does, each launched with mx.async_eval
-    while the next one is being built, and waits for the last. ``native`` traces the step with
-    MLX's own kernels instead of ``mlx_gpt.cpu.ops``; ``streams`` is ``mlx_gpt.train``'s --streams.
-    """
-    model = accelerate(build(bench.shape.model_config(), seed=0))
-    model.train()
-    tcfg = TrainConfig(batch_size=bench.batch_size, max_iters=1000, warmup_iters=10, streams=streams)
-    optimizer = make_optimizer(tcfg.optim)
-    optimizer.init(model.trainable_parameters())
-    step_fn = make_train_step(model, optimizer, tcfg)
-    xs, ys = mx.array(x[None]), mx.array(y[None])
-    # the BLAS threads the step was planned with (a process-wide setting another step may change)
-    _, threads = split_for(bench.batch_size, streams)
-
-    def run(k: int) -> mx.array:
-        set_blas_threads(threads)
-        for _ in range(k):
-            loss, norm = step_fn(xs, ys)
-            mx.async_eval(loss, norm, model.parameters())
-        mx.eval(loss, model.parameters(), optimizer.state)
-        return loss
-
+def run_json(cmd: Sequence[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 3600
+             ) -> tuple[dict, float]:
+    """Run a worker; return the JSON object on the last line of its output and its wall seconds."""
     t0 = time.perf_counter()
-    if native:
-        with ops.native_ops():
-            loss = run(1)
-    else:
-        loss = run(1)
-    return model, run, time.perf_counter() - t0, loss.item()
+    proc = subprocess.run(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed (exit {proc.returncode}):\n{tail}")
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]), wall
 
 
-def torch_train_step(mlx_model, x: np.ndarray, y: np.ndarray):
-    """(run, first-step seconds, first loss) for the PyTorch reference with ``mlx_model``'s weights."""
-    import torch
-
-    from torch_gpt import from_mlx, make_optimizer as torch_optimizer, make_train_step as torch_step
-
-    device = torch_device()
-    tmodel = from_mlx(mlx_model, device)
-    tmodel.train()
-    fn = torch_step(tmodel, torch_optimizer(tmodel), grad_clip=1.0)
-    tx, ty = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (x, y))
-
-    def run(k: int) -> float:
-        for _ in range(k):
-            loss, _ = fn(tx, ty)
-        return float(loss)
-
-    t0 = time.perf_counter()
-    loss = run(1)
-    return run, time.perf_counter() - t0, loss
+def worker(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "worker", *args]
 
 
-def bench_train(bench: TrainBench, args: argparse.Namespace, peak: float) -> dict:
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def pause(seconds: float) -> None:
+    """Let the previous process's thread pools and page cache settle before the next one starts."""
+    time.sleep(seconds)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def bench_train(bench: TrainBench, args: argparse.Namespace, work: Path, machine: dict) -> dict:
+    import numpy as np
+
+    d = work / bench.name
+    export, _ = run_json(worker("export", "--shape", json.dumps(asdict(bench.shape)), "--out", str(d),
+                                *(["--hf"] if args.vs_torch else [])))
     rng = np.random.default_rng(0)
-    x = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
-    y = rng.integers(0, bench.shape.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
-    mx.reset_peak_memory()
-    model, mlx_run, mlx_first, mlx_loss = mlx_train_step(bench, x, y, streams=args.streams[0])
-    fpt = flops_per_token(model.config, bench.seq_len, model.num_params(non_embedding=True))
+    shape = (bench.batch_size, bench.seq_len)
+    np.savez(d / "batch.npz", x=rng.integers(0, bench.shape.vocab_size, shape, dtype=np.int32),
+             y=rng.integers(0, bench.shape.vocab_size, shape, dtype=np.int32))
+    steps = args.steps or bench.steps
+    common = ["--batch", str(d / "batch.npz"), "--steps", str(steps), "--warmup", str(bench.warmup)]
+    runs: dict[str, list[dict]] = {"mlx": []}
+    cmds = {"mlx": worker("train", "--checkpoint", str(d / "checkpoint"), "--streams", str(args.streams),
+                          "--chunk", str(min(bench.chunk, steps)), *common)}
+    if args.vs_torch:
+        runs["torch"] = []
+        cmds["torch"] = [sys.executable, str(REFERENCE / "torch_gpt.py"), "train", "--weights", str(d / "hf"),
+                         "--threads", str(args.torch_threads or cores()), "--device", machine["torch_device"],
+                         *(["--tf32"] if args.torch_tf32 else []), *common]
+    for _ in range(args.rounds):
+        for name, cmd in cmds.items():
+            pause(args.pause)
+            runs[name].append(run_json(cmd)[0])
+        print(f"  [{bench.name}] " + ", ".join(f"{n} {1000 * median(r[-1]['step_s']):.1f} ms" for n, r in runs.items()),
+              file=sys.stderr, flush=True)
     tokens = bench.batch_size * bench.seq_len
-    runs = {"mlx": mlx_run}
-    first = {"mlx": mlx_first}
-    result = {"config": asdict(bench), "params": model.num_params(), "tokens_per_step": tokens,
-              "flops_per_token": fpt}
-    if args.vs_torch:
-        # the same initial weights as the MLX model had before its first step
-        torch_run, first["torch"], torch_loss = torch_train_step(build(bench.shape.model_config(), seed=0), x, y)
-        result["first_loss"] = {"mlx": mlx_loss, "torch": torch_loss}
-        runs["torch"] = torch_run
-    if args.native:
-        _, runs["mlx_native"], first["mlx_native"], _ = mlx_train_step(bench, x, y, native=True,
-                                                                       streams=args.streams[0])
-    for n in args.streams[1:]:
-        _, runs[f"mlx_streams{n}"], first[f"mlx_streams{n}"], _ = mlx_train_step(bench, x, y, streams=n)
-    gc.collect()
-    # steps per round: enough for about half a second, so a pipelined MLX loop is measured as such
-    t0 = time.perf_counter()
-    mlx_run(1)
-    per_round = max(1, min(10, int(0.5 / max(time.perf_counter() - t0, 1e-3))))
-    times = alternate(runs, per_round, args.warmup, args.steps, args.pause)
-    for name, ts in times.items():
-        ms = median_ms(ts)
+    fpt = export["flops_per_token"]
+    result = {"config": asdict(bench), "params": export["params"], "tokens_per_step": tokens, "flops_per_token": fpt}
+    for name, rs in runs.items():
+        round_ms = [1000 * median(r["step_s"]) for r in rs]
+        ms = median(round_ms)
         gflops = fpt * tokens / (ms / 1000) / 1e9
-        result[name] = {"ms_per_step": ms, "tok_per_s": tokens / (ms / 1000), "gflops": gflops, "mfu": gflops / peak,
-                        "first_step_s": first[name], "rounds_ms": [round(1000 * t, 2) for t in ts]}
-    result["steps_per_round"] = per_round
-    result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
+        result[name] = {"ms_per_step": ms, "tok_per_s": tokens / (ms / 1000), "gflops": gflops,
+                        "mfu": gflops / machine["sgemm_peak_gflops"], "rounds_ms": [round(x, 2) for x in round_ms],
+                        "best_step_ms": 1000 * min(min(r["step_s"]) for r in rs),
+                        "steps_ms": [[round(1000 * s, 1) for s in r["step_s"]] for r in rs],
+                        "first_step_s": median([r["first_step_s"] for r in rs]),
+                        "first_loss": rs[0]["first_loss"]}
+        if "peak_memory_mb" in rs[0]:
+            result[name]["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rs)
     if args.vs_torch:
-        for name in runs:
-            if name.startswith("mlx"):
-                result[name]["vs_torch"] = result[name]["tok_per_s"] / result["torch"]["tok_per_s"]
-        result["mlx_vs_torch"] = result["mlx"]["vs_torch"]
-    if args.native:
-        result["fast_vs_native"] = result["mlx"]["tok_per_s"] / result["mlx_native"]["tok_per_s"]
-    result["max_rss_mb"] = max_rss_mb()
+        result["mlx_vs_torch"] = result["torch"]["ms_per_step"] / result["mlx"]["ms_per_step"]
+        result["same_first_loss"] = abs(result["mlx"]["first_loss"] - result["torch"]["first_loss"]) < 1e-4
+        if bench.name == "A" and args.in_process:
+            pause(args.pause)
+            inproc, _ = run_json(worker("torch-in-process", "--weights", str(d / "hf"), "--threads",
+                                        str(args.torch_threads or cores()), *common))
+            result["torch_in_process"] = {"ms_per_step": 1000 * median(inproc["step_s"]),
+                                          "standalone_ms_per_step": result["torch"]["ms_per_step"]}
     return result
 
 
-# ---------------------------------------------------------------------------- decoding
+def bench_decode(bench: DecodeBench, args: argparse.Namespace, work: Path, machine: dict) -> dict:
+    import numpy as np
 
-
-def mlx_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy decoding as ``python -m mlx_gpt.generate`` runs it: ``mlx_gpt.generate.Decoder``
-    (prefill, then one step per token, compiled over fixed-capacity caches on the CPU, each
-    queued with mx.async_eval before the previous token is read back).
-
-    Returns (tokens, seconds to the first token, seconds for the rest).
-    """
-    timing = Timing()
-    tokens = [row[0] for row in Decoder(model, SamplingConfig(temperature=0)).tokens(prompt, new_tokens, timing=timing)]
-    return tokens, timing.prompt_seconds, timing.generation_seconds
-
-
-def mlx_decode_eager(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy decoding in a plain loop: the model's growing caches, no compiled step, async_eval."""
-    t0 = time.perf_counter()
-    cache = model.make_cache()
-    tok = mx.argmax(model(mx.array([prompt]), cache)[:, -1, :], axis=-1)
-    mx.eval(tok)
-    t1 = time.perf_counter()
-    out = [tok]
-    for _ in range(new_tokens - 1):
-        tok = mx.argmax(model(tok[:, None], cache)[:, -1, :], axis=-1)
-        mx.async_eval(tok)
-        out.append(tok)
-    tokens = [t.item() for t in out]
-    return tokens, t1 - t0, time.perf_counter() - t1
-
-
-def bench_decode(bench: DecodeBench, args: argparse.Namespace, rates: dict[str, float]) -> dict:
-    model = accelerate(build(bench.shape.model_config(), seed=0))
-    model.eval()
-    prompt = np.random.default_rng(1).integers(0, bench.shape.vocab_size, bench.prompt_len).tolist()
-    n_params = model.num_params()
-    # each new token reads every weight once (the tied head once) and, on average, the keys and
-    # values of the prompt and half the generated tokens
+    d = work / bench.name
+    export, _ = run_json(worker("export", "--shape", json.dumps(asdict(bench.shape)), "--out", str(d),
+                                *(["--hf", "--mlx-lm"] if args.vs_torch else [])))
+    prompt = ",".join(str(t) for t in np.random.default_rng(1).integers(0, bench.shape.vocab_size, bench.prompt_len))
+    common = ["--prompt", prompt, "--new-tokens", str(bench.new_tokens), "--runs", str(args.decode_runs)]
+    cmds = {"mlx": worker("decode", "--checkpoint", str(d / "checkpoint"), *common)}
+    if args.vs_torch:
+        peers = [sys.executable, str(REFERENCE / "generate_peers.py")]
+        cmds["hf"] = [*peers, "hf", "--weights", str(d / "hf"), "--threads", str(args.torch_threads or cores()),
+                      *common]
+        cmds["mlx_lm"] = [*peers, "mlx-lm", "--weights", str(d / "mlx-lm"), *common]
+    runs: dict[str, list[dict]] = {name: [] for name in cmds}
+    for _ in range(args.decode_rounds):
+        for name, cmd in cmds.items():
+            pause(args.pause)
+            runs[name].append(run_json(cmd)[0])
+        print(f"  [decode] " + ", ".join(f"{n} {bench.new_tokens / median(r[-1]['total_s']):.1f} tok/s"
+                                         for n, r in runs.items()), file=sys.stderr, flush=True)
+    # each new token reads every weight once (of wpe one row; the head is tied to wte) and, on
+    # average, the keys and values of the prompt and of half the new tokens
+    s = bench.shape
     avg_ctx = bench.prompt_len + bench.new_tokens / 2
-    bytes_per_token = 4 * n_params + 4 * 2 * bench.shape.n_layer * bench.shape.n_embd * avg_ctx
-    bandwidth = max(rates.values())
-    bound = bandwidth * 1e9 / bytes_per_token
-    mx.reset_peak_memory()
-    decoders: dict[str, Callable] = {"mlx": lambda: mlx_decode(model, prompt, bench.new_tokens),
-                                     "mlx_eager": lambda: mlx_decode_eager(model, prompt, bench.new_tokens)}
-    if args.vs_torch:
-        from torch_gpt import decode as torch_decode, from_mlx
-
-        tmodel = from_mlx(model, torch_device()).eval()
-        decoders["torch"] = lambda: torch_decode(tmodel, prompt, bench.new_tokens)
-    for fn in decoders.values():  # warm-up
-        fn()
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in decoders}
-    tokens = {}
-    for _ in range(args.decode_runs):
-        for name, fn in decoders.items():
-            time.sleep(args.pause)
-            tokens[name], pre, dec = fn()
-            runs[name].append((pre, dec))
-    result = {"config": asdict(bench), "params": n_params, "bytes_per_token": bytes_per_token,
-              "bandwidth_gb_s": bandwidth, "bandwidth_by": rates, "bound_tok_per_s": bound}
+    bytes_per_token = 4 * (export["params"] - s.block_size * s.n_embd + s.n_embd) + 4 * 2 * s.n_layer * s.n_embd * avg_ctx
+    bound = machine["matvec_gb_s"] * 1e9 / bytes_per_token
+    result = {"config": asdict(bench), "params": export["params"], "bytes_per_token": bytes_per_token,
+              "bandwidth_gb_s": machine["matvec_gb_s"], "bound_tok_per_s": bound}
     for name, rs in runs.items():
-        tps = (bench.new_tokens - 1) / statistics.median(d for _, d in rs)
-        result[name] = {"tok_per_s": tps, "prefill_ms": 1000 * statistics.median(p for p, _ in rs),
-                        "fraction_of_bound": tps / bound}
-    result["mlx"]["peak_memory_mb"] = mx.get_peak_memory() / 2**20
+        total = [t for r in rs for t in r["total_s"]]
+        first = [t for r in rs for t in r["first_token_s"]]
+        e = {"tok_per_s": bench.new_tokens / median(total),
+             "decode_tok_per_s": (bench.new_tokens - 1) / (median(total) - median(first)),
+             "first_token_ms": 1000 * median(first), "runs_tok_per_s": [round(bench.new_tokens / t, 2) for t in total]}
+        e["fraction_of_bound"] = e["decode_tok_per_s"] / bound
+        for key in ("version", "threads", "blas_threads", "peak_memory_mb"):
+            if key in rs[0]:
+                e[key] = rs[0][key]
+        result[name] = e
     if args.vs_torch:
-        result["mlx_vs_torch"] = result["mlx"]["tok_per_s"] / result["torch"]["tok_per_s"]
-        result["same_tokens"] = tokens["mlx"] == tokens["torch"] == tokens["mlx_eager"]
-    result["max_rss_mb"] = max_rss_mb()
+        result["mlx_vs_hf"] = result["mlx"]["tok_per_s"] / result["hf"]["tok_per_s"]
+        result["mlx_vs_mlx_lm"] = result["mlx"]["tok_per_s"] / result["mlx_lm"]["tok_per_s"]
+        ours = runs["mlx"][0]["tokens"]
+        result["same_tokens"] = {name: rs[0]["tokens"] == ours for name, rs in runs.items() if name != "mlx"}
+    return result
+
+
+def race_text(args: argparse.Namespace) -> Path:
+    candidates = [Path(args.race_text)] if args.race_text else [
+        ROOT / "data" / "downloads" / "tinyshakespeare.txt", ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise SystemExit("error: the race needs tiny-shakespeare: pass --race-text PATH, or run "
+                     "`python -m mlx_gpt.prepare shakespeare` once to download it into data/downloads")
+
+
+def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path, machine: dict) -> dict:
+    d = work / "race"
+    d.mkdir(parents=True, exist_ok=True)
+    text = race_text(args)
+    iters = args.race_iters or bench.max_iters
+    env = {"PYTHONPATH": str(ROOT)}
+    # both sides tokenize first, untimed: characters for nanoGPT, bytes (the same ids' worth) for mlx_gpt
+    prep, _ = run_json([sys.executable, str(REFERENCE / "nanogpt_train.py"), "prepare", "--input", str(text),
+                        "--out", str(d / "nanogpt-data")])
+    subprocess.run([sys.executable, "-m", "mlx_gpt.prepare", str(text), "--data-dir", str(d / "data")], cwd=d,
+                   env={**os.environ, **env}, check=True, capture_output=True)
+    shared = {"n-layer": bench.n_layer, "n-head": bench.n_head, "n-embd": bench.n_embd,
+              "block-size": bench.block_size, "batch-size": bench.batch_size, "max-iters": iters,
+              "lr-decay-iters": iters, "learning-rate": bench.learning_rate, "min-lr": bench.min_lr,
+              "warmup-iters": bench.warmup_iters, "beta2": bench.beta2, "eval-interval": bench.eval_interval,
+              "eval-iters": bench.eval_iters, "log-interval": bench.log_interval}
+    flags = [x for k, v in shared.items() for x in (f"--{k}", str(v))]
+    mlx_cmd = [sys.executable, "-m", "mlx_gpt.train", "--data", str(text), "--data-dir", str(d / "data"),
+               "--tokenizer", "byte", "--no-bias", "--dropout", "0", "--weight-decay", "0.1", "--grad-clip", "1.0",
+               "--checkpoint-interval", str(bench.eval_interval), "--sample-tokens", "0", "--out",
+               str(d / "mlx-run"), "--overwrite", *flags]
+    torch_cmd = [sys.executable, str(REFERENCE / "nanogpt_train.py"), "train", "--data", str(d / "nanogpt-data"),
+                 "--out", str(d / "torch-run"), "--threads", str(args.torch_threads or cores()), *flags]
+    result: dict = {"config": {**asdict(bench), "max_iters": iters}, "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
+    pause(args.pause)
+    t0 = time.perf_counter()
+    proc = subprocess.run(mlx_cmd, cwd=d, env={**os.environ, **env}, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlx_gpt.train failed:\n{proc.stderr[-2000:]}")
+    vals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stderr)
+    result["mlx"] = {"wall_s": wall, "steps": int(vals[-1][0]), "train_loss": float(vals[-1][1]),
+                     "val_loss": float(vals[-1][2])}
+    print(f"  [race] mlx_gpt {wall:.1f} s, val loss {result['mlx']['val_loss']:.4f}", file=sys.stderr, flush=True)
+    if args.vs_torch:
+        pause(args.pause)
+        out, wall = run_json(torch_cmd, cwd=d)
+        result["torch"] = {"wall_s": wall, "steps": out["steps"], "train_loss": out["train_loss"],
+                           "val_loss": out["val_loss"], "loop_s": out["loop_s"], "threads": out["threads"]}
+        result["mlx_vs_torch"] = result["torch"]["wall_s"] / result["mlx"]["wall_s"]
+        print(f"  [race] nanoGPT (PyTorch) {wall:.1f} s, val loss {out['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return result
+
+
+def bench_startup(args: argparse.Namespace, work: Path) -> dict:
+    """``python -m mlx_gpt.train --max-iters 1`` in a fresh folder: cold caches, then warm ones."""
+    d = work / "startup"
+    d.mkdir(parents=True, exist_ok=True)
+    caches = d / "caches"
+    env = {"PYTHONPATH": str(ROOT), "TMPDIR": str(caches / "tmp"), "XDG_CACHE_HOME": str(caches / "xdg")}
+    result: dict = {}
+    for label in ("cold", "warm"):
+        if label == "cold":
+            shutil.rmtree(caches, ignore_errors=True)
+            shutil.rmtree(d / "data", ignore_errors=True)
+        (caches / "tmp").mkdir(parents=True, exist_ok=True)
+        pause(args.pause)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mlx_gpt.train", "--max-iters", "1", "--out", str(d / "run"),
+                        "--overwrite"], cwd=d, env={**os.environ, **env}, check=True, capture_output=True)
+        cli = time.perf_counter() - t0
+        pause(args.pause)
+        phases, wall = run_json(worker("startup", "--out", str(d / "run2")), cwd=d, env=env)
+        result[label] = {"cli_wall_s": cli, "worker_wall_s": wall, **phases}
+        print(f"  [startup] {label}: {cli:.1f} s wall, first loss {phases['first_loss_s']:.1f} s after start",
+              file=sys.stderr, flush=True)
     return result
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def machine_info(args: argparse.Namespace) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "mlx": mx.__version__, "mlx_gpt": mlx_gpt.__version__,
-            "device": str(mx.default_device()), "blas": blas_status(), "fast_ops": ops.fast_ops_enabled(),
-            "cores": cpu_cores()}
+def git_commit() -> str | None:
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        info["commit"] += "+dirty" if dirty else ""
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
-    if args.vs_torch:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["torch_device"] = torch_device()
-        info["torch_tf32"] = args.torch_tf32
-        if info["torch_device"] == "cuda":
-            info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["load_avg"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+        return None
 
 
 def format_table(report: dict) -> str:
     m = report["machine"]
-    load = "/".join(f"{x:.1f}" for x in m.get("load_avg", ())) + " -> " + "/".join(
-        f"{x:.1f}" for x in m.get("load_avg_after", ()))
-    lines = [f"mlx_gpt {m['mlx_gpt']} (commit {m.get('commit')}), MLX {m['mlx']} on {m['device']}, "
-             f"{m['cores']} cores, {m['blas']}" + (f"; PyTorch {m['torch']} on {m['torch_device']} ({m['torch_threads']} threads)"
-                                                   if "torch" in m else "") + f"; load average {load}",
-             f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (MLX)"
-             + (f", {report['torch_sgemm_peak_gflops']:.0f} GFLOP/s (PyTorch)" if "torch_sgemm_peak_gflops" in report
-                else "") + f"; FLOPs: {FLOP_FORMULA}", ""]
-    head = f"{'config':<8}{'impl':<14}{'ms/step':>10}{'tok/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'first':>8}{'peak MB':>9}"
-    lines += [head, "-" * len(head)]
-    for name, r in report["train"].items():
-        for impl in [k for k, v in r.items() if isinstance(v, dict) and "ms_per_step" in v]:
-            e = r[impl]
-            peak_mb = f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else ""
-            lines.append(f"{name:<8}{impl:<14}{e['ms_per_step']:>10.1f}{e['tok_per_s']:>10.0f}{e['gflops']:>9.1f}"
-                         f"{100 * e['mfu']:>6.1f}%{e['first_step_s']:>7.1f}s{peak_mb:>9}")
-        if "mlx_vs_torch" in r:
-            fl = r["first_loss"]
-            lines.append(f"{'':<8}mlx/torch {r['mlx_vs_torch']:.2f}x   (first loss {fl['mlx']:.5f} vs {fl['torch']:.5f})")
-            for impl in [k for k in r if k.startswith("mlx_streams")]:
-                lines.append(f"{'':<8}{impl}/torch {r[impl]['vs_torch']:.2f}x")
-        if "fast_vs_native" in r:
-            lines.append(f"{'':<8}fast/native ops {r['fast_vs_native']:.2f}x")
-    if report.get("decode"):
+    load = lambda key: "/".join(f"{x:.1f}" for x in (report.get(key) or ()))  # noqa: E731
+    lines = [f"mlx_gpt {m['mlx_gpt']} (commit {report['commit']}), MLX {m['mlx']} on {m['device']}, {m['cores']} cores, "
+             f"{m['blas']}; load average {load('load_avg_before')} -> {load('load_avg_after')}",
+             f"sgemm peak {m['sgemm_peak_gflops']:.0f} GFLOP/s; matrix-vector bandwidth {m['matvec_gb_s']:.1f} GB/s; "
+             f"FLOPs: {FLOP_FORMULA}"]
+    if report["train"]:
+        lines += ["", "train: median ms/step of each process's steps, then the median over rounds "
+                      "(each round a new process per side, sides alternating)"]
+        head = f"{'config':<8}{'impl':<8}{'ms/step':>10}{'best':>9}{'tok/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'first':>8}{'peak MB':>9}"
+        lines += [head, "-" * len(head)]
+        for name, r in report["train"].items():
+            for impl in ("mlx", "torch"):
+                if impl not in r:
+                    continue
+                e = r[impl]
+                peak_mb = f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else ""
+                lines.append(f"{name:<8}{impl:<8}{e['ms_per_step']:>10.1f}{e['best_step_ms']:>9.1f}{e['tok_per_s']:>10.0f}"
+                             f"{e['gflops']:>9.1f}{100 * e['mfu']:>6.1f}%{e['first_step_s']:>7.1f}s{peak_mb:>9}")
+            if "mlx_vs_torch" in r:
+                lines.append(f"{'':<8}mlx_gpt / PyTorch: {r['mlx_vs_torch']:.2f}x   (first loss {r['mlx']['first_loss']:.5f}"
+                             f" vs {r['torch']['first_loss']:.5f})")
+            if "torch_in_process" in r:
+                t = r["torch_in_process"]
+                lines.append(f"{'':<8}PyTorch in a process that imported mlx_gpt first: {t['ms_per_step']:.1f} ms/step, "
+                             f"alone: {t['standalone_ms_per_step']:.1f} ({t['ms_per_step'] / t['standalone_ms_per_step']:.2f}x"
+                             " slower: OpenBLAS loaded globally)")
+    if "decode" in report:
         d = report["decode"]
-        lines += ["", f"decode ({d['config']['note']}, {d['config']['prompt_len']}-token prompt, "
-                  f"{d['config']['new_tokens']} new): bound {d['bound_tok_per_s']:.1f} tok/s "
-                  f"({d['bytes_per_token'] / 1e6:.0f} MB/token at {d['bandwidth_gb_s']:.1f} GB/s)"]
-        for impl in ("mlx", "mlx_eager", "torch"):
+        c = d["config"]
+        lines += ["", f"decode ({c['note']}, {c['prompt_len']}-token prompt, {c['new_tokens']} new): bound "
+                      f"{d['bound_tok_per_s']:.1f} tok/s ({d['bytes_per_token'] / 1e6:.0f} MB/token at "
+                      f"{d['bandwidth_gb_s']:.1f} GB/s)"]
+        names = {"mlx": "mlx_gpt", "hf": "HF generate", "mlx_lm": "mlx-lm"}
+        for impl, label in names.items():
             if impl in d:
                 e = d[impl]
-                lines.append(f"{'':<8}{impl:<12}{e['tok_per_s']:>8.1f} tok/s  {100 * e['fraction_of_bound']:>5.1f}% of bound"
-                             f"  prefill {e['prefill_ms']:.0f} ms")
-        if "mlx_vs_torch" in d:
-            lines.append(f"{'':<8}mlx/torch {d['mlx_vs_torch']:.2f}x  (same tokens: {d['same_tokens']})")
+                lines.append(f"{'':<4}{label:<13}{e['tok_per_s']:>7.1f} tok/s end to end, {e['decode_tok_per_s']:>6.1f} "
+                             f"decoding ({100 * e['fraction_of_bound']:.0f}% of bound), first token "
+                             f"{e['first_token_ms']:.0f} ms" + (f", BLAS threads {e['blas_threads']}" if "blas_threads" in e else ""))
+        if "mlx_vs_hf" in d:
+            lines.append(f"{'':<4}mlx_gpt / HF generate {d['mlx_vs_hf']:.2f}x, mlx_gpt / mlx-lm {d['mlx_vs_mlx_lm']:.2f}x; "
+                         f"same greedy tokens: {d['same_tokens']}")
+    if "race" in report:
+        r = report["race"]
+        lines += ["", f"race ({r['config']['note']}, {r['config']['max_iters']} iterations), wall time of the whole process:"]
+        for impl, label in (("mlx", "mlx_gpt"), ("torch", "nanoGPT's train.py (PyTorch)")):
+            if impl in r:
+                e = r[impl]
+                lines.append(f"{'':<4}{label:<30}{e['wall_s']:>7.1f} s   val loss {e['val_loss']:.4f}")
+        if "mlx_vs_torch" in r:
+            lines.append(f"{'':<4}mlx_gpt / nanoGPT: {r['mlx_vs_torch']:.2f}x")
+    if "startup" in report:
+        lines += ["", "startup: python -m mlx_gpt.train --max-iters 1"]
+        for label, e in report["startup"].items():
+            lines.append(f"{'':<4}{label:<6} caches: {e['cli_wall_s']:>6.1f} s wall; import {e['import_s']:.2f} s, "
+                         f"first loss {e['first_loss_s']:.2f} s after start, end of run {e['done_s']:.2f} s")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- workers (one framework each)
+
+
+def worker_main(argv: Sequence[str]) -> None:
+    """``bench.py worker KIND ...``: one measurement in this process, printed as one JSON line."""
+    started = time.perf_counter()
+    p = argparse.ArgumentParser(prog="python tools/bench.py worker")
+    sub = p.add_subparsers(dest="kind", required=True)
+    sub.add_parser("machine")
+    e = sub.add_parser("export")
+    e.add_argument("--shape", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--hf", action="store_true")
+    e.add_argument("--mlx-lm", action="store_true")
+    for kind in ("train", "torch-in-process"):
+        t = sub.add_parser(kind)
+        t.add_argument("--checkpoint")
+        t.add_argument("--weights")
+        t.add_argument("--batch", required=True)
+        t.add_argument("--steps", type=int, required=True)
+        t.add_argument("--warmup", type=int, required=True)
+        t.add_argument("--streams", type=int, default=0)
+        t.add_argument("--chunk", type=int, default=1, help="steps per timed sample (mlx_gpt's steps overlap)")
+        t.add_argument("--threads", type=int)
+    g = sub.add_parser("decode")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--new-tokens", type=int, required=True)
+    g.add_argument("--runs", type=int, required=True)
+    s = sub.add_parser("startup")
+    s.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # this checkout's mlx_gpt, installed or not
+    import mlx_gpt  # loads OpenBLAS before mlx.core
+    import_s = time.perf_counter() - started
+    import mlx.core as mx
+
+    if a.kind == "machine":
+        from mlx_gpt import info
+        from mlx_gpt.cpu.blas import blas_status
+
+        out = {"mlx": mx.__version__, "mlx_gpt": mlx_gpt.__version__, "device": str(mx.default_device()),
+               "gpu": mx.default_device().type == mx.DeviceType.gpu, "blas": blas_status(), "cores": cores(),
+               "sgemm_peak_gflops": info.sgemm_peak(), "matvec_gb_s": info.matvec_bandwidth()}
+    elif a.kind == "export":
+        out = worker_export(a)
+    elif a.kind == "train":
+        out = worker_train(a)
+    elif a.kind == "torch-in-process":
+        import numpy as np
+
+        sys.path.insert(0, str(REFERENCE))
+        import torch
+        import torch_gpt
+
+        torch.set_num_threads(a.threads)
+        batch = np.load(a.batch)
+        out = torch_gpt.time_train(torch_gpt.from_hf_dir(a.weights), batch["x"], batch["y"], a.steps, a.warmup)
+    elif a.kind == "decode":
+        out = worker_decode(a)
+    else:
+        out = worker_startup(a, started, import_s)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.update(user_s=usage.ru_utime, system_s=usage.ru_stime, minor_faults=usage.ru_minflt,
+               involuntary_switches=usage.ru_nivcsw)
+    print(json.dumps(out))
+
+
+def worker_export(a: argparse.Namespace) -> dict:
+    """A GPT of the given shape (seed 0) saved as an mlx_gpt checkpoint, and exported as asked."""
+    from mlx_gpt import checkpoint
+    from mlx_gpt.convert import export_checkpoint
+    from mlx_gpt.models.gpt import GPTConfig, build
+
+    shape = json.loads(a.shape)
+    cfg = GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
+                    n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0)
+    model = build(cfg, seed=0)
+    out = Path(a.out)
+    checkpoint.save(out / "checkpoint", model, None)
+    for flag, fmt in ((a.hf, "hf"), (a.mlx_lm, "mlx-lm")):
+        if flag:
+            export_checkpoint(out / "checkpoint", out / fmt, to=fmt, overwrite=True, progress=False)
+    n = model.num_params(non_embedding=True)
+    return {"params": model.num_params(), "flops_per_token": 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size}
+
+
+def worker_train(a: argparse.Namespace) -> dict:
+    """mlx_gpt's train step as ``mlx_gpt.train`` runs it: each step launched with mx.async_eval
+    while the next is being built. Steps overlap, so they are timed in chunks of ``--chunk``
+    (each chunk's seconds over its steps, as many samples as chunks)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_gpt import checkpoint
+    from mlx_gpt.cpu import accelerate
+    from mlx_gpt.optim import make_optimizer
+    from mlx_gpt.train import TrainConfig, make_train_step
+
+    batch = np.load(a.batch)
+    model = accelerate(checkpoint.load_model(a.checkpoint))
+    model.train()
+    tcfg = TrainConfig(batch_size=batch["x"].shape[0], max_iters=1000, warmup_iters=10, streams=a.streams)
+    optimizer = make_optimizer(tcfg.optim)
+    optimizer.init(model.trainable_parameters())
+    step = make_train_step(model, optimizer, tcfg)
+    xs, ys = mx.array(batch["x"][None]), mx.array(batch["y"][None])
+    mx.reset_peak_memory()
+
+    def run(k: int) -> mx.array | None:
+        loss = None
+        for _ in range(k):
+            loss, norm = step(xs, ys)
+            mx.async_eval(loss, norm, model.parameters())
+        mx.eval(model.parameters(), optimizer.state)
+        return loss
+
+    t0 = time.perf_counter()
+    first_loss = run(1).item()
+    first_s = time.perf_counter() - t0
+    run(a.warmup)
+    times = []
+    for _ in range(max(1, a.steps // a.chunk)):
+        t0 = time.perf_counter()
+        run(a.chunk)
+        times.append((time.perf_counter() - t0) / a.chunk)
+    return {"impl": "mlx", "first_loss": first_loss, "first_step_s": first_s, "step_s": times,
+            "peak_memory_mb": mx.get_peak_memory() / 2**20}
+
+
+def worker_decode(a: argparse.Namespace) -> dict:
+    """Greedy decoding as ``python -m mlx_gpt.generate`` runs it (mlx_gpt.generate.Decoder)."""
+    import mlx.core as mx
+
+    from mlx_gpt import checkpoint
+    from mlx_gpt.cpu import accelerate
+    from mlx_gpt.generate import Decoder, Timing
+    from mlx_gpt.sampling import SamplingConfig
+
+    model = accelerate(checkpoint.load_model(a.checkpoint))
+    model.eval()
+    prompt = [int(t) for t in a.prompt.split(",")]
+    decoder = Decoder(model, SamplingConfig(temperature=0))
+    mx.reset_peak_memory()
+
+    def generate() -> tuple[list[int], Timing]:
+        timing = Timing()
+        tokens = [row[0] for row in decoder.tokens(prompt, a.new_tokens, timing=timing)]
+        return tokens, timing
+
+    generate()  # warm-up: traces and compiles the step
+    first, total = [], []
+    for _ in range(a.runs):
+        tokens, timing = generate()
+        first.append(timing.prompt_seconds)
+        total.append(timing.prompt_seconds + timing.generation_seconds)
+    return {"impl": "mlx", "tokens": tokens, "first_token_s": first, "total_s": total,
+            "blas_threads": decoder.blas_threads, "peak_memory_mb": mx.get_peak_memory() / 2**20}
+
+
+def worker_startup(a: argparse.Namespace, started: float, import_s: float) -> dict:
+    """The phases of ``python -m mlx_gpt.train --max-iters 1``, timed from this process's first import."""
+    import mlx_gpt.train as train_mod
+
+    imported = time.perf_counter() - started
+    first: list[float] = []
+    cfg = train_mod.TrainConfig(max_iters=1, out=a.out, overwrite=True)
+    train_mod.train(cfg, progress=False, on_step=lambda step, loss: first.append(time.perf_counter() - started))
+    return {"import_mlx_gpt_s": import_s, "import_s": imported, "first_loss_s": first[0],
+            "done_s": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -468,89 +604,89 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=10, help="timed rounds of train steps per implementation")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
-    p.add_argument("--pause", type=float, default=0.3,
-                   help="seconds to sleep between implementations, so thread pools settle")
-    p.add_argument("--decode-runs", type=int, default=3, help="timed decoding runs per implementation")
-    p.add_argument("--decode-threads", type=int, default=None,
-                   help="BLAS threads while decoding (default: one per core; 1 holds up better on a busy machine)")
-    p.add_argument("--vs-torch", action="store_true", help="race the PyTorch reference of tools/torch_gpt.py")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="PyTorch's intra-op threads (default: PyTorch's own choice, one per core)")
+    p.add_argument("--vs-torch", action="store_true",
+                   help="race PyTorch, HF transformers, mlx-lm and nanoGPT, each in its own process")
+    p.add_argument("--rounds", type=int, default=3, help="train: processes per side, sides alternating")
+    p.add_argument("--steps", type=int, default=None, help="train: timed steps per process (default: per config)")
+    p.add_argument("--decode-rounds", type=int, default=2, help="decode: processes per implementation")
+    p.add_argument("--decode-runs", type=int, default=2, help="decode: timed generations per process")
+    p.add_argument("--race-iters", type=int, default=None, help="race: iterations (default: nanoGPT's 2000)")
+    p.add_argument("--race-text", default=None, help="race: tiny-shakespeare's text file")
+    p.add_argument("--streams", type=int, default=0, help="mlx_gpt.train's --streams for the train configs")
+    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch's intra-op threads (default: one per core)")
     p.add_argument("--torch-tf32", action="store_true",
                    help="let PyTorch multiply float32 on a GPU's TF32 tensor cores (nanoGPT turns this on)")
-    p.add_argument("--native", action="store_true",
-                   help="also time mlx_gpt with MLX's native GELU/softmax/attention (what Metal and CUDA use)")
-    p.add_argument("--streams", default="0",
-                   help="mlx_gpt.train's --streams for the MLX step (0: one per core, 1: no split); "
-                        "a list such as 0,1 times each, the first as 'mlx'")
+    p.add_argument("--no-in-process", dest="in_process", action="store_false",
+                   help="skip timing PyTorch inside a process that imported mlx_gpt (config A)")
+    p.add_argument("--pause", type=float, default=1.0, help="seconds between two processes, so thread pools settle")
+    p.add_argument("--keep", metavar="DIR", help="work in DIR and keep the exports there (default: a temporary folder)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        worker_main(argv[1:])
+        return {}
+    p = build_parser()
+    args = p.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
-        raise UserError(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
-    try:
-        args.streams = [int(n) for n in args.streams.split(",")]
-    except ValueError:
-        raise UserError(f"--streams takes comma-separated integers, got {args.streams!r}") from None
-    if any(n < 0 for n in args.streams):
-        raise UserError("--streams values must be 0 (one per core) or more")
-    if args.steps < 1 or args.warmup < 0 or args.decode_runs < 1 or (args.decode_threads or 1) < 1:
-        raise UserError("--steps, --decode-runs and --decode-threads must be at least 1 and --warmup at least 0")
+        p.error(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
+    if min(args.rounds, args.decode_rounds, args.decode_runs, args.steps or 1, args.race_iters or 1) < 1:
+        p.error("--rounds, --steps, --decode-rounds, --decode-runs and --race-iters must be at least 1")
+    if args.streams < 0:
+        p.error("--streams must be 0 (one per core) or more")
     if args.vs_torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise UserError("--vs-torch needs PyTorch: pip install torch") from None
-        if args.torch_threads is not None:
-            if args.torch_threads < 1:
-                raise UserError("--torch-threads must be at least 1")
-            torch.set_num_threads(args.torch_threads)
-        torch.backends.cuda.matmul.allow_tf32 = args.torch_tf32
-        torch.backends.cudnn.allow_tf32 = args.torch_tf32
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    report: dict = {"machine": machine_info(args), "flop_formula": FLOP_FORMULA}
-    report["sgemm_peak_gflops"] = sgemm_peak()
-    if args.vs_torch:
-        report["torch_sgemm_peak_gflops"] = torch_sgemm_peak()
-    report["train"] = {}
-    for name in names:
-        bench = CONFIGS[name]
-        if isinstance(bench, TrainBench):
-            report["train"][name] = bench_train(bench, args, report["sgemm_peak_gflops"])
-            print(f"[{name} done]", file=sys.stderr)
-        else:
-            # a train step may have left one BLAS thread per stream
-            set_blas_threads(args.decode_threads or cpu_cores())
-            report["decode"] = bench_decode(bench, args, stream_bandwidth())
-        gc.collect()
-        mx.clear_cache()
-    # the peak again at the end: on a shared machine either measurement may be depressed
-    set_blas_threads(cpu_cores())
-    report["sgemm_peak_gflops"] = max(report["sgemm_peak_gflops"], sgemm_peak())
-    for r in report["train"].values():
-        for e in r.values():
-            if isinstance(e, dict) and "gflops" in e:
-                e["mfu"] = e["gflops"] / report["sgemm_peak_gflops"]
+        missing = [m for m in ("torch", "transformers", "mlx_lm", "safetensors") if not _importable(m)]
+        if missing:
+            p.error(f"--vs-torch needs {', '.join(missing)}: pip install -e '.[dev]'")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mlx_gpt_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"commit": git_commit(), "load_avg_before": load_avg(), "platform": platform.platform(),
+                    "python": platform.python_version(), "flop_formula": FLOP_FORMULA, "train": {}}
     try:
-        report["machine"]["load_avg_after"] = os.getloadavg()
-    except OSError:
-        pass
-    table = format_table(report)
+        report["machine"], _ = run_json(worker("machine"))
+        report["machine"]["torch_device"] = "cuda" if report["machine"]["gpu"] else "cpu"
+        if args.vs_torch:
+            report["versions"] = _versions()
+        for name in names:
+            bench = CONFIGS[name]
+            print(f"[{name}]", file=sys.stderr, flush=True)
+            if isinstance(bench, TrainBench):
+                report["train"][name] = bench_train(bench, args, work, report["machine"])
+            elif isinstance(bench, DecodeBench):
+                report["decode"] = bench_decode(bench, args, work, report["machine"])
+            elif isinstance(bench, RaceBench):
+                report["race"] = bench_race(bench, args, work, report["machine"])
+            else:
+                report["startup"] = bench_startup(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report["load_avg_after"] = load_avg()
     if args.json == "-":
         print(json.dumps(report, indent=1))
     else:
-        print(table)
+        print(format_table(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _versions() -> dict:
+    code = "import torch, transformers, mlx_lm; print(torch.__version__, transformers.__version__, mlx_lm.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    return dict(zip(("torch", "transformers", "mlx_lm"), out))
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -157,6 +157,13 @@ def set_blas_threads(n: int) -> None:
         ctypes.CDLL(_state["blas"]).openblas_set_num_threads(int(n))
 
 
+def get_blas_threads() -> int | None:
+    """The threads OpenBLAS uses per call, or None without OpenBLAS."""
+    if _state["blas"]:
+        return int(ctypes.CDLL(_state["blas"]).openblas_get_num_threads())
+    return None
+
+
 def blas_status() -> str:
     """One line saying which BLAS MLX's CPU backend calls."""
     if _state["blas"]:

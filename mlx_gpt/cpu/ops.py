@@ -1,7 +1,7 @@
 """GELU, softmax, attention, cross-entropy and layer norm written for MLX's CPU backend, and chosen only there.
 
 On Linux, MLX's CPU backend evaluates ``exp``, ``tanh`` and ``erf`` one element at a time
-through libm calls (about 10 ns an element, 50x an add), so ``nn.gelu_approx`` and
+through libm calls (each costing many additions), so ``nn.gelu_approx`` and
 ``mx.softmax`` cost more than the matmuls around them. Additions, multiplications,
 comparisons, selects and integer shifts, on the other hand, are fused by ``mx.compile`` into
 C++ loops that the compiler vectorizes. This module builds the transcendental functions the
@@ -18,7 +18,7 @@ fuses on the CPU:
   constant used at the cut turns the next kernel into a slow strided loop, so each function
   here ends its kernels itself with ``mx.contiguous`` (``_cut``) after at most ~8 levels;
 * ``mx.maximum``/``mx.minimum``/``mx.clip`` carry a NaN branch that stops the loop from being
-  vectorized (20x slower), so clamps are written as ``mx.where(x < c, c, x)``;
+  vectorized, so clamps are written as ``mx.where(x < c, c, x)``;
 * a ``where`` whose operand is computed only for it is moved into a branch and not
   vectorized, so the selects here choose between values used elsewhere or constants;
 * reinterpreting integer bits as float (``view``) is not fusable, so it sits between kernels.
@@ -105,9 +105,9 @@ def _cut(x: mx.array) -> mx.array:
     return mx.contiguous(x)
 
 
-# MLX's CPU reductions along the last axis run at about a pass over memory per 1.5 ns an
-# element; a matrix-vector product with a vector of ones goes through BLAS and is 5-7x faster
-# (and sums in blocked partial sums). Row statistics here are therefore products.
+# MLX's CPU reductions along the last axis are scalar loops; a matrix-vector product with a
+# vector of ones goes through BLAS, which is several times faster (and sums in blocked partial
+# sums). Row statistics here are therefore products.
 
 
 def _row_sum(x: mx.array, scale: float = 1.0) -> mx.array:
@@ -317,8 +317,8 @@ LAYER_NORM_MIN_SIZE = 8192
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """Layer normalization over the last axis, as ``mx.fast.layer_norm`` computes it.
 
-    On the CPU (float32, with a weight) the mean and variance are BLAS products: about twice as
-    fast forward and 1.5x backward as MLX's reductions, and closer to the float64 result.
+    On the CPU (float32, with a weight) the mean and variance are BLAS products: faster than
+    MLX's reductions both ways, and closer to the float64 result.
     """
     if weight is None or x.size < LAYER_NORM_MIN_SIZE or not fast_ops_enabled(x.dtype):
         return mx.fast.layer_norm(x, weight, bias, eps)
