@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -227,6 +227,8 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, work: Path, machi
     d = work / bench.name
     export, _ = run_json(worker("export", "--shape", json.dumps(asdict(bench.shape)), "--out", str(d),
                                 *(["--hf", "--mlx-lm"] if args.vs_torch else [])))
+    if args.decode_tokens:
+        bench = replace(bench, new_tokens=args.decode_tokens)
     prompt = ",".join(str(t) for t in np.random.default_rng(1).integers(0, bench.shape.vocab_size, bench.prompt_len))
     common = ["--prompt", prompt, "--new-tokens", str(bench.new_tokens), "--runs", str(args.decode_runs)]
     cmds = {"mlx": worker("decode", "--checkpoint", str(d / "checkpoint"), *common)}
@@ -284,6 +286,7 @@ def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path, machine: 
     d.mkdir(parents=True, exist_ok=True)
     text = race_text(args)
     iters = args.race_iters or bench.max_iters
+    bench = replace(bench, max_iters=iters, eval_interval=min(bench.eval_interval, iters))
     env = {"PYTHONPATH": str(ROOT)}
     # both sides tokenize first, untimed: characters for nanoGPT, bytes (the same ids' worth) for mlx_gpt
     prep, _ = run_json([sys.executable, str(REFERENCE / "nanogpt_train.py"), "prepare", "--input", str(text),
@@ -302,7 +305,7 @@ def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path, machine: 
                str(d / "mlx-run"), "--overwrite", *flags]
     torch_cmd = [sys.executable, str(REFERENCE / "nanogpt_train.py"), "train", "--data", str(d / "nanogpt-data"),
                  "--out", str(d / "torch-run"), "--threads", str(args.torch_threads or cores()), *flags]
-    result: dict = {"config": {**asdict(bench), "max_iters": iters}, "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
+    result: dict = {"config": asdict(bench), "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
     pause(args.pause)
     t0 = time.perf_counter()
     proc = subprocess.run(mlx_cmd, cwd=d, env={**os.environ, **env}, capture_output=True, text=True)
@@ -570,12 +573,12 @@ def worker_decode(a: argparse.Namespace) -> dict:
     decoder = Decoder(model, SamplingConfig(temperature=0))
     mx.reset_peak_memory()
 
-    def generate() -> tuple[list[int], Timing]:
+    def generate(n: int = a.new_tokens) -> tuple[list[int], Timing]:
         timing = Timing()
-        tokens = [row[0] for row in decoder.tokens(prompt, a.new_tokens, timing=timing)]
+        tokens = [row[0] for row in decoder.tokens(prompt, n, timing=timing)]
         return tokens, timing
 
-    generate()  # warm-up: traces and compiles the step
+    generate(min(a.new_tokens, 8))  # warm-up: traces and compiles the step (the same cache capacity)
     first, total = [], []
     for _ in range(a.runs):
         tokens, timing = generate()
@@ -610,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train: timed steps per process (default: per config)")
     p.add_argument("--decode-rounds", type=int, default=2, help="decode: processes per implementation")
     p.add_argument("--decode-runs", type=int, default=2, help="decode: timed generations per process")
+    p.add_argument("--decode-tokens", type=int, default=None, help="decode: new tokens (default: 128)")
     p.add_argument("--race-iters", type=int, default=None, help="race: iterations (default: nanoGPT's 2000)")
     p.add_argument("--race-text", default=None, help="race: tiny-shakespeare's text file")
     p.add_argument("--streams", type=int, default=0, help="mlx_gpt.train's --streams for the train configs")
@@ -635,8 +639,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         p.error(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
-    if min(args.rounds, args.decode_rounds, args.decode_runs, args.steps or 1, args.race_iters or 1) < 1:
-        p.error("--rounds, --steps, --decode-rounds, --decode-runs and --race-iters must be at least 1")
+    if min(args.rounds, args.decode_rounds, args.decode_runs, args.steps or 1, args.race_iters or 1,
+           args.decode_tokens or 2) < 1 or (args.decode_tokens or 2) < 2:
+        p.error("--rounds, --steps, --decode-rounds, --decode-runs and --race-iters must be at least 1, "
+                "--decode-tokens at least 2")
     if args.streams < 0:
         p.error("--streams must be 0 (one per core) or more")
     if args.vs_torch:

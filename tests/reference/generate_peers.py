@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+WARMUP_TOKENS = 8  # one short generation first: loading, first allocations, kernel builds
+
 
 def run_hf(weights: str, prompt: list[int], new_tokens: int, runs: int, threads: int | None) -> dict:
     import torch
@@ -36,7 +38,7 @@ def run_hf(weights: str, prompt: list[int], new_tokens: int, runs: int, threads:
                                  do_sample=False, num_beams=1, use_cache=True, pad_token_id=0)
         return out[0, len(prompt):].tolist(), time.perf_counter() - t0
 
-    generate(new_tokens)  # warm-up
+    generate(min(new_tokens, WARMUP_TOKENS))
     first, total = [], []
     for _ in range(runs):
         first.append(generate(1)[1])
@@ -54,16 +56,16 @@ def run_mlx_lm(weights: str, prompt: list[int], new_tokens: int, runs: int) -> d
 
     model, _ = load_model(Path(weights))
 
-    def generate() -> tuple[list[int], float, float]:
+    def generate(n: int = new_tokens) -> tuple[list[int], float, float]:
         t0 = time.perf_counter()
         tokens, t_first = [], 0.0
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=new_tokens):
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=n):
             tokens.append(token if isinstance(token, int) else token.item())
             if len(tokens) == 1:
                 t_first = time.perf_counter() - t0
         return tokens, t_first, time.perf_counter() - t0
 
-    generate()  # warm-up
+    generate(min(new_tokens, WARMUP_TOKENS))
     first, total = [], []
     for _ in range(runs):
         tokens, f, t = generate()
