@@ -95,8 +95,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.min_lr < 0:
-            raise UserError("learning rates must be positive")
+        _check_optim_flags(self)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.rank_timeout < 0:
@@ -120,6 +119,27 @@ class TrainConfig:
     def model_overrides(self) -> dict:
         names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def _check_optim_flags(cfg: TrainConfig) -> None:
+    """Numbers the optimizer can use: finite (``--learning-rate nan`` would train to NaN), in range."""
+    def need(ok: bool, name: str, what: str) -> None:
+        value = getattr(cfg, name)
+        if not (ok and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+    need(cfg.learning_rate > 0, "learning_rate", "a positive number")
+    need(cfg.min_lr >= 0, "min_lr", "zero or a positive number")
+    need(cfg.weight_decay >= 0, "weight_decay", "zero or a positive number")
+    need(cfg.grad_clip >= 0, "grad_clip", "zero (off) or a positive number")
+    for name in ("beta1", "beta2"):
+        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    if cfg.dtype == "float16":
+        # AdamW's moments would be float16 too: eps 1e-8 rounds to 0 there and (1 - beta2) * g^2
+        # underflows for gradients under ~2e-3, so m / (sqrt(v) + eps) divides by zero
+        raise UserError("--dtype float16 cannot train yet: the optimizer state would be float16, where eps 1e-8 "
+                        "rounds to 0 and small squared gradients to 0, so the first update divides by zero "
+                        "(NaN weights at step 1, NaN loss at step 2); use float32 or bfloat16")
 
 
 # Flags a resumed run may change: how long and how often, never what is trained.
@@ -488,6 +508,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
         return run
     step = run.start_step
     stop, vote = _StopFlag(), distributed.AnyRank(group)
+    watch = _DivergenceWatch(run)
     t_last, tokens_since = time.perf_counter(), 0
     x, y = train_sampler.next()
     with stop, distributed.Watchdog(group, cfg.rank_timeout) as watchdog:
@@ -495,12 +516,14 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
             mx.random.seed(step_seed(cfg.seed, step, run.rank))
             loss, norm = step_fn(mx.array(x), mx.array(y))
             mx.async_eval(loss, norm, model.parameters())
+            watch.add(step, loss, norm)
             sampler_state = train_sampler.state()  # what a resume must draw next from
             x, y = train_sampler.next()  # prepare the next batch while this step runs
             tokens_since += tokens_per_step
             if on_step is not None:
                 on_step(step, loss.item())
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                watch.check()
                 dt = time.perf_counter() - t_last
                 lr = run.optimizer.learning_rate.item()
                 rec = {"step": step, "loss": loss.item(), "norm": norm.item(), "lr": lr,
@@ -515,6 +538,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
             bar.update(1)
             last = step == cfg.max_iters
             if step % cfg.eval_interval == 0 or last:
+                watch.check()
                 evaluate(step)
             if step % sample_interval == 0 or last:
                 text = _sample(run, step)
@@ -522,8 +546,9 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
                     say(f"--- sample at step {step} ---\n{cfg.sample_prompt}{text}\n---")
             stopping = vote(stop.requested)  # with several processes, all stop at the same step
             if step % cfg.checkpoint_interval == 0 or last or stopping:
-                mx.eval(model.parameters(), run.optimizer.state)
+                watch.check(weights=True)
                 _save(run, step, sampler_state)
+                watch.saved = step
             if stopping:
                 bar.close()
                 distributed.barrier(group)  # the others wait for rank 0's checkpoint
@@ -536,6 +561,48 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     bar.close()
     note(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})")
     return run
+
+
+class _DivergenceWatch:
+    """Stops a run whose loss, gradient norm or weights stop being finite, before anything is written.
+
+    The loop hands over each step's loss and norm as unevaluated arrays; ``check`` reads the
+    ones gathered since its last call at once, and only where the loop reads values anyway
+    (a log line, an evaluation, a save), so no step waits for it. Before a save it also checks
+    the weights and the optimizer's moments, so a checkpoint is never replaced by non-finite ones.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.pending: list[tuple[int, mx.array, mx.array]] = []
+        self.saved: int | None = run.start_step if run.cfg.resume else None
+
+    def add(self, step: int, loss: mx.array, norm: mx.array) -> None:
+        self.pending.append((step, loss, norm))
+
+    def check(self, weights: bool = False) -> None:
+        if self.pending:
+            values = np.array(mx.stack([mx.stack([loss, norm]) for _, loss, norm in self.pending]).astype(mx.float32))
+            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            if bad.size:
+                step = self.pending[bad[0]][0]
+                loss, norm = values[bad[0]]
+                self.stop(f"at step {step} the loss is {loss:g} and the gradient norm {norm:g}")
+            self.pending.clear()
+        if weights and not all_finite(self.run.model.parameters(), self.run.optimizer.state):
+            self.stop("the weights or the optimizer's moments are no longer finite")
+
+    def stop(self, what: str) -> None:
+        kept = (f"the last good checkpoint (step {self.saved}) is kept in {self.run.out}" if self.saved is not None
+                else "no checkpoint was written")
+        raise UserError(f"training diverged: {what}; {kept}. Lower --learning-rate "
+                        f"({self.run.cfg.learning_rate:g}) or check the data")
+
+
+def all_finite(*trees) -> bool:
+    """Whether every value in the arrays of ``trees`` is finite: one pass over them, one read."""
+    flags = [mx.all(mx.isfinite(a)) for tree in trees for _, a in tree_flatten(tree) if mx.issubdtype(a.dtype, mx.inexact)]
+    return bool(mx.all(mx.stack(flags)).item()) if flags else True
 
 
 def _bar_fits() -> bool:
@@ -604,7 +671,8 @@ HELP = {
     "beta2": "AdamW's beta2",
     "grad_clip": "clip the gradients' global norm to this (0: off)",
     "label_smoothing": "label smoothing of the cross-entropy",
-    "dtype": "compute dtype of the model: float32, bfloat16 (GPUs) or float16; the loss is float32",
+    "dtype": "compute dtype of the model: float32 or bfloat16 (GPUs); the loss is float32 (float16 is refused: "
+             "its optimizer state cannot hold AdamW's eps)",
     "seed": "seed of initialisation, batches, dropout and samples",
     "grad_checkpoint": "recompute each transformer block in the backward pass: far less activation memory for "
                        "one more forward pass; same gradients",

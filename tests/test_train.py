@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from conftest import assert_one_line_error, run_module
 from mlx_gpt import checkpoint
 from mlx_gpt.data import prepare
+from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import lr_schedule, make_optimizer
 from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, train
@@ -206,3 +208,64 @@ def test_bfloat16_training_keeps_a_float32_loss(tmp_path, shakespeare):
     assert run.model.wte.weight.dtype == mx.bfloat16
     losses = losses_of(tmp_path / "run")
     assert all(math.isfinite(v) for v in losses.values()) and losses[3] < losses[1]
+
+
+# ---------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("flag,value", [("learning_rate", math.nan), ("learning_rate", math.inf),
+                                        ("learning_rate", -1e-3), ("min_lr", math.nan), ("beta1", 1.0),
+                                        ("beta2", -0.1), ("beta2", math.nan), ("weight_decay", -0.1),
+                                        ("weight_decay", math.inf), ("grad_clip", math.nan), ("grad_clip", -1.0)])
+def test_optimizer_settings_that_cannot_train_are_refused(flag, value):
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be"):
+        TrainConfig(**{flag: value})
+
+
+def test_float16_is_refused_with_the_reason():
+    with pytest.raises(UserError, match="eps 1e-8 rounds to 0"):
+        TrainConfig(dtype="float16")
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    proc = run_module("mlx_gpt.train", "--data", str(shakespeare), "--data-dir", str(tmp_path / "data"),
+                      "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+                      "--batch-size", "4", "--max-iters", "40", "--learning-rate", "1e3", "--log-interval", "2",
+                      "--checkpoint-interval", "2", "--eval-interval", "100", "--eval-iters", "1",
+                      "--sample-tokens", "4", cwd=tmp_path)
+    assert_one_line_error(proc, "training diverged: at step", "the last good checkpoint (step")
+    assert proc.returncode == 2
+    bad_step = int(proc.stderr.split("at step ")[1].split()[0])
+    saved = checkpoint.load_state(out)["step"]
+    assert saved < bad_step and f"(step {saved})" in proc.stderr
+    model, _ = checkpoint.load(out)
+    assert all(np.isfinite(np.array(v)).all() for _, v in tree_flatten(model.parameters()))
+    assert all(math.isfinite(v) for v in losses_of(out).values())
+
+
+def test_weights_that_turn_non_finite_between_log_lines_are_never_saved(tmp_path, shakespeare, monkeypatch):
+    """No log line after step 3, a save at 6: the check before that save finds the NaN loss of step 4."""
+    from mlx_gpt import train as train_module
+
+    real = train_module.make_train_step
+
+    def poisoned(model, optimizer, cfg, *args, **kw):
+        step, calls = real(model, optimizer, cfg, *args, **kw), []
+
+        def wrapped(x, y):
+            calls.append(1)
+            if len(calls) == 4:  # the fourth update leaves a NaN in the weights
+                model.wte.weight = model.wte.weight.at[0, 0].add(mx.array(math.nan))
+            return step(x, y)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "make_train_step", poisoned)
+    cfg = small_cfg(tmp_path, shakespeare, max_iters=9, log_interval=100, checkpoint_interval=3, eval_interval=100,
+                    sample_interval=100)
+    with pytest.raises(UserError, match=r"at step 4 the loss is nan .* checkpoint \(step 3\)"):
+        train(cfg, progress=False)
+    assert checkpoint.load_state(tmp_path / "run")["step"] == 3
+    model, _ = checkpoint.load(tmp_path / "run")
+    assert np.isfinite(np.array(model.wte.weight)).all()
