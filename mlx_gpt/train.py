@@ -31,7 +31,7 @@ from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
 from .generate import generate
-from .loss import cross_entropy
+from .loss import chunked_cross_entropy, cross_entropy
 from .models import rungs
 from .models.gpt import PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, make_optimizer
@@ -73,6 +73,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dtype: str = "float32"
     grad_checkpoint: bool = False
+    loss_chunk: int = 0
     seed: int = 1337
     compile: bool = True
     streams: int = 0
@@ -100,6 +101,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.rank_timeout < 0:
             raise UserError(f"--rank-timeout must be 0 (none) or more seconds, got {self.rank_timeout}")
+        if self.loss_chunk < 0:
+            raise UserError(f"--loss-chunk must be 0 (off) or a number of positions, got {self.loss_chunk}")
         if self.streams < 0:
             raise UserError(f"--streams must be 0 (one per core) or more, got {self.streams}")
         if self.dtype not in DTYPES:
@@ -145,14 +148,22 @@ def _check_optim_flags(cfg: TrainConfig) -> None:
 # Flags a resumed run may change: how long and how often, never what is trained.
 RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
                        "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir", "streams",
-                       "grad_checkpoint", "rank_timeout"}
+                       "grad_checkpoint", "rank_timeout", "loss_chunk"}
 
 
 # ---------------------------------------------------------------------------- pure pieces
 
 
-def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
-    """Mean next-token cross-entropy, computed in float32 whatever the model's dtype."""
+def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0, loss_chunk: int = 0) -> mx.array:
+    """Mean next-token cross-entropy, computed in float32 whatever the model's dtype.
+
+    With ``loss_chunk``, a GPT's logits are computed that many positions at a time from its final
+    hidden states and its tied head (``wte``), forward and backward, and never held whole.
+    """
+    if loss_chunk:
+        head = model.wte.weight
+        return mx.mean(chunked_cross_entropy(model.features(x), head, y, loss_chunk, label_smoothing,
+                                             weight_grad="weight" in model.wte.trainable_parameters()))
     return mx.mean(cross_entropy(model(x), y, label_smoothing=label_smoothing))
 
 
@@ -208,11 +219,12 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
     plan = parallel.plan_for(model, cfg.batch_size, cfg.streams)
     cache_freed_buffers()
+    loss = partial(loss_fn, label_smoothing=cfg.label_smoothing, loss_chunk=cfg.loss_chunk)
     if plan is not None:
-        return parallel.make_parallel_step(model, optimizer, partial(loss_fn, label_smoothing=cfg.label_smoothing),
+        return parallel.make_parallel_step(model, optimizer, loss,
                                            partial(clip_and_update, max_norm=cfg.grad_clip), plan,
                                            compile=cfg.compile, reduce=partial(distributed.all_mean, group=group))
-    grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
+    grad_fn = nn.value_and_grad(model, loss)
     accum = cfg.grad_accum
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
@@ -235,7 +247,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
 
 def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
     def f(x: mx.array, y: mx.array) -> mx.array:
-        return loss_fn(model, x, y)
+        return loss_fn(model, x, y, loss_chunk=cfg.loss_chunk)
 
     return mx.compile(f, inputs=model.state) if cfg.compile else f
 
@@ -362,6 +374,8 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     accelerate(model)
     if cfg.grad_checkpoint:
         recompute_blocks(model)
+    if cfg.loss_chunk and not hasattr(model, "features"):
+        raise UserError("--loss-chunk applies to GPT models (a head tied to wte)")
     model.train()
     if model.config.vocab_size < dataset.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
@@ -674,6 +688,8 @@ HELP = {
     "dtype": "compute dtype of the model: float32 or bfloat16 (GPUs); the loss is float32 (float16 is refused: "
              "its optimizer state cannot hold AdamW's eps)",
     "seed": "seed of initialisation, batches, dropout and samples",
+    "loss_chunk": "positions per chunk of the loss: the logits (positions x vocabulary) are computed a chunk at "
+                  "a time, forward and backward, never whole (0: off; 256 suits GPT-2's vocabulary)",
     "grad_checkpoint": "recompute each transformer block in the backward pass: far less activation memory for "
                        "one more forward pass; same gradients",
     "compile": "compile the train step with mx.compile",

@@ -134,6 +134,10 @@ class GPT(LanguageModel):
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
+        return self.wte.as_linear(self.features(idx, cache))  # the head, tied to wte
+
+    def features(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """The final hidden states (B, T, C) that the head (``wte`` as a linear map) turns into logits."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0  # an int, or an array inside a compiled decode step
         if isinstance(offset, int) and offset + T > self.config.block_size:
@@ -141,7 +145,7 @@ class GPT(LanguageModel):
         x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T)))
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
-        return self.wte.as_linear(self.ln_f(x))  # the head, tied to wte
+        return self.ln_f(x)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
