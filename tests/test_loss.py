@@ -68,4 +68,4 @@ def test_chunked_loss_lowers_the_peak():
         mx.eval(g(h, w))
         peaks.append(mx.get_peak_memory())
     logits = 2048 * 4096 * 4
-    assert peaks[0] > 3 * logits and peaks[1] < logits, [p / logits for p in peaks]
+    assert peaks[1] < logits < peaks[0] and peaks[1] < 0.5 * peaks[0], [p / logits for p in peaks]
