@@ -125,7 +125,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, shakespeare):
     proc = subprocess.Popen([sys.executable, "-m", "mlx_gpt.train", *flags, "--out", str(tmp_path / "cut")],
                             cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if line.startswith("step 10 "):
+        if line.startswith("step 10/"):
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=120)
