@@ -286,7 +286,9 @@ def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path, machine: 
     d.mkdir(parents=True, exist_ok=True)
     text = race_text(args)
     iters = args.race_iters or bench.max_iters
-    bench = replace(bench, max_iters=iters, eval_interval=min(bench.eval_interval, iters))
+    # a shorter race keeps the schedule's proportions (nanoGPT's cosine needs warm-up < decay steps)
+    bench = replace(bench, max_iters=iters, eval_interval=min(bench.eval_interval, iters),
+                    warmup_iters=min(bench.warmup_iters, iters // 20))
     env = {"PYTHONPATH": str(ROOT)}
     # both sides tokenize first, untimed: characters for nanoGPT, bytes (the same ids' worth) for mlx_gpt
     prep, _ = run_json([sys.executable, str(REFERENCE / "nanogpt_train.py"), "prepare", "--input", str(text),
