@@ -43,9 +43,11 @@ class AdamW(optim.AdamW):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         with mx.stream(self.stream_for(parameter)) if self.stream_for is not None else nullcontext():
-            if parameter.ndim < 2:
-                return optim.Adam.apply_single(self, gradient, parameter, state)
-            return super().apply_single(gradient, parameter, state)
+            decay = self.weight_decay if parameter.ndim >= 2 else 0.0
+            parameter, state["m"], state["v"] = ops.adamw_update(
+                parameter, gradient, state["m"], state["v"], self.learning_rate, self.step, tuple(self.betas),
+                self.eps, decay, self.bias_correction)
+            return parameter
 
 
 def lr_schedule(cfg: OptimConfig) -> Callable[[mx.array], mx.array]:

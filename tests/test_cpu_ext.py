@@ -317,3 +317,37 @@ def test_environment_variable_turns_the_kernels_off_and_the_pure_path_agrees():
     assert off == "True"
     x = mx.linspace(-5, 5, 1001)
     assert abs(float(total) - ops.gelu_approx(x).sum().item()) <= 1e-5 * abs(float(total))
+
+
+# ---------------------------------------------------------------------------- AdamW
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,decay", [((37, 129), 0.1), ((1001,), 0.0)])
+def test_adamw_update_follows_torch_adamw_over_several_steps(rng, shape, decay):
+    torch = pytest.importorskip("torch")
+    p0 = rng.normal(0, 1, shape).astype(np.float32)
+    grads = [rng.normal(0, 1e-2, shape).astype(np.float32) for _ in range(5)]
+    lrs = [1e-2, 8e-3, 5e-3, 3e-3, 1e-3]
+    tp = torch.tensor(p0, requires_grad=True)
+    topt = torch.optim.AdamW([tp], lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=decay)
+    p, m, v = mx.array(p0), mx.zeros(shape), mx.zeros(shape)
+    pure = (mx.array(p0), mx.zeros(shape), mx.zeros(shape))
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        for group in topt.param_groups:
+            group["lr"] = lr
+        tp.grad = torch.tensor(g)
+        topt.step()
+        args = (mx.array(g), mx.array(lr), mx.array(t, mx.uint64), (0.9, 0.95), 1e-8, decay, True)
+        p, m, v = ops.adamw_update(p, args[0], m, v, *args[1:])
+        with ops.pure_mlx_ops():
+            pure = ops.adamw_update(pure[0], args[0], pure[1], pure[2], *args[1:])
+        state = topt.state[tp]
+        # m sums gradients of either sign: its rounding is relative to the gradients' scale
+        np.testing.assert_allclose(f64(m), state["exp_avg"].double().numpy(), rtol=1e-6, atol=1e-6 * 1e-2)
+        np.testing.assert_allclose(f64(v), state["exp_avg_sq"].double().numpy(), rtol=1e-6, atol=1e-16)
+        # a weight moves by about lr per update, rounded in float32 by either side, and each
+        # update rounds the weight itself (an ulp or two of it per update)
+        tol = dict(rtol=2 * t * EPS, atol=2e-6 * lr / 1e-2)
+        np.testing.assert_allclose(f64(p), tp.detach().double().numpy(), **tol)
+        np.testing.assert_allclose(f64(p), f64(pure[0]), **tol)

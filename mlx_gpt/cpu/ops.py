@@ -28,7 +28,7 @@ tricks have no useful derivative of their own). Metal and CUDA keep MLX's native
 do non-float32 inputs: ``fast_ops_enabled()`` decides, per call, from the default device.
 
 Where the C++ kernels of ``mlx_gpt.cpu.extension`` are built, GELU, layer norm, softmax,
-attention's softmax and cross-entropy run as those primitives instead (each one multithreaded,
+attention's softmax, cross-entropy and the AdamW update run as those primitives instead (each one multithreaded,
 vectorized kernel); everything in this module remains their fallback (``MLX_GPT_NO_EXT=1``, or
 ``pure_mlx_ops()`` inside one process).
 """
@@ -341,6 +341,35 @@ def squared_norm(x: mx.array) -> mx.array:
         return mx.sum(mx.square(x.astype(mx.float32)))
     flat = x.reshape(1, -1)
     return (flat @ flat.T).reshape(())
+
+
+# ---------------------------------------------------------------------------- AdamW
+
+
+def adamw_update(parameter: mx.array, gradient: mx.array, m: mx.array, v: mx.array, lr: mx.array, step: mx.array,
+                 betas: tuple[float, float], eps: float, weight_decay: float,
+                 bias_correction: bool) -> tuple[mx.array, mx.array, mx.array]:
+    """One AdamW update: (parameter, m, v) after it, ``parameter`` decayed by ``lr * weight_decay``.
+
+    On the CPU (float32) it is one C++ kernel per parameter that reads the parameter, gradient
+    and moments once and writes them once; elsewhere, MLX's own AdamW arithmetic.
+    """
+    b1, b2 = betas
+    kernels = _kernels() if fast_ops_enabled(parameter.dtype) and gradient.dtype == mx.float32 else None
+    if kernels is not None:
+        p, m, v = kernels.adamw_update(parameter, gradient, m, v, lr, step, b1, b2, eps, weight_decay,
+                                       bias_correction)
+        return p, m, v
+    lr = lr.astype(gradient.dtype)
+    if weight_decay:
+        parameter = parameter * (1 - lr * weight_decay)
+    m = b1 * m + (1 - b1) * gradient
+    v = b2 * v + (1 - b2) * mx.square(gradient)
+    if not bias_correction:
+        return parameter - lr * m / (mx.sqrt(v) + eps), m, v
+    c1 = (lr / (1 - b1**step)).astype(gradient.dtype)
+    c2 = mx.rsqrt(1 - b2**step).astype(gradient.dtype)
+    return parameter - (c1 * m) / (mx.sqrt(v) * c2 + eps), m, v
 
 
 # ---------------------------------------------------------------------------- cross-entropy

@@ -1,6 +1,7 @@
 // Python bindings: the module mlx_gpt.cpu.extension loads as _mlx_gpt_ext.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "primitives.h"
 
@@ -15,5 +16,8 @@ NB_MODULE(_mlx_gpt_ext, m) {
   m.def("softmax", &mlx_gpt::softmax, "x"_a, "scale"_a = 1.0f, "causal"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("cross_entropy", &mlx_gpt::cross_entropy, "logits"_a, "targets"_a, "smoothing"_a = 0.0f, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("adamw_update", &mlx_gpt::adamw_update, "parameter"_a, "gradient"_a, "m"_a, "v"_a, "lr"_a, "step"_a,
+        "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a, "bias_correction"_a = true, nb::kw_only(),
         "stream"_a = nb::none());
 }

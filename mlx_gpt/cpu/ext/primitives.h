@@ -1,5 +1,6 @@
 // MLX primitives for the CPU hot paths of a GPT step: tanh-GELU, layer norm, softmax (causal
-// masking fused), and cross-entropy, each with the primitive of its backward pass.
+// masking fused), and cross-entropy, each with the primitive of its backward pass, and the
+// AdamW update.
 //
 // The ops take float32 arrays of any layout (they are made row-contiguous first) and run on the
 // CPU only: mlx_gpt picks them when the default device is the CPU and uses MLX's own kernels
@@ -28,6 +29,15 @@ mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevi
 // outside [0, V) gives NaN
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets, float smoothing,
                         mx::StreamOrDevice s = {});
+
+// One AdamW update of a parameter, as torch.optim.AdamW makes it: returns (parameter, m, v).
+// `lr` and `step` are scalar arrays (the schedule's rate, the 1-based update count); the
+// parameter first decays by lr * weight_decay; with `bias_correction` the moments are divided by
+// 1 - beta1**step and 1 - beta2**step.
+std::vector<mx::array> adamw_update(const mx::array& parameter, const mx::array& gradient, const mx::array& m,
+                                    const mx::array& v, const mx::array& lr, const mx::array& step, float beta1,
+                                    float beta2, float eps, float weight_decay, bool bias_correction,
+                                    mx::StreamOrDevice s = {});
 
 class GeluApprox : public mx::UnaryPrimitive {
  public:
@@ -150,6 +160,26 @@ class CrossEntropyGrad : public mx::UnaryPrimitive {
 
  private:
   float smoothing_;
+};
+
+// inputs (parameter, gradient, m, v, lr, step) -> (parameter, m, v)
+class AdamWUpdate : public mx::Primitive {
+ public:
+  AdamWUpdate(mx::Stream stream, float beta1, float beta2, float eps, float weight_decay, bool bias_correction)
+      : mx::Primitive(stream), beta1_(beta1), beta2_(beta2), eps_(eps), weight_decay_(weight_decay),
+        bias_correction_(bias_correction) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptAdamWUpdate"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AdamWUpdate&>(other);
+    return beta1_ == o.beta1_ && beta2_ == o.beta2_ && eps_ == o.eps_ && weight_decay_ == o.weight_decay_ &&
+           bias_correction_ == o.bias_correction_;
+  }
+
+ private:
+  float beta1_, beta2_, eps_, weight_decay_;
+  bool bias_correction_;
 };
 
 }  // namespace mlx_gpt
