@@ -53,7 +53,13 @@ def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, st
     assert opt.stream_for is not None
     np.testing.assert_allclose(np.array(one), np.array(many), rtol=2e-6)
     for k in w1:
-        np.testing.assert_allclose(np.array(w1[k]), np.array(w2[k]), atol=2e-6, err_msg=k)
+        a, b = np.array(w1[k]), np.array(w2[k])
+        if k.endswith("attn.c_attn.bias"):
+            # the key biases' true gradient is exactly zero (softmax ignores a constant added to
+            # every score): Adam moves them by rounding noise, differently in each split
+            c = CFG.n_embd
+            a, b = np.delete(a, np.s_[c:2 * c]), np.delete(b, np.s_[c:2 * c])
+        np.testing.assert_allclose(a, b, atol=2e-6, err_msg=k)
     parallel.set_blas_threads(parallel.cpu_cores())
 
 
