@@ -146,7 +146,8 @@ def _cmake() -> str | None:
 def _why_not_available() -> str | None:
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
-    if mx.metal.is_available() or mx.cuda.is_available():
+    gpus = (getattr(mx, name, None) for name in ("metal", "cuda"))
+    if any(gpu is not None and gpu.is_available() for gpu in gpus):
         return "MLX has a GPU backend here (its own kernels run there)"
     if not hasattr(os, "sched_getaffinity") and sys.platform != "darwin":
         return f"unsupported platform {sys.platform}"
