@@ -26,14 +26,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, flags, plot
+from . import checkpoint, distributed, flags, memory, plot
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
 from .generate import generate
 from .loss import chunked_cross_entropy, cross_entropy
 from .models import rungs
-from .models.gpt import PRESETS, GPTConfig, build
+from .models.gpt import GPT, PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, make_optimizer
 from .tokenizer import Tokenizer
 
@@ -303,6 +303,23 @@ class Run:
     train_state: dict | None = None
     rank: int = 0  # this process's place among ``world`` (mlx.launch); only rank 0 writes
     world: int = 1
+    memory: memory.MemoryEstimate | None = None
+
+
+def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -> memory.MemoryEstimate | None:
+    """The run's estimated peak; a run that cannot fit is refused here, before its model is built.
+    (Only transformer-shaped models are estimated: the ladder's small rungs always fit.)"""
+    if model is None and cfg.model != "gpt":
+        return None
+    config = model.config if model is not None else _model_config(cfg, dataset)
+    if not all(hasattr(config, f) for f in ("n_layer", "n_embd", "block_size", "vocab_size")):
+        return None
+    counted = model if model is not None else GPT(config)  # a fresh GPT's weights are lazy: nothing allocated
+    n_params = sum(v.size for _, v in tree_flatten(counted.trainable_parameters()))
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    streams = parallel.split_for(cfg.batch_size, cfg.streams)[0] if on_cpu else 1
+    return memory.check_fits(config, n_params, cfg.batch_size, memory.available_memory(), dtype=cfg.dtype,
+                             grad_accum=cfg.grad_accum, streams=streams, grad_checkpoint=cfg.grad_checkpoint)
 
 
 def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
@@ -358,6 +375,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
     if tokenizer is None:
         tokenizer = dataset.tokenizer
+    peak = _memory_check(cfg, model, dataset)  # before anything is built or deleted
     if cfg.out is None:
         name = Path(cfg.init).name if cfg.init else cfg.preset if cfg.model == "gpt" else cfg.model.replace(":", "")
         cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{name}"))
@@ -384,7 +402,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
-    run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size())
+    run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak)
     if cfg.resume:
         opt_state = checkpoint.load_optimizer_state(out)
         expected = {k: v.shape for k, v in tree_flatten(optimizer.state)}
@@ -492,6 +510,9 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     n_params = model.num_params()
     note = (lambda s: print(s, file=sys.stderr)) if run.rank == 0 else (lambda s: None)  # the others stay quiet
     note(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
+    if run.memory is not None:
+        note(f"memory: estimated peak {run.memory.describe()} of the {memory.available_memory() / memory.GB:.1f} GB "
+             "MLX may use here")
     note(f"data: {run.dataset.path} (vocab {run.dataset.vocab_size}); run: {run.out}"
          + (f"; {run.world} processes" if run.world > 1 else ""))
 

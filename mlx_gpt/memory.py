@@ -1,0 +1,103 @@
+"""The peak memory of a training run, known before its first step.
+
+A step holds, at its fullest: the parameters, their gradients and AdamW's two moments (each the
+size of the parameters, in the model's dtype); the activations the backward pass needs, per
+layer and per token of a micro-batch (a few widths' worth of layer norms, projections and MLP
+hidden states, and the attention weights, nh x T per token); the logits, B x T x V, in float32
+for the loss together with their gradient; with gradient accumulation one more gradient tree
+(the micro-batch's, before it is added), and with a batch split over CPU streams one gradient
+tree per extra stream.
+
+Gradient accumulation saves less than one would hope: the step is one compiled graph, and MLX
+does not free each micro-batch's activations before it starts on the next, so about
+ACCUM_HELD of every further micro-batch's activations and logits is live at the peak
+(measured 0.5-0.55). The per-token factors were fitted to ``mx.get_peak_memory()`` of real
+steps and round up; the README gives measured ratios.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .errors import UserError
+
+GB = 1e9
+# bytes per element of each dtype a model trains in
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# values kept per token: per layer, ACT_PER_WIDTH x n_embd plus ATTN_PER_SCORE x n_head x T
+# (attention weights); outside the layers, OUTSIDE_PER_WIDTH x n_embd (embeddings, final norm,
+# backward buffers) and LOGITS_PER_TOKEN x vocab in float32 (logits and their gradient)
+ACT_PER_WIDTH, ATTN_PER_SCORE, OUTSIDE_PER_WIDTH, LOGITS_PER_TOKEN = 20, 1.5, 40, 2
+ACCUM_HELD = 0.6
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a train step holds at its peak, by what holds them."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GB:.2f}" for name in
+                          ("parameters", "gradients", "optimizer", "activations", "logits"))
+        return f"{self.total / GB:.2f} GB ({parts})"
+
+
+def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = "float32", grad_accum: int = 1,
+                        streams: int = 1, grad_checkpoint: bool = False) -> MemoryEstimate:
+    """The peak of one train step of a model shaped by ``config`` (n_layer, n_embd, n_head,
+    vocab_size, block_size; a model without attention has no n_head) with ``n_params`` parameters,
+    micro-batches of ``batch_size`` x block_size tokens, split over ``streams`` CPU streams."""
+    s = DTYPE_BYTES[dtype]
+    L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
+    nh = getattr(config, "n_head", 0)
+    tokens = batch_size * T
+    per_layer = ACT_PER_WIDTH * C + ATTN_PER_SCORE * nh * T
+    # recomputed blocks keep only each block's input, and one block's activations at a time
+    layers = L * C + per_layer if grad_checkpoint else L * per_layer
+    held = 1 + ACCUM_HELD * (grad_accum - 1)
+    activations = int(held * tokens * (layers + OUTSIDE_PER_WIDTH * C) * s)
+    extra_grads = (grad_accum > 1) + max(streams - 1, 0)
+    return MemoryEstimate(parameters=n_params * s, gradients=n_params * s * (1 + extra_grads),
+                          optimizer=2 * n_params * s, activations=activations,
+                          logits=int(held * tokens * V * 4 * LOGITS_PER_TOKEN))
+
+
+def available_memory() -> int:
+    """What MLX may use here: Metal's recommended working set on a Mac, else MLX's memory limit
+    (a share of the physical memory on the CPU backend)."""
+    if mx.metal.is_available():
+        return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    limit = mx.get_memory_limit()
+    if limit:
+        return int(limit)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config, n_params: int, batch_size: int, available: int, **kw) -> MemoryEstimate:
+    """The run's estimate (``estimate_train_peak``'s arguments); refuses, before anything is
+    allocated, a run that cannot fit, saying which smaller micro-batch would."""
+    estimate = estimate_train_peak(config, n_params, batch_size, **kw)
+    if estimate.total <= available:
+        return estimate
+    accum = kw.get("grad_accum", 1)
+    smaller = next((b for b in range(batch_size - 1, 0, -1) if batch_size % b == 0
+                    and estimate_train_peak(config, n_params, b, **kw).total <= available), None)
+    if smaller is not None:
+        hint = (f"--batch-size {smaller} --grad-accum {accum * batch_size // smaller} trains on the same tokens "
+                "per step and fits")
+    else:
+        hint = f"even --batch-size 1 does not fit: try --grad-checkpoint or a shorter --block-size than {config.block_size}"
+    raise UserError(f"this run needs about {estimate.describe()} at its peak, more than the "
+                    f"{available / GB:.1f} GB this machine gives MLX; {hint}")
