@@ -31,6 +31,8 @@ def readme_commands() -> list[str]:
 
 def entry_point(words: list[str]) -> tuple[str, list[str]] | None:
     """(module name or tools/ path, argv) for a command of ours, else None."""
+    if words[0] == "mlx.launch" and "--" in words:  # MLX's launcher runs the command after --
+        words = words[words.index("--") + 1:]
     if words[:2] == ["python", "-m"] and words[2].startswith("mlx_gpt"):
         return ("mlx_gpt.__main__" if words[2] == "mlx_gpt" else words[2]), words[3:]
     if words[0] == "mlx-gpt":

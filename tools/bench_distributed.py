@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, processes: int) -> dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS))
     p.add_argument("--block-size", type=int, default=256)
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=0, help="train --streams in every process")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args)
 
