@@ -36,6 +36,7 @@ import numpy as np
 from .cpu.blas import get_blas_threads, set_blas_threads
 from .cpu.matvec import fastest_threads
 from .cpu.parallel import cpu_cores
+from .models.base import eval_mode
 from .models.cache import FixedKVCache
 from .detokenizer import StreamingDetokenizer
 from .errors import UserError, run_cli
@@ -70,18 +71,6 @@ class Timing:
         rows = f"{self.rows} x " if self.rows > 1 else ""
         return (f"prompt: {rows}{self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
                 f"generation: {rows}{self.new_tokens} tokens, {self.generation_tps:.1f} tok/s")
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Dropout off while generating; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
 
 
 class Decoder:
@@ -209,7 +198,7 @@ class Decoder:
         timing.rows, timing.prompt_tokens = num_samples, window.shape[1]
         state = {} if self.sampling.greedy else {"rng": mx.random.key(seed)}
 
-        with _eval_mode(self.model), self._decoding_threads():
+        with eval_mode(self.model), self._decoding_threads():
             start = time.perf_counter()
             y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(prompt_rows))
             n_cached = window.shape[1]

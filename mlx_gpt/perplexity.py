@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .loss import cross_entropy
+from .models.base import eval_mode
 from .tokenizer import Tokenizer
 
 
@@ -66,9 +67,7 @@ def total_nll(model: nn.Module, tokens: np.ndarray, *, batch_size: int = 16) -> 
     compiled = mx.compile(nats, inputs=model.state)
     full = n // T
     windows = np.lib.stride_tricks.sliding_window_view(tokens[: full * T + 1], T + 1)[::T] if full else None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         total = 0.0
         for i in range(0, full, batch_size):
             w = windows[i : i + batch_size]
@@ -76,8 +75,6 @@ def total_nll(model: nn.Module, tokens: np.ndarray, *, batch_size: int = 16) -> 
         if n > full * T:  # the tail, shorter than a window
             rest = tokens[full * T :]
             total += nats(mx.array(rest[None, :-1]), mx.array(rest[None, 1:])).item()
-    finally:
-        model.train(was_training)
     return total, n
 
 

@@ -4,7 +4,9 @@ config.json, and the ``block_size`` and ``num_params`` those callers read."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, fields
+from typing import Iterator
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -47,3 +49,14 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Dropout off inside the block (evaluating, sampling); the model's mode as it was afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
