@@ -1,13 +1,16 @@
-"""``python -m mlx_gpt.ladder``: climb the language-model ladder on one corpus and see what
-each rung buys.
+"""``python -m mlx_gpt.ladder``: which language model wins at which training budget.
 
 Every rung — unigram, bigram, n-gram, Kneser-Ney, Bengio's feed-forward net, Elman RNN, LSTM,
-the original Transformer, GPT-1, GPT-2 — gets the same data, the same tokenizer and the same
-wall-clock budget. Count rungs are fitted by counting (seconds); neural rungs train with
-``train.py``'s compiled step and AdamW until the budget runs out, their learning rate warmed up
-and then decayed on a cosine over the budget's time rather than over a step count. All are
-scored on the whole validation split in bits per byte, and compared in a table, ladder.json and
-ladder.png; each rung's checkpoint is kept in ``OUT/<rung>/`` for ``mlx_gpt.generate``.
+the original Transformer, GPT-1, GPT-2 — gets the same data and tokenizer. Count rungs are
+fitted once, by counting the train split: one point each, at its small cost. Neural rungs are
+trained at every budget of ``--budgets`` (seconds, tokens or FLOPs of training) by
+``mlx_gpt.train`` itself: the same compiled step, AdamW and warmup-plus-cosine schedule, the
+schedule laid over the budget. A budget favours different settings for each architecture, so
+each rung's batch size and peak learning rate are chosen by a small grid search at the
+smallest budget and carried to the larger ones. Every point is scored exactly, on the whole
+val split; ladder.json is rewritten as each point finishes, so an interrupted study continues
+with ``--resume``; ladder.png draws val loss against training seconds and FLOPs, where the
+crossovers between rungs show.
 """
 
 from __future__ import annotations
@@ -15,52 +18,67 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from . import checkpoint, perplexity
-from .data import BatchSampler, Dataset, open_tokens, prepare
+from .atomic import replacing_file
+from .cpu import accelerate
+from .data import Dataset, open_tokens, prepare
 from .errors import UserError, run_cli
 from .generate import generate
-from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, parse
+from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, flops_per_token, parse
 from .models.rungs import build as build_rung
-from .optim import AdamW
-from .train import TrainConfig, estimate_loss, make_eval_loss, make_train_step, step_seed
+from .train import TrainConfig, over_steps, train
 
-WARMUP_STEPS = 100
-EVAL_BATCH = 32  # sequences per val-curve batch, whatever the training batch
-WARMUP_FRACTION = 0.1  # of the budget: warmup ends at whichever comes first
-MIN_LR_RATIO = 0.1
+UNITS = {"seconds": "s", "tokens": " tokens", "flops": " FLOPs"}
+WARMUP_ITERS = 100  # nanoGPT's shakespeare-char warmup; train keeps it under a tenth of a short run
+MIN_LR_RATIO = 0.1  # the cosine ends at a tenth of the peak, as nanoGPT's recipes do
+SEARCH_VAL_TOKENS = 16_384  # the head of the val split that ranks the search's trials
+EVAL_ITERS = 2  # train's own val estimate at the end of each run (the table's figures are exact)
+REPORT = "ladder.json"
 
 
 @dataclass(frozen=True)
 class LadderConfig:
     data: str
     tokenizer: str = "byte"
-    budget: float = 60.0  # seconds of training per rung
+    budgets: tuple[float, ...] = (10.0, 60.0, 300.0)
+    unit: str = "seconds"
     rungs: tuple[str, ...] = RUNGS
+    batch_sizes: tuple[int, ...] = (8, 16)  # searched at the smallest budget
+    lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # searched: multiples of the rung's LEARNING_RATE
     out: str | None = None
     data_dir: str = "data"
     val_fraction: float = 0.1
     block_size: int = BLOCK_SIZE
-    batch_size: int = 8  # small: on a budget of minutes, more updates beat bigger ones
     seed: int = 1337
-    eval_points: int = 8  # val-loss points on each neural rung's curve
-    eval_iters: int = 2  # batches of EVAL_BATCH sequences per curve point
     sample_tokens: int = 200
+    resume: bool = False
 
     def __post_init__(self) -> None:
-        if not self.budget > 0:
-            raise UserError(f"--budget must be a positive number of seconds, got {self.budget}")
-        for name in ("block_size", "batch_size", "eval_points", "eval_iters"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.unit not in UNITS:
+            raise UserError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if not self.budgets:
+            raise UserError("--budgets is empty; give at least one")
+        for b in self.budgets:
+            if not (b > 0 and math.isfinite(b)):
+                raise UserError(f"--budgets must be positive numbers of {self.unit}, got {b:g}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise UserError(f"a budget is listed twice in --budgets {','.join(f'{b:g}' for b in self.budgets)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise UserError("--batch-sizes must be whole numbers of at least 1")
+        if not self.lr_scales or not min(self.lr_scales) > 0:
+            raise UserError("--lr-scales must be positive numbers")
+        if self.block_size < 1:
+            raise UserError(f"--block-size must be at least 1, got {self.block_size}")
         if self.sample_tokens < 0:
             raise UserError(f"--sample-tokens must be at least 0, got {self.sample_tokens}")
         if not self.rungs:
@@ -69,147 +87,149 @@ class LadderConfig:
         if len(set(specs)) != len(specs):
             raise UserError(f"a rung is listed twice in --rungs {','.join(specs)}")
 
-
-@dataclass
-class RungResult:
-    rung: str
-    model_type: str
-    params: int
-    train_time: float  # seconds spent fitting or training, evaluation excluded
-    tokens: int  # training tokens processed
-    steps: int  # optimizer steps (0 for count rungs)
-    val: perplexity.Score
-    curve: list[tuple[float, float]]  # (train seconds, val loss estimate)
-    sample: str
-    checkpoint: str
-    config: dict = field(default_factory=dict)
-    diverged: bool = False
-
-    @property
-    def counted(self) -> bool:
-        return self.model_type == "ngram"
-
-    @property
-    def tok_s(self) -> float:
-        return self.tokens / self.train_time if self.train_time > 0 else math.inf
-
-    def to_dict(self) -> dict:
+    def study(self) -> dict:
+        """What defines the study's results: a resumed study must agree on all of it."""
         d = asdict(self)
-        d.pop("val")
-        d.update(tok_s=self.tok_s, val_loss=self.val.loss, val_ppl=self.val.perplexity,
-                 bits_per_byte=self.val.bits_per_byte, val_tokens=self.val.tokens, val_bytes=self.val.bytes)
-        return d
+        for name in ("out", "resume"):
+            d.pop(name)
+        return json.loads(json.dumps(d))  # tuples as lists, as read back from ladder.json
+
+    def label(self, budget: float) -> str:
+        return f"{budget:g}{UNITS[self.unit]}"
+
+
+# ---------------------------------------------------------------------------- one run of one rung
+
+
+def train_config(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, learning_rate: float, out: Path,
+                 model_flops: float) -> TrainConfig:
+    """How ``mlx_gpt.train`` runs a neural rung for one budget: its schedule laid over the budget."""
+    tcfg = TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                       model=rung.spec, block_size=cfg.block_size, batch_size=batch_size, learning_rate=learning_rate,
+                       min_lr=learning_rate * MIN_LR_RATIO, warmup_iters=WARMUP_ITERS, seed=cfg.seed, out=str(out),
+                       overwrite=True, eval_interval=10**9, eval_iters=EVAL_ITERS, checkpoint_interval=10**9,
+                       log_interval=200, sample_tokens=0)
+    if cfg.unit == "seconds":
+        return replace(tcfg, max_seconds=budget)
+    tokens = budget if cfg.unit == "tokens" else budget / model_flops
+    return over_steps(tcfg, max(1, round(tokens / (batch_size * cfg.block_size))))
+
+
+def run_neural(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, learning_rate: float, out: Path,
+               model_flops: float) -> dict:
+    """Train one rung at one budget and setting into ``out``; what it cost, and the trained model."""
+    run = train(train_config(cfg, rung, budget, batch_size, learning_rate, out, model_flops), progress=False)
+    tokens = run.cfg.max_iters * batch_size * cfg.block_size
+    return dict(budget=budget, batch_size=batch_size, learning_rate=learning_rate, min_lr=run.cfg.min_lr,
+                warmup_iters=run.cfg.warmup_iters, steps=run.cfg.max_iters, tokens=tokens,
+                seconds=run.train_seconds, flops=tokens * model_flops, load=os.getloadavg()[0],
+                checkpoint=str(out), model=run.model)
+
+
+def score(model, dataset: Dataset, tokens: np.ndarray | None = None) -> perplexity.Score:
+    return perplexity.score(model, open_tokens(dataset.val_file) if tokens is None else tokens, dataset.tokenizer)
+
+
+def finish_point(cfg: LadderConfig, record: dict, dataset: Dataset) -> dict:
+    """A trained point scored exactly on the whole val split, with a sample; the model dropped."""
+    model = record.pop("model", None)
+    if model is None:
+        model, _ = checkpoint.load(record["checkpoint"])
+        accelerate(model)
+    val = score(model, dataset)
+    sample = generate(model, dataset.tokenizer, "\n", cfg.sample_tokens, temperature=0.8, seed=cfg.seed) \
+        if cfg.sample_tokens else ""
+    return {**record, "val_loss": val.loss, "val_ppl": val.perplexity, "bits_per_byte": val.bits_per_byte,
+            "val_tokens": val.tokens, "val_bytes": val.bytes, "sample": sample}
 
 
 # ---------------------------------------------------------------------------- one rung
 
 
-def lr_at(peak: float, step: int, progress: float) -> float:
-    """Learning rate at a step, `progress` being the fraction of the time budget spent: linear
-    warmup (over WARMUP_STEPS or WARMUP_FRACTION of the budget, whichever ends first), then
-    cosine decay to MIN_LR_RATIO * peak as the budget runs out."""
-    warm = min(1.0, max((step + 1) / WARMUP_STEPS, progress / WARMUP_FRACTION))
-    decay = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return peak * warm * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * decay)
-
-
-def _train_config(cfg: LadderConfig, rung: Rung) -> TrainConfig:
-    lr = LEARNING_RATE.get(rung.name, 1e-3)
-    return TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
-                       block_size=cfg.block_size, batch_size=cfg.batch_size, learning_rate=lr,
-                       min_lr=lr * MIN_LR_RATIO, warmup_iters=WARMUP_STEPS, seed=cfg.seed)
-
-
-def val_estimator(model, tcfg: TrainConfig, val: BatchSampler, iters: int) -> Callable[[], float]:
-    """A function giving the mean loss over the same `iters` val batches at every call."""
-    eval_loss = make_eval_loss(model, tcfg)
-
-    def estimate() -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            return estimate_loss(eval_loss, val, iters, tcfg.seed + 1)
-        finally:
-            model.train(was_training)
-
-    return estimate
-
-
-def train_for(model, tcfg: TrainConfig, budget: float, train: BatchSampler, val: BatchSampler, *, eval_points: int,
-              eval_iters: int) -> tuple[float, int, list[tuple[float, float]], bool]:
-    """Train until `budget` seconds of stepping are spent (evaluation is not counted).
-
-    Returns (train seconds, steps, curve of (seconds, val loss), diverged)."""
-    optimizer = AdamW(learning_rate=tcfg.learning_rate, betas=[tcfg.beta1, tcfg.beta2], eps=1e-8, bias_correction=True,
-                      weight_decay=tcfg.weight_decay)
-    optimizer.init(model.trainable_parameters())
-    model.train()
-    step_fn = make_train_step(model, optimizer, tcfg)
-    val_loss = val_estimator(model, tcfg, val, eval_iters)
-    curve = [(0.0, val_loss())]
-    elapsed, step, next_eval, diverged = 0.0, 0, budget / eval_points, False
-    x, y = train.next()
-    while elapsed < budget:
-        start = time.perf_counter()
-        optimizer.learning_rate = lr_at(tcfg.learning_rate, step, elapsed / budget)
-        mx.random.seed(step_seed(tcfg.seed, step))
-        loss, _ = step_fn(mx.array(x), mx.array(y))
-        mx.async_eval(loss, model.parameters(), optimizer.state)
-        x, y = train.next()  # while the step runs
-        loss = loss.item()
-        mx.eval(model.parameters(), optimizer.state)
-        elapsed += time.perf_counter() - start
-        step += 1
-        if not math.isfinite(loss):
-            diverged = True
-            break
-        if elapsed >= next_eval or elapsed >= budget:
-            curve.append((elapsed, val_loss()))
-            next_eval += budget / eval_points
-    model.eval()
-    return elapsed, step, curve, diverged
-
-
-def climb_rung(cfg: LadderConfig, rung: Rung, dataset: Dataset, out: Path,
-               say: Callable[[str], None]) -> RungResult:
-    """Fit or train one rung, score it on the whole val split, sample it, save it."""
-    tcfg = _train_config(cfg, rung)
+def count_rung(cfg: LadderConfig, rung: Rung, dataset: Dataset, out: Path) -> dict:
+    """Fit a count rung by counting the train split; one point, at its cost."""
     train_tokens = open_tokens(dataset.train_file)
-    val_sampler = BatchSampler(dataset.val_file, EVAL_BATCH, cfg.block_size, seed=cfg.seed + 1)
-    overrides = {"block_size": cfg.block_size}
-    diverged = False
-    if rung.counted:
-        say(f"{rung.spec}: counting {len(train_tokens):,} tokens")
-        start = time.perf_counter()
-        model = build_rung(rung, dataset.vocab_size, tokens=train_tokens, overrides=overrides)
-        train_time, steps, tokens = time.perf_counter() - start, 0, len(train_tokens)
-        curve = [(train_time, val_estimator(model, tcfg, val_sampler, cfg.eval_iters)())]
-    else:
-        model = build_rung(rung, dataset.vocab_size, overrides=overrides, seed=cfg.seed)
-        say(f"{rung.spec}: {model.num_params() / 1e6:.2f}M parameters, training for {cfg.budget:g} s "
-            f"(lr {tcfg.learning_rate:g})")
-        train_sampler = BatchSampler(dataset.train_file, cfg.batch_size, cfg.block_size, seed=cfg.seed)
-        train_time, steps, curve, diverged = train_for(model, tcfg, cfg.budget, train_sampler, val_sampler,
-                                                       eval_points=cfg.eval_points, eval_iters=cfg.eval_iters)
-        tokens = steps * cfg.batch_size * cfg.block_size
-        if diverged:
-            say(f"{rung.spec}: the loss diverged at step {steps}; stopped there")
-    val = perplexity.score(model, open_tokens(dataset.val_file), dataset.tokenizer)
-    sample = generate(model, dataset.tokenizer, "\n", cfg.sample_tokens, temperature=0.8, seed=cfg.seed) \
-        if cfg.sample_tokens else ""
-    path = out / rung_dir(rung)
-    checkpoint.save(path, model, dataset.tokenizer, train_config={**asdict(tcfg), "model": rung.spec,
-                                                                  "budget": cfg.budget})
-    say(f"{rung.spec}: {train_time:.1f} s, val loss {val.loss:.4f}, {val.bits_per_byte:.3f} bits/byte")
-    return RungResult(rung.spec, rung.model_type, model.num_params(), train_time, tokens, steps, val, curve, sample,
-                      str(path), model.config.to_dict(), diverged)
+    start = time.perf_counter()
+    model = build_rung(rung, dataset.vocab_size, tokens=train_tokens, overrides={"block_size": cfg.block_size})
+    seconds = time.perf_counter() - start
+    checkpoint.save(out, model, dataset.tokenizer, train_config={"model": rung.spec, "data": cfg.data})
+    # counting costs one table update per order per token: operations, not floating-point ones
+    point = dict(budget=None, params=model.num_params(), steps=0, tokens=len(train_tokens), seconds=seconds,
+                 flops=float(rung.order * len(train_tokens)), load=os.getloadavg()[0], checkpoint=str(out),
+                 model=model)
+    return finish_point(cfg, point, dataset)
+
+
+def search(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Path, save: Callable[[], None],
+           say: Callable[[str], None]) -> None:
+    """Train the rung at the smallest budget for every (batch size, learning rate) of the grid;
+    the one with the lowest loss on the head of the val split wins. Trials are saved as they
+    finish; the winner's run is kept (it is the smallest budget's point), the others deleted."""
+    budget = min(cfg.budgets)
+    done = {(t["batch_size"], t["learning_rate"]) for t in record["search"]}
+    head = open_tokens(dataset.val_file)[: SEARCH_VAL_TOKENS + 1]
+    for batch_size in cfg.batch_sizes:
+        for scale in cfg.lr_scales:
+            lr = LEARNING_RATE[rung.name] * scale
+            if (batch_size, lr) in done:
+                continue
+            say(f"{rung.spec}: search at {cfg.label(budget)}, batch {batch_size}, learning rate {lr:g}")
+            trial = run_neural(cfg, rung, budget, batch_size, lr, out / "search" / f"b{batch_size}-lr{lr:g}",
+                               record["flops_per_token"])
+            loss = score(trial.pop("model"), dataset, head).loss
+            trial["search_loss"] = loss if math.isfinite(loss) else None
+            record["search"].append(trial)
+            save()
+            say(f"{rung.spec}: batch {batch_size}, lr {lr:g}: {trial['steps']} steps in {trial['seconds']:.1f} s, "
+                f"val-head loss {loss:.4f}")
+    ranked = sorted(record["search"], key=lambda t: math.inf if t["search_loss"] is None else t["search_loss"])
+    best = ranked[0]
+    record["settings"] = dict(batch_size=best["batch_size"], learning_rate=best["learning_rate"],
+                              min_lr=best["min_lr"], warmup_iters=WARMUP_ITERS, schedule="linear warmup, cosine to "
+                              "min_lr at the end of the budget")
+    save()
+
+
+def neural_rung(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Path,
+                save: Callable[[], None], say: Callable[[str], None]) -> None:
+    if record.get("settings") is None:
+        search(cfg, rung, record, dataset, out, save, say)
+    s = record["settings"]
+    say(f"{rung.spec}: batch {s['batch_size']}, learning rate {s['learning_rate']:g}")
+    for budget in sorted(cfg.budgets):
+        if any(p["budget"] == budget for p in record["points"]):
+            continue
+        path = out / cfg.label(budget).replace(" ", "")
+        winner = next((t for t in record["search"] if budget == min(cfg.budgets) and
+                       (t["batch_size"], t["learning_rate"]) == (s["batch_size"], s["learning_rate"])), None)
+        if winner is not None and checkpoint.exists(winner["checkpoint"]):  # trained already: the search's best
+            _replace_dir(Path(winner["checkpoint"]), path)
+            point = {k: v for k, v in winner.items() if k != "search_loss"} | {"checkpoint": str(path)}
+        else:
+            say(f"{rung.spec}: training for {cfg.label(budget)}")
+            point = run_neural(cfg, rung, budget, s["batch_size"], s["learning_rate"], path, record["flops_per_token"])
+        point = finish_point(cfg, point, dataset)
+        record["points"].append(point)
+        save()
+        say(f"{rung.spec} at {cfg.label(budget)}: {point['steps']} steps, {point['seconds']:.1f} s, "
+            f"{point['flops']:.2e} FLOPs, val loss {point['val_loss']:.4f} ({point['bits_per_byte']:.3f} bits/byte)")
+    search_dir = out / "search"
+    if search_dir.exists():
+        shutil.rmtree(search_dir)  # the losing trials; the winner has moved to its point
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
 
 
 def rung_dir(rung: Rung) -> str:
     return rung.spec.replace(":", "-")
 
 
-# ---------------------------------------------------------------------------- the whole ladder
+# ---------------------------------------------------------------------------- the study
 
 
 def check_fits(cfg: LadderConfig, ladder: list[Rung], dataset: Dataset) -> None:
@@ -226,8 +246,34 @@ def check_fits(cfg: LadderConfig, ladder: list[Rung], dataset: Dataset) -> None:
                             f"({n_train} train, {n_val} val tokens); use a smaller --block-size")
 
 
-def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> list[RungResult]:
-    """Train every rung, then write ladder.json and ladder.png into the output directory."""
+def open_study(cfg: LadderConfig, out: Path) -> dict | None:
+    """The saved study to resume (None for a new one); refuses a folder that is not a study of ours."""
+    report = out / REPORT
+    if cfg.resume:
+        if not report.is_file():
+            raise UserError(f"{out} holds no study to resume ({REPORT} is missing)")
+        saved = read_report(out)
+        differ = [k for k, v in cfg.study().items() if saved["study"].get(k) != v]
+        if differ:
+            raise UserError(f"--{differ[0].replace('_', '-')} differs from the study in {out} "
+                            f"({saved['study'].get(differ[0])}); a resumed study keeps its settings")
+        return saved
+    if report.exists():
+        raise UserError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not a ladder study; choose another --out")
+    return None
+
+
+def read_report(out: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(out) / REPORT).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {Path(out) / REPORT}: {e}") from None
+
+
+def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the study; ladder.json is written after every point, ladder.png at the end."""
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
     ladder = [parse(s) for s in cfg.rungs]
     dataset = prepare(cfg.data, cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
@@ -235,32 +281,94 @@ def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> lis
         raise UserError(f"{dataset.path} has no tokenizer.json; bits per byte need the tokenizer")
     check_fits(cfg, ladder, dataset)
     out = Path(cfg.out) if cfg.out else Path("checkpoints") / f"ladder-{dataset.path.name}"
+    saved = open_study(cfg, out)
+    say(f"study: {out} ({'resumed' if saved else 'new'}); budgets {', '.join(map(cfg.label, cfg.budgets))}")
+    records = {r["rung"]: r for r in saved["rungs"]} if saved else {}
+    report = {"study": cfg.study(), "dataset": str(dataset.path), "vocab_size": dataset.vocab_size, "rungs": []}
     for rung in ladder:
-        path = out / rung_dir(rung)
-        if path.exists() and not checkpoint.exists(path):
-            raise UserError(f"{path} exists and is not a checkpoint; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
+        if rung.spec not in records:
+            records[rung.spec] = dict(rung=rung.spec, model_type=rung.model_type, counted=rung.counted,
+                                      params=None, flops_per_token=None, search=[], settings=None, points=[])
+            if not rung.counted:
+                model = build_rung(rung, dataset.vocab_size, overrides={"block_size": cfg.block_size})
+                records[rung.spec].update(params=model.num_params(),
+                                          flops_per_token=flops_per_token(model, rung.model_type))
+        report["rungs"].append(records[rung.spec])
+
+    def save() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with replacing_file(out / REPORT) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+    save()
     for i, rung in enumerate(ladder, 1):
+        record = records[rung.spec]
         say(f"[{i}/{len(ladder)}] {rung.spec}")
-        results.append(climb_rung(cfg, rung, dataset, out, say))
-    report = {"data": cfg.data, "dataset": str(dataset.path), "tokenizer": cfg.tokenizer,
-              "vocab_size": dataset.vocab_size, "budget": cfg.budget, "block_size": cfg.block_size,
-              "batch_size": cfg.batch_size, "seed": cfg.seed, "rungs": [r.to_dict() for r in results]}
-    (out / "ladder.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, out / "ladder.png", title=f"{dataset.path.name}, {cfg.budget:g} s per rung")
-    return results
+        if rung.counted and not record["points"]:
+            point = count_rung(cfg, rung, dataset, out / rung_dir(rung))
+            record["params"] = point.pop("params")
+            record["points"].append(point)
+            save()
+            p = record["points"][0]
+            say(f"{rung.spec}: counted in {p['seconds']:.2f} s, val loss {p['val_loss']:.4f} "
+                f"({p['bits_per_byte']:.3f} bits/byte)")
+        elif not rung.counted:
+            neural_rung(cfg, rung, record, dataset, out / rung_dir(rung), save, say)
+    plot(report, out / "ladder.png")
+    say(f"wrote {out / REPORT} and {out / 'ladder.png'}")
+    return report
 
 
-def table(results: list[RungResult]) -> str:
-    """The results as a Markdown table, columns aligned."""
-    head = ["rung", "params", "train time", "tok/s", "val loss", "val ppl", "bits per byte"]
-    rows = [[r.rung + (" (diverged)" if r.diverged else ""), _si(r.params),
-             f"{r.train_time:.{2 if r.train_time < 10 else 1}f} s", _si(r.tok_s),
-             f"{r.val.loss:.4f}", f"{r.val.perplexity:.2f}", f"{r.val.bits_per_byte:.3f}"] for r in results]
+# ---------------------------------------------------------------------------- the table
+
+
+def best_by_budget(report: dict) -> dict[float, tuple[str, dict]]:
+    """For each budget, the rung with the lowest exact val loss among those it affords: every
+    neural rung's point at that budget, and every count rung whose counting cost no more."""
+    cost = report["study"]["unit"]  # a count point's cost in the budgets' unit, under the same key
+    best = {}
+    for budget in sorted(report["study"]["budgets"]):
+        candidates = [(r["rung"], p) for r in report["rungs"] for p in r["points"]
+                      if p["budget"] == budget or (r["counted"] and p[cost] <= budget)]
+        candidates = [c for c in candidates if math.isfinite(c[1]["val_loss"])]
+        if candidates:
+            best[budget] = min(candidates, key=lambda c: c[1]["val_loss"])
+    return best
+
+
+def table(report: dict) -> str:
+    """Exact val loss (bits per byte) of every rung at every budget, the best of each budget
+    starred and named in the last row; then the settings and cost of each neural point."""
+    study = report["study"]
+    budgets = sorted(study["budgets"])
+    label = LadderConfig(data="", unit=study["unit"]).label
+    best = best_by_budget(report)
+    head = ["rung", "params"] + [label(b) for b in budgets]
+    rows = []
+    for r in report["rungs"]:
+        cells = [r["rung"], _si(r["params"])]
+        for b in budgets:
+            p = r["points"][0] if r["counted"] and r["points"] else next((p for p in r["points"] if p["budget"] == b),
+                                                                          None)
+            star = "*" if b in best and best[b][1] is p else ""
+            cells.append("-" if p is None else f"{star}{p['val_loss']:.4f} ({p['bits_per_byte']:.3f})")
+        rows.append(cells)
+    rows.append(["best", ""] + [best[b][0] if b in best else "-" for b in budgets])
+    lines = [_markdown([*head], rows)]
+    head2 = ["rung", "budget", "batch", "lr", "steps", "tokens", "seconds", "FLOPs", "val loss"]
+    rows2 = [[r["rung"], label(p["budget"]), str(p["batch_size"]), f"{p['learning_rate']:g}", str(p["steps"]),
+              _si(p["tokens"]), f"{p['seconds']:.1f}", f"{p['flops']:.2e}", f"{p['val_loss']:.4f}"]
+             for r in report["rungs"] if not r["counted"] for p in sorted(r["points"], key=lambda p: p["budget"])]
+    if rows2:
+        lines += ["", _markdown(head2, rows2)]
+    return "\n".join(lines)
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, columns aligned: the first left, figures right."""
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
 
-    def line(cells: list[str]) -> str:  # the rung name left-aligned, figures right-aligned
+    def line(cells: list[str]) -> str:
         padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return "| " + " | ".join(padded) + " |"
 
@@ -271,7 +379,7 @@ def table(results: list[RungResult]) -> str:
 def _si(x: float) -> str:
     if not math.isfinite(x):
         return "-"
-    for unit, scale in (("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
             return f"{x / scale:.2f}{unit}" if x < 10 * scale else f"{x / scale:.1f}{unit}"
     return f"{x:.0f}"
@@ -280,54 +388,50 @@ def _si(x: float) -> str:
 # ---------------------------------------------------------------------------- the picture
 
 
-def plot(results: list[RungResult], path: Path, *, title: str) -> None:
-    """Bits per byte per rung (bars), and val loss against training time (curves)."""
+def plot(report: dict, path: Path):
+    """Exact val loss against training compute, seconds and FLOPs (log scales): count rungs as
+    points at their counting cost, neural rungs as curves through their budgets. Returns the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
-    bars, curves = fig.subplots(1, 2, width_ratios=[1, 1.3])
-    colors = [_color(i, len(results)) for i in range(len(results))]
-    names = [r.rung for r in results]
-    bpb = [r.val.bits_per_byte for r in results]
-    y = np.arange(len(results))
-    bars.barh(y, bpb, color=colors)
-    bars.set_yticks(y, names)
-    bars.invert_yaxis()  # the ladder reads top to bottom, oldest first
-    for yi, v in zip(y, bpb):
-        bars.text(v, yi, f" {v:.2f}", va="center", fontsize=9)
-    bars.set_xlim(0, max([v for v in bpb if math.isfinite(v)] + [1]) * 1.15)
-    bars.set_xlabel("bits per byte on the val split (lower is better)")
-    bars.set_title("What each rung buys")
-    bars.grid(axis="x", alpha=0.3)
-
-    budget = max([r.train_time for r in results] + [1e-9])
-    for r, c in zip(results, colors):
-        t, loss = zip(*r.curve)
-        if r.counted:
-            curves.hlines(loss[-1], 0, budget, colors=[c], linestyles="--", linewidth=1.2, label=f"{r.rung} (counted)")
-        else:
-            curves.plot(t, loss, color=c, marker="o", markersize=3, linewidth=1.6, label=r.rung)
-    curves.set_xlabel("training time (s)")
-    curves.set_ylabel("val loss (nats per token)")
-    curves.set_title("Val loss while training")
-    curves.grid(alpha=0.3)
-    finite = [v for r in results for _, v in r.curve if math.isfinite(v)]
-    if finite:
-        neural_end = [r.curve[-1][1] for r in results if not r.counted and math.isfinite(r.curve[-1][1])]
-        top = max([v for r in results if r.counted for _, v in r.curve] + neural_end + [min(finite)])
-        curves.set_ylim(min(finite) * 0.95, max(top * 1.15, min(finite) * 1.2))
-    scale = results[0].val.tokens / results[0].val.bytes / math.log(2) if results else 1.0
-    curves.secondary_yaxis("right", functions=(lambda v: v * scale, lambda b: b / scale)).set_ylabel("bits per byte")
-    curves.legend(fontsize=8, ncols=2, loc="upper right")
-    fig.suptitle(f"The language-model ladder: {title}")
+    panels = fig.subplots(1, 2, sharey=True)
+    rungs = report["rungs"]
+    for i, r in enumerate(rungs):
+        points = sorted(r["points"], key=lambda p: -1 if p["budget"] is None else p["budget"])
+        if not points:
+            continue
+        color = _color(i, len(rungs))
+        for ax, key in zip(panels, ("seconds", "flops")):
+            xs, ys = [p[key] for p in points], [p["val_loss"] for p in points]
+            if r["counted"]:
+                ax.plot(xs, ys, linestyle="none", marker="s", markersize=7, color=color, label=f"{r['rung']} (counted)")
+            else:
+                ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.8, color=color, label=r["rung"])
+    panels[0].set_xlabel("training time (s), evaluation excluded")
+    panels[1].set_xlabel("training FLOPs (6 per weight per token + attention; counting: table updates)")
+    panels[0].set_ylabel("val loss, exact on the whole val split (nats per token)")
+    for ax in panels:
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    first = next((p for r in rungs for p in r["points"]), None)
+    if first is not None:
+        scale = first["val_tokens"] / first["val_bytes"] / math.log(2)
+        panels[1].secondary_yaxis("right", functions=(lambda v: v * scale, lambda b: b / scale)).set_ylabel(
+            "bits per byte")
+    panels[1].legend(fontsize=8, ncols=2, loc="best")
+    study = report["study"]
+    budgets = ", ".join(LadderConfig(data="", unit=study["unit"]).label(b) for b in sorted(study["budgets"]))
+    fig.suptitle(f"The language-model ladder on {Path(report['dataset']).name}: loss against training compute "
+                 f"(budgets {budgets} per neural rung)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with replacing_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return fig
 
 
 def _color(i: int, n: int) -> tuple:
-    """A qualitative colour per rung, the same in both panels."""
     from matplotlib import colormaps
 
     return colormaps["tab10" if n <= 10 else "tab20"](i % 20)
@@ -336,42 +440,75 @@ def _color(i: int, n: int) -> tuple:
 # ---------------------------------------------------------------------------- CLI
 
 
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    def parse_list(text: str) -> tuple:
+        try:
+            return tuple(kind(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse_list
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = LadderConfig(data="")
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.ladder",
-                                description="Train every rung of the language-model ladder on the same data, "
-                                            "tokenizer and time budget, and compare them.")
-    p.add_argument("--data", required=True, help="a text file, a folder of .txt files, a prepared data dir, "
-                                                 "'pydoc' or 'shakespeare'")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="byte (default), or sp:VOCAB for SentencePiece BPE")
-    p.add_argument("--budget", type=float, default=d.budget,
-                   help=f"seconds of training per rung (default {d.budget:g})")
-    p.add_argument("--rungs", nargs="+", default=None,
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.ladder", argument_default=argparse.SUPPRESS,
+                                description="Train every rung of the language-model ladder at several training "
+                                            "budgets on the same data and tokenizer, and see which wins where.")
+    p.add_argument("--data", help="a text file, a folder of .txt files, a prepared data dir, 'pydoc' or "
+                                  "'shakespeare' (required unless --resume)")
+    p.add_argument("--tokenizer", help=f"byte, or sp:VOCAB for SentencePiece BPE (default {d.tokenizer})")
+    p.add_argument("--budgets", type=_numbers(float),
+                   help=f"training budgets per neural rung, comma-separated, in --unit "
+                        f"(default {','.join(f'{b:g}' for b in d.budgets)})")
+    p.add_argument("--unit", choices=list(UNITS),
+                   help=f"what --budgets count: seconds of training (noisy on a shared machine), or tokens or "
+                        f"FLOPs (reproducible) (default {d.unit})")
+    p.add_argument("--rungs", nargs="+",
                    help=f"rungs to climb, comma- or space-separated (default all: {','.join(d.rungs)}); "
                         "ngram:N and kneser-ney:N set the order n")
-    p.add_argument("--out", default=None, help="output directory (default checkpoints/ladder-<dataset>)")
-    p.add_argument("--data-dir", default=d.data_dir, help=f"where prepared datasets live (default {d.data_dir})")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help=f"tail of the text held out for scoring (default {d.val_fraction})")
-    p.add_argument("--block-size", type=int, default=d.block_size,
-                   help=f"tokens per training sequence, every rung (default {d.block_size})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"sequences per step, every neural rung (default {d.batch_size})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
-                   help=f"tokens sampled from each rung for ladder.json (default {d.sample_tokens})")
+    p.add_argument("--batch-sizes", type=_numbers(int),
+                   help=f"batch sizes searched at the smallest budget (default {','.join(map(str, d.batch_sizes))})")
+    p.add_argument("--lr-scales", type=_numbers(float),
+                   help="learning rates searched at the smallest budget, as multiples of each rung's own "
+                        f"(default {','.join(f'{s:g}' for s in d.lr_scales)})")
+    p.add_argument("--out", help="output directory (default checkpoints/ladder-<data>-<tokenizer>, e.g. "
+                                 "checkpoints/ladder-tinyshakespeare-byte)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out where it stopped")
+    p.add_argument("--data-dir", help=f"where prepared datasets live (default {d.data_dir})")
+    p.add_argument("--val-fraction", type=float, help=f"tail of the text held out for scoring (default {d.val_fraction})")
+    p.add_argument("--block-size", type=int, help=f"tokens per training sequence, every rung (default {d.block_size})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--sample-tokens", type=int,
+                   help=f"tokens sampled from each point for ladder.json (default {d.sample_tokens})")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> list[RungResult]:
-    args = vars(build_parser().parse_args(argv))
-    if args["rungs"] is None:
-        del args["rungs"]
-    else:
+def config_from_args(args: dict) -> LadderConfig:
+    """The study's config: the flags given, over the saved study's settings when resuming."""
+    if "rungs" in args:
         args["rungs"] = tuple(s for arg in args["rungs"] for s in arg.split(",") if s.strip())
-    results = climb(LadderConfig(**args))
-    print(table(results))
-    return results
+    if not args.get("resume"):
+        if "data" not in args:
+            raise UserError("--data is required (or --resume --out DIR to continue a study)")
+        return LadderConfig(**args)
+    if "out" not in args:
+        raise UserError("--resume needs --out naming the study to continue")
+    saved = read_report(args["out"])["study"]
+    known = {f.name for f in fields(LadderConfig)}
+    base = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+    return LadderConfig(**{**base, **args})
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = config_from_args(vars(build_parser().parse_args(argv)))
+    try:
+        report = climb(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: finished points are saved; continue with --resume --out DIR", file=sys.stderr)
+        raise
+    print(table(report))
+    return report
 
 
 if __name__ == "__main__":

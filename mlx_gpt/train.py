@@ -13,13 +13,15 @@ import json
 import math
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +35,7 @@ from .errors import UserError, run_cli
 from .generate import generate
 from .loss import chunked_cross_entropy, cross_entropy
 from .models import rungs
+from .models.base import eval_mode
 from .models.gpt import GPT, PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, make_optimizer
 from .tokenizer import Tokenizer
@@ -62,6 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_iters: int = 600
+    max_seconds: float | None = None
     learning_rate: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 60
@@ -97,6 +101,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         _check_optim_flags(self)
+        if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
+            raise UserError(f"--max-seconds must be a positive number of seconds, got {self.max_seconds}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.rank_timeout < 0:
@@ -304,6 +310,7 @@ class Run:
     rank: int = 0  # this process's place among ``world`` (mlx.launch); only rank 0 writes
     world: int = 1
     memory: memory.MemoryEstimate | None = None
+    train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
 
 
 def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -> memory.MemoryEstimate | None:
@@ -471,15 +478,66 @@ def _save(run: Run, step: int, sampler_state: dict) -> None:
 def _sample(run: Run, step: int) -> str | None:
     if run.tokenizer is None or run.rank != 0:
         return None
-    run.model.eval()
-    try:
+    with eval_mode(run.model):
         # no prompt: start a document, from end-of-text (generate's choice) or else a newline
         prompt = run.cfg.sample_prompt or ("" if run.tokenizer.eot_id is not None else "\n")
-        text = generate(run.model, run.tokenizer, prompt, run.cfg.sample_tokens, temperature=0.8,
-                        top_k=50, seed=run.cfg.seed + step)
-    finally:
-        run.model.train()
-    return text
+        return generate(run.model, run.tokenizer, prompt, run.cfg.sample_tokens, temperature=0.8, top_k=50,
+                        seed=run.cfg.seed + step)
+
+
+def fit_to_seconds(run: Run, sampler, group: mx.distributed.Group | None = None) -> TrainConfig:
+    """The run's config with ``max_iters`` set so that stepping takes about ``max_seconds``.
+
+    The learning-rate schedule must know the run's length before the first step, so a few steps
+    are timed first, on the run's own batches with a throwaway optimizer; the weights and the
+    sampler are put back afterwards. The seconds include compiling the step. With several
+    processes, every rank takes the mean of their timings, so all fit the same steps.
+    """
+    cfg, model = run.cfg, run.model
+    weights, sampler_state = model.parameters(), sampler.state()  # arrays are immutable: a snapshot
+    optimizer = make_optimizer(cfg.optim)
+    optimizer.init(model.trainable_parameters())
+    step_fn = make_train_step(model, optimizer, cfg, group)
+    times: list[float] = []  # the first one includes compiling the step
+    while len(times) < 4 or (sum(times[1:]) < min(2.0, cfg.max_seconds / 50) and len(times) < 20):
+        x, y = sampler.next()
+        start = time.perf_counter()
+        loss, _ = step_fn(mx.array(x), mx.array(y))
+        mx.eval(loss, model.parameters(), optimizer.state)
+        times.append(time.perf_counter() - start)
+    model.update(weights)
+    sampler.set_state(sampler_state)
+    per_step = statistics.median(times[1:])
+    compiling = max(times[0] - per_step, 0.0)  # the run compiles its own step: part of its seconds
+    timing = distributed.all_mean({"t": mx.array([per_step, compiling])}, group or distributed.init())["t"]
+    per_step, compiling = timing.tolist()
+    return over_steps(cfg, max(1, int((cfg.max_seconds - compiling) / per_step)))
+
+
+def over_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """``cfg`` for a run of ``steps`` steps: the cosine ends there, and warmup takes at most a tenth of it."""
+    return replace(cfg, max_seconds=None, max_iters=steps, lr_decay_iters=None,
+                   warmup_iters=min(cfg.warmup_iters, steps // 10))
+
+
+class _TrainClock:
+    """Seconds spent stepping; evaluation, sampling and checkpoints run off the clock."""
+
+    def __init__(self) -> None:
+        self.start, self.off = time.perf_counter(), 0.0
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.off
+
+    @contextmanager
+    def paused(self, *pending) -> Iterator[None]:
+        mx.eval(*pending)  # the steps already queued are training time
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.off += time.perf_counter() - start
 
 
 def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: bool | None = None,
@@ -503,6 +561,12 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
         train_sampler.set_state(run.train_state["sampler"])
 
     model.train()
+    if cfg.max_seconds is not None and run.start_step == 0 and tree_flatten(model.trainable_parameters()):
+        cfg = run.cfg = fit_to_seconds(run, train_sampler, group)
+        run.optimizer = make_optimizer(cfg.optim)
+        run.optimizer.init(model.trainable_parameters())
+        if run.rank == 0:
+            print(f"--max-seconds: {cfg.max_iters} steps fit", file=sys.stderr)
     step_fn = make_train_step(model, run.optimizer, cfg, group)
     eval_loss = make_eval_loss(model, cfg)
     sample_interval = cfg.sample_interval or cfg.eval_interval
@@ -523,10 +587,9 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     say = bar.write if not bar.disable else note
 
     def evaluate(step: int) -> None:
-        model.eval()
-        train_loss = estimate_loss(eval_loss, eval_train_sampler, cfg.eval_iters, cfg.seed + 2, group)
-        val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1, group)
-        model.train()
+        with eval_mode(model):
+            train_loss = estimate_loss(eval_loss, eval_train_sampler, cfg.eval_iters, cfg.seed + 2, group)
+            val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1, group)
         run.best_val = min(run.best_val, val_loss)
         _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
         _draw(run)
@@ -546,6 +609,7 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     watch = _DivergenceWatch(run)
     t_last, tokens_since = time.perf_counter(), 0
     x, y = train_sampler.next()
+    clock = _TrainClock()
     with stop, distributed.Watchdog(group, cfg.rank_timeout) as watchdog:
         for step in range(run.start_step + 1, cfg.max_iters + 1):
             mx.random.seed(step_seed(cfg.seed, step, run.rank))
@@ -574,16 +638,20 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
             last = step == cfg.max_iters
             if step % cfg.eval_interval == 0 or last:
                 watch.check()
-                evaluate(step)
+                with clock.paused(model.parameters()):
+                    evaluate(step)
             if step % sample_interval == 0 or last:
-                text = _sample(run, step)
+                with clock.paused(model.parameters()):
+                    text = _sample(run, step)
                 if text is not None:
                     say(f"--- sample at step {step} ---\n{cfg.sample_prompt}{text}\n---")
             stopping = vote(stop.requested)  # with several processes, all stop at the same step
             if step % cfg.checkpoint_interval == 0 or last or stopping:
-                watch.check(weights=True)
-                _save(run, step, sampler_state)
+                with clock.paused(model.parameters(), run.optimizer.state):
+                    watch.check(weights=True)
+                    _save(run, step, sampler_state)
                 watch.saved = step
+            run.train_seconds = clock.seconds
             if stopping:
                 bar.close()
                 distributed.barrier(group)  # the others wait for rank 0's checkpoint
@@ -728,6 +796,8 @@ HELP = {
     "rank_timeout": "with several processes (mlx.launch): seconds a process waits on the others before it gives "
                     "up (0: forever)",
     "overwrite": "replace an existing run in --out",
+    "max_seconds": "train for about this many seconds instead of --max-iters: a few steps are timed first and "
+                   "the schedule laid over the steps that fit (warmup at most a tenth of them)",
 }
 
 # nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant

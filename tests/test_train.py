@@ -269,3 +269,25 @@ def test_weights_that_turn_non_finite_between_log_lines_are_never_saved(tmp_path
     assert checkpoint.load_state(tmp_path / "run")["step"] == 3
     model, _ = checkpoint.load(tmp_path / "run")
     assert np.isfinite(np.array(model.wte.weight)).all()
+
+
+def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakespeare):
+    common = dict(warmup_iters=30, log_interval=1, eval_interval=1000, checkpoint_interval=1000, sample_tokens=0)
+    timed = train(small_cfg(tmp_path, shakespeare, max_seconds=3.0, out=str(tmp_path / "timed"), **common),
+                  progress=False)
+    steps = timed.cfg.max_iters
+    assert steps >= 1 and timed.cfg.max_seconds is None and timed.train_seconds > 0
+    assert timed.cfg.warmup_iters == min(30, steps // 10)
+    saved = checkpoint.read_config(tmp_path / "timed")["train"]
+    assert saved["max_iters"] == steps and saved["max_seconds"] is None  # --resume continues by steps
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
+    # the cosine ends where the time does: the last update's rate is the schedule's last, near min_lr
+    assert lrs[-1] == pytest.approx(lr_schedule(timed.cfg.optim)(mx.array(steps - 1)).item())
+    assert timed.cfg.optim.decay_iters == steps and lrs[-1] < 1.2 * timed.cfg.min_lr
+    # the steps timed beforehand leave no trace: the same run as one given that many steps outright
+    counted = train(small_cfg(tmp_path, shakespeare, max_iters=steps, out=str(tmp_path / "counted"),
+                              **{**common, "warmup_iters": timed.cfg.warmup_iters}), progress=False)
+    assert losses_of(tmp_path / "timed") == losses_of(tmp_path / "counted")
+    wa, wb = params(timed.model), params(counted.model)
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])

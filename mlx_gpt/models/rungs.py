@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import UserError
 
@@ -33,10 +34,11 @@ NEURAL = {
     "gpt": ("gpt", dict(n_layer=4, n_head=4, n_embd=128)),  # the "tiny" preset
 }
 RUNGS = tuple(COUNT) + tuple(NEURAL)
-# peak learning rate each neural rung trains well at on the ladder (AdamW, warmup, cosine decay)
+# the centre of the ladder's learning-rate search for each neural rung (AdamW, warmup, cosine decay)
 LEARNING_RATE = {"bengio": 2e-3, "rnn": 3e-3, "lstm": 5e-3, "transformer": 1e-3, "gpt1": 1e-3, "gpt": 2e-3}
 BLOCK_SIZE = 128
 ADD_K = 0.01
+TIED_HEAD = {"gpt", "transformer"}  # model types whose output layer is wte itself
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,16 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
     model = build_model(rung.model_type, config)
     mx.eval(model.parameters())
     return model
+
+
+def flops_per_token(model: Any, model_type: str) -> float:
+    """Training FLOPs per token, as nanoGPT and the PaLM paper count them: 6 per weight a token
+    passes through (2 forward, 4 backward), plus 12·n_layer·n_embd·block_size for attention.
+    Embedding lookups cost nothing, but a head tied to wte costs its matmul."""
+    params = dict(tree_flatten(model.parameters()))
+    lookups = sum(params[k].size for k in ("wte.weight", "wpe.weight") if k in params)
+    if model_type in TIED_HEAD:
+        lookups -= params["wte.weight"].size
+    c = model.config
+    attention = 12 * c.n_layer * c.n_embd * c.block_size if hasattr(c, "n_head") else 0
+    return 6.0 * (sum(v.size for v in params.values()) - lookups) + attention
