@@ -250,8 +250,6 @@ def open_study(cfg: LadderConfig, out: Path) -> dict | None:
     """The saved study to resume (None for a new one); refuses a folder that is not a study of ours."""
     report = out / REPORT
     if cfg.resume:
-        if not report.is_file():
-            raise UserError(f"{out} holds no study to resume ({REPORT} is missing)")
         saved = read_report(out)
         differ = [k for k, v in cfg.study().items() if saved["study"].get(k) != v]
         if differ:
@@ -266,6 +264,8 @@ def open_study(cfg: LadderConfig, out: Path) -> dict | None:
 
 
 def read_report(out: str | os.PathLike) -> dict:
+    if not (Path(out) / REPORT).is_file():
+        raise UserError(f"{out} holds no study to resume ({REPORT} is missing)")
     try:
         return json.loads((Path(out) / REPORT).read_text())
     except (OSError, ValueError) as e:
