@@ -1,7 +1,7 @@
 """The peak memory of a training run, known before its first step.
 
 A step holds, at its fullest: the parameters, their gradients and AdamW's two moments (each the
-size of the parameters, in the model's dtype); the activations the backward pass needs, per
+size of the parameters, in float32, with a cast copy of the parameters in bfloat16 runs); the activations the backward pass needs, per
 layer and per token of a micro-batch (a few widths' worth of layer norms, projections and MLP
 hidden states, and the attention weights, nh x T per token); the logits, B x T x V, in float32
 for the loss together with their gradient; with gradient accumulation one more gradient tree
@@ -32,6 +32,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # backward buffers) and LOGITS_PER_TOKEN x vocab in float32 (logits and their gradient)
 ACT_PER_WIDTH, ATTN_PER_SCORE, OUTSIDE_PER_WIDTH, LOGITS_PER_TOKEN = 20, 1.5, 40, 2
 ACCUM_HELD = 0.6
+CHUNKS_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,16 @@ class MemoryEstimate:
 
 
 def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = "float32", grad_accum: int = 1,
-                        streams: int = 1, grad_checkpoint: bool = False) -> MemoryEstimate:
+                        streams: int = 1, grad_checkpoint: bool = False, loss_chunk: int = 0) -> MemoryEstimate:
     """The peak of one train step of a model shaped by ``config`` (n_layer, n_embd, n_head,
     vocab_size, block_size; a model without attention has no n_head) with ``n_params`` parameters,
-    micro-batches of ``batch_size`` x block_size tokens, split over ``streams`` CPU streams."""
+    micro-batches of ``batch_size`` x block_size tokens, split over ``streams`` CPU streams.
+
+    ``dtype`` is the compute dtype: parameters, gradients and moments stay float32 (master
+    weights), plus the step's cast copy of the parameters. ``loss_chunk`` positions of logits at
+    a time: MLX schedules ahead, so up to CHUNKS_AHEAD chunks' logits are allocated at once."""
     s = DTYPE_BYTES[dtype]
+    copy = n_params * s if s != 4 else 0
     L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     nh = getattr(config, "n_head", 0)
     tokens = batch_size * T
@@ -69,9 +75,10 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     held = 1 + ACCUM_HELD * (grad_accum - 1)
     activations = int(held * tokens * (layers + OUTSIDE_PER_WIDTH * C) * s)
     extra_grads = (grad_accum > 1) + max(streams - 1, 0)
-    return MemoryEstimate(parameters=n_params * s, gradients=n_params * s * (1 + extra_grads),
-                          optimizer=2 * n_params * s, activations=activations,
-                          logits=int(held * tokens * V * 4 * LOGITS_PER_TOKEN))
+    logit_rows = min(tokens, CHUNKS_AHEAD * loss_chunk) if loss_chunk else tokens
+    return MemoryEstimate(parameters=n_params * 4 + copy, gradients=n_params * 4 * (1 + extra_grads),
+                          optimizer=2 * n_params * 4, activations=activations,
+                          logits=int(held * logit_rows * V * 4 * LOGITS_PER_TOKEN))
 
 
 def available_memory() -> int:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .cpu import ops
 
@@ -92,3 +92,25 @@ def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float,
     optimizer.update(model, grads)
     return norm
 
+
+
+def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:
+    """Mixed precision: ``loss(model, x, y)`` computed with the model's trainable parameters cast to ``dtype``.
+
+    The model keeps its float32 master weights, so AdamW's moments and updates stay float32 (a
+    bfloat16 weight cannot take an update under 1/256 of its size), and the gradients come back
+    float32 through the cast's own gradient; only the forward and backward passes run in
+    ``dtype``. The cast copies are made inside the step and dropped after it.
+    """
+    if dtype == mx.float32:
+        return loss
+
+    def f(model, x: mx.array, y: mx.array) -> mx.array:
+        master = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(dtype), master))
+        try:
+            return loss(model, x, y)
+        finally:
+            model.update(master)
+
+    return f

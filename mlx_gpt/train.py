@@ -37,7 +37,7 @@ from .loss import chunked_cross_entropy, cross_entropy
 from .models import rungs
 from .models.base import eval_mode
 from .models.gpt import GPT, PRESETS, GPTConfig, build
-from .optim import AdamW, OptimConfig, clip_and_update, make_optimizer
+from .optim import AdamW, OptimConfig, clip_and_update, compute_in, make_optimizer
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -144,11 +144,13 @@ def _check_optim_flags(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
     if cfg.dtype == "float16":
-        # AdamW's moments would be float16 too: eps 1e-8 rounds to 0 there and (1 - beta2) * g^2
-        # underflows for gradients under ~2e-3, so m / (sqrt(v) + eps) divides by zero
-        raise UserError("--dtype float16 cannot train yet: the optimizer state would be float16, where eps 1e-8 "
-                        "rounds to 0 and small squared gradients to 0, so the first update divides by zero "
-                        "(NaN weights at step 1, NaN loss at step 2); use float32 or bfloat16")
+        # The weights and AdamW's moments stay float32 (``compute_in``), but float16's range ends at
+        # 6e-8: a mean loss's gradients over a batch of thousands of positions fall below it and
+        # round to 0 on their way back through the network. Training in float16 needs dynamic loss
+        # scaling, which bfloat16 (float32's range) does without.
+        raise UserError("--dtype float16 cannot train: its gradients underflow without loss scaling, which "
+                        "mlx_gpt does not do; use bfloat16 (float32's range, float32 master weights and optimizer "
+                        "state) or float32")
 
 
 # Flags a resumed run may change: how long and how often, never what is trained.
@@ -225,7 +227,8 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
     plan = parallel.plan_for(model, cfg.batch_size, cfg.streams)
     cache_freed_buffers()
-    loss = partial(loss_fn, label_smoothing=cfg.label_smoothing, loss_chunk=cfg.loss_chunk)
+    loss = compute_in(DTYPES[cfg.dtype], partial(loss_fn, label_smoothing=cfg.label_smoothing,
+                                                  loss_chunk=cfg.loss_chunk))
     if plan is not None:
         return parallel.make_parallel_step(model, optimizer, loss,
                                            partial(clip_and_update, max_norm=cfg.grad_clip), plan,
@@ -252,8 +255,10 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
 
 
 def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
+    loss = compute_in(DTYPES[cfg.dtype], partial(loss_fn, loss_chunk=cfg.loss_chunk))
+
     def f(x: mx.array, y: mx.array) -> mx.array:
-        return loss_fn(model, x, y, loss_chunk=cfg.loss_chunk)
+        return loss(model, x, y)
 
     return mx.compile(f, inputs=model.state) if cfg.compile else f
 
@@ -326,7 +331,8 @@ def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     streams = parallel.split_for(cfg.batch_size, cfg.streams)[0] if on_cpu else 1
     return memory.check_fits(config, n_params, cfg.batch_size, memory.available_memory(), dtype=cfg.dtype,
-                             grad_accum=cfg.grad_accum, streams=streams, grad_checkpoint=cfg.grad_checkpoint)
+                             grad_accum=cfg.grad_accum, streams=streams, grad_checkpoint=cfg.grad_checkpoint,
+                             loss_chunk=cfg.loss_chunk)
 
 
 def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
@@ -405,8 +411,6 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     if model.config.vocab_size < dataset.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
                         f"({dataset.vocab_size})")
-    if cfg.dtype != "float32":
-        model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak)
@@ -774,8 +778,8 @@ HELP = {
     "beta2": "AdamW's beta2",
     "grad_clip": "clip the gradients' global norm to this (0: off)",
     "label_smoothing": "label smoothing of the cross-entropy",
-    "dtype": "compute dtype of the model: float32 or bfloat16 (GPUs); the loss is float32 (float16 is refused: "
-             "its optimizer state cannot hold AdamW's eps)",
+    "dtype": "compute dtype: float32, or bfloat16 (mixed precision: float32 master weights, optimizer state, "
+             "loss and checkpoints); float16 is refused (its gradients underflow without loss scaling)",
     "seed": "seed of initialisation, batches, dropout and samples",
     "loss_chunk": "positions per chunk of the loss: the logits (positions x vocabulary) are computed a chunk at "
                   "a time, forward and backward, never whole (0: off; 256 suits GPT-2's vocabulary)",

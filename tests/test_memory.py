@@ -47,7 +47,10 @@ def test_the_estimate_is_close_to_the_measured_peak(streams, accum):
 def test_the_estimate_grows_with_what_a_step_holds():
     base = memory.estimate_train_peak(CFG, 10**6, 8)
     assert memory.estimate_train_peak(CFG, 10**6, 16).activations == 2 * base.activations
-    assert memory.estimate_train_peak(CFG, 10**6, 8, dtype="bfloat16").parameters == base.parameters // 2
+    bf16 = memory.estimate_train_peak(CFG, 10**6, 8, dtype="bfloat16")  # float32 master weights and a copy
+    assert bf16.parameters == base.parameters * 3 // 2 and bf16.optimizer == base.optimizer
+    assert bf16.activations == base.activations // 2
+    assert memory.estimate_train_peak(CFG, 10**6, 8, loss_chunk=16).logits < base.logits
     assert memory.estimate_train_peak(CFG, 10**6, 8, streams=2).gradients == 2 * base.gradients
     deep = GPTConfig(vocab_size=512, block_size=64, n_layer=12, n_head=4, n_embd=64)
     assert (memory.estimate_train_peak(deep, 10**6, 8, grad_checkpoint=True).activations

@@ -89,3 +89,36 @@ def test_recomputed_blocks_lower_the_peak():
         grad_fn = nn.value_and_grad(model, loss_fn)
         peaks.append(peak_of(lambda: grad_fn(model, x, y)))
     assert peaks[1] < 0.75 * peaks[0], peaks  # weights and logits stay; 8 blocks' activations go
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+
+def trajectory(dtype, steps=6):
+    model = tiny(vocab_size=256, n_layer=2, n_embd=64, n_head=4, block_size=64)
+    cfg = TrainConfig(dtype=dtype, batch_size=8, streams=1, warmup_iters=0, max_iters=steps, learning_rate=3e-3)
+    opt = make_optimizer(cfg.optim)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, opt, cfg)
+    text = np.frombuffer((b"the quick brown fox jumps over the lazy dog; " * 40)[:8 * 65 + steps], np.uint8)
+    losses = []
+    for i in range(steps):
+        rows = np.stack([text[i + 65 * r:i + 65 * r + 65] for r in range(8)]).astype(np.int32)
+        losses.append(step(mx.array(rows[None, :, :-1]), mx.array(rows[None, :, 1:]))[0].item())
+    return losses, model, opt
+
+
+def test_bfloat16_mixed_precision_tracks_float32_with_float32_master_weights_and_state():
+    ref, ref_model, _ = trajectory("float32")
+    got, model, opt = trajectory("bfloat16")
+    # bfloat16 keeps 8 bits of mantissa: the losses agree to about 1%, step for step
+    np.testing.assert_allclose(got, ref, rtol=1e-2)
+    assert got[-1] < got[0] - 0.5  # and it learns
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
+    assert {v.dtype for _, v in tree_flatten(opt.state) if v.ndim} == {mx.float32}
+    weights = dict(tree_flatten(model.parameters()))
+    for k, v in tree_flatten(ref_model.parameters()):
+        if v.ndim < 2:  # biases start at 0: their drift is relative to a few updates
+            continue
+        drift = float(mx.linalg.norm(weights[k] - v) / mx.linalg.norm(v))
+        assert drift < 0.05, (k, drift)
