@@ -42,7 +42,7 @@ from mlx_gpt.optim import lr_schedule, make_optimizer
 from mlx_gpt.train import TrainConfig, make_train_step
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests" / "reference"))
 import torch_gpt  # noqa: E402  (the same GPT-2 in PyTorch, parameter for parameter)
 
 CFG = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
