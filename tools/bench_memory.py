@@ -1,0 +1,113 @@
+"""Peak memory and step time of fine-tuning GPT-2-sized models, with and without each saving.
+
+    python tools/bench_memory.py                       # every case, 3 steps each
+    python tools/bench_memory.py --cases 124M,124M+ckpt --steps 2
+
+Each case runs in a process of its own (so one case's peak and cached buffers cannot leak into
+another's): it builds the model from our own initialisation (no downloads), runs ``--steps``
+compiled train steps on random tokens exactly as ``python -m mlx_gpt.train`` would (same step,
+optimizer, flags), and prints one JSON line: MLX's peak memory (``mx.get_peak_memory``) over
+the whole run and the median time of the steps after the first (which compiles). Savings:
+``ckpt`` (--grad-checkpoint), ``chunk`` (--loss-chunk 256), ``bf16`` (--dtype bfloat16, mixed
+precision). On a shared machine only ratios from one run compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this checkout's mlx_gpt, installed or not
+
+# name -> (preset, batch, block, savings)
+CASES = {
+    "124M": ("gpt2", 8, 1024, ()),
+    "124M+ckpt": ("gpt2", 8, 1024, ("ckpt",)),
+    "124M+chunk": ("gpt2", 8, 1024, ("chunk",)),
+    "124M+ckpt+chunk": ("gpt2", 8, 1024, ("ckpt", "chunk")),
+    "124M+ckpt+chunk+bf16": ("gpt2", 8, 1024, ("ckpt", "chunk", "bf16")),
+    "medium": ("gpt2-medium", 1, 1024, ()),
+    "medium+ckpt+chunk": ("gpt2-medium", 1, 1024, ("ckpt", "chunk")),
+    "xl+ckpt+chunk": ("gpt2-xl", 1, 1024, ("ckpt", "chunk")),
+}
+
+
+def run_case(name: str, steps: int) -> dict:
+    import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
+    import mlx.core as mx
+
+    from mlx_gpt.cpu import accelerate
+    from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
+    from mlx_gpt.optim import make_optimizer
+    from mlx_gpt.train import TrainConfig, make_train_step, recompute_blocks
+
+    preset, batch, block, savings = CASES[name]
+    cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=steps, warmup_iters=0, learning_rate=3e-5,
+                      grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
+                      dtype="bfloat16" if "bf16" in savings else "float32")
+    model = accelerate(build(GPTConfig(**{**PRESETS[preset], "block_size": block}), seed=0))
+    if cfg.grad_checkpoint:
+        recompute_blocks(model)
+    model.train()
+    optimizer = make_optimizer(cfg.optim)
+    optimizer.init(model.trainable_parameters())
+    step = make_train_step(model, optimizer, cfg)
+    key = mx.random.key(0)
+    x = mx.random.randint(0, 50257, (1, batch, block), key=key)
+    y = mx.random.randint(0, 50257, (1, batch, block), key=mx.random.split(key)[0])
+    mx.eval(x, y)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    times, losses = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss, _ = step(x, y)
+        mx.eval(loss, model.parameters(), optimizer.state)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    return {"case": name, "params_M": round(model.num_params() / 1e6, 1), "batch": batch, "block": block,
+            "peak_GB": round(mx.get_peak_memory() / 1e9, 2),
+            "step_s": round(statistics.median(times[1:] or times), 2), "losses": [round(v, 4) for v in losses]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds a case may run")
+    p.add_argument("--run-case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run_case:
+        print(json.dumps(run_case(args.run_case, args.steps)), flush=True)
+        return
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        sys.exit(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    print(f"{'case':24} {'params':>8} {'B x T':>9} {'peak GB':>8} {'step s':>7}  losses")
+    for name in names:
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--run-case", name, "--steps", str(args.steps)],
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{name:24} timed out after {args.timeout:.0f} s", flush=True)
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            print(f"{name:24} failed: {why}", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        print(f"{name:24} {r['params_M']:>7}M {r['batch']:>3} x {r['block']:<4} {r['peak_GB']:>8.2f} "
+              f"{r['step_s']:>7.2f}  {r['losses']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
