@@ -112,6 +112,13 @@ def check_world_size(saved: int, group: mx.distributed.Group, out: str) -> None:
                         f"resume it {how}")
 
 
+def any_rank(flag: bool, group: mx.distributed.Group) -> bool:
+    """Whether ``flag`` holds on any rank; every rank gets the same answer (after all have asked)."""
+    if group.size() == 1:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
 class AnyRank:
     """Whether any rank has raised a flag (a Ctrl-C), decided alike on every rank.
 

@@ -503,7 +503,9 @@ def fit_to_seconds(run: Run, sampler, group: mx.distributed.Group | None = None)
     optimizer.init(model.trainable_parameters())
     step_fn = make_train_step(model, optimizer, cfg, group)
     times: list[float] = []  # the first one includes compiling the step
-    while len(times) < 4 or (sum(times[1:]) < min(2.0, cfg.max_seconds / 50) and len(times) < 20):
+    # every rank times as many steps (each holds collectives), as long as any rank needs more
+    while distributed.any_rank(len(times) < 4 or (sum(times[1:]) < min(2.0, cfg.max_seconds / 50)
+                                                  and len(times) < 20), group or distributed.init()):
         x, y = sampler.next()
         start = time.perf_counter()
         loss, _ = step_fn(mx.array(x), mx.array(y))
