@@ -281,9 +281,9 @@ def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakesp
     saved = checkpoint.read_config(tmp_path / "timed")["train"]
     assert saved["max_iters"] == steps and saved["max_seconds"] is None  # --resume continues by steps
     lrs = [json.loads(r)["lr"] for r in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
-    # the cosine ends where the time does: the last update's rate is the schedule's last, near min_lr
+    # the cosine ends where the time does: the last update's rate is the schedule's last
+    assert timed.cfg.optim.decay_iters == steps
     assert lrs[-1] == pytest.approx(lr_schedule(timed.cfg.optim)(mx.array(steps - 1)).item())
-    assert timed.cfg.optim.decay_iters == steps and lrs[-1] < 1.2 * timed.cfg.min_lr
     # the steps timed beforehand leave no trace: the same run as one given that many steps outright
     counted = train(small_cfg(tmp_path, shakespeare, max_iters=steps, out=str(tmp_path / "counted"),
                               **{**common, "warmup_iters": timed.cfg.warmup_iters}), progress=False)
