@@ -1,7 +1,8 @@
 """Replace files and directories so that a reader sees the old one or the new one, never half.
 
 A directory is written as a temp sibling, then swapped in with two renames; between them the
-previous version sits at ``.NAME.old``, where ``previous_version`` finds it after a crash.
+previous version sits at ``.NAME.old``, where ``previous_version`` finds it after a crash. A
+Ctrl-C during the renames is held back until they are done, so it never cuts a swap in half.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .errors import deferred_interrupt
 
 
 def _umask() -> int:
@@ -39,12 +42,13 @@ def replacing_directory(out: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(fh.fileno())
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 is for the temp only
         old = previous_version(out)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        with deferred_interrupt():
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -60,6 +64,7 @@ def replacing_file(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, out)
+        with deferred_interrupt():
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -51,8 +51,8 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokeniz
                         "tokenizer.json, or a directory with vocab.json + merges.txt or encoder.json + vocab.bpe)")
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size} embeddings")
-    model = GPT(cfg)  # its initial weights are lazy and never computed: every one is replaced
-    check_names_and_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, weights, src)
+    check_layer_count(cfg, weights, src)
+    check_names_and_shapes(dict(llmc.layout(cfg, cfg.vocab_size)), weights, src)
     if head is not None and head.shape != weights["wte.weight"].shape:
         raise UserError(f"{src}: lm_head.weight is {head.shape}, wte is {weights['wte.weight'].shape}")
     to_read = dict(weights)
@@ -61,6 +61,7 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokeniz
     arrays = read_tensors(to_read, progress)
     if hf.HEAD in arrays and not mx.array_equal(arrays.pop(hf.HEAD), arrays["wte.weight"]).item():
         raise UserError(f"{src}: lm_head.weight differs from wte; mlx_gpt's GPT-2 ties the head to the embedding")
+    model = GPT(cfg)  # its initial weights are lazy and never computed: every one is replaced
     model.load_weights(list(arrays.items()), strict=True)
     mx.eval(model.parameters())
     return checkpoint.save(out, model, tok)
@@ -88,6 +89,15 @@ def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
         return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.found_in(src) else None
     beside = src.parent / LLMC_TOKENIZER
     return llmc.read_tokenizer(beside) if beside.is_file() else None
+
+
+def check_layer_count(cfg: GPTConfig, weights: Mapping[str, LazyTensor], source: Path) -> None:
+    """Refuse a config that describes far more tensors than the files hold before listing them:
+    a hostile or broken config.json (n_layer 100000) fails at once, not after gigabytes."""
+    need = len(llmc.LAYER_PARAMS) * cfg.n_layer + 4
+    if need > 2 * len(weights) + 16:
+        raise UserError(f"{source} does not match its GPT-2 config: n_layer {cfg.n_layer} needs {need:,} tensors, "
+                        f"the weights hold {len(weights):,}")
 
 
 def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, LazyTensor],

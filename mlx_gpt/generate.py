@@ -40,6 +40,7 @@ from .models.base import eval_mode
 from .models.cache import FixedKVCache
 from .detokenizer import StreamingDetokenizer
 from .errors import UserError, run_cli
+from .limits import check_bytes, check_seed, check_text
 from .sampling import SamplingConfig, mark_seen, sample
 from .tokenizer import Tokenizer
 
@@ -398,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
     p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this fraction as likely as the top")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens in the context (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed; None draws a fresh one, printed at the end")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, 0 .. 2**63-1; None draws a fresh one, printed at the end")
     p.add_argument("--num-samples", type=int, default=1, help="continuations to draw, as one batch")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a continuation where this text appears, without printing it (repeatable)")
@@ -429,8 +431,21 @@ def _run_prompt(decoder: Decoder, tokenizer: Tokenizer, prompt: str, args: argpa
     print(f"{timing.summary()} | seed {seed}", file=sys.stderr)
 
 
+def _check_fits(model, num_samples: int) -> None:
+    """Refuse a batch whose caches and logits alone exceed the machine's memory."""
+    c = model.config
+    per_row = c.block_size * (2 * getattr(c, "n_layer", 1) * getattr(c, "n_embd", 1) + c.vocab_size)
+    check_bytes(4 * num_samples * per_row, f"--num-samples {num_samples}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte is one prompt's error, not a crash
+    if args.seed is not None:
+        check_seed(args.seed)
+    for text, what in ((args.prompt or "", "--prompt"), *((s, "--stop") for s in args.stop)):
+        check_text(text, what)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty)
     if args.max_new_tokens < 0:
@@ -440,10 +455,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.prompt is None and not args.interactive:
         raise UserError("give --prompt TEXT (or --interactive)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if prompt is not None:
+        check_text(prompt, "the prompt")
 
     from . import checkpoint
 
     model, tokenizer = checkpoint.load(args.checkpoint)
+    _check_fits(model, args.num_samples)
     decoder = Decoder(model, sampling)
     seed = random_seed() if args.seed is None else args.seed
     try:
@@ -469,6 +487,7 @@ def _interact(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, 
         if not prompt.strip():
             continue
         try:
+            check_text(prompt, "this prompt")
             _run_prompt(decoder, tokenizer, prompt, args, seed)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)

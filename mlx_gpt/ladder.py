@@ -32,6 +32,7 @@ from . import checkpoint, perplexity
 from .atomic import replacing_file
 from .cpu import accelerate
 from .data import Dataset, open_tokens, prepare
+from .limits import check_seed
 from .errors import UserError, run_cli
 from .generate import generate
 from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, flops_per_token, parse
@@ -81,6 +82,7 @@ class LadderConfig:
             raise UserError(f"--block-size must be at least 1, got {self.block_size}")
         if self.sample_tokens < 0:
             raise UserError(f"--sample-tokens must be at least 0, got {self.sample_tokens}")
+        check_seed(self.seed)
         if not self.rungs:
             raise UserError("--rungs is empty; name at least one rung")
         specs = [parse(s).spec for s in self.rungs]

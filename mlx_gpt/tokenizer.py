@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Protocol
+import signal
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Protocol
 
 from .errors import UserError
 
@@ -96,39 +98,81 @@ class SentencePieceTokenizer:
         if vocab_size < 260:
             raise UserError(f"SentencePiece vocab size must be at least 260 (256 bytes + specials), got {vocab_size}")
         model = io.BytesIO()
+        interrupted = []
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines),
-                model_writer=model,
-                model_type="bpe",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                character_coverage=0.9995,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                user_defined_symbols=["\n", "\t"],
-                unk_id=0,
-                bos_id=-1,
-                eos_id=1,
-                pad_id=-1,
-                input_sentence_size=max_lines,
-                shuffle_input_sentence=True,
-                max_sentence_length=1 << 16,
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )
+            with _interrupt_noted(interrupted):
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=_until(interrupted, lines),
+                    model_writer=model,
+                    model_type="bpe",
+                    vocab_size=vocab_size,
+                    byte_fallback=True,
+                    character_coverage=0.9995,
+                    normalization_rule_name="identity",
+                    remove_extra_whitespaces=False,
+                    add_dummy_prefix=False,
+                    allow_whitespace_only_pieces=True,
+                    split_digits=True,
+                    user_defined_symbols=["\n", "\t"],
+                    unk_id=0,
+                    bos_id=-1,
+                    eos_id=1,
+                    pad_id=-1,
+                    input_sentence_size=max_lines,
+                    shuffle_input_sentence=True,
+                    max_sentence_length=1 << 16,
+                    num_threads=os.cpu_count() or 1,
+                    minloglevel=2,
+                )
         except RuntimeError as e:
-            import re
-
-            small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
-            if small:
-                raise UserError(f"SentencePiece vocab size {small[1]} is too small for this corpus's characters; "
-                                f"use at least {small[2]}") from None
-            raise UserError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise UserError(_explain_training_failure(str(e), vocab_size)) from None
+        if interrupted:
+            raise KeyboardInterrupt
         return cls(model.getvalue())
+
+
+def _explain_training_failure(message: str, vocab_size: int) -> str:
+    """SentencePiece's C++ check failures, as what to do instead."""
+    import re
+
+    small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:
+        return (f"SentencePiece vocab size {small[1]} is too small for this corpus's characters; "
+                f"use at least {small[2]}")
+    large = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if large:
+        return (f"sp:{vocab_size} is more tokens than this corpus has distinct pieces; use at most "
+                f"sp:{large[2]} (or a larger corpus)")
+    detail = message.strip().splitlines()[-1] if message.strip() else "no reason given"
+    detail = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[[^]]*\] ", "", detail)  # the C++ source location and check
+    return f"SentencePiece training failed: {detail}"
+
+
+def _until(noted: list, lines: Iterable[str]) -> Iterator[str]:
+    """The lines, cut short once a Ctrl-C is noted (an exception here would surface from the C++
+    side as a training failure)."""
+    for line in lines:
+        if noted:
+            return
+        yield line
+
+
+@contextmanager
+def _interrupt_noted(noted: list) -> Iterator[None]:
+    """A Ctrl-C during SentencePiece's C++ training is noted and raised after it returns (as
+    KeyboardInterrupt, not as the failure the cut-short training reports)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_meta(directory: str | os.PathLike, meta: dict) -> None:

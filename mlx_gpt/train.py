@@ -9,7 +9,6 @@ touches values only when it reports them.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import signal
@@ -28,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, flags, memory, plot
+from . import checkpoint, distributed, flags, limits, memory, plot, rundir
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
@@ -117,6 +116,7 @@ class TrainConfig:
             raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        check_run_flags(self)
 
     @property
     def optim(self) -> OptimConfig:
@@ -157,6 +157,19 @@ def _check_optim_flags(cfg: TrainConfig) -> None:
 RESUMABLE_OVERRIDES = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
                        "sample_tokens", "sample_prompt", "checkpoint_interval", "compile", "data_dir", "streams",
                        "grad_checkpoint", "rank_timeout", "loss_chunk"}
+
+
+def check_run_flags(cfg: "TrainConfig") -> None:
+    """What must hold before a run starts, so no mistake surfaces only after hours of training."""
+    limits.check_seed(cfg.seed)
+    if cfg.sample_tokens < 0:
+        raise UserError(f"--sample-tokens must be 0 or more, got {cfg.sample_tokens}")
+    if cfg.sample_interval is not None and cfg.sample_interval < 1:
+        raise UserError(f"--sample-interval must be at least 1, got {cfg.sample_interval}")
+    for name in ("sample_prompt", "data", "out", "init", "data_dir"):
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            limits.check_text(value, f"--{name.replace('_', '-')}")
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -316,6 +329,8 @@ class Run:
     world: int = 1
     memory: memory.MemoryEstimate | None = None
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
+    lock: rundir.RunLock | None = None
+    log: rundir.RunLog | None = None
 
 
 def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -> memory.MemoryEstimate | None:
@@ -340,7 +355,15 @@ def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
         raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
     base = dict(PRESETS[cfg.preset])
     base["vocab_size"] = dataset.vocab_size
-    return GPTConfig(**{**base, **cfg.model_overrides})
+    config = GPTConfig(**{**base, **cfg.model_overrides})
+    limits.check_model(config.to_dict(), "this model")
+    _check_logits(cfg, config.block_size, config.vocab_size)
+    return config
+
+
+def _check_logits(cfg: TrainConfig, block_size: int, vocab_size: int) -> None:
+    limits.check_bytes(4 * cfg.batch_size * block_size * vocab_size,
+                       f"a batch's logits (--batch-size {cfg.batch_size} x block {block_size} x vocab {vocab_size})")
 
 
 def _init_model(cfg: TrainConfig) -> tuple[nn.Module, Tokenizer]:
@@ -375,6 +398,8 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
 def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     """Resolve data, model, optimizer and (when resuming) saved state for a run."""
     group = distributed.init()
+    if cfg.out is not None:
+        rundir.check_out(Path(cfg.out))
     if cfg.resume:
         if cfg.out is None:
             raise UserError("--resume needs --out naming the run to continue")
@@ -393,10 +418,10 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         name = Path(cfg.init).name if cfg.init else cfg.preset if cfg.model == "gpt" else cfg.model.replace(":", "")
         cfg = replace(cfg, out=str(Path("checkpoints") / f"{dataset.path.name}-{name}"))
     out = Path(cfg.out)
+    rundir.check_out(out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if cfg.overwrite and out.exists() and group.rank() == 0:
-        shutil.rmtree(out)
+    # --overwrite deletes nothing: the new run's first checkpoint replaces the old one whole
     if model is None and cfg.model == "gpt":
         model = build(_model_config(cfg, dataset), seed=cfg.seed)
     elif model is None:  # another rung of the ladder; count rungs are fitted here, on the train split
@@ -414,6 +439,9 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak)
+    if run.rank == 0:  # the one that writes: everything is checked, from here on the run owns out
+        run.lock = rundir.RunLock(out).acquire()
+        rundir.clean_up(out)
     if cfg.resume:
         opt_state = checkpoint.load_optimizer_state(out)
         expected = {k: v.shape for k, v in tree_flatten(optimizer.state)}
@@ -423,6 +451,8 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         state = checkpoint.load_state(out)
         distributed.check_world_size(state.get("world_size", 1), group, str(out))
         run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state
+    if run.rank == 0:
+        run.log = rundir.RunLog(out, run.start_step if cfg.resume else None)
     return run
 
 
@@ -454,29 +484,34 @@ def _given(cfg: TrainConfig) -> set[str]:
 def _log(run: Run, record: dict) -> None:
     if run.rank != 0:
         return
-    run.out.mkdir(parents=True, exist_ok=True)
-    with open(run.out / checkpoint.METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.log.write(record)
 
 
-def _draw(run: Run) -> None:
-    """Redraw the run's loss.png from its metrics; a picture that cannot be written is only a warning."""
-    if run.rank != 0:
+def _draw(run: Run, directory: Path) -> None:
+    """loss.png of a checkpoint being written: drawn anew from its metrics when an evaluation came
+    since the last save (a picture takes seconds), else the last one; one that cannot be drawn is
+    only a warning."""
+    if not run.log.evaluated():
+        if run.log.owned and (run.out / plot.PICTURE).is_file():
+            shutil.copy2(run.out / plot.PICTURE, directory / plot.PICTURE)
         return
     try:
-        plot.save([plot.read_run(run.out)], run.out / plot.PICTURE, title=f"{run.out.name}")
-    except (OSError, UserError) as e:
-        print(f"warning: {run.out / plot.PICTURE} not written ({e})", file=sys.stderr)
+        plot.save([plot.read_run(directory)], directory / plot.PICTURE, title=f"{run.out.name}")
+    except (OSError, UserError, ValueError) as e:
+        print(f"warning: {run.out / plot.PICTURE} not drawn ({e})", file=sys.stderr)
 
 
 def _save(run: Run, step: int, sampler_state: dict) -> None:
-    """Rank 0 writes the checkpoint (every rank holds the same weights and sampler state)."""
+    """Rank 0 writes the checkpoint, its log and the log's picture, swapped in together (every
+    rank holds the same weights and sampler state)."""
     if run.rank != 0:
         return
     state = {"step": step, "sampler": sampler_state, "best_val": run.best_val, "world_size": run.world}
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
-                    files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False))},
-                    state=state)
+                    files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False)),
+                           checkpoint.METRICS: run.log.text()},
+                    state=state, finish=partial(_draw, run))
+    run.log.saved()
 
 
 def _sample(run: Run, step: int) -> str | None:
@@ -553,10 +588,19 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
     ``given``: the settings the user chose (the CLI passes them); a resumed run takes only
     those from ``cfg``. By default, every setting that differs from TrainConfig's default.
     """
-    from tqdm import tqdm
-
     set_wired_limit()
     run = setup(cfg, given)
+    try:
+        return train_run(run, progress=progress, on_step=on_step)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int, float], None] | None = None) -> Run:
+    """Train a run that ``setup`` prepared (and locked) to its last step."""
+    from tqdm import tqdm
+
     cfg, model = run.cfg, run.model
     B, T, A = cfg.batch_size, model.config.block_size, cfg.grad_accum
     group, shard = distributed.init(), dict(rank=run.rank, world=run.world)
@@ -598,7 +642,6 @@ def train(cfg: TrainConfig, *, given: Collection[str] | None = None, progress: b
             val_loss = estimate_loss(eval_loss, val_sampler, cfg.eval_iters, cfg.seed + 1, group)
         run.best_val = min(run.best_val, val_loss)
         _log(run, {"step": step, "train_loss": train_loss, "val_loss": val_loss})
-        _draw(run)
         say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     if not tree_flatten(model.trainable_parameters()):  # a count rung, fitted in setup: nothing to step
@@ -716,8 +759,6 @@ def all_finite(*trees) -> bool:
 
 def _bar_fits() -> bool:
     """A progress bar only where it can be read: a terminal at least 40 columns wide."""
-    import shutil
-
     return sys.stderr.isatty() and shutil.get_terminal_size(fallback=(0, 0)).columns >= 40
 
 

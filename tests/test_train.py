@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from conftest import assert_one_line_error, run_module
 from mlx_gpt import checkpoint
+from mlx_gpt.errors import UserError
 from mlx_gpt.data import prepare
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
@@ -171,7 +172,7 @@ def test_failure_during_save_leaves_previous_checkpoint_loadable(tmp_path, shake
         return real(path, *a, **kw)
 
     monkeypatch.setattr(mx, "save_safetensors", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):
         train(cfg, progress=False)
     monkeypatch.setattr(mx, "save_safetensors", real)
     assert checkpoint.load_state(tmp_path / "run")["step"] == 2

@@ -32,6 +32,7 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # GPT2Config's defaults, which a config.json may leave out
 DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
             "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 WEIGHT_FILES = (("model.safetensors.index.json", read_safetensors), ("model.safetensors", read_safetensors),
                 ("pytorch_model.bin.index.json", read_torch), ("pytorch_model.bin", read_torch))
 
@@ -65,12 +66,14 @@ def read_config(directory: Path) -> GPTConfig:
     for key, ok in unsupported.items():
         if key in c and not ok(c[key]):
             raise UserError(f"{path}: {key}={c[key]!r} is not supported by mlx_gpt's GPT-2")
-    try:
-        return GPTConfig(vocab_size=int(c["vocab_size"]), block_size=int(c["n_positions"]), n_layer=int(c["n_layer"]),
-                         n_head=int(c["n_head"]), n_embd=int(c["n_embd"]), dropout=0.0, bias=True,
-                         layer_norm_eps=float(c["layer_norm_epsilon"]))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: {e}") from None
+    for key in SIZES:  # whole numbers, never truncated (8.7 is a corrupt file, not a width of 8)
+        if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
+            raise UserError(f"{path}: {key} must be a whole number of at least 1, got {c[key]!r}")
+    eps = c["layer_norm_epsilon"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise UserError(f"{path}: layer_norm_epsilon must be a small positive number, got {eps!r}")
+    return GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"],
+                     n_head=c["n_head"], n_embd=c["n_embd"], dropout=0.0, bias=True, layer_norm_eps=float(eps))
 
 
 def config_dict(cfg: GPTConfig, eot_id: int | None) -> dict:

@@ -38,6 +38,12 @@ def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def gpt2_params(vocab: int, block: int, n_layer: int, n_embd: int) -> int:
+    """GPT-2's parameter count (with biases), from its sizes alone: what ``layout`` holds."""
+    C = n_embd
+    return vocab * C + block * C + n_layer * (12 * C * C + 13 * C) + 2 * C
+
+
 def layout(cfg: GPTConfig, vp: int) -> list[tuple[str, tuple[int, ...]]]:
     """(our parameter name, shape) in file order; wte has its padded Vp rows here."""
     C, L = cfg.n_embd, cfg.n_layer
@@ -81,8 +87,13 @@ def read_model(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, LazyTensor
     if min(block, vocab, n_layer, n_head, n_embd) < 1 or vp < vocab:
         raise UserError(f"{path} is corrupt: impossible header (block {block}, vocab {vocab}, layers {n_layer}, "
                         f"heads {n_head}, width {n_embd}, padded vocab {vp})")
-    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     item = STORAGE[dtype]
+    size, expected = file_size(path), HEADER_BYTES + gpt2_params(vp, block, n_layer, n_embd) * item.itemsize
+    if size != expected:  # before anything is built from a header that may be hostile
+        state = "truncated" if size < expected else "corrupt"
+        raise UserError(f"{path} is {state}: its header (block {block}, vocab {vocab}, layers {n_layer}, heads {n_head}, "
+                        f"width {n_embd}, padded vocab {vp}) describes {expected:,} bytes, the file has {size:,}")
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     tensors, offset = {}, HEADER_BYTES
     for name, shape in layout(cfg, vp):
         if name == "wte.weight":  # only the real rows; the padding rows are never looked up
@@ -91,10 +102,7 @@ def read_model(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, LazyTensor
             shape_read = shape
         tensors[name] = _at(path, offset, dtype, shape_read)
         offset += int(np.prod(shape)) * item.itemsize
-    size = file_size(path)
-    if size != offset:
-        state = "truncated" if size < offset else "corrupt"
-        raise UserError(f"{path} is {state}: its header describes {offset} bytes, the file has {size}")
+    assert offset == size, (offset, size)
     return cfg, tensors
 
 

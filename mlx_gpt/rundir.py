@@ -1,0 +1,190 @@
+"""A run directory (``train --out``): checked before anything is written, locked while a run
+trains in it, and its log kept to exactly the steps its checkpoint holds.
+
+A save replaces the whole directory (``atomic.replacing_directory``), so the directory must be
+ours alone: a folder holding anything else, a file, or the working directory is refused, even
+with ``--overwrite``. The lock is an ``flock`` on ``.NAME.lock`` beside the directory (inside,
+it would be swapped away at every save); the kernel drops it when the process dies, however it
+dies, so a stale lock file never blocks the next run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .atomic import previous_version, replacing_file
+from .errors import UserError, filesystem_error
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+FORMAT = "mlx_gpt"
+# Everything a checkpoint holds (checkpoint.py's files, the tokenizers' files)
+RUN_FILES = frozenset({CONFIG, "model.safetensors", "optimizer.safetensors", "state.json", "train.toml", METRICS,
+                       "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "loss.png"})
+
+
+def is_run_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def check_out(out: Path, flag: str = "--out", known: frozenset[str] = RUN_FILES) -> None:
+    """Refuse an output directory that a save must not replace: a file (or a path through one),
+    the working directory or a folder above it, a folder holding anything but a run's files."""
+    for p in (out, *out.absolute().parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == out else f"goes through the file {p}"
+            raise UserError(f"{flag} {out} {what}; a run directory needs a folder of its own")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise UserError(f"{flag} {out} is the working directory (or holds it); each save replaces the run directory "
+                        "whole, so give the run a folder of its own (e.g. checkpoints/NAME)")
+    if not out.is_dir():
+        return
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise filesystem_error(e, f"reading {out}") from None
+    strangers = [n for n in names if n not in known and not _swap_leftover(n)]
+    if strangers:
+        more = f" and {len(strangers) - 3} more" if len(strangers) > 3 else ""
+        raise UserError(f"{flag} {out} holds files that are not an mlx_gpt run ({', '.join(strangers[:3])}{more}); "
+                        "refusing to write into it, even with --overwrite: choose another folder")
+    if CONFIG in names and not is_run_config(out / CONFIG):
+        raise UserError(f"{flag} {out} holds a config.json that is not an mlx_gpt run's; refusing to write into it, "
+                        "even with --overwrite: choose another folder")
+
+
+def _swap_leftover(name: str) -> bool:
+    """.NAME.tmp-*, .NAME.old, .NAME.lock: what our own saves and locks leave beside a directory."""
+    return name.startswith(".") and (".tmp-" in name or name.endswith((".old", ".lock")))
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+class RunLock:
+    """An exclusive lock on a run directory for one training process (see the module doc)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = lock_path(out)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise UserError(f"{self.out} is in use by another training run (pid {holder}); wait for it to "
+                                    "finish or choose another --out") from None
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # its holder removed it as we opened it: take the new one
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+        except OSError as e:
+            raise filesystem_error(e, f"locking {self.out}") from None
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def clean_up(out: Path) -> None:
+    """Under the lock: remove temp folders of saves that were cut short, and finish a swap that a
+    crash interrupted between its two renames (the whole previous checkpoint waits in .NAME.old)."""
+    try:
+        for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        old = previous_version(out)
+        if (old / CONFIG).is_file() and not (out / CONFIG).is_file():
+            if out.exists():
+                shutil.rmtree(out)  # leftovers only (check_out passed): a log line written after the crash
+            old.rename(out)
+    except OSError as e:
+        raise filesystem_error(e, f"cleaning up {out}") from None
+
+
+def _step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+class RunLog:
+    """metrics.jsonl, one JSON object a line, describing exactly the run the checkpoint holds.
+
+    Lines wait in memory and go into the directory with the next checkpoint, inside its atomic
+    swap: a run that dies or fails between two saves leaves the log of the last one, and a fresh
+    run (``--overwrite``, or a folder left with a lone log) starts a log of its own. A resumed
+    run drops the lines of steps after its checkpoint, which older versions wrote as they went.
+    """
+
+    def __init__(self, out: Path, resumed_at: int | None):
+        self.path = out / METRICS
+        self.pending: list[str] = []
+        self.owned = resumed_at is not None  # the file in out is this run's log
+        if resumed_at is not None:
+            self._truncate(resumed_at)
+
+    def _truncate(self, step: int) -> None:
+        try:
+            if not self.path.is_file():
+                return
+            lines = self.path.read_text(errors="replace").splitlines(keepends=True)
+            kept = [ln for ln in lines if ln.endswith("\n") and (_step(ln) is not None and _step(ln) <= step)]
+            if kept != lines:
+                with replacing_file(self.path) as tmp:
+                    tmp.write_text("".join(kept))
+        except OSError as e:
+            raise filesystem_error(e, f"rewriting {self.path}") from None
+
+    def write(self, record: dict) -> None:
+        self.pending.append(json.dumps(record) + "\n")
+
+    def evaluated(self) -> bool:
+        """Whether an evaluation was logged since the last save."""
+        return any('"val_loss"' in line for line in self.pending)
+
+    def text(self) -> str:
+        """The log as the next checkpoint holds it."""
+        try:
+            written = self.path.read_text() if self.owned and self.path.is_file() else ""
+        except OSError as e:
+            raise filesystem_error(e, f"reading {self.path}") from None
+        return written + "".join(self.pending)
+
+    def saved(self) -> None:
+        """The checkpoint, with ``text()``, is in."""
+        self.owned = True
+        self.pending.clear()
