@@ -30,7 +30,6 @@ Pool& Pool::instance() {
 }
 
 Pool::Pool(int threads) {
-  shares_.resize(threads);
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
 }
 
@@ -43,25 +42,31 @@ Pool::~Pool() {
   for (auto& t : workers_) t.join();
 }
 
+void Pool::claim_chunks(int part) {
+  for (int64_t c; (c = next_.fetch_add(1)) < chunks_;) {
+    (*body_)(part, c * chunk_, std::min(n_, (c + 1) * chunk_));
+  }
+}
+
 void Pool::work(int index) {
   uint64_t seen = 0;
+  std::unique_lock<std::mutex> lock(m_);
   for (;;) {
-    std::unique_lock<std::mutex> lock(m_);
     start_.wait(lock, [&] { return stop_ || generation_ != seen; });
     if (stop_) return;
     seen = generation_;
-    auto [begin, end] = shares_[index];
-    const RangeFn* body = body_;
+    if (!open_) continue;  // woke after the caller finished the loop alone
+    ++active_;
     lock.unlock();
-    if (begin < end) (*body)(index, begin, end);
+    claim_chunks(index);
     lock.lock();
-    if (--pending_ == 0) done_.notify_one();
+    if (--active_ == 0) done_.notify_one();
   }
 }
 
 void Pool::run(int64_t n, int64_t grain, const RangeFn& body) {
-  int64_t parts = std::min<int64_t>(max_parts(), n / std::max<int64_t>(grain, 1));
-  if (parts <= 1) {
+  int64_t chunks = std::min<int64_t>(4 * max_parts(), n / std::max<int64_t>(grain, 1));
+  if (chunks <= 1 || workers_.empty()) {
     if (n > 0) body(0, 0, n);
     return;
   }
@@ -72,17 +77,19 @@ void Pool::run(int64_t n, int64_t grain, const RangeFn& body) {
   }
   {
     std::lock_guard<std::mutex> lock(m_);
-    for (int64_t p = 0; p < max_parts(); ++p) {
-      shares_[p] = p < parts ? std::make_pair(n * p / parts, n * (p + 1) / parts) : std::make_pair(n, n);
-    }
     body_ = &body;
-    pending_ = static_cast<int>(workers_.size());
+    n_ = n;
+    chunk_ = (n + chunks - 1) / chunks;
+    chunks_ = (n + chunk_ - 1) / chunk_;
+    next_ = 0;
+    open_ = true;
     ++generation_;
   }
   start_.notify_all();
-  body(0, shares_[0].first, shares_[0].second);
+  claim_chunks(0);
   std::unique_lock<std::mutex> lock(m_);
-  done_.wait(lock, [&] { return pending_ == 0; });
+  open_ = false;
+  done_.wait(lock, [&] { return active_ == 0; });
 }
 
 }  // namespace mlx_gpt

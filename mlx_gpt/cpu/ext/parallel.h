@@ -1,13 +1,15 @@
 // Row loops split over the cores this process may use.
 //
 // MLX's CPU backend runs every operation of a stream on that stream's one thread; the kernels
-// here hand equal shares of their rows to a small pool of worker threads and take one share
-// themselves. When the pool is already busy (another stream is running a kernel on it), the
-// caller does the whole loop itself instead of waiting, so streams that split a batch over the
-// cores never queue behind each other.
+// here cut their rows into a few chunks per core that the calling thread and a small pool of
+// workers claim one at a time. The caller never waits for a worker that has not started (on a
+// busy machine it may do every chunk itself), only for chunks already claimed; and when the pool
+// is running another stream's kernel, the caller does the whole loop itself, so streams that
+// split a batch over the cores never queue behind each other.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -17,7 +19,8 @@
 
 namespace mlx_gpt {
 
-// body(part, begin, end) for disjoint [begin, end) covering [0, n); part < max_parts().
+// body(part, begin, end) for disjoint [begin, end) covering [0, n), possibly several calls per
+// part; part (< max_parts()) names the thread, so calls with one part never overlap.
 using RangeFn = std::function<void(int, int64_t, int64_t)>;
 
 class Pool {
@@ -29,7 +32,7 @@ class Pool {
     return static_cast<int>(workers_.size()) + 1;
   }
 
-  // Run body over [0, n) in up to max_parts() shares of at least `grain` items each.
+  // Run body over [0, n) in chunks of at least `grain` items.
   void run(int64_t n, int64_t grain, const RangeFn& body);
 
   ~Pool();
@@ -42,10 +45,15 @@ class Pool {
   std::mutex busy_;  // held by the thread whose loop the workers are running
   std::mutex m_;
   std::condition_variable start_, done_;
+  void claim_chunks(int part);
+
+  // the running loop: chunks [0, chunks_) of chunk_ items over [0, n_)
   const RangeFn* body_ = nullptr;
-  std::vector<std::pair<int64_t, int64_t>> shares_;
+  int64_t n_ = 0, chunk_ = 0, chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  bool open_ = false;  // workers may still join the running loop
+  int active_ = 0;     // workers inside it
   uint64_t generation_ = 0;
-  int pending_ = 0;
   bool stop_ = false;
 };
 
