@@ -8,10 +8,9 @@ for the loss together with their gradient; with gradient accumulation one more g
 (the micro-batch's, before it is added), and with a batch split over CPU streams one gradient
 tree per extra stream.
 
-Gradient accumulation saves less than one would hope: the step is one compiled graph, and MLX
-does not free each micro-batch's activations before it starts on the next, so about
-ACCUM_HELD of every further micro-batch's activations and logits is live at the peak
-(measured 0.5-0.55). The per-token factors were fitted to ``mx.get_peak_memory()`` of real
+With gradient accumulation the train step evaluates each micro-batch's gradients before it
+starts the next, so one micro-batch's activations and logits are alive at a time (ACCUM_HELD of
+every further one: none). The per-token factors were fitted to ``mx.get_peak_memory()`` of real
 steps and round up; the README gives measured ratios.
 """
 
@@ -31,7 +30,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # (attention weights); outside the layers, OUTSIDE_PER_WIDTH x n_embd (embeddings, final norm,
 # backward buffers) and LOGITS_PER_TOKEN x vocab in float32 (logits and their gradient)
 ACT_PER_WIDTH, ATTN_PER_SCORE, OUTSIDE_PER_WIDTH, LOGITS_PER_TOKEN = 20, 1.5, 40, 2
-ACCUM_HELD = 0.6
+ACCUM_HELD = 0.0
 CHUNKS_AHEAD = 8
 
 

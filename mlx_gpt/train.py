@@ -249,22 +249,43 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     grad_fn = nn.value_and_grad(model, loss)
     accum = cfg.grad_accum
 
-    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = grad_fn(model, x[0], y[0])
-        for i in range(1, accum):
-            loss_i, grads_i = grad_fn(model, x[i], y[i])
-            loss = loss + loss_i
-            grads = tree_map(mx.add, grads, grads_i)
-        if accum > 1:
-            loss = loss / accum
-            grads = tree_map(lambda g: g / accum, grads)
+    def update(loss: mx.array, grads: dict) -> tuple[mx.array, mx.array]:
         loss, grads = distributed.all_mean((loss, grads), group)
         return loss, clip_and_update(model, optimizer, grads, cfg.grad_clip)
 
-    if not cfg.compile:
-        return step
-    state = [model.state, optimizer.state, mx.random.state]
-    return mx.compile(step, inputs=state, outputs=state)
+    if accum == 1:  # the whole step as one graph
+        def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+            return update(*grad_fn(model, x[0], y[0]))
+
+        state = [model.state, optimizer.state, mx.random.state]
+        return mx.compile(step, inputs=state, outputs=state) if cfg.compile else step
+
+    def micro_batch(x: mx.array, y: mx.array, loss: mx.array, grads: dict) -> tuple[mx.array, dict]:
+        """The running sums of the loss and gradients, one micro-batch further."""
+        loss_i, grads_i = grad_fn(model, x, y)
+        return loss + loss_i, tree_map(mx.add, grads, grads_i)
+
+    def finish(loss: mx.array, grads: dict) -> tuple[mx.array, mx.array]:
+        return update(loss / accum, tree_map(lambda g: g / accum, grads))
+
+    if cfg.compile:
+        # model.state is an output too: value_and_grad leaves its traced parameters in the model
+        state = [model.state, mx.random.state]
+        micro_batch = mx.compile(micro_batch, inputs=state, outputs=state)
+        finish = mx.compile(finish, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
+
+    def accumulated_step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        # each micro-batch's gradients are summed and evaluated before the next one starts, so
+        # one micro-batch's activations are alive at a time (as one graph, MLX kept about half
+        # of every micro-batch's)
+        loss = mx.array(0.0)
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        for i in range(accum):
+            loss, grads = micro_batch(x[i], y[i], loss, grads)
+            mx.eval(loss, grads)
+        return finish(loss, grads)
+
+    return accumulated_step
 
 
 def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:

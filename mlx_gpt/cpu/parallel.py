@@ -127,7 +127,8 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
         # dropout draws from (and advances) the global key, slice by slice
         slice_grads = mx.compile(slice_grads, inputs=[mx.random.state], outputs=[mx.random.state])
 
-    def apply(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, mx.array]:
+    def weighted_sum(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, dict]:
+        """The slices' losses and gradients weighted by their share of the batch (a flat dict)."""
         w = [weights[i] for i in range(len(losses))]
         loss = sum(wi * li for wi, li in zip(w, losses))
         flat = [dict(tree_flatten(g)) for g in grads_list]
@@ -135,27 +136,62 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
         for key in flat[0]:
             with mx.stream(plan.stream_of(key)):
                 grads[key] = sum(wi * f[key] for wi, f in zip(w, flat)).astype(flat[0][key].dtype)
+        return loss, grads
+
+    def fold(weights: mx.array, loss: mx.array, grads: dict, losses: list[mx.array],
+             grads_list: list[dict]) -> tuple[mx.array, dict]:
+        """The running sums, one micro-batch further."""
+        loss_i, grads_i = weighted_sum(weights, losses, grads_list)
+        out = {}
+        for key, g in grads.items():
+            with mx.stream(plan.stream_of(key)):
+                out[key] = g + grads_i[key]
+        return loss + loss_i, out
+
+    def finish(loss: mx.array, grads: dict) -> tuple[mx.array, mx.array]:
         grads = tree_unflatten(list(grads.items()))
         if reduce is not None:
             loss, grads = reduce((loss, grads))
         return loss, update(model, optimizer, grads, stream_for=plan.stream_for)
 
+    def apply(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, mx.array]:
+        return finish(*weighted_sum(weights, losses, grads_list))
+
     if compile:
         state = [model.state, optimizer.state]
         apply = mx.compile(apply, inputs=state, outputs=state)
+        finish = mx.compile(finish, inputs=state, outputs=state)
+        weighted_sum, fold = mx.compile(weighted_sum), mx.compile(fold)
+
+    def micro_batch(params: dict, x: mx.array, y: mx.array, share: float) -> tuple[list, list, list]:
+        """Weights, losses and gradients of one micro-batch's slices, each on its stream."""
+        weights, losses, grads_list = [], [], []
+        batch = x.shape[0]
+        for stream, part in zip(plan.streams, slices(batch, len(plan))):
+            with mx.stream(stream):
+                loss, grads = slice_grads(params, x[part], y[part])
+            weights.append(share * (part.stop - part.start) / batch)
+            losses.append(loss)
+            grads_list.append(grads)
+        return weights, losses, grads_list
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
         params = model.trainable_parameters()
-        accum, batch = x.shape[0], x.shape[1]
-        weights, losses, grads_list = [], [], []
+        accum = x.shape[0]
+        if accum == 1:  # the whole step as one graph
+            weights, losses, grads_list = micro_batch(params, x[0], y[0], 1.0)
+            model.update(params)  # tracing a slice left its placeholders in the model
+            return apply(mx.array(weights, dtype=mx.float32), losses, grads_list)
+        # each micro-batch is summed and evaluated before the next starts: one micro-batch's
+        # activations and slice gradients are alive at a time
+        loss = grads = None
         for i in range(accum):
-            for stream, part in zip(plan.streams, slices(batch, len(plan))):
-                with mx.stream(stream):
-                    loss, grads = slice_grads(params, x[i, part], y[i, part])
-                weights.append((part.stop - part.start) / (batch * accum))
-                losses.append(loss)
-                grads_list.append(grads)
-        model.update(params)  # tracing a slice left its placeholders in the model
-        return apply(mx.array(weights, dtype=mx.float32), losses, grads_list)
+            weights, losses, grads_list = micro_batch(params, x[i], y[i], 1.0 / accum)
+            w = mx.array(weights, dtype=mx.float32)
+            loss, grads = weighted_sum(w, losses, grads_list) if grads is None else \
+                fold(w, loss, grads, losses, grads_list)
+            mx.eval(loss, grads)
+        model.update(params)
+        return finish(loss, grads)
 
     return step
