@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Sequence
 
@@ -37,6 +37,7 @@ from .models import rungs
 from .models.base import eval_mode
 from .models.gpt import GPT, PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, compute_in, make_optimizer
+from .recompute import recompute_blocks
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -186,47 +187,6 @@ def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float =
         return mx.mean(chunked_cross_entropy(model.features(x), head, y, loss_chunk, label_smoothing,
                                              weight_grad="weight" in model.wte.trainable_parameters()))
     return mx.mean(cross_entropy(model(x), y, label_smoothing=label_smoothing))
-
-
-class _Recomputed:
-    """A transformer block whose activations are recomputed in the backward pass instead of kept.
-
-    Only the block's input survives the forward pass (``mx.checkpoint``); the backward pass runs
-    the block again to rebuild what its gradient needs, so the same gradients cost one more
-    forward pass and a block's activations instead of all of them.
-    """
-
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        if cache is not None:  # generation: nothing is differentiated
-            return super().__call__(x, cache)
-        outer = self.trainable_parameters()
-
-        def forward(params: dict, x: mx.array) -> mx.array:
-            self.update(params)
-            y = super(_Recomputed, self).__call__(x)
-            self.update(outer)  # the recomputation must not leave its copies in the model
-            return y
-
-        return mx.checkpoint(forward)(outer, x)
-
-
-def recompute_blocks(model: nn.Module) -> nn.Module:
-    """Give each block of ``model.h`` the recomputing ``__call__`` (same parameters); returns it."""
-    if not hasattr(model, "h"):
-        raise UserError("--grad-checkpoint applies to transformer models (those with blocks)")
-    if model.config.dropout > 0:
-        raise UserError("--grad-checkpoint needs --dropout 0: a recomputed block would draw new dropout masks "
-                        "and its gradients would not be those of the forward pass")
-    for block in model.h:
-        cls = type(block)
-        if not issubclass(cls, _Recomputed):
-            block.__class__ = _recomputed_class(cls)
-    return model
-
-
-@lru_cache(maxsize=None)
-def _recomputed_class(cls: type) -> type:
-    return type(cls.__name__, (_Recomputed, cls), {})
 
 
 def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,

@@ -10,7 +10,8 @@ from mlx_gpt.cpu import accelerate
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
-from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, recompute_blocks
+from mlx_gpt.recompute import recompute_blocks
+from mlx_gpt.train import TrainConfig, loss_fn, make_train_step
 
 
 def tiny(dropout=0.0, **kw):

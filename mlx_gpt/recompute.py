@@ -1,0 +1,56 @@
+"""Gradient checkpointing: recompute each transformer block in the backward pass instead of
+keeping its activations (``python -m mlx_gpt.train --grad-checkpoint``).
+
+The model file stays plain: ``recompute_blocks`` gives each block of ``model.h`` a subclass whose
+call goes through ``mx.checkpoint``, with the same parameters and names.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+
+
+class _Recomputed:
+    """A transformer block whose activations are recomputed in the backward pass instead of kept.
+
+    Only the block's input survives the forward pass (``mx.checkpoint``); the backward pass runs
+    the block again to rebuild what its gradient needs, so the same gradients cost one more
+    forward pass and a block's activations instead of all of them.
+    """
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if cache is not None:  # generation: nothing is differentiated
+            return super().__call__(x, cache)
+        outer = self.trainable_parameters()
+
+        def forward(params: dict, x: mx.array) -> mx.array:
+            self.update(params)
+            y = super(_Recomputed, self).__call__(x)
+            self.update(outer)  # the recomputation must not leave its copies in the model
+            return y
+
+        return mx.checkpoint(forward)(outer, x)
+
+
+def recompute_blocks(model: nn.Module) -> nn.Module:
+    """Give each block of ``model.h`` the recomputing ``__call__`` (same parameters); returns it."""
+    if not hasattr(model, "h"):
+        raise UserError("--grad-checkpoint applies to transformer models (those with blocks)")
+    if model.config.dropout > 0:
+        raise UserError("--grad-checkpoint needs --dropout 0: a recomputed block would draw new dropout masks "
+                        "and its gradients would not be those of the forward pass")
+    for block in model.h:
+        cls = type(block)
+        if not issubclass(cls, _Recomputed):
+            block.__class__ = _recomputed_class(cls)
+    return model
+
+
+@lru_cache(maxsize=None)
+def _recomputed_class(cls: type) -> type:
+    return type(cls.__name__, (_Recomputed, cls), {})
