@@ -29,7 +29,6 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
 
 
 class AdamW(optim.AdamW):
@@ -91,7 +90,6 @@ def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float,
     optimizer.stream_for = stream_for
     optimizer.update(model, grads)
     return norm
-
 
 
 def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:

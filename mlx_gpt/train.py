@@ -123,7 +123,7 @@ class TrainConfig:
     def optim(self) -> OptimConfig:
         return OptimConfig(learning_rate=self.learning_rate, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
                            decay_iters=self.lr_decay_iters or self.max_iters, weight_decay=self.weight_decay,
-                           beta1=self.beta1, beta2=self.beta2, grad_clip=self.grad_clip)
+                           beta1=self.beta1, beta2=self.beta2)
 
     @property
     def model_overrides(self) -> dict:
