@@ -20,6 +20,7 @@ COMMANDS = {
     "ladder": "train and compare the language-model ladder",
     "plot": "draw runs' loss curves",
     "convert": "import/export GPT-2 checkpoints (Hugging Face, llm.c, mlx-lm)",
+    "fuse": "fold a LoRA run's adapters into its base, as an ordinary checkpoint",
     "info": "MLX version, device, BLAS and measured GFLOP/s",
 }
 

@@ -3,6 +3,9 @@
 A checkpoint is a directory holding
   config.json          model type and config, training config
   model.safetensors    weights, GPT-2 names, MLX layout (Linear weights are (out, in))
+  adapters.safetensors instead, for a LoRA run: its adapters only (``lora``); config.json's
+                       "lora" names their settings and the base checkpoint they apply to
+                       (its path, and its model.safetensors' size and SHA-256)
   optimizer.safetensors, state.json   only for runs that can be resumed
   tokenizer.json (+ its model file)
   train.toml           the run's settings, every one: ``--config`` reproduces the run
@@ -16,6 +19,7 @@ log line has been written into a fresh ``NAME/`` since).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import lora
 from .atomic import previous_version, replacing_directory
 from .errors import UserError, filesystem_error
 from .limits import check_model
@@ -34,6 +39,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 FORMAT = "mlx_gpt"
 VERSION = 1
 METRICS = "metrics.jsonl"
+WEIGHTS, ADAPTERS = "model.safetensors", "adapters.safetensors"
 RUN_LOGS = (METRICS, "loss.png")  # kept from the previous save unless the caller writes the log itself
 # what a run writes between checkpoints (its log and the picture of it): each save keeps them
 
@@ -59,8 +65,11 @@ def exists(path: str | os.PathLike) -> bool:
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,
          optimizer: Any = None, state: dict | None = None, files: dict[str, str] | None = None,
-         finish: Callable[[Path], None] | None = None) -> Path:
+         finish: Callable[[Path], None] | None = None, adapter: dict | None = None) -> Path:
     """Write a checkpoint atomically; the previous one stays readable until the new one is whole.
+
+    ``adapter`` (a model with LoRA adapters): their settings and their base checkpoint
+    (``adapter_record``); only the adapters are written, beside that record.
 
     ``files``: further text files to write into it, by name (e.g. the run's ``train.toml`` and
     ``metrics.jsonl``); ``finish(directory)`` adds more (the log's picture) before the swap.
@@ -69,8 +78,9 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
     """
     path = Path(path)
     try:
-        _check_room(path, model, optimizer)
-        _write(path, model, tokenizer, train_config, optimizer, state, files or {}, finish)
+        weights = _weights(model, adapter)
+        _check_room(path, weights, optimizer)
+        _write(path, model, weights, adapter, tokenizer, train_config, optimizer, state, files or {}, finish)
     except OSError as e:
         raise filesystem_error(e, f"saving checkpoint {path}") from None
     except RuntimeError as e:  # MLX's writers report a failed write so, without the reason
@@ -78,9 +88,16 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
     return path
 
 
-def _check_room(path: Path, model: Any, optimizer: Any) -> None:
+def _weights(model: Any, adapter: dict | None) -> dict[str, mx.array]:
+    """What the checkpoint's weights file holds: every weight, or a LoRA run's adapters alone."""
+    adapted = bool(lora.adapted_layers(model))
+    assert adapted == (adapter is not None), "a model with adapters is saved with its adapter record, and only then"
+    return lora.adapters(model) if adapted else dict(tree_flatten(model.parameters()))
+
+
+def _check_room(path: Path, weights: dict[str, mx.array], optimizer: Any) -> None:
     """Refuse a save the disk has no room for before writing (MLX's writers cannot say why they fail)."""
-    arrays = tree_flatten(model.parameters()) + (tree_flatten(optimizer.state) if optimizer is not None else [])
+    arrays = list(weights.items()) + (tree_flatten(optimizer.state) if optimizer is not None else [])
     need = sum(a.nbytes for _, a in arrays if isinstance(a, mx.array)) + (1 << 20)
     parent = path.parent if path.parent.exists() else Path(".")
     free = shutil.disk_usage(parent).free
@@ -89,14 +106,16 @@ def _check_room(path: Path, model: Any, optimizer: Any) -> None:
                         f"the disk holding it has {free / 2**20:,.1f} MB free")
 
 
-def _write(path: Path, model: Any, tokenizer: Tokenizer | None, train_config: dict | None, optimizer: Any,
-           state: dict | None, files: dict[str, str], finish: Callable[[Path], None] | None) -> None:
+def _write(path: Path, model: Any, weights: dict[str, mx.array], adapter: dict | None, tokenizer: Tokenizer | None,
+           train_config: dict | None, optimizer: Any, state: dict | None, files: dict[str, str],
+           finish: Callable[[Path], None] | None) -> None:
     config = {"format": FORMAT, "version": VERSION, "model_type": model_type_of(model),
               "model": model.config.to_dict(), "train": train_config}
+    if adapter is not None:
+        config["lora"] = adapter
     with replacing_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        mx.save_safetensors(str(tmp / (ADAPTERS if adapter else WEIGHTS)), weights, metadata={"format": "mlx"})
         if optimizer is not None:
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         if state is not None:
@@ -152,22 +171,99 @@ def _load_arrays(path: Path) -> dict[str, mx.array]:
     return arrays
 
 
-def load_model(path: str | os.PathLike) -> Any:
-    """Rebuild the model a checkpoint describes and load its weights strictly."""
+def load_model(path: str | os.PathLike, fuse: bool = True) -> Any:
+    """Rebuild the model a checkpoint describes and load its weights strictly.
+
+    A LoRA run's checkpoint is loaded onto its base (checked to be the one it was trained on);
+    ``fuse`` folds the adapters in, as generation and export want, else they stay apart and
+    trainable on the frozen base (a resumed run)."""
     d = resolve(path)
     config = read_config(d)
+    if "lora" in config:
+        return _load_adapted(d, config, fuse)
     model = build_model(config.get("model_type", "gpt"), config["model"])
-    weights = _load_arrays(d / "model.safetensors")
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise UserError(f"{d / 'model.safetensors'} does not fit its config: {str(e).splitlines()[0]}") from None
-    mx.eval(model.parameters())
+    _load_into(model, _load_arrays(d / WEIGHTS), d / WEIGHTS)
     return model
 
 
+def _load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise UserError(f"{path} does not fit its config: {str(e).splitlines()[0]}") from None
+    mx.eval(model.parameters())
+
+
+def adapter_record(base: str | os.PathLike, config: "lora.LoRAConfig") -> dict:
+    """What a LoRA checkpoint says of its adapters: their settings, and the base checkpoint they
+    apply to by absolute path, and by its weights file's size and SHA-256 (a base replaced by
+    other weights under the same name is noticed, not silently adapted)."""
+    d = resolve(base)
+    return {**config.to_dict(), "base": {"path": str(d.absolute()), **_fingerprint(d / WEIGHTS)}}
+
+
+def _fingerprint(weights: Path) -> dict:
+    try:
+        size = weights.stat().st_size
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    except OSError as e:
+        raise filesystem_error(e, f"reading {weights}") from None
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _load_adapted(d: Path, config: dict, fuse: bool) -> Any:
+    """A LoRA checkpoint: its base's weights (``wpe`` cropped to the run's block size), its
+    adapters on them."""
+    record = config["lora"]
+    base = record.get("base") if isinstance(record, dict) else None
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str) and isinstance(base.get("bytes"), int)
+            and isinstance(base.get("sha256"), str)):
+        raise UserError(f"{d / 'config.json'}: its LoRA record names no base checkpoint")
+    settings = lora.LoRAConfig.from_dict(record)
+    base_dir = Path(base["path"])
+    if not exists(base_dir):
+        raise UserError(f"the LoRA adapters in {d} apply to the checkpoint {base_dir}, which is gone; "
+                        "put it back there (adapters are only usable on the weights they were trained on)")
+    base_dir = resolve(base_dir)
+    if "lora" in read_config(base_dir):
+        raise UserError(f"{base_dir}, the base of {d}, holds LoRA adapters itself; fuse them first")
+    weights_file = base_dir / WEIGHTS
+    if not weights_file.is_file() or weights_file.stat().st_size != base["bytes"] or \
+            _fingerprint(weights_file)["sha256"] != base["sha256"]:
+        raise UserError(f"the checkpoint {base_dir} has changed since the LoRA adapters in {d} were trained on it "
+                        "(its model.safetensors is not the same file): the adapters apply only to the weights "
+                        "they were trained with")
+    base_model = load_model(base_dir)
+    model = build_model(config.get("model_type", "gpt"), config["model"])
+    _check_same_shape(base_model.config.to_dict(), config["model"], base_dir, d)
+    block = model.config.block_size
+    weights = {k: v[:block] if k == "wpe.weight" else v for k, v in tree_flatten(base_model.parameters())}
+    adapters = _load_arrays(d / ADAPTERS)
+    strangers = [k for k in adapters if not lora.is_adapter(k)]
+    if strangers:
+        raise UserError(f"{d / ADAPTERS} holds weights that are not adapters ({strangers[0]}, ...)")
+    lora.apply(model, settings)
+    _load_into(model, {**weights, **adapters}, d / ADAPTERS)
+    return lora.fuse(model) if fuse else model
+
+
+def _check_same_shape(base: dict, adapted: dict, base_dir: Path, d: Path) -> None:
+    """The run may have cropped the base's positions and changed its dropout, nothing else."""
+    for name, value in adapted.items():
+        if name not in ("block_size", "dropout") and base.get(name) != value:
+            raise UserError(f"the LoRA adapters in {d} are for a model with {name} {value}; "
+                            f"their base {base_dir} has {base.get(name)}")
+    if adapted.get("block_size", 0) > base.get("block_size", 0):
+        raise UserError(f"the LoRA adapters in {d} are for {adapted['block_size']} positions; "
+                        f"their base {base_dir} has {base.get('block_size')}")
+
+
 def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
-    """``model, tokenizer = load("checkpoints/run")``; the model is in eval mode."""
+    """``model, tokenizer = load("checkpoints/run")``; the model is in eval mode (a LoRA run's
+    is its base with the adapters fused in)."""
     d = resolve(path)
     model = load_model(d)
     model.eval()

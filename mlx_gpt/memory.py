@@ -1,7 +1,8 @@
 """The peak memory of a training run, known before its first step.
 
 A step holds, at its fullest: the parameters, their gradients and AdamW's two moments (each the
-size of the parameters, in float32, with a cast copy of the parameters in bfloat16 runs); the activations the backward pass needs, per
+size of the parameters, in float32, with a cast copy of the parameters in bfloat16 runs; a LoRA
+run's frozen weights are held alone, in the compute dtype); the activations the backward pass needs, per
 layer and per token of a micro-batch (a few widths' worth of layer norms, projections and MLP
 hidden states, and the attention weights, nh x T per token); the logits, B x T x V, in float32
 for the loss together with their gradient; with gradient accumulation one more gradient tree
@@ -55,16 +56,22 @@ class MemoryEstimate:
 
 
 def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = "float32", grad_accum: int = 1,
-                        streams: int = 1, grad_checkpoint: bool = False, loss_chunk: int = 0) -> MemoryEstimate:
+                        streams: int = 1, grad_checkpoint: bool = False, loss_chunk: int = 0,
+                        trainable: int | None = None) -> MemoryEstimate:
     """The peak of one train step of a model shaped by ``config`` (n_layer, n_embd, n_head,
     vocab_size, block_size; a model without attention has no n_head) with ``n_params`` parameters,
     micro-batches of ``batch_size`` x block_size tokens, split over ``streams`` CPU streams.
 
     ``dtype`` is the compute dtype: parameters, gradients and moments stay float32 (master
     weights), plus the step's cast copy of the parameters. ``loss_chunk`` positions of logits at
-    a time: MLX schedules ahead, so up to CHUNKS_AHEAD chunks' logits are allocated at once."""
+    a time: MLX schedules ahead, so up to CHUNKS_AHEAD chunks' logits are allocated at once.
+    ``trainable`` (LoRA: the adapters, of the ``n_params``): only those have gradients, moments
+    and float32 master copies; the frozen rest is held in ``dtype`` (``lora.cast_frozen``). The
+    activations are a full fine-tune's: the backward pass still runs through every layer."""
     s = DTYPE_BYTES[dtype]
-    copy = n_params * s if s != 4 else 0
+    trained = n_params if trainable is None else trainable
+    frozen = n_params - trained
+    copy = trained * s if s != 4 else 0
     L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     nh = getattr(config, "n_head", 0)
     tokens = batch_size * T
@@ -75,8 +82,8 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     activations = int(held * tokens * (layers + OUTSIDE_PER_WIDTH * C) * s)
     extra_grads = (grad_accum > 1) + max(streams - 1, 0)
     logit_rows = min(tokens, CHUNKS_AHEAD * loss_chunk) if loss_chunk else tokens
-    return MemoryEstimate(parameters=n_params * 4 + copy, gradients=n_params * 4 * (1 + extra_grads),
-                          optimizer=2 * n_params * 4, activations=activations,
+    return MemoryEstimate(parameters=trained * 4 + copy + frozen * s, gradients=trained * 4 * (1 + extra_grads),
+                          optimizer=2 * trained * 4, activations=activations,
                           logits=int(held * logit_rows * V * 4 * LOGITS_PER_TOKEN))
 
 

@@ -23,8 +23,8 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 FORMAT = "mlx_gpt"
 # Everything a checkpoint holds (checkpoint.py's files, the tokenizers' files)
-RUN_FILES = frozenset({CONFIG, "model.safetensors", "optimizer.safetensors", "state.json", "train.toml", METRICS,
-                       "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "loss.png"})
+RUN_FILES = frozenset({CONFIG, "model.safetensors", "adapters.safetensors", "optimizer.safetensors", "state.json",
+                       "train.toml", METRICS, "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "loss.png"})
 
 
 def is_run_config(path: Path) -> bool:

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, flags, limits, memory, plot, rundir
+from . import checkpoint, distributed, flags, limits, lora, memory, plot, rundir
 from .cpu import accelerate, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
@@ -38,7 +38,7 @@ from .models.base import eval_mode
 from .models.gpt import GPT, PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, compute_in, make_optimizer
 from .recompute import recompute_blocks
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -61,6 +61,10 @@ class TrainConfig:
     dropout: float | None = None
     bias: bool | None = None
     init: str | None = None
+    # LoRA: adapters on --init's projections, its weights frozen (0: off, a full fine-tune)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = lora.DEFAULT_TARGETS
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -117,6 +121,7 @@ class TrainConfig:
             raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        _check_lora_flags(self)
         check_run_flags(self)
 
     @property
@@ -124,6 +129,12 @@ class TrainConfig:
         return OptimConfig(learning_rate=self.learning_rate, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
                            decay_iters=self.lr_decay_iters or self.max_iters, weight_decay=self.weight_decay,
                            beta1=self.beta1, beta2=self.beta2)
+
+    @property
+    def lora(self) -> lora.LoRAConfig | None:
+        if not self.lora_rank:
+            return None
+        return lora.LoRAConfig.from_flags(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def model_overrides(self) -> dict:
@@ -152,6 +163,22 @@ def _check_optim_flags(cfg: TrainConfig) -> None:
         raise UserError("--dtype float16 cannot train: its gradients underflow without loss scaling, which "
                         "mlx_gpt does not do; use bfloat16 (float32's range, float32 master weights and optimizer "
                         "state) or float32")
+
+
+def _check_lora_flags(cfg: TrainConfig) -> None:
+    """LoRA fine-tunes a GPT checkpoint: adapters are saved against the base they were trained on."""
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (off) or at least 1, got {cfg.lora_rank}")
+    if not cfg.lora_rank:
+        for name in ("lora_alpha", "lora_targets"):
+            if getattr(cfg, name) != getattr(TrainConfig, name):
+                raise UserError(f"--{name.replace('_', '-')} sets up LoRA adapters; give --lora-rank R too")
+        return
+    lora.LoRAConfig.from_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # a positive alpha, known targets
+    if not cfg.init and not cfg.resume:
+        raise UserError("--lora-rank fine-tunes a checkpoint: give --init CKPT (the adapters are saved against it)")
+    if cfg.model != "gpt":
+        raise UserError(f"--lora-rank applies to GPT checkpoints, not --model {cfg.model}")
 
 
 # Flags a resumed run may change: how long and how often, never what is trained.
@@ -312,6 +339,7 @@ class Run:
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
     lock: rundir.RunLock | None = None
     log: rundir.RunLog | None = None
+    adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (checkpoint.adapter_record)
 
 
 def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -> memory.MemoryEstimate | None:
@@ -323,12 +351,13 @@ def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -
     if not all(hasattr(config, f) for f in ("n_layer", "n_embd", "block_size", "vocab_size")):
         return None
     counted = model if model is not None else GPT(config)  # a fresh GPT's weights are lazy: nothing allocated
-    n_params = sum(v.size for _, v in tree_flatten(counted.trainable_parameters()))
+    n_params = sum(v.size for k, v in tree_flatten(counted.parameters()) if not lora.is_adapter(k))
+    trainable = lora.count(config, cfg.lora) if cfg.lora else None
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     streams = parallel.split_for(cfg.batch_size, cfg.streams)[0] if on_cpu else 1
-    return memory.check_fits(config, n_params, cfg.batch_size, memory.available_memory(), dtype=cfg.dtype,
-                             grad_accum=cfg.grad_accum, streams=streams, grad_checkpoint=cfg.grad_checkpoint,
-                             loss_chunk=cfg.loss_chunk)
+    return memory.check_fits(config, n_params + (trainable or 0), cfg.batch_size, memory.available_memory(),
+                             dtype=cfg.dtype, grad_accum=cfg.grad_accum, streams=streams,
+                             grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk, trainable=trainable)
 
 
 def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:
@@ -386,11 +415,16 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
             raise UserError("--resume needs --out naming the run to continue")
         saved = checkpoint.read_config(cfg.out).get("train") or {}
         cfg = _merge_resumed(saved, cfg, _given(cfg) if given is None else given)
-        model, tokenizer = checkpoint.load(cfg.out)
+        model, tokenizer = checkpoint.load_model(cfg.out, fuse=False), load_tokenizer(checkpoint.resolve(cfg.out))
+        adapter = checkpoint.read_config(cfg.out).get("lora")
     elif cfg.init:
+        if cfg.lora and "lora" in checkpoint.read_config(cfg.init):
+            raise UserError(f"--init {cfg.init} holds LoRA adapters; fuse them into a checkpoint first "
+                            f"(python -m mlx_gpt.fuse --adapter {cfg.init} --out DIR) and train new ones on that")
         model, tokenizer = _init_model(cfg)
+        adapter = checkpoint.adapter_record(cfg.init, cfg.lora) if cfg.lora else None
     else:
-        model, tokenizer = None, None
+        model, tokenizer, adapter = None, None, None
     dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
     if tokenizer is None:
         tokenizer = dataset.tokenizer
@@ -402,6 +436,9 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     rundir.check_out(out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if adapter is not None and out.absolute() == Path(adapter["base"]["path"]):
+        raise UserError(f"--out {out} is the base checkpoint of the LoRA adapters; they are saved beside it, not "
+                        "over it: choose another folder")
     # --overwrite deletes nothing: the new run's first checkpoint replaces the old one whole
     if model is None and cfg.model == "gpt":
         model = build(_model_config(cfg, dataset), seed=cfg.seed)
@@ -409,6 +446,10 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         model = rungs.build(cfg.model, dataset.vocab_size, tokens=dataset.train_file, overrides=cfg.model_overrides,
                             seed=cfg.seed)
     accelerate(model)
+    if cfg.lora and not cfg.resume:  # a resumed run's adapters came with it
+        lora.apply(model, cfg.lora, seed=cfg.seed)
+    if cfg.lora and cfg.dtype != "float32":
+        lora.cast_frozen(model, DTYPES[cfg.dtype])
     if cfg.grad_checkpoint:
         recompute_blocks(model)
     if cfg.loss_chunk and not hasattr(model, "features"):
@@ -419,7 +460,8 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
                         f"({dataset.vocab_size})")
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
-    run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak)
+    run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak,
+              adapter=adapter)
     if run.rank == 0:  # the one that writes: everything is checked, from here on the run owns out
         run.lock = rundir.RunLock(out).acquire()
         rundir.clean_up(out)
@@ -491,7 +533,7 @@ def _save(run: Run, step: int, sampler_state: dict) -> None:
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
                     files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False)),
                            checkpoint.METRICS: run.log.text()},
-                    state=state, finish=partial(_draw, run))
+                    state=state, finish=partial(_draw, run), adapter=run.adapter)
     run.log.saved()
 
 
@@ -605,6 +647,11 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
     n_params = model.num_params()
     note = (lambda s: print(s, file=sys.stderr)) if run.rank == 0 else (lambda s: None)  # the others stay quiet
     note(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
+    if cfg.lora:
+        trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        note(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.targets)}: "
+             f"{trained:,} parameters train ({100 * trained / n_params:.2f}%), the rest frozen; "
+             f"saved against {run.adapter['base']['path']}")
     if run.memory is not None:
         note(f"memory: estimated peak {run.memory.describe()} of the {memory.available_memory() / memory.GB:.1f} GB "
              "MLX may use here")
@@ -790,6 +837,11 @@ HELP = {
     "dropout": "dropout on embeddings, attention weights and residuals (default: the preset's, or --init's)",
     "bias": "biases in linear layers and layer norms (default: the preset's)",
     "init": "start from this checkpoint's weights and tokenizer (fine-tuning; see README for its defaults)",
+    "lora_rank": "fine-tune --init through LoRA adapters of this rank, its own weights frozen; checkpoints hold "
+                 "the adapters only (0: off, every weight trains)",
+    "lora_alpha": "LoRA's alpha: the adapters' output is scaled by alpha / rank",
+    "lora_targets": f"layers of each block that get adapters: {', '.join(lora.TARGETS)} (c_proj is both "
+                    "attention's and the MLP's)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "max_iters": "optimizer steps in the run",
@@ -832,20 +884,24 @@ HELP = {
 # learning rate; applied with --init to every one of these the user does not set
 FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
                          max_iters=20, eval_interval=5, checkpoint_interval=10)
+# LoRA's adapters start at zero and move only by what they learn: the LoRA paper's GPT-2 rate
+LORA_DEFAULTS = dict(learning_rate=2e-4, min_lr=2e-4)
 
 
 def build_parser() -> argparse.ArgumentParser:
     return flags.build(TrainConfig, HELP, prog="python -m mlx_gpt.train",
                        description="Train a GPT (or any rung of the ladder) on your text with MLX.",
                        epilog="With --init, unset flags take fine-tuning defaults: " +
-                              ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINETUNE_DEFAULTS.items()))
+                              ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINETUNE_DEFAULTS.items()) +
+                              "; with --lora-rank too: " +
+                              ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in LORA_DEFAULTS.items()))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
     """The run's config and the names of the settings the user gave (flags or --config file)."""
     given = flags.parse(build_parser(), TrainConfig, argv)
     if given.get("init") and not given.get("resume"):
-        given = {**FINETUNE_DEFAULTS, **given}
+        given = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if given.get("lora_rank") else {}), **given}
     return TrainConfig(**given), frozenset(given)
 
 

@@ -100,7 +100,7 @@ def torch_step(tmodel, opt, cfg: TrainConfig, step: int, x: np.ndarray, y: np.nd
         loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), yi.view(-1)) / len(x)
         loss.backward()
         total += loss.item()
-    grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters()}
+    grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters() if p.grad is not None}
     norm = torch.nn.utils.clip_grad_norm_(tmodel.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
