@@ -29,9 +29,13 @@ class _Recomputed:
         outer = self.trainable_parameters()
 
         def forward(params: dict, x: mx.array) -> mx.array:
+            # the recomputation must not leave its copies in the model: it runs in the backward
+            # pass, when the model may hold other arrays than in the forward pass (mixed precision
+            # has put its float32 master weights back in place of the cast ones)
+            held = self.trainable_parameters()
             self.update(params)
             y = super(_Recomputed, self).__call__(x)
-            self.update(outer)  # the recomputation must not leave its copies in the model
+            self.update(held)
             return y
 
         return mx.checkpoint(forward)(outer, x)

@@ -57,6 +57,26 @@ def test_recomputed_blocks_train_the_same_weights_over_several_steps(streams):
         np.testing.assert_allclose(weights[1][1][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_recomputed_blocks_under_mixed_precision_leave_the_float32_master_weights_in_place():
+    """The backward pass recomputes each block after the bfloat16 copies of the weights are gone;
+    it must leave the master weights in the model, or AdamW updates the rounded copies."""
+    x, y = batch((1, 4, 32))
+    weights = []
+    for recompute in (False, True):
+        model = tiny()
+        if recompute:
+            recompute_blocks(model)
+        cfg = TrainConfig(dtype="bfloat16", batch_size=4, streams=1, warmup_iters=0, learning_rate=1e-2)
+        opt = make_optimizer(cfg.optim)
+        opt.init(model.trainable_parameters())
+        step = make_train_step(model, opt, cfg)
+        for _ in range(3):
+            step(x, y)
+        weights.append({k: np.array(v) for k, v in tree_flatten(model.parameters())})
+    for k, v in weights[0].items():
+        np.testing.assert_array_equal(weights[1][k], v, err_msg=k)
+
+
 def test_recomputed_blocks_still_generate_with_a_cache():
     model = tiny()
     model.eval()
