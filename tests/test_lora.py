@@ -316,8 +316,9 @@ def test_resuming_a_lora_run_is_exact(tmp_path, text, base_dir, lora_run):
         assert mx.array_equal(wa[k], wb[k]).item(), k
 
 
-@pytest.mark.parametrize("kw", [dict(grad_checkpoint=True, loss_chunk=8), dict(dtype="bfloat16")],
-                         ids=["checkpoint-chunk", "bfloat16"])
+@pytest.mark.parametrize("kw", [dict(grad_checkpoint=True, loss_chunk=8), dict(dtype="bfloat16"),
+                                dict(dtype="bfloat16", grad_checkpoint=True)],
+                         ids=["checkpoint-chunk", "bfloat16", "bfloat16-checkpoint"])
 def test_lora_runs_with_the_memory_savings(tmp_path, text, base_dir, lora_run, kw):
     run = train(lora_cfg(tmp_path, text, base_dir, **kw), progress=False)
     a, b = losses_of(lora_run.out), losses_of(run.out)
@@ -326,7 +327,8 @@ def test_lora_runs_with_the_memory_savings(tmp_path, text, base_dir, lora_run, k
         assert {v.dtype for v in mx.load(str(run.out / "adapters.safetensors")).values()} == {mx.float32}
 
 
-def test_generate_from_the_adapters_equals_generate_from_the_fused_checkpoint(tmp_path, lora_run, capsys):
+def test_generate_and_eval_from_the_adapters_equal_those_of_the_fused_checkpoint(tmp_path, text, lora_run, capsys):
+    from mlx_gpt.eval import main as evaluate
     from mlx_gpt.generate import main as generate
 
     fused = fuse(lora_run.out, tmp_path / "fused")
@@ -336,6 +338,8 @@ def test_generate_from_the_adapters_equals_generate_from_the_fused_checkpoint(tm
         generate(["--checkpoint", str(d), "--prompt", "ROMEO:", "--max-new-tokens", "24", "--seed", "5"])
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and len(outputs[0]) > len("ROMEO:") + 10
+    scores = [evaluate(["--checkpoint", str(d), "--data", str(text)]) for d in (lora_run.out, fused)]
+    assert scores[0]["loss"] == scores[1]["loss"]
     # the fused weights are the adapted model's, to float32 rounding
     adapted_model = checkpoint.load_model(lora_run.out, fuse=False)
     x = mx.array([list(b"ROMEO: and JULIET")])
@@ -432,3 +436,27 @@ def test_lora_flags_and_their_defaults(tmp_path):
     proc = run_module("mlx_gpt.train", "--init", "B", "--lora-targets", "c_fc,x", "--lora-rank", "2", cwd=tmp_path)
     assert proc.returncode == 2
     assert_one_line_error(proc, "--lora-targets: unknown layer 'x'")
+
+
+@pytest.mark.slow  # two processes of MLX start and compile: about 45 s here
+def test_two_processes_train_the_adapters_as_one_with_twice_the_batch(tmp_path, text, base_dir):
+    """mlx.launch -n 2: the ranks' adapter gradients are averaged as any gradients are; the same
+    losses and adapters as one process with both ranks' rows."""
+    from test_distributed import cli_args, launch, weights
+
+    common = dict(data=text, data_dir=tmp_path / "data", init=base_dir, lora_rank=4, sampler="sequential",
+                  max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, sample_tokens=4, batch_size=2,
+                  grad_accum=1, streams=1, learning_rate=3e-3, warmup_iters=1)
+    proc = launch(tmp_path, *cli_args({**common, "out": tmp_path / "two"}))
+    assert "done: checkpoint" in proc.stderr, proc.stderr[-3000:]
+    cfg, given = parse_args(cli_args({**common, "batch_size": 4, "out": tmp_path / "one"}))
+    train(cfg, given=given, progress=False)
+    a, b = losses_of(tmp_path / "two"), losses_of(tmp_path / "one")
+    assert sorted(a) == sorted(b) == list(range(1, 5))
+    np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], rtol=1e-5)
+    ranks = [weights(tmp_path / f"two-rank{r}.safetensors") for r in range(2)]
+    two, one = (weights(tmp_path / d / "adapters.safetensors") for d in ("two", "one"))
+    for k in one:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k])  # every rank applied the same update
+        np.testing.assert_array_equal(two[k], ranks[0][k])
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5)

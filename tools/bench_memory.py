@@ -9,7 +9,8 @@ compiled train steps on random tokens exactly as ``python -m mlx_gpt.train`` wou
 optimizer, flags), and prints one JSON line: MLX's peak memory (``mx.get_peak_memory``) over
 the whole run and the median time of the steps after the first (which compiles). Savings:
 ``ckpt`` (--grad-checkpoint), ``chunk`` (--loss-chunk 256), ``bf16`` (--dtype bfloat16, mixed
-precision). On a shared machine only ratios from one run compare.
+precision), ``lora`` (--lora-rank 8 on every projection, the base frozen). On a shared machine
+only ratios from one run compare.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ CASES = {
     "medium": ("gpt2-medium", 1, 1024, ()),
     "medium+ckpt+chunk": ("gpt2-medium", 1, 1024, ("ckpt", "chunk")),
     "xl+ckpt+chunk": ("gpt2-xl", 1, 1024, ("ckpt", "chunk")),
+    "124M+lora": ("gpt2", 8, 1024, ("lora",)),
+    "xl+lora+ckpt+chunk": ("gpt2-xl", 1, 1024, ("lora", "ckpt", "chunk")),
+    "xl+lora+ckpt+chunk+bf16": ("gpt2-xl", 1, 1024, ("lora", "ckpt", "chunk", "bf16")),
 }
 
 
@@ -43,6 +47,7 @@ def run_case(name: str, steps: int) -> dict:
     import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
     import mlx.core as mx
 
+    from mlx_gpt import lora
     from mlx_gpt.cpu import accelerate
     from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
     from mlx_gpt.optim import make_optimizer
@@ -51,8 +56,13 @@ def run_case(name: str, steps: int) -> dict:
     preset, batch, block, savings = CASES[name]
     cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=steps, warmup_iters=0, learning_rate=3e-5,
                       grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
-                      dtype="bfloat16" if "bf16" in savings else "float32")
+                      dtype="bfloat16" if "bf16" in savings else "float32",
+                      lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
     model = accelerate(build(GPTConfig(**{**PRESETS[preset], "block_size": block}), seed=0))
+    if cfg.lora:  # as train sets a LoRA run up
+        lora.apply(model, cfg.lora, seed=0)
+        if cfg.dtype != "float32":
+            lora.cast_frozen(model, mx.bfloat16)
     if cfg.grad_checkpoint:
         recompute_blocks(model)
     model.train()
