@@ -6,11 +6,13 @@
 Each case runs in a process of its own (so one case's peak and cached buffers cannot leak into
 another's): it builds the model from our own initialisation (no downloads), runs ``--steps``
 compiled train steps on random tokens exactly as ``python -m mlx_gpt.train`` would (same step,
-optimizer, flags), and prints one JSON line: MLX's peak memory (``mx.get_peak_memory``) over
-the whole run and the median time of the steps after the first (which compiles). Savings:
-``ckpt`` (--grad-checkpoint), ``chunk`` (--loss-chunk 256), ``bf16`` (--dtype bfloat16, mixed
-precision), ``lora`` (--lora-rank 8 on every projection, the base frozen). On a shared machine
-only ratios from one run compare.
+optimizer, flags), and prints one JSON line: the peak ``mlx_gpt.memory`` estimates before the
+run, MLX's peak memory (``mx.get_peak_memory``) over the whole run and the median time of the
+steps after the first (which compiles). A case whose estimate exceeds the memory MLX may use
+here is not run, as train would refuse it. Savings: ``ckpt`` (--grad-checkpoint), ``chunk``
+(--loss-chunk 256), ``bf16`` (--dtype bfloat16, mixed precision), ``lora`` (--lora-rank 8 on
+every projection, the model's own weights frozen). On a shared machine only ratios from one run
+compare.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ CASES = {
     "124M+ckpt+chunk+bf16": ("gpt2", 8, 1024, ("ckpt", "chunk", "bf16")),
     "medium": ("gpt2-medium", 1, 1024, ()),
     "medium+ckpt+chunk": ("gpt2-medium", 1, 1024, ("ckpt", "chunk")),
+    "xl": ("gpt2-xl", 1, 1024, ()),
     "xl+ckpt+chunk": ("gpt2-xl", 1, 1024, ("ckpt", "chunk")),
     "124M+lora": ("gpt2", 8, 1024, ("lora",)),
+    "xl+lora": ("gpt2-xl", 1, 1024, ("lora",)),
     "xl+lora+ckpt+chunk": ("gpt2-xl", 1, 1024, ("lora", "ckpt", "chunk")),
     "xl+lora+ckpt+chunk+bf16": ("gpt2-xl", 1, 1024, ("lora", "ckpt", "chunk", "bf16")),
 }
@@ -46,23 +50,37 @@ CASES = {
 def run_case(name: str, steps: int) -> dict:
     import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    from mlx_gpt import lora
+    from mlx_gpt import lora, memory
     from mlx_gpt.cpu import accelerate
-    from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
+    from mlx_gpt.models.gpt import GPT, PRESETS, GPTConfig, build
     from mlx_gpt.optim import make_optimizer
-    from mlx_gpt.train import TrainConfig, make_train_step, recompute_blocks
+    from mlx_gpt.recompute import recompute_blocks
+    from mlx_gpt.train import DTYPES, TrainConfig, make_train_step
 
     preset, batch, block, savings = CASES[name]
     cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=steps, warmup_iters=0, learning_rate=3e-5,
                       grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
                       dtype="bfloat16" if "bf16" in savings else "float32",
                       lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
-    model = accelerate(build(GPTConfig(**{**PRESETS[preset], "block_size": block}), seed=0))
-    if cfg.lora:  # as train sets a LoRA run up
-        lora.apply(model, cfg.lora, seed=0)
+    config = GPTConfig(**{**PRESETS[preset], "block_size": block})
+    adapters = cfg.lora
+    n_params = sum(v.size for _, v in tree_flatten(GPT(config).parameters()))  # lazy: nothing allocated
+    trainable = lora.count(config, adapters) if adapters else None
+    estimate = memory.estimate_train_peak(config, n_params + (trainable or 0), batch, dtype=cfg.dtype,
+                                          grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk,
+                                          trainable=trainable)
+    result = {"case": name, "params_M": round(n_params / 1e6, 1), "batch": batch, "block": block,
+              "trainable_M": round((trainable or n_params) / 1e6, 2), "estimate_GB": round(estimate.total / 1e9, 2)}
+    if estimate.total > memory.available_memory():
+        return {**result, "refused": f"needs about {estimate.total / 1e9:.1f} GB, more than the "
+                                     f"{memory.available_memory() / 1e9:.1f} GB MLX may use here"}
+    model = accelerate(build(config, seed=0))
+    if adapters:  # as train sets a LoRA run up
+        lora.apply(model, adapters, seed=0)
         if cfg.dtype != "float32":
-            lora.cast_frozen(model, mx.bfloat16)
+            lora.cast_frozen(model, DTYPES[cfg.dtype])
     if cfg.grad_checkpoint:
         recompute_blocks(model)
     model.train()
@@ -82,8 +100,7 @@ def run_case(name: str, steps: int) -> dict:
         mx.eval(loss, model.parameters(), optimizer.state)
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
-    return {"case": name, "params_M": round(model.num_params() / 1e6, 1), "batch": batch, "block": block,
-            "peak_GB": round(mx.get_peak_memory() / 1e9, 2),
+    return {**result, "peak_GB": round(mx.get_peak_memory() / 1e9, 2),
             "step_s": round(statistics.median(times[1:] or times), 2), "losses": [round(v, 4) for v in losses]}
 
 
@@ -101,7 +118,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    print(f"{'case':24} {'params':>8} {'B x T':>9} {'peak GB':>8} {'step s':>7}  losses")
+    print(f"{'case':24} {'params':>8} {'trained':>8} {'B x T':>10} {'estimate':>8} {'peak GB':>8} {'step s':>7}  losses")
     for name in names:
         try:
             proc = subprocess.run([sys.executable, __file__, "--run-case", name, "--steps", str(args.steps)],
@@ -115,8 +132,12 @@ def main() -> None:
             print(f"{name:24} failed: {why}", flush=True)
             continue
         r = json.loads(lines[-1])
-        print(f"{name:24} {r['params_M']:>7}M {r['batch']:>3} x {r['block']:<4} {r['peak_GB']:>8.2f} "
-              f"{r['step_s']:>7.2f}  {r['losses']}", flush=True)
+        head = (f"{name:24} {r['params_M']:>7}M {r['trainable_M']:>7}M {r['batch']:>4} x {r['block']:<4} "
+                f"{r['estimate_GB']:>8.2f}")
+        if "refused" in r:
+            print(f"{head}  not run: {r['refused']}", flush=True)
+        else:
+            print(f"{head} {r['peak_GB']:>8.2f} {r['step_s']:>7.2f}  {r['losses']}", flush=True)
 
 
 if __name__ == "__main__":
