@@ -5,7 +5,8 @@ A checkpoint is a directory holding
   model.safetensors    weights, GPT-2 names, MLX layout (Linear weights are (out, in))
   adapters.safetensors instead, for a LoRA run: its adapters only (``lora``); config.json's
                        "lora" names their settings and the base checkpoint they apply to
-                       (its path, and its model.safetensors' size and SHA-256)
+                       (its absolute path and its path from here, and its model.safetensors'
+                       size and SHA-256)
   optimizer.safetensors, state.json   only for runs that can be resumed
   tokenizer.json (+ its model file)
   train.toml           the run's settings, every one: ``--config`` reproduces the run
@@ -112,7 +113,9 @@ def _write(path: Path, model: Any, weights: dict[str, mx.array], adapter: dict |
     config = {"format": FORMAT, "version": VERSION, "model_type": model_type_of(model),
               "model": model.config.to_dict(), "train": train_config}
     if adapter is not None:
-        config["lora"] = adapter
+        # the base also by its place relative to this checkpoint: the two may move together
+        relative = os.path.relpath(adapter["base"]["path"], path.absolute())
+        config["lora"] = {**adapter, "base": {**adapter["base"], "relative": relative}}
     with replacing_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         mx.save_safetensors(str(tmp / (ADAPTERS if adapter else WEIGHTS)), weights, metadata={"format": "mlx"})
@@ -224,9 +227,13 @@ def _load_adapted(d: Path, config: dict, fuse: bool) -> Any:
         raise UserError(f"{d / 'config.json'}: its LoRA record names no base checkpoint")
     settings = lora.LoRAConfig.from_dict(record)
     base_dir = Path(base["path"])
+    moved = d / base["relative"] if isinstance(base.get("relative"), str) else None
+    if not exists(base_dir) and moved is not None and exists(moved):
+        base_dir = moved
     if not exists(base_dir):
         raise UserError(f"the LoRA adapters in {d} apply to the checkpoint {base_dir}, which is gone; "
-                        "put it back there (adapters are only usable on the weights they were trained on)")
+                        "put it back there, or beside them where it was (adapters are only usable on the weights "
+                        "they were trained on)")
     base_dir = resolve(base_dir)
     if "lora" in read_config(base_dir):
         raise UserError(f"{base_dir}, the base of {d}, holds LoRA adapters itself; fuse them first")

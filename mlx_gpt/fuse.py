@@ -26,7 +26,7 @@ def fuse(adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise UserError(f"{adapter} holds no LoRA adapters: it is an ordinary checkpoint already")
     base = config["lora"].get("base", {}).get("path") if isinstance(config["lora"], dict) else None
     for what, other in (("the adapters' own run", checkpoint.resolve(adapter)), ("their base", base)):
-        if other is not None and out.absolute() == Path(other).absolute():
+        if other is not None and out.resolve() == Path(other).resolve():
             raise UserError(f"--out {out} is {what}; write the fused checkpoint to a folder of its own")
     if checkpoint.exists(out) and not overwrite:
         raise UserError(f"{out} already holds a checkpoint; pass --overwrite to replace it")

@@ -436,7 +436,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     rundir.check_out(out)
     if checkpoint.exists(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if adapter is not None and out.absolute() == Path(adapter["base"]["path"]):
+    if adapter is not None and out.resolve() == Path(adapter["base"]["path"]).resolve():
         raise UserError(f"--out {out} is the base checkpoint of the LoRA adapters; they are saved beside it, not "
                         "over it: choose another folder")
     # --overwrite deletes nothing: the new run's first checkpoint replaces the old one whole

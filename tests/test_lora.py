@@ -246,13 +246,13 @@ def test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_only()
 # ---------------------------------------------------------------------------- runs and checkpoints
 
 
-RUN = dict(n_layer=None, batch_size=4, grad_accum=2, eval_interval=3, eval_iters=2, log_interval=1, sample_tokens=8,
+RUN = dict(block_size=24, batch_size=4, grad_accum=2, eval_interval=3, eval_iters=2, log_interval=1, sample_tokens=8,
            max_iters=6, lr_decay_iters=6, learning_rate=3e-3, min_lr=3e-4, warmup_iters=1, checkpoint_interval=100)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A small byte-level GPT checkpoint to fine-tune."""
+    """A small byte-level GPT checkpoint to fine-tune (on fewer positions than it has: RUN)."""
     d = tmp_path_factory.mktemp("base") / "base"
     model = build(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32), seed=3)
     checkpoint.save(d, model, ByteTokenizer())
@@ -300,7 +300,7 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_names_its_base(lora_run, 
     base_weights = {k: np.array(v) for k, v in mx.load(str(weights)).items()}
     for k, v in flat(lora_run.model.parameters()).items():  # the run never touched its base
         if not lora.is_adapter(k):
-            np.testing.assert_array_equal(v, base_weights[k], err_msg=k)
+            np.testing.assert_array_equal(v, base_weights[k][:24] if k == "wpe.weight" else base_weights[k], err_msg=k)
     assert lora_run.cfg.learning_rate == 3e-3  # what the test set, not the LoRA defaults
 
 
@@ -333,6 +333,7 @@ def test_generate_and_eval_from_the_adapters_equal_those_of_the_fused_checkpoint
 
     fused = fuse(lora_run.out, tmp_path / "fused")
     assert (fused / "model.safetensors").is_file() and "lora" not in checkpoint.read_config(fused)
+    assert checkpoint.read_config(fused)["model"]["block_size"] == 24  # the run's positions, of the base's 32
     outputs = []
     for d in (lora_run.out, fused):
         generate(["--checkpoint", str(d), "--prompt", "ROMEO:", "--max-new-tokens", "24", "--seed", "5"])
@@ -355,7 +356,7 @@ def test_a_changed_or_missing_base_is_one_line(tmp_path, lora_run, base_dir):
     adapter = tmp_path / "adapter"
     shutil.copytree(lora_run.out, adapter)
     config = json.loads((adapter / "config.json").read_text())
-    config["lora"]["base"]["path"] = str(base.absolute())
+    config["lora"]["base"].update(path=str(base.absolute()), relative="../base")
     (adapter / "config.json").write_text(json.dumps(config))
     assert checkpoint.load_model(adapter)  # a copy of the base, where the record says: fine
     weights = dict(mx.load(str(base / "model.safetensors")))
@@ -371,6 +372,26 @@ def test_a_changed_or_missing_base_is_one_line(tmp_path, lora_run, base_dir):
     assert not (tmp_path / "fused").exists()
     with pytest.raises(UserError, match="which is gone"):
         train(replace(lora_run.cfg, out=str(adapter), resume=True, max_iters=8), progress=False)
+
+
+def test_a_base_moved_together_with_its_adapters_is_found_beside_them(tmp_path, lora_run, base_dir):
+    """Both in one folder of checkpoints, moved (or copied to another machine) as a whole."""
+    import shutil
+
+    relative = checkpoint.read_config(lora_run.out)["lora"]["base"]["relative"]
+    assert (lora_run.out / relative).resolve() == base_dir.resolve()
+    root = tmp_path / "moved"  # the two as they lie under pytest's folder: base0/base, lora0/run
+    adapter, base = (root / d.parent.name / d.name for d in (lora_run.out, base_dir))
+    shutil.copytree(lora_run.out, adapter)
+    shutil.copytree(base_dir, base)
+    config = json.loads((adapter / "config.json").read_text())
+    config["lora"]["base"]["path"] = str(tmp_path / "elsewhere")  # the absolute path no longer holds it
+    (adapter / "config.json").write_text(json.dumps(config))
+    x = mx.array([list(b"ROMEO:")])
+    assert mx.array_equal(checkpoint.load_model(adapter)(x), checkpoint.load_model(lora_run.out)(x)).item()
+    shutil.rmtree(base)
+    with pytest.raises(UserError, match="which is gone"):
+        checkpoint.load_model(adapter)
 
 
 def test_fuse_writes_only_where_a_checkpoint_belongs(tmp_path, lora_run, base_dir):
