@@ -38,6 +38,7 @@ from .models.base import eval_mode
 from .models.gpt import GPT, PRESETS, GPTConfig, build
 from .optim import AdamW, OptimConfig, clip_and_update, compute_in, make_optimizer
 from .recompute import recompute_blocks
+from .scaler import MIN_SCALE, LossScaler
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -155,14 +156,6 @@ def _check_optim_flags(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, "grad_clip", "zero (off) or a positive number")
     for name in ("beta1", "beta2"):
         need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
-    if cfg.dtype == "float16":
-        # The weights and AdamW's moments stay float32 (``compute_in``), but float16's range ends at
-        # 6e-8: a mean loss's gradients over a batch of thousands of positions fall below it and
-        # round to 0 on their way back through the network. Training in float16 needs dynamic loss
-        # scaling, which bfloat16 (float32's range) does without.
-        raise UserError("--dtype float16 cannot train: its gradients underflow without loss scaling, which "
-                        "mlx_gpt does not do; use bfloat16 (float32's range, float32 master weights and optimizer "
-                        "state) or float32")
 
 
 def _check_lora_flags(cfg: TrainConfig) -> None:
@@ -217,11 +210,13 @@ def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float =
 
 
 def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
-                    group: mx.distributed.Group | None = None) -> Callable:
+                    group: mx.distributed.Group | None = None, scaler: LossScaler | None = None) -> Callable:
     """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer.
 
     With several processes (``group``), the loss and gradients are the means over every rank's
-    batch, so the norm, the clipping and the update are the same on every rank.
+    batch, so the norm, the clipping and the update are the same on every rank. A float16 run
+    scales its loss with ``scaler`` (a fresh one if none is given) and skips the steps whose
+    gradients overflow; their norm is then not finite.
     """
     group = group or distributed.init()
     # on the CPU, each micro-batch is split over the cores, one stream (thread) each
@@ -229,22 +224,26 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     cache_freed_buffers()
     loss = compute_in(DTYPES[cfg.dtype], partial(loss_fn, label_smoothing=cfg.label_smoothing,
                                                   loss_chunk=cfg.loss_chunk))
+    clip = partial(clip_and_update, max_norm=cfg.grad_clip)
+    scaler_state = []  # what the step reads and writes besides the model and the optimizer
+    if cfg.dtype == "float16":
+        scaler = scaler or LossScaler()
+        loss, clip, scaler_state = scaler.scaled(loss), scaler.guarded(clip), [scaler.state]
     if plan is not None:
-        return parallel.make_parallel_step(model, optimizer, loss,
-                                           partial(clip_and_update, max_norm=cfg.grad_clip), plan,
-                                           compile=cfg.compile, reduce=partial(distributed.all_mean, group=group))
+        return parallel.make_parallel_step(model, optimizer, loss, clip, plan, compile=cfg.compile,
+                                           reduce=partial(distributed.all_mean, group=group), state=scaler_state)
     grad_fn = nn.value_and_grad(model, loss)
     accum = cfg.grad_accum
 
     def update(loss: mx.array, grads: dict) -> tuple[mx.array, mx.array]:
         loss, grads = distributed.all_mean((loss, grads), group)
-        return loss, clip_and_update(model, optimizer, grads, cfg.grad_clip)
+        return loss, clip(model, optimizer, grads)
 
     if accum == 1:  # the whole step as one graph
         def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
             return update(*grad_fn(model, x[0], y[0]))
 
-        state = [model.state, optimizer.state, mx.random.state]
+        state = [model.state, optimizer.state, mx.random.state, *scaler_state]
         return mx.compile(step, inputs=state, outputs=state) if cfg.compile else step
 
     def micro_batch(x: mx.array, y: mx.array, loss: mx.array, grads: dict) -> tuple[mx.array, dict]:
@@ -258,8 +257,9 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     if cfg.compile:
         # model.state is an output too: value_and_grad leaves its traced parameters in the model
         state = [model.state, mx.random.state]
-        micro_batch = mx.compile(micro_batch, inputs=state, outputs=state)
-        finish = mx.compile(finish, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
+        micro_batch = mx.compile(micro_batch, inputs=state + scaler_state, outputs=state)
+        state = [model.state, optimizer.state, *scaler_state]
+        finish = mx.compile(finish, inputs=state, outputs=state)
 
     def accumulated_step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
         # each micro-batch's gradients are summed and evaluated before the next one starts, so
@@ -337,6 +337,7 @@ class Run:
     world: int = 1
     memory: memory.MemoryEstimate | None = None
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
+    scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
     lock: rundir.RunLock | None = None
     log: rundir.RunLog | None = None
     adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (checkpoint.adapter_record)
@@ -461,7 +462,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     run = Run(cfg, out, dataset, model, tokenizer, optimizer, rank=group.rank(), world=group.size(), memory=peak,
-              adapter=adapter)
+              adapter=adapter, scaler=LossScaler() if cfg.dtype == "float16" else None)
     if run.rank == 0:  # the one that writes: everything is checked, from here on the run owns out
         run.lock = rundir.RunLock(out).acquire()
         rundir.clean_up(out)
@@ -474,6 +475,8 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         state = checkpoint.load_state(out)
         distributed.check_world_size(state.get("world_size", 1), group, str(out))
         run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state
+        if run.scaler is not None:
+            run.scaler.load_state_dict(state["loss_scale"])
     if run.rank == 0:
         run.log = rundir.RunLog(out, run.start_step if cfg.resume else None)
     return run
@@ -530,6 +533,8 @@ def _save(run: Run, step: int, sampler_state: dict) -> None:
     if run.rank != 0:
         return
     state = {"step": step, "sampler": sampler_state, "best_val": run.best_val, "world_size": run.world}
+    if run.scaler is not None:
+        state["loss_scale"] = run.scaler.state_dict()
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=asdict(run.cfg), optimizer=run.optimizer,
                     files={"train.toml": flags.to_toml(replace(run.cfg, resume=False, overwrite=False)),
                            checkpoint.METRICS: run.log.text()},
@@ -640,7 +645,7 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
         run.optimizer.init(model.trainable_parameters())
         if run.rank == 0:
             print(f"--max-seconds: {cfg.max_iters} steps fit", file=sys.stderr)
-    step_fn = make_train_step(model, run.optimizer, cfg, group)
+    step_fn = make_train_step(model, run.optimizer, cfg, group, run.scaler)
     eval_loss = make_eval_loss(model, cfg)
     sample_interval = cfg.sample_interval or cfg.eval_interval
     tokens_per_step = A * B * T * run.world
@@ -702,14 +707,20 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
                 watch.check()
                 dt = time.perf_counter() - t_last
                 lr = run.optimizer.learning_rate.item()
-                rec = {"step": step, "loss": loss.item(), "norm": norm.item(), "lr": lr,
-                       "ms": 1000 * dt * tokens_per_step / tokens_since, "tok_s": tokens_since / dt}
+                grad_norm = norm.item()  # not finite where a float16 step overflowed and was skipped: null
+                rec = {"step": step, "loss": loss.item(), "norm": grad_norm if math.isfinite(grad_norm) else None,
+                       "lr": lr, "ms": 1000 * dt * tokens_per_step / tokens_since, "tok_s": tokens_since / dt}
+                scaling = run.scaler.state_dict() if run.scaler is not None else None
+                if scaling is not None:  # float16: the loss scale, and the steps skipped in the run so far
+                    rec.update(loss_scale=scaling["scale"], skipped=scaling["skipped"])
                 _log(run, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}",
+                                **({"skipped": rec["skipped"]} if scaling is not None else {}))
                 if bar.disable:  # a log (a file, a pipe, a tiny terminal): whole lines, with the way to go
                     eta = (cfg.max_iters - step) * rec["ms"] / 1000
-                    say(f"step {step}/{cfg.max_iters} | loss {rec['loss']:.4f} | norm {rec['norm']:.2f} | "
-                        f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s']:.0f} tok/s | eta {_duration(eta)}")
+                    scaled = f" | scale {rec['loss_scale']:g} | skipped {rec['skipped']}" if scaling is not None else ""
+                    say(f"step {step}/{cfg.max_iters} | loss {rec['loss']:.4f} | norm {grad_norm:.2f} | "
+                        f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s']:.0f} tok/s{scaled} | eta {_duration(eta)}")
                 t_last, tokens_since = time.perf_counter(), 0
             bar.update(1)
             last = step == cfg.max_iters
@@ -750,6 +761,8 @@ class _DivergenceWatch:
     ones gathered since its last call at once, and only where the loop reads values anyway
     (a log line, an evaluation, a save), so no step waits for it. Before a save it also checks
     the weights and the optimizer's moments, so a checkpoint is never replaced by non-finite ones.
+    A float16 run's overflowing gradients are its loss scaler's to skip; it has diverged when its
+    loss is not finite or the scale has fallen so far that no scale would do.
     """
 
     def __init__(self, run: Run) -> None:
@@ -763,12 +776,17 @@ class _DivergenceWatch:
     def check(self, weights: bool = False) -> None:
         if self.pending:
             values = np.array(mx.stack([mx.stack([loss, norm]) for _, loss, norm in self.pending]).astype(mx.float32))
-            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            finite = np.isfinite(values)
+            bad = np.flatnonzero(~finite[:, 0] | (~finite[:, 1] & (self.run.scaler is None)))
             if bad.size:
                 step = self.pending[bad[0]][0]
                 loss, norm = values[bad[0]]
                 self.stop(f"at step {step} the loss is {loss:g} and the gradient norm {norm:g}")
             self.pending.clear()
+        if self.run.scaler is not None and self.run.scaler.state["scale"].item() < MIN_SCALE:
+            self.stop(f"the float16 gradients overflow at every loss scale (it fell to "
+                      f"{self.run.scaler.state['scale'].item():g} after {self.run.scaler.state['skipped'].item()} "
+                      "skipped steps); train in bfloat16 or float32")
         if weights and not all_finite(self.run.model.parameters(), self.run.optimizer.state):
             self.stop("the weights or the optimizer's moments are no longer finite")
 
@@ -854,8 +872,8 @@ HELP = {
     "beta2": "AdamW's beta2",
     "grad_clip": "clip the gradients' global norm to this (0: off)",
     "label_smoothing": "label smoothing of the cross-entropy",
-    "dtype": "compute dtype: float32, or bfloat16 (mixed precision: float32 master weights, optimizer state, "
-             "loss and checkpoints); float16 is refused (its gradients underflow without loss scaling)",
+    "dtype": "compute dtype: float32, or bfloat16 or float16 (mixed precision: float32 master weights, optimizer "
+             "state, loss and checkpoints; float16 with dynamic loss scaling, skipping the steps that overflow)",
     "seed": "seed of initialisation, batches, dropout and samples",
     "loss_chunk": "positions per chunk of the loss: the logits (positions x vocabulary) are computed a chunk at "
                   "a time, forward and backward, never whole (0: off; 256 suits GPT-2's vocabulary)",

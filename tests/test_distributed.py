@@ -225,17 +225,49 @@ def test_a_hung_rank_times_out_with_the_checkpoint_intact(tmp_path, shakespeare,
     checkpoint.load_model(tmp_path / "run")
 
 
+def test_float16_ranks_skip_together_when_one_rank_overflows(tmp_path, shakespeare, prepared):
+    """Rank 1's gradients overflow float16 at step 3, rank 0's do not: the finite check reads the
+    averaged gradients, so both skip the step, halve the scale, and keep the same weights."""
+    cfg = dict(data=str(shakespeare), data_dir=str(prepared), max_iters=5, eval_interval=5, dtype="float16",
+               streams=1, compile=False, out=tmp_path / "run", **TINY)
+    proc = launch(tmp_path, *cli_args(cfg), action="overflow", at=3)
+    assert "done: checkpoint" in proc.stderr, proc.stderr[-3000:]
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+    assert [rows[s]["skipped"] for s in range(1, 6)] == [0, 0, 1, 1, 1]  # then it trains on
+    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] / 2 and rows[3]["norm"] is None
+    assert "| scale 32768 | skipped 1 |" in proc.stderr
+    ranks = [weights(tmp_path / f"run-rank{r}.safetensors") for r in range(2)]
+    for k in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k])
+
+
 # ---------------------------------------------------------------------------- a launched rank
 
 
 def _rank_main(argv: list[str]) -> None:
     """Train as ``python -m mlx_gpt.train argv[2:]``; rank 1 dies (``kill``) or hangs (``hang``) after
-    step ``argv[1]``; then every rank saves its weights to ``<out>-rank<r>.safetensors``."""
+    step ``argv[1]``, or its loss is multiplied by 2**100 in that step, which overflows float16
+    gradients (``overflow``, with ``--no-compile``); then every rank saves its weights to
+    ``<out>-rank<r>.safetensors``."""
     import signal
 
+    from mlx_gpt import train as train_module
     from mlx_gpt.errors import run_cli
 
     action, at, rank = argv[0], int(argv[1]), distributed.init().rank()
+    if action == "overflow" and rank == 1:
+        real, steps = train_module.loss_fn, [0]
+
+        def overflowing(model, x, y, **kw):
+            loss = real(model, x, y, **kw)
+            if model.training:  # a train step, not an evaluation
+                steps[0] += 1
+                if steps[0] == at:
+                    return loss * 2.0**100
+            return loss
+
+        train_module.loss_fn = overflowing
 
     def on_step(step: int, loss: float) -> None:
         if rank == 1 and step == at and action == "kill":

@@ -223,11 +223,6 @@ def test_optimizer_settings_that_cannot_train_are_refused(flag, value):
         TrainConfig(**{flag: value})
 
 
-def test_float16_is_refused_with_the_reason():
-    with pytest.raises(UserError, match="underflow without loss scaling"):
-        TrainConfig(dtype="float16")
-
-
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
     out = tmp_path / "run"
     proc = run_module("mlx_gpt.train", "--data", str(shakespeare), "--data-dir", str(tmp_path / "data"),

@@ -107,7 +107,7 @@ def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
 
 
 def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, plan: StreamPlan,
-                       compile: bool = True, reduce: Callable | None = None
+                       compile: bool = True, reduce: Callable | None = None, state: list | None = None
                        ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """step(x, y) -> (mean loss, gradient norm) for x, y of shape (accum, B, T), as ``mlx_gpt.train``'s step.
 
@@ -115,8 +115,10 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
     stream_for=...)`` clips and applies the summed gradients and returns their norm
     (``optim.clip_and_update``), each parameter's share on the stream ``plan.stream_for`` gives it.
     ``reduce((loss, grads))``, when given, combines them with other processes' before the update
-    (``distributed.all_mean``).
+    (``distributed.all_mean``). ``state``: further arrays the loss reads and the update writes
+    (a loss scaler's), taken in and given back by the compiled pieces.
     """
+    state = state or []
 
     def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
         model.update(params)
@@ -125,7 +127,7 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
     slice_grads = mx.value_and_grad(slice_loss)
     if compile:
         # dropout draws from (and advances) the global key, slice by slice
-        slice_grads = mx.compile(slice_grads, inputs=[mx.random.state], outputs=[mx.random.state])
+        slice_grads = mx.compile(slice_grads, inputs=[mx.random.state, *state], outputs=[mx.random.state])
 
     def weighted_sum(weights: mx.array, losses: list[mx.array], grads_list: list[dict]) -> tuple[mx.array, dict]:
         """The slices' losses and gradients weighted by their share of the batch (a flat dict)."""
@@ -158,9 +160,9 @@ def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, pl
         return finish(*weighted_sum(weights, losses, grads_list))
 
     if compile:
-        state = [model.state, optimizer.state]
-        apply = mx.compile(apply, inputs=state, outputs=state)
-        finish = mx.compile(finish, inputs=state, outputs=state)
+        held = [model.state, optimizer.state, *state]
+        apply = mx.compile(apply, inputs=held, outputs=held)
+        finish = mx.compile(finish, inputs=held, outputs=held)
         weighted_sum, fold = mx.compile(weighted_sum), mx.compile(fold)
 
     def micro_batch(params: dict, x: mx.array, y: mx.array, share: float) -> tuple[list, list, list]:
