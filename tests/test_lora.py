@@ -317,8 +317,8 @@ def test_resuming_a_lora_run_is_exact(tmp_path, text, base_dir, lora_run):
 
 
 @pytest.mark.parametrize("kw", [dict(grad_checkpoint=True, loss_chunk=8), dict(dtype="bfloat16"),
-                                dict(dtype="bfloat16", grad_checkpoint=True)],
-                         ids=["checkpoint-chunk", "bfloat16", "bfloat16-checkpoint"])
+                                dict(dtype="bfloat16", grad_checkpoint=True), dict(dtype="float16")],
+                         ids=["checkpoint-chunk", "bfloat16", "bfloat16-checkpoint", "float16"])
 def test_lora_runs_with_the_memory_savings(tmp_path, text, base_dir, lora_run, kw):
     run = train(lora_cfg(tmp_path, text, base_dir, **kw), progress=False)
     a, b = losses_of(lora_run.out), losses_of(run.out)
