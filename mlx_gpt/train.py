@@ -475,7 +475,7 @@ def setup(cfg: TrainConfig, given: Collection[str] | None = None) -> Run:
         state = checkpoint.load_state(out)
         distributed.check_world_size(state.get("world_size", 1), group, str(out))
         run.start_step, run.best_val, run.train_state = state["step"], state.get("best_val", math.inf), state
-        if run.scaler is not None:
+        if run.scaler is not None and "loss_scale" in state:  # else a fresh scale, as at the start
             run.scaler.load_state_dict(state["loss_scale"])
     if run.rank == 0:
         run.log = rundir.RunLog(out, run.start_step if cfg.resume else None)
@@ -783,10 +783,10 @@ class _DivergenceWatch:
                 loss, norm = values[bad[0]]
                 self.stop(f"at step {step} the loss is {loss:g} and the gradient norm {norm:g}")
             self.pending.clear()
-        if self.run.scaler is not None and self.run.scaler.state["scale"].item() < MIN_SCALE:
-            self.stop(f"the float16 gradients overflow at every loss scale (it fell to "
-                      f"{self.run.scaler.state['scale'].item():g} after {self.run.scaler.state['skipped'].item()} "
-                      "skipped steps); train in bfloat16 or float32")
+        scaling = self.run.scaler.state_dict() if self.run.scaler is not None else None
+        if scaling is not None and scaling["scale"] < MIN_SCALE:
+            self.stop(f"the float16 gradients overflow at every loss scale (it fell to {scaling['scale']:g} after "
+                      f"{scaling['skipped']} skipped steps); train in bfloat16 or float32")
         if weights and not all_finite(self.run.model.parameters(), self.run.optimizer.state):
             self.stop("the weights or the optimizer's moments are no longer finite")
 
