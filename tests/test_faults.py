@@ -20,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -95,6 +96,14 @@ def digest(*paths: Path) -> dict[str, str]:
     return out
 
 
+@contextmanager
+def untouched(*paths: Path) -> Iterator[None]:
+    """The block leaves every file under paths as it found them (digest before and after)."""
+    before = digest(*paths)
+    yield
+    assert digest(*paths) == before
+
+
 def expect_error(proc: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert_one_line_error(proc, *fragments)
@@ -160,68 +169,60 @@ def train_in(t: Path, b: Base, *args, **kw) -> subprocess.CompletedProcess:
 @case
 def out_user_folder(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(train_in(t, b, "--out", user), "mine")
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(train_in(t, b, "--out", user), "mine")
 
 
 @case
 def out_user_folder_overwrite(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(train_in(t, b, "--out", user, "--overwrite"), "mine")
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(train_in(t, b, "--out", user, "--overwrite"), "mine")
 
 
 @case
 def out_user_folder_mlx_gpt_command(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(cli("mlx-gpt", "train", "--data", b.corpus, "--data-dir", b.data_dir, *TINY, "--out", user,
-                     "--overwrite", cwd=t), "mine")
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(cli("mlx-gpt", "train", "--data", b.corpus, "--data-dir", b.data_dir, *TINY, "--out", user,
+                         "--overwrite", cwd=t), "mine")
 
 
 @case
 def out_run_with_a_user_file_added(t, b):
     run = b.copy_run(t / "run")
     (run / "thesis.md").write_text("mine\n")
-    before = digest(run)
-    expect_error(train_in(t, b, "--out", run, "--overwrite"), "thesis.md")
-    assert digest(run) == before
+    with untouched(run):
+        expect_error(train_in(t, b, "--out", run, "--overwrite"), "thesis.md")
 
 
 @case
 def out_dot_in_user_folder(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(train_in(user, b, "--out", "."))
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(train_in(user, b, "--out", "."))
 
 
 @case
 def out_dot_overwrite(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(train_in(user, b, "--out", ".", "--overwrite"))
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(train_in(user, b, "--out", ".", "--overwrite"))
 
 
 @case
 def out_parent_of_cwd(t, b):
     user = user_folder(t / "mine")
     (user / "sub").mkdir()
-    before = digest(user)
-    expect_error(train_in(user / "sub", b, "--out", "..", "--overwrite"))
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(train_in(user / "sub", b, "--out", "..", "--overwrite"))
 
 
 @case
 def out_is_a_file(t, b):
     (t / "results.csv").write_text("a,b\n1,2\n")
-    before = digest(t / "results.csv")
-    expect_error(train_in(t, b, "--out", t / "results.csv", "--overwrite"), "results.csv")
-    assert digest(t / "results.csv") == before
+    with untouched(t / "results.csv"):
+        expect_error(train_in(t, b, "--out", t / "results.csv", "--overwrite"), "results.csv")
 
 
 @case
@@ -249,10 +250,9 @@ def prepare_data_dir_is_a_file(t, b):
 def ladder_out_user_folder(t, b):
     user = user_folder(t / "mine")
     (user / "ladder.json").write_text("{\"mine\": true}\n")
-    before = digest(user)
-    expect_error(cli("ladder", "--data", b.corpus, "--data-dir", b.data_dir, "--budgets", "0.2", "--rungs", "ngram:1",
-                     "--out", user, cwd=t), "mine")
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(cli("ladder", "--data", b.corpus, "--data-dir", b.data_dir, "--budgets", "0.2",
+                         "--rungs", "ngram:1", "--out", user, cwd=t), "mine")
 
 
 @case
@@ -266,9 +266,8 @@ def ladder_out_is_a_file(t, b):
 @case
 def convert_out_user_folder_overwrite(t, b):
     user = user_folder(t / "mine")
-    before = digest(user)
-    expect_error(cli("convert", b.run, "--to", "hf", "--out", user, "--overwrite", cwd=t), "mine")
-    assert digest(user) == before
+    with untouched(user):
+        expect_error(cli("convert", b.run, "--to", "hf", "--out", user, "--overwrite", cwd=t), "mine")
 
 
 @case
@@ -282,10 +281,9 @@ def generate_checkpoint_is_a_user_folder(t, b):
 
 def overwrite_then(t: Path, b: Base, *args, fault=None, fragment: str = "") -> None:
     run = b.copy_run(t / "run")
-    before = digest(run)
-    proc = train_in(t, b, "--out", run, "--overwrite", *args, fault=fault)
-    expect_error(proc, fragment)
-    assert digest(run) == before
+    with untouched(run):
+        proc = train_in(t, b, "--out", run, "--overwrite", *args, fault=fault)
+        expect_error(proc, fragment)
 
 
 @case
@@ -380,9 +378,8 @@ def token_ids_bad_on_resume(t, b):
     tokens = np.frombuffer((ds / "val.bin").read_bytes()[1024:], dtype="<u2").copy()
     tokens[3] = 5000
     write_token_file(ds / "val.bin", tokens.tolist())
-    before = digest(run)
-    expect_error(cli("train", "--resume", "--out", run, "--data-dir", data, "--max-iters", "4", cwd=t), "5000")
-    assert digest(run) == before
+    with untouched(run):
+        expect_error(cli("train", "--resume", "--out", run, "--data-dir", data, "--max-iters", "4", cwd=t), "5000")
 
 
 # ---------------------------------------------------------------------------- two runs on one --out
@@ -575,9 +572,8 @@ def stale_temp_folders_removed(t, b):
 def resume_with_fault(t: Path, b: Base, fault: tuple[str, str], fragment: str) -> None:
     """A resumed run whose next save meets the fault: one line, the run as it was, no temp left."""
     run = b.copy_run(t / "run")
-    before = digest(run)
-    expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4", fault=fault), fragment)
-    assert digest(run) == before
+    with untouched(run):
+        expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4", fault=fault), fragment)
     assert not list(t.glob(".run.tmp-*"))
 
 
@@ -624,10 +620,9 @@ def disk_full_small_tmpfs(t, b):
         pytest.skip("cannot mount a tmpfs here")
     try:
         run = b.copy_run(fs / "run")
-        before = digest(run)
-        proc = train_in(t, b, "--out", run, "--resume", "--max-iters", "4")
-        expect_error(proc, "No space left")
-        assert digest(run) == before
+        with untouched(run):
+            proc = train_in(t, b, "--out", run, "--resume", "--max-iters", "4")
+            expect_error(proc, "No space left")
         assert not list(fs.glob(".run.tmp-*"))
     finally:
         subprocess.run(["umount", str(fs)])
@@ -651,10 +646,9 @@ def read_only_mount():
 @case
 def read_only_out(t, b, ro):
     run = b.copy_run(t / "ro" / "run")
-    before = digest(run)
-    ro(t / "ro")
-    expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4"), "Read-only")
-    assert digest(run) == before
+    with untouched(run):
+        ro(t / "ro")
+        expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4"), "Read-only")
 
 
 @case
@@ -800,9 +794,8 @@ def checkpoint_layers_huge_generate(t, b):
 @case
 def checkpoint_layers_huge_resume(t, b):
     run = huge_config(t, b, n_layer=10**7)
-    before = digest(run)
-    expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4"), "memory")
-    assert digest(run) == before
+    with untouched(run):
+        expect_error(train_in(t, b, "--out", run, "--resume", "--max-iters", "4"), "memory")
 
 
 @case
