@@ -6,11 +6,12 @@ fitted once, by counting the train split: one point each, at its small cost. Neu
 trained at every budget of ``--budgets`` (seconds, tokens or FLOPs of training) by
 ``mlx_gpt.train`` itself: the same compiled step, AdamW and warmup-plus-cosine schedule, the
 schedule laid over the budget. A budget favours different settings for each architecture, so
-each rung's batch size and peak learning rate are chosen by a small grid search at the
-smallest budget and carried to the larger ones. Every point is scored exactly, on the whole
-val split; ladder.json is rewritten as each point finishes, so an interrupted study continues
-with ``--resume``; ladder.png draws val loss against training seconds and FLOPs, where the
-crossovers between rungs show.
+every point is the best of a small search: at the smallest budget, every batch size and peak
+learning rate of a grid; at each larger one, the previous budget's winner and the same at half
+its learning rate (ladder.json's "method" says so, and each point names its settings). Every
+point is scored exactly, on the whole val split; ladder.json is rewritten as each trial and point
+finishes, so an interrupted study continues with ``--resume``; ladder.png draws val loss
+against training seconds and FLOPs, where the crossovers between rungs show.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ MIN_LR_RATIO = 0.1  # the cosine ends at a tenth of the peak, as nanoGPT's recip
 SEARCH_VAL_TOKENS = 16_384  # the head of the val split that ranks the search's trials
 EVAL_ITERS = 2  # train's own val estimate at the end of each run (the table's figures are exact)
 REPORT = "ladder.json"
+METHOD = {  # how each neural point was chosen and trained, for the reader of ladder.json
+    "search": "at the smallest budget every (batch size, learning rate) of the grid; at each larger budget the "
+              "previous budget's winner and the same at half its learning rate; the lowest loss on the first "
+              f"{SEARCH_VAL_TOKENS} val tokens wins and is the point, scored again on the whole val split",
+    "schedule": f"AdamW; linear warmup over min({WARMUP_ITERS}, steps/10) steps, then cosine to "
+                f"{MIN_LR_RATIO:g} x the peak at the last step of the budget",
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class LadderConfig:
     budgets: tuple[float, ...] = (10.0, 60.0, 300.0)
     unit: str = "seconds"
     rungs: tuple[str, ...] = RUNGS
-    batch_sizes: tuple[int, ...] = (8, 16)  # searched at the smallest budget
+    batch_sizes: tuple[int, ...] = (12, 16)  # searched at the smallest budget; 12 is nanoGPT CPU recipe's
     lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # searched: multiples of the rung's LEARNING_RATE
     out: str | None = None
     data_dir: str = "data"
@@ -162,62 +170,65 @@ def count_rung(cfg: LadderConfig, rung: Rung, dataset: Dataset, out: Path) -> di
     return finish_point(cfg, point, dataset)
 
 
-def search(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Path, save: Callable[[], None],
-           say: Callable[[str], None]) -> None:
-    """Train the rung at the smallest budget for every (batch size, learning rate) of the grid;
-    the one with the lowest loss on the head of the val split wins. Trials are saved as they
-    finish; the winner's run is kept (it is the smallest budget's point), the others deleted."""
-    budget = min(cfg.budgets)
-    done = {(t["batch_size"], t["learning_rate"]) for t in record["search"]}
-    head = open_tokens(dataset.val_file)[: SEARCH_VAL_TOKENS + 1]
-    for batch_size in cfg.batch_sizes:
-        for scale in cfg.lr_scales:
-            lr = LEARNING_RATE[rung.name] * scale
-            if (batch_size, lr) in done:
-                continue
-            say(f"{rung.spec}: search at {cfg.label(budget)}, batch {batch_size}, learning rate {lr:g}")
-            trial = run_neural(cfg, rung, budget, batch_size, lr, out / "search" / f"b{batch_size}-lr{lr:g}",
-                               record["flops_per_token"])
-            loss = score(trial.pop("model"), dataset, head).loss
-            trial["search_loss"] = loss if math.isfinite(loss) else None
-            record["search"].append(trial)
-            save()
-            say(f"{rung.spec}: batch {batch_size}, lr {lr:g}: {trial['steps']} steps in {trial['seconds']:.1f} s, "
-                f"val-head loss {loss:.4f}")
-    ranked = sorted(record["search"], key=lambda t: math.inf if t["search_loss"] is None else t["search_loss"])
-    best = ranked[0]
-    record["settings"] = dict(batch_size=best["batch_size"], learning_rate=best["learning_rate"],
-                              min_lr=best["min_lr"], warmup_iters=WARMUP_ITERS, schedule="linear warmup, cosine to "
-                              "min_lr at the end of the budget")
+def trial(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Path, budget: float, batch_size: int,
+          learning_rate: float, save: Callable[[], None], say: Callable[[str], None]) -> dict:
+    """One setting of the rung trained at one budget and ranked by its loss on the head of the
+    val split; saved as it finishes, so a resumed study trains each trial once."""
+    for t in record["search"]:
+        if (t["budget"], t["batch_size"], t["learning_rate"]) == (budget, batch_size, learning_rate):
+            return t
+    say(f"{rung.spec}: search at {cfg.label(budget)}, batch {batch_size}, learning rate {learning_rate:g}")
+    name = f"{cfg.label(budget).replace(' ', '')}-b{batch_size}-lr{learning_rate:g}"
+    t = run_neural(cfg, rung, budget, batch_size, learning_rate, out / "search" / name, record["flops_per_token"])
+    loss = score(t.pop("model"), dataset, open_tokens(dataset.val_file)[: SEARCH_VAL_TOKENS + 1]).loss
+    t["search_loss"] = loss if math.isfinite(loss) else None
+    record["search"].append(t)
     save()
+    say(f"{rung.spec}: batch {batch_size}, lr {learning_rate:g}: {t['steps']} steps in {t['seconds']:.1f} s, "
+        f"val-head loss {loss:.4f}")
+    return t
+
+
+def settings_to_try(cfg: LadderConfig, rung: Rung, record: dict, budget: float) -> list[tuple[int, float]]:
+    """The (batch size, learning rate) pairs trained at ``budget``. At the smallest, the whole grid.
+    Above it, the previous budget's winner, and the same at half its learning rate: a longer run
+    takes more steps, and a rate that wins a short run is often too high for a long one."""
+    smaller = [b for b in cfg.budgets if b < budget]
+    if not smaller:
+        return [(b, LEARNING_RATE[rung.name] * s) for b in cfg.batch_sizes for s in cfg.lr_scales]
+    previous = next(p for p in record["points"] if p["budget"] == max(smaller))
+    batch_size, learning_rate = previous["batch_size"], previous["learning_rate"]
+    return [(batch_size, learning_rate), (batch_size, learning_rate / 2)]
 
 
 def neural_rung(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Path,
                 save: Callable[[], None], say: Callable[[str], None]) -> None:
-    if record.get("settings") is None:
-        search(cfg, rung, record, dataset, out, save, say)
-    s = record["settings"]
-    say(f"{rung.spec}: batch {s['batch_size']}, learning rate {s['learning_rate']:g}")
+    """Each budget's point is the best of its trials, scored exactly on the whole val split; the
+    losing trials are deleted once the rung is done."""
     for budget in sorted(cfg.budgets):
         if any(p["budget"] == budget for p in record["points"]):
             continue
+        tried = settings_to_try(cfg, rung, record, budget)
+        trials = [trial(cfg, rung, record, dataset, out, budget, b, lr, save, say) for b, lr in tried]
+        best = min(trials, key=lambda t: math.inf if t["search_loss"] is None else t["search_loss"])
         path = out / cfg.label(budget).replace(" ", "")
-        winner = next((t for t in record["search"] if budget == min(cfg.budgets) and
-                       (t["batch_size"], t["learning_rate"]) == (s["batch_size"], s["learning_rate"])), None)
-        if winner is not None and checkpoint.exists(winner["checkpoint"]):  # trained already: the search's best
-            _replace_dir(Path(winner["checkpoint"]), path)
-            point = {k: v for k, v in winner.items() if k != "search_loss"} | {"checkpoint": str(path)}
+        if checkpoint.exists(best["checkpoint"]):
+            _replace_dir(Path(best["checkpoint"]), path)
+        if checkpoint.exists(path):  # moved here now, or by a study interrupted before it saved the point
+            point = {k: v for k, v in best.items() if k != "search_loss"} | {"checkpoint": str(path)}
         else:
             say(f"{rung.spec}: training for {cfg.label(budget)}")
-            point = run_neural(cfg, rung, budget, s["batch_size"], s["learning_rate"], path, record["flops_per_token"])
+            point = run_neural(cfg, rung, budget, best["batch_size"], best["learning_rate"], path,
+                               record["flops_per_token"])
         point = finish_point(cfg, point, dataset)
         record["points"].append(point)
         save()
-        say(f"{rung.spec} at {cfg.label(budget)}: {point['steps']} steps, {point['seconds']:.1f} s, "
-            f"{point['flops']:.2e} FLOPs, val loss {point['val_loss']:.4f} ({point['bits_per_byte']:.3f} bits/byte)")
+        say(f"{rung.spec} at {cfg.label(budget)}: batch {point['batch_size']}, lr {point['learning_rate']:g}, "
+            f"{point['steps']} steps, {point['seconds']:.1f} s, {point['flops']:.2e} FLOPs, "
+            f"val loss {point['val_loss']:.4f} ({point['bits_per_byte']:.3f} bits/byte)")
     search_dir = out / "search"
     if search_dir.exists():
-        shutil.rmtree(search_dir)  # the losing trials; the winner has moved to its point
+        shutil.rmtree(search_dir)  # the losing trials; each winner has moved to its point
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -286,11 +297,12 @@ def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dic
     saved = open_study(cfg, out)
     say(f"study: {out} ({'resumed' if saved else 'new'}); budgets {', '.join(map(cfg.label, cfg.budgets))}")
     records = {r["rung"]: r for r in saved["rungs"]} if saved else {}
-    report = {"study": cfg.study(), "dataset": str(dataset.path), "vocab_size": dataset.vocab_size, "rungs": []}
+    report = {"study": cfg.study(), "method": METHOD, "dataset": str(dataset.path), "vocab_size": dataset.vocab_size,
+              "rungs": []}
     for rung in ladder:
         if rung.spec not in records:
             records[rung.spec] = dict(rung=rung.spec, model_type=rung.model_type, counted=rung.counted,
-                                      params=None, flops_per_token=None, search=[], settings=None, points=[])
+                                      params=None, flops_per_token=None, search=[], points=[])
             if not rung.counted:
                 model = build_rung(rung, dataset.vocab_size, overrides={"block_size": cfg.block_size})
                 records[rung.spec].update(params=model.num_params(),
@@ -472,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_numbers(int),
                    help=f"batch sizes searched at the smallest budget (default {','.join(map(str, d.batch_sizes))})")
     p.add_argument("--lr-scales", type=_numbers(float),
-                   help="learning rates searched at the smallest budget, as multiples of each rung's own "
+                   help="learning rates searched at the smallest budget, as multiples of each rung's own; a "
+                        "larger budget tries the previous winner's and half of it "
                         f"(default {','.join(f'{s:g}' for s in d.lr_scales)})")
     p.add_argument("--out", help="output directory (default checkpoints/ladder-<data>-<tokenizer>, e.g. "
                                  "checkpoints/ladder-tinyshakespeare-byte)")

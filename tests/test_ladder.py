@@ -35,22 +35,28 @@ def test_study_trains_each_neural_rung_at_every_budget_through_train(tmp_path, s
     assert [line.split("|")[1].strip() for line in printed[2:7]] == ["unigram", "kneser-ney:3", "bengio", "gpt",
                                                                      "best"]
     report = json.loads((out / "ladder.json").read_text())
+    assert set(report["method"]) == {"search", "schedule"}
     rungs = {r["rung"]: r for r in report["rungs"]}
     for name in ("bengio", "gpt"):
         r = rungs[name]
-        # the search: every (batch, lr) of the grid at the smallest budget; the best by val-head loss wins
-        assert sorted(t["batch_size"] for t in r["search"]) == [4, 8]
-        best = min(r["search"], key=lambda t: t["search_loss"])
-        assert r["settings"]["batch_size"] == best["batch_size"]
-        assert r["settings"]["learning_rate"] == LEARNING_RATE[name]
-        # every budget, trained with the chosen settings through train(): its steps fill the budget
+        # the smallest budget searches the grid; the larger one tries its winner and half its rate
+        first, second = ([t for t in r["search"] if t["budget"] == b] for b in (1024.0, 4096.0))
+        assert sorted((t["batch_size"], t["learning_rate"]) for t in first) == [(4, LEARNING_RATE[name]),
+                                                                                (8, LEARNING_RATE[name])]
+        winner = min(first, key=lambda t: t["search_loss"])
+        assert [(t["batch_size"], t["learning_rate"]) for t in second] == [
+            (winner["batch_size"], winner["learning_rate"]), (winner["batch_size"], winner["learning_rate"] / 2)]
+        # each point is its budget's best trial by val-head loss, trained through train(): its steps fill the budget
         assert [p["budget"] for p in r["points"]] == [1024.0, 4096.0]
-        for p in r["points"]:
-            B = r["settings"]["batch_size"]
-            assert p["batch_size"] == B and p["steps"] == round(p["budget"] / (B * BLOCK))
+        for p, trials in zip(r["points"], (first, second)):
+            best = min(trials, key=lambda t: t["search_loss"])
+            B = best["batch_size"]
+            assert (p["batch_size"], p["learning_rate"], p["seconds"]) == (B, best["learning_rate"], best["seconds"])
+            assert p["steps"] == round(p["budget"] / (B * BLOCK))
             assert p["tokens"] == p["steps"] * B * BLOCK and p["flops"] == p["tokens"] * r["flops_per_token"]
             saved = json.loads((out / name / f"{p['budget']:g}tokens" / "config.json").read_text())["train"]
             assert saved["max_iters"] == p["steps"] and saved["lr_decay_iters"] is None  # the cosine ends there
+            assert saved["learning_rate"] == p["learning_rate"] and saved["batch_size"] == B
             assert saved["min_lr"] == pytest.approx(saved["learning_rate"] / 10)
         assert r["points"][1]["val_loss"] < r["points"][0]["val_loss"]  # four times the tokens pay
     # every point's loss is exact: the whole val split, scored again from its checkpoint
@@ -103,7 +109,8 @@ def test_picture_draws_the_exact_values_of_ladder_json(tmp_path, shared_data):
 @pytest.mark.slow
 def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, shared_data):
     whole = small(tmp_path, shared_data, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "whole"))
-    expected = climb(whole, say=lambda s: None)
+    expected_messages = []
+    expected = climb(whole, say=expected_messages.append)
 
     cut = small(tmp_path, shared_data, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "cut"))
     seen = []
@@ -124,7 +131,9 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, shared_data):
     messages = []
     resumed = climb(LadderConfig(**{**cut.__dict__, "resume": True}), say=messages.append)
     assert not any(m.startswith(("unigram: counted", "bengio: search")) for m in messages)  # not redone
-    assert sum(m.startswith("gpt: search") for m in messages) == 1  # only the missing trial
+    trials = sum(m.startswith("gpt: search") for m in expected_messages)
+    assert trials == 4  # two at each budget
+    assert sum(m.startswith("gpt: search") for m in messages) == trials - 1  # all but the finished trial
     got = {r["rung"]: r for r in resumed["rungs"]}
     for name in ("unigram", "bengio"):  # the finished part, exactly as it was saved
         assert got[name] == finished[name]
@@ -132,7 +141,8 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, shared_data):
     # and the whole equals an uninterrupted study: token budgets are reproducible
     for r, e in zip(resumed["rungs"], expected["rungs"]):
         assert [p["val_loss"] for p in r["points"]] == pytest.approx([p["val_loss"] for p in e["points"]], rel=1e-6)
-        assert r["settings"] == e["settings"]
+        assert [(p.get("batch_size"), p.get("learning_rate")) for p in r["points"]] == \
+            [(p.get("batch_size"), p.get("learning_rate")) for p in e["points"]]
 
     # a resumed study keeps its settings
     with pytest.raises(UserError, match="--budgets differs"):

@@ -36,7 +36,7 @@ NEURAL = {
 RUNGS = tuple(COUNT) + tuple(NEURAL)
 # the centre of the ladder's learning-rate search for each neural rung (AdamW, warmup, cosine decay)
 LEARNING_RATE = {"bengio": 2e-3, "rnn": 3e-3, "lstm": 5e-3, "transformer": 1e-3, "gpt1": 1e-3, "gpt": 2e-3}
-BLOCK_SIZE = 128
+BLOCK_SIZE = 64  # nanoGPT's CPU recipe's context: on two cores a longer one costs the attention rungs steps
 ADD_K = 0.01
 TIED_HEAD = {"gpt", "transformer"}  # model types whose output layer is wte itself
 
