@@ -199,3 +199,17 @@ def test_gpt_beats_unigram_by_far_on_tiny_shakespeare(tmp_path, shakespeare):
     unigram, gpt = (r["points"][0]["bits_per_byte"] for r in report["rungs"])
     assert 4.5 < unigram < 5.0  # the byte entropy of Shakespeare's letters
     assert gpt < unigram - 0.6
+
+
+def test_resume_keeps_a_point_moved_but_not_yet_saved(tmp_path, shared_data):
+    # the winning trial's run had moved to its point's folder when the study stopped, before ladder.json said so
+    cfg = small(tmp_path, shared_data, rungs=("gpt",), batch_sizes=(4,), budgets=(1024.0,), sample_tokens=0)
+    done = climb(cfg, say=lambda s: None)
+    report = json.loads((tmp_path / "ladder" / "ladder.json").read_text())
+    point = report["rungs"][0]["points"].pop()
+    (tmp_path / "ladder" / "ladder.json").write_text(json.dumps(report))
+    messages = []
+    resumed = climb(LadderConfig(**{**cfg.__dict__, "resume": True}), say=messages.append)
+    assert not any("search at" in m or "training for" in m for m in messages)  # nothing trained again
+    again = resumed["rungs"][0]["points"][0]
+    assert again["checkpoint"] == point["checkpoint"] and again["val_loss"] == done["rungs"][0]["points"][0]["val_loss"]
