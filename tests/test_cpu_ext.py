@@ -179,6 +179,54 @@ def test_softmax_values_and_gradients_match_float64(rng, shape, scale, causal):
                     scale=scale * p64 * np.abs(g).max(-1, keepdims=True) + 1e-30)
 
 
+def attention64(q, k, v, g, scale, causal):
+    """softmax(scale q k^T, masked) v and its gradients for q, k, v, in float64."""
+    q, k, v, g = (f64(a) for a in (q, k, v, g))
+    s = scale * q @ np.swapaxes(k, -1, -2)
+    if causal:
+        t, n = s.shape[-2:]
+        s = np.where(np.arange(n)[None] > np.arange(n - t, n)[:, None], -np.inf, s)
+    p = softmax64(s)
+    dp = g @ np.swapaxes(v, -1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    return p @ v, scale * ds @ k, scale * np.swapaxes(ds, -1, -2) @ q, np.swapaxes(p, -1, -2) @ g
+
+
+def heads(rng, batch, n_head, length, hs, parts):
+    """``parts`` arrays (batch, n_head, length, hs) split out of one (batch, length, parts * C) projection,
+    as attention receives them: views whose rows are parts * C apart."""
+    x = mx.array(rng.normal(0, 1, (batch, length, parts * n_head * hs)).astype(np.float32))
+    return [t.reshape(batch, length, n_head, hs).transpose(0, 2, 1, 3) for t in mx.split(x, parts, axis=-1)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,n_head,T,S,hs,causal", [
+    (2, 4, 64, 64, 32, True),     # nanoGPT's CPU example
+    (2, 6, 256, 256, 64, True),   # its shakespeare-char model: split over threads
+    (3, 2, 17, 29, 24, True),     # a prefill after 12 cached positions; hs not a multiple of 16
+    (2, 2, 1, 9, 64, True),       # one query
+    (1, 3, 5, 5, 16, False),
+    (1, 1, 7, 3, 8, False)])
+def test_attention_values_and_gradients_match_float64(rng, batch, n_head, T, S, hs, causal):
+    (q,) = heads(rng, batch, n_head, T, hs, 1)
+    k, v = heads(rng, batch, n_head, S, hs, 2)
+    g = rng.normal(0, 1, q.shape).astype(np.float32)
+    scale = hs ** -0.5
+    exact = attention64(q, k, v, g, scale, causal)
+    # the projection's views, the same values contiguous, and q with a strided last axis
+    strided_q = mx.array(np.repeat(np.array(q), 2, axis=-1))[..., ::2]
+    for args in ([q, k, v], [mx.contiguous(a) for a in (q, k, v)], [strided_q, k, v]):
+        f = mx.compile(lambda q, k, v: mx.vjp(lambda q, k, v: kernels.attention(q, k, v, scale, causal),
+                                              [q, k, v], [mx.array(g)]))
+        (y,), grads = f(*args)
+        # a product of float32 rows against float64: a few ulps of the largest term of each head
+        for got, want in zip([y, *grads], exact):
+            within_ulps(got, want, 32, scale=np.abs(want).max(axis=(-2, -1), keepdims=True))
+    # stored as (B, T, nh, hs), read as (B, nh, T, hs) like any array
+    np.testing.assert_array_equal(np.array(y.transpose(0, 2, 1, 3).reshape(batch, T, -1)),
+                                  np.array(y).transpose(0, 2, 1, 3).reshape(batch, T, -1))
+
+
 @needs_kernels
 def test_attention_with_the_kernels_equals_the_pure_mlx_path(rng):
     q, k, v = (mx.array(rng.normal(0, 1, (2, 3, 300, 16)).astype(np.float32)) for _ in range(3))

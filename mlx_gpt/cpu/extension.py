@@ -2,9 +2,10 @@
 
 MLX's CPU backend runs each operation on one thread and evaluates ``exp``/``tanh`` one element at
 a time, so GELU, softmax, layer norm and cross-entropy cost more than the matmuls around them
-however their graphs are written. ``ext/`` implements them (and their backward passes, and the
-AdamW update) as MLX primitives: vectorized loops split over the cores, each one kernel where the
-graph took several.
+however their graphs are written, and attention's per-head matmuls and copies cost more than
+its arithmetic. ``ext/`` implements them (and their backward passes, and the AdamW update) as
+MLX primitives: vectorized loops split over the cores, each one kernel where the graph took
+several.
 
 The module is compiled with CMake and the C++ compiler (which MLX's CPU backend already needs
 for ``mx.compile``) against the installed MLX's headers and nanobind, into

@@ -45,7 +45,7 @@ class Embedding(nn.Embedding):
 
 
 class Attention(CausalSelfAttention):
-    """Causal attention as blocked matmuls around the CPU softmax (``ops.attention``)."""
+    """Causal attention computed by ``ops.attention``."""
 
     def attend(self, q, k, v, scale, mask):
         if isinstance(mask, mx.array):  # a fixed-capacity cache masks the positions not yet written

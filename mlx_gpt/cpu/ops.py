@@ -446,15 +446,19 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
     """softmax(q k^T * scale [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
 
     With ``causal`` the mask is aligned to the last query, which is what a prefill after cached
-    positions needs. On the CPU it is written as batched matmuls around ``softmax``, by blocks
-    of queries when causal; on other devices it is ``mx.fast.scaled_dot_product_attention``.
-    ``dropout``, when given, is applied to the attention weights (training).
+    positions needs. On the CPU it is one C++ primitive per pass where the kernels load (the
+    heads read in place from the projection's views, the weights recomputed in the backward
+    pass); with ``dropout`` (applied to the attention weights, which must then be written out)
+    or without the kernels, it is batched matmuls around ``softmax``, by blocks of queries when
+    causal. On other devices it is ``mx.fast.scaled_dot_product_attention``.
     """
     if not fast_ops_enabled(q.dtype) and dropout is None:
         mask = "causal" if causal else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     T, S = q.shape[2], k.shape[2]
     kernels = _kernels() if fast_ops_enabled(q.dtype) else None
+    if kernels is not None and dropout is None:
+        return kernels.attention(q, k, v, scale, causal)
     if kernels is None:
         q = q * scale
     n_blocks = -(-T // QUERY_BLOCK) if causal else 1

@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "common.h"
 #include "parallel.h"
 #include "vecmath.h"
 
@@ -16,29 +16,6 @@ constexpr int64_t kGrain = 16384;  // elements below which a loop is not worth s
 
 int64_t rows_per_share(int64_t row_length) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_length, 1));
-}
-
-float* allocate(mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  return out.data<float>();
-}
-
-void require_float32(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + " must be float32");
-}
-
-[[noreturn]] void no_gpu(const char* what) {
-  throw std::runtime_error(std::string(what) + " runs on the CPU only");
-}
-
-// Queue `task` on the primitive's stream, the way MLX's own CPU kernels run.
-template <class F>
-void dispatch(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array*> outputs,
-              F&& task) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (auto& a : inputs) encoder.set_input_array(a);
-  for (auto* a : outputs) encoder.set_output_array(*a);
-  encoder.dispatch(std::forward<F>(task));
 }
 
 // ------------------------------------------------------------------------------------- GELU

@@ -1,6 +1,6 @@
 // MLX primitives for the CPU hot paths of a GPT step: tanh-GELU, layer norm, softmax (causal
-// masking fused), and cross-entropy, each with the primitive of its backward pass, and the
-// AdamW update.
+// masking fused), attention, and cross-entropy, each with the primitive of its backward pass,
+// and the AdamW update.
 //
 // The ops take float32 arrays of any layout (they are made row-contiguous first) and run on the
 // CPU only: mlx_gpt picks them when the default device is the CPU and uses MLX's own kernels
@@ -24,6 +24,13 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 // softmax(scale * x) over the last axis (scale > 0); with `causal`, row i of each (T, S) matrix sees only the
 // keys j <= i + S - T (the mask aligned to the last query) and is 0 elsewhere
 mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevice s = {});
+
+// softmax(scale q k^T [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs), S >= T, the
+// mask aligned to the last query. The inputs may be any views whose last axis is contiguous (the
+// heads of a (B, T, 3 nh hs) projection); the result is laid out as (B, T, nh, hs), so that the
+// transpose back to (B, T, C) is free.
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s = {});
 
 // logsumexp(logits) - (1 - smoothing) logits[target] - smoothing mean(logits), per row; a target
 // outside [0, V) gives NaN
@@ -127,6 +134,44 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
 
  private:
   float scale_;
+};
+
+// inputs (q, k, v) -> (out, logsumexp of each query's scaled scores); the backward pass
+// recomputes the attention weights from the log-sum-exps instead of keeping them
+class Attention : public mx::Primitive {
+ public:
+  Attention(mx::Stream stream, float scale, bool causal) : mx::Primitive(stream), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+// inputs (q, k, v, out, logsumexp, cotangent) -> (dq, dk, dv)
+class AttentionGrad : public mx::Primitive {
+ public:
+  AttentionGrad(mx::Stream stream, float scale, bool causal)
+      : mx::Primitive(stream), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptAttentionGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttentionGrad&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
 };
 
 // inputs (logits, int32 targets) -> (loss, max, sum of e**(logits - max)), one per row

@@ -1,0 +1,363 @@
+// Attention as one primitive per pass, each (batch, head) pair a task for the pool.
+//
+// Through MLX's graph, attention is batched matmuls over heads split out of the projection: each
+// transposed view is copied before a matmul and after it, the batched matmul is one BLAS call
+// per head, and the backward pass adds the gradients of every copy. Here a task reads its head's
+// rows where the projection left them, keeps a few rows of scores in cache, and writes its
+// output rows where the transpose back to (B, T, C) expects them. The backward pass recomputes
+// the attention weights from the forward pass's log-sum-exps (one more q k^T) rather than
+// keeping a (T, S) matrix per head from the forward pass.
+//
+// The products are small (T, S up to the block size, hs about 64), below the sizes where BLAS
+// pays for its packing; a register tile of 4 rows by 16 columns, vectorized by the compiler,
+// runs them from cache.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "parallel.h"
+#include "primitives.h"
+#include "vecmath.h"
+
+namespace mlx_gpt {
+
+namespace {
+
+constexpr int kRows = 4;     // rows of a register tile
+constexpr int kCols = 16;    // columns of a register tile: two AVX2 registers
+constexpr int kDims = 4;     // (B, nh, T, hs)
+
+// eight floats in one AVX2 register (two NEON registers); GCC and Clang vector extensions, since
+// plain arrays of partial sums were partly kept on the stack
+typedef float Lanes __attribute__((vector_size(32)));
+
+inline Lanes load(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+
+// c (R x n) = a (R x kk) b (kk x n), or c += that with `accumulate`. a(i, k) is a[i * ai + k * ak]
+// (either layout of a), row k of b starts at b + k * ldb, row i of c at c + i * ldc. The partial
+// sums of an R x 16 tile stay in registers over the whole k loop.
+template <int R>
+inline void tile_rows(int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + kCols <= n; j += kCols) {
+    Lanes acc[R][2] = {};
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* bk = b + k * ldb + j;
+      Lanes b0 = load(bk), b1 = load(bk + 8);
+      for (int r = 0; r < R; ++r) {
+        Lanes av = Lanes{} + a[r * ai + k * ak];
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + r * ldc + j;
+      if (accumulate) {
+        acc[r][0] += load(cr);
+        acc[r][1] += load(cr + 8);
+      }
+      store(cr, acc[r][0]);
+      store(cr + 8, acc[r][1]);
+    }
+  }
+  if (j < n) {  // the last n % 16 columns
+    int w = static_cast<int>(n - j);
+    float acc[R][kCols] = {};
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* bk = b + k * ldb + j;
+      for (int r = 0; r < R; ++r) {
+        float av = a[r * ai + k * ak];
+        for (int l = 0; l < w; ++l) acc[r][l] += av * bk[l];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < w; ++l) c[r * ldc + j + l] = accumulate ? c[r * ldc + j + l] + acc[r][l] : acc[r][l];
+  }
+}
+
+// tile_rows for m rows: tiles of kRows, then one row at a time
+void matmul(int64_t m, int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
+            float* c, int64_t ldc, bool accumulate = false) {
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows) tile_rows<kRows>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < m; ++i) tile_rows<1>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+// One (batch, head) slice of a (B, nh, rows, hs) array: row i starts at p + i * stride.
+struct Slice {
+  const float* p;
+  int64_t stride;
+  const float* row(int64_t i) const { return p + i * stride; }
+};
+
+struct MutSlice {
+  float* p;
+  int64_t stride;
+  float* row(int64_t i) const { return p + i * stride; }
+};
+
+// A (B, nh, rows, hs) array as the kernels read it: its data (copied when its last axis is not
+// contiguous) and the strides of its first three axes.
+struct View {
+  const float* data;
+  int64_t sb, sh, st;
+  std::vector<float> copy;
+
+  explicit View(const mx::array& a) {
+    auto& s = a.strides();
+    if (s[3] == 1 || a.shape(3) == 1) {
+      data = a.data<float>();
+      sb = s[0], sh = s[1], st = s[2];
+      return;
+    }
+    int64_t n1 = a.shape(1), n2 = a.shape(2), n3 = a.shape(3);
+    copy.resize(static_cast<size_t>(a.size()));
+    const float* src = a.data<float>();
+    float* dst = copy.data();
+    for (int64_t i0 = 0; i0 < a.shape(0); ++i0)
+      for (int64_t i1 = 0; i1 < n1; ++i1)
+        for (int64_t i2 = 0; i2 < n2; ++i2)
+          for (int64_t i3 = 0; i3 < n3; ++i3)
+            *dst++ = src[i0 * s[0] + i1 * s[1] + i2 * s[2] + i3 * s[3]];
+    data = copy.data();
+    sb = n1 * n2 * n3, sh = n2 * n3, st = n3;
+  }
+
+  Slice slice(int64_t b, int64_t h) const { return {data + b * sb + h * sh, st}; }
+};
+
+// Output arrays of logical shape (B, nh, rows, hs) stored as (B, rows, nh, hs).
+float* allocate_heads_last(mx::array& out) {
+  int64_t nh = out.shape(1), rows = out.shape(2), hs = out.shape(3);
+  mx::Strides strides{rows * nh * hs, hs, nh * hs, 1};
+  bool row_contiguous = nh == 1 || rows == 1;
+  out.set_data(mx::allocator::malloc(out.nbytes()), out.size(), strides,
+               mx::array::Flags{true, row_contiguous, false});
+  return out.data<float>();
+}
+
+// head h of batch b of such an output with `rows` rows
+MutSlice heads_last(float* base, int64_t nh, int64_t rows, int64_t hs, int64_t b, int64_t h) {
+  return {base + b * rows * nh * hs + h * hs, nh * hs};
+}
+
+// keys query row r (of t) sees
+inline int64_t visible(int64_t r, int64_t t, int64_t s, bool causal) {
+  if (!causal) return s;
+  int64_t n = r + s - t + 1;
+  return n < 0 ? 0 : (n > s ? s : n);
+}
+
+// the first query that sees key j
+inline int64_t first_query(int64_t j, int64_t t, int64_t s, bool causal) {
+  if (!causal) return 0;
+  int64_t r = j - (s - t);
+  return r < 0 ? 0 : r;
+}
+
+// kt (hs x s) = the rows of x (s x hs) as columns, by blocks of kCols rows so that each write
+// fills a run of kCols floats (one row at a time wrote one float per cache line)
+void transpose_into(Slice x, int64_t s, int64_t hs, float* kt) {
+  for (int64_t j0 = 0; j0 < s; j0 += kCols) {
+    int64_t w = std::min<int64_t>(kCols, s - j0);
+    for (int64_t d = 0; d < hs; ++d) {
+      float* out = kt + d * s + j0;
+      for (int64_t j = 0; j < w; ++j) out[j] = x.row(j0 + j)[d];
+    }
+  }
+}
+
+struct Shape {
+  int64_t batch, heads, t, s, hs;
+  float scale;
+  bool causal;
+};
+
+// Per-thread scratch, grown as needed and kept for the next call.
+std::vector<float>& scratch(size_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer;
+}
+
+void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse) {
+  const int64_t t = z.t, s = z.s, hs = z.hs;
+  const float scale = z.scale;  // a local: a float read through z might alias the rows written
+  auto& buffer = scratch(static_cast<size_t>(hs * s + kRows * s));
+  float* kt = buffer.data();
+  float* p = kt + hs * s;  // kRows rows of scores, then weights
+  transpose_into(k, s, hs, kt);
+  for (int64_t i0 = 0; i0 < t; i0 += kRows) {
+    int64_t rows = std::min<int64_t>(kRows, t - i0);
+    int64_t width = visible(i0 + rows - 1, t, s, z.causal);
+    if (width > 0) matmul(rows, width, hs, q.row(i0), q.stride, 1, kt, s, p, s);
+    float inverse[kRows];
+    for (int64_t r = 0; r < rows; ++r) {
+      float* pr = p + r * s;
+      int64_t n = visible(i0 + r, t, s, z.causal);
+      if (n == 0) {  // sees no key: its output is 0
+        for (int64_t j = 0; j < width; ++j) pr[j] = 0.0f;
+        inverse[r] = 0.0f;
+        lse[i0 + r] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      float m = max(pr, n) * scale;
+      for (int64_t j = 0; j < n; ++j) pr[j] = exp_nonpositive(pr[j] * scale - m);
+      for (int64_t j = n; j < width; ++j) pr[j] = 0.0f;
+      float total = sum(pr, n);
+      inverse[r] = 1.0f / total;
+      lse[i0 + r] = m + std::log(total);
+    }
+    if (width > 0) {
+      matmul(rows, hs, width, p, s, 1, v.p, v.stride, y.row(i0), y.stride);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < hs; ++d) y.row(i0 + r)[d] = 0.0f;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = y.row(i0 + r);
+      for (int64_t d = 0; d < hs; ++d) yr[d] *= inverse[r];
+    }
+  }
+}
+
+// dq = scale dS k, dk = scale dS^T q, dv = P^T dO, with P recomputed from the log-sum-exps and
+// dS = P (dP - rowsum(dO o)), dP = dO v^T
+void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const float* lse, Slice g, MutSlice dq,
+                   MutSlice dk, MutSlice dv) {
+  const int64_t t = z.t, s = z.s, hs = z.hs;
+  const float scale = z.scale;
+  auto& buffer = scratch(static_cast<size_t>(2 * hs * s + 2 * t * s + t));
+  float* kt = buffer.data();
+  float* vt = kt + hs * s;
+  float* p = vt + hs * s;  // (t, s) attention weights
+  float* ds = p + t * s;   // (t, s) gradient of the scaled scores, times the scale
+  float* delta = ds + t * s;
+  transpose_into(k, s, hs, kt);
+  transpose_into(v, s, hs, vt);
+  for (int64_t i = 0; i < t; ++i) delta[i] = dot(g.row(i), o.row(i), hs);
+  for (int64_t i0 = 0; i0 < t; i0 += kRows) {
+    int64_t rows = std::min<int64_t>(kRows, t - i0);
+    int64_t width = visible(i0 + rows - 1, t, s, z.causal);
+    float* pt = p + i0 * s;
+    float* dst = ds + i0 * s;
+    if (width > 0) {
+      matmul(rows, width, hs, q.row(i0), q.stride, 1, kt, s, pt, s);
+      matmul(rows, width, hs, g.row(i0), g.stride, 1, vt, s, dst, s);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* pr = pt + r * s;
+      float* dr = dst + r * s;
+      int64_t n = visible(i0 + r, t, s, z.causal);
+      float shift = lse[i0 + r], dl = delta[i0 + r];
+      for (int64_t j = 0; j < n; ++j) {
+        float w = exp_nonpositive(pr[j] * scale - shift);
+        pr[j] = w;
+        dr[j] = (w * (dr[j] - dl)) * scale;
+      }
+      for (int64_t j = n; j < s; ++j) pr[j] = dr[j] = 0.0f;
+    }
+    if (width > 0) {
+      matmul(rows, hs, width, dst, s, 1, k.p, k.stride, dq.row(i0), dq.stride);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < hs; ++d) dq.row(i0 + r)[d] = 0.0f;
+    }
+  }
+  // key j gets contributions from queries first_query(j)..t-1; rows before that are zero in p, ds
+  for (int64_t j0 = 0; j0 < s; j0 += kRows) {
+    int64_t rows = std::min<int64_t>(kRows, s - j0);
+    int64_t from = first_query(j0, t, s, z.causal);
+    int64_t kk = std::max<int64_t>(t - from, 0);
+    auto transposed = [&](const float* a, Slice b, MutSlice c) {
+      if (rows == kRows)
+        tile_rows<kRows>(hs, kk, a + from * s + j0, 1, s, b.row(from), b.stride, c.row(j0), c.stride, false);
+      else
+        for (int64_t r = 0; r < rows; ++r)
+          tile_rows<1>(hs, kk, a + from * s + j0 + r, 1, s, b.row(from), b.stride, c.row(j0 + r), c.stride, false);
+    };
+    transposed(p, g, dv);
+    transposed(ds, q, dk);
+  }
+}
+
+Shape shape_of(const mx::array& q, const mx::array& k, float scale, bool causal) {
+  return {q.shape(0), q.shape(1), q.shape(2), k.shape(2), q.shape(3), scale, causal};
+}
+
+}  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s) {
+  for (auto* a : {&q, &k, &v}) require_float32(*a, "attention: q, k and v");
+  if (q.ndim() != kDims || k.ndim() != kDims || v.ndim() != kDims)
+    throw std::invalid_argument("attention: q, k and v must be (B, nh, T, hs)");
+  if (k.shape() != v.shape() || k.shape(0) != q.shape(0) || k.shape(1) != q.shape(1) || k.shape(3) != q.shape(3))
+    throw std::invalid_argument("attention: k and v must be (B, nh, S, hs) for q (B, nh, T, hs)");
+  if (!(scale > 0.0f)) throw std::invalid_argument("attention: scale must be positive");
+  auto stream = mx::to_stream(s);
+  auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
+                                     std::make_shared<Attention>(stream, scale, causal), {q, k, v});
+  return outs[0];
+}
+
+void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  Shape z = shape_of(inputs[0], inputs[1], scale_, causal_);
+  float* y = allocate_heads_last(outputs[0]);
+  float* lse = allocate(outputs[1]);
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [q = inputs[0], k = inputs[1], v = inputs[2], z, y, lse] {
+    View qv(q), kv(k), vv(v);
+    Pool::instance().run(z.batch * z.heads, 1, [&](int, int64_t lo, int64_t hi) {
+      for (int64_t task = lo; task < hi; ++task) {
+        int64_t b = task / z.heads, h = task % z.heads;
+        forward_head(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
+      }
+    });
+  });
+}
+
+void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
+
+std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                                      {mx::float32, mx::float32, mx::float32},
+                                      std::make_shared<AttentionGrad>(stream(), scale_, causal_),
+                                      {primals[0], primals[1], primals[2], outputs[0], outputs[1], cotangents[0]});
+  std::vector<mx::array> out;
+  for (int a : argnums) out.push_back(grads[a]);
+  return out;
+}
+
+void AttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  Shape z = shape_of(inputs[0], inputs[1], scale_, causal_);
+  float* dq = allocate_heads_last(outputs[0]);
+  float* dk = allocate_heads_last(outputs[1]);
+  float* dv = allocate_heads_last(outputs[2]);
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
+           [in = inputs, z, dq, dk, dv] {
+             View qv(in[0]), kv(in[1]), vv(in[2]), ov(in[3]), gv(in[5]);
+             const float* lse = in[4].data<float>();
+             Pool::instance().run(z.batch * z.heads, 1, [&](int, int64_t lo, int64_t hi) {
+               for (int64_t task = lo; task < hi; ++task) {
+                 int64_t b = task / z.heads, h = task % z.heads;
+                 backward_head(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), ov.slice(b, h), lse + task * z.t,
+                               gv.slice(b, h), heads_last(dq, z.heads, z.t, z.hs, b, h),
+                               heads_last(dk, z.heads, z.s, z.hs, b, h), heads_last(dv, z.heads, z.s, z.hs, b, h));
+               }
+             });
+           });
+}
+
+void AttentionGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
+
+}  // namespace mlx_gpt
