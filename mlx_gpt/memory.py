@@ -4,7 +4,8 @@ A step holds, at its fullest: the parameters, their gradients and AdamW's two mo
 size of the parameters, in float32, with a cast copy of the parameters in bfloat16 runs; a LoRA
 run's frozen weights are held alone, in the compute dtype); the activations the backward pass needs, per
 layer and per token of a micro-batch (a few widths' worth of layer norms, projections and MLP
-hidden states, and the attention weights, nh x T per token); the logits, B x T x V, in float32
+hidden states, and the attention weights, nh x T per token, unless the backward pass recomputes
+them, as the CPU's attention kernel does); the logits, B x T x V, in float32
 for the loss together with their gradient; with gradient accumulation one more gradient tree
 (the micro-batch's, before it is added), and with a batch split over CPU streams one gradient
 tree per extra stream.
@@ -57,7 +58,7 @@ class MemoryEstimate:
 
 def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = "float32", grad_accum: int = 1,
                         streams: int = 1, grad_checkpoint: bool = False, loss_chunk: int = 0,
-                        trainable: int | None = None) -> MemoryEstimate:
+                        trainable: int | None = None, attention_weights: bool = True) -> MemoryEstimate:
     """The peak of one train step of a model shaped by ``config`` (n_layer, n_embd, n_head,
     vocab_size, block_size; a model without attention has no n_head) with ``n_params`` parameters,
     micro-batches of ``batch_size`` x block_size tokens, split over ``streams`` CPU streams.
@@ -67,7 +68,9 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     a time: MLX schedules ahead, so up to CHUNKS_AHEAD chunks' logits are allocated at once.
     ``trainable`` (LoRA: the adapters, of the ``n_params``): only those have gradients, moments
     and float32 master copies; the frozen rest is held in ``dtype`` (``lora.cast_frozen``). The
-    activations are a full fine-tune's: the backward pass still runs through every layer."""
+    activations are a full fine-tune's: the backward pass still runs through every layer.
+    ``attention_weights``: whether each layer's attention weights are kept for the backward pass
+    (``train.attention_weights_kept``)."""
     s = DTYPE_BYTES[dtype]
     trained = n_params if trainable is None else trainable
     frozen = n_params - trained
@@ -75,7 +78,7 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     L, C, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     nh = getattr(config, "n_head", 0)
     tokens = batch_size * T
-    per_layer = ACT_PER_WIDTH * C + ATTN_PER_SCORE * nh * T
+    per_layer = ACT_PER_WIDTH * C + (ATTN_PER_SCORE * nh * T if attention_weights else nh)
     # recomputed blocks keep only each block's input, and one block's activations at a time
     layers = L * C + per_layer if grad_checkpoint else L * per_layer
     held = 1 + ACCUM_HELD * (grad_accum - 1)

@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint, distributed, flags, limits, lora, memory, plot, rundir
-from .cpu import accelerate, parallel
+from .cpu import accelerate, ops, parallel
 from .data import SAMPLERS, BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
 from .errors import UserError, run_cli
 from .generate import generate
@@ -358,7 +358,9 @@ def _memory_check(cfg: TrainConfig, model: nn.Module | None, dataset: Dataset) -
     streams = parallel.split_for(cfg.batch_size, cfg.streams)[0] if on_cpu else 1
     return memory.check_fits(config, n_params + (trainable or 0), cfg.batch_size, memory.available_memory(),
                              dtype=cfg.dtype, grad_accum=cfg.grad_accum, streams=streams,
-                             grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk, trainable=trainable)
+                             grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk, trainable=trainable,
+                             attention_weights=ops.attention_weights_kept(DTYPES[cfg.dtype],
+                                                                          getattr(config, "dropout", 0.0)))
 
 
 def _model_config(cfg: TrainConfig, dataset: Dataset) -> GPTConfig:

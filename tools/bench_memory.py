@@ -53,7 +53,7 @@ def run_case(name: str, steps: int) -> dict:
     from mlx.utils import tree_flatten
 
     from mlx_gpt import lora, memory
-    from mlx_gpt.cpu import accelerate
+    from mlx_gpt.cpu import accelerate, ops
     from mlx_gpt.models.gpt import GPT, PRESETS, GPTConfig, build
     from mlx_gpt.optim import make_optimizer
     from mlx_gpt.recompute import recompute_blocks
@@ -70,7 +70,8 @@ def run_case(name: str, steps: int) -> dict:
     trainable = lora.count(config, adapters) if adapters else None
     estimate = memory.estimate_train_peak(config, n_params + (trainable or 0), batch, dtype=cfg.dtype,
                                           grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk,
-                                          trainable=trainable)
+                                          trainable=trainable,
+                                          attention_weights=ops.attention_weights_kept(DTYPES[cfg.dtype], config.dropout))
     result = {"case": name, "params_M": round(n_params / 1e6, 1), "batch": batch, "block": block,
               "trainable_M": round((trainable or n_params) / 1e6, 2), "estimate_GB": round(estimate.total / 1e9, 2)}
     if estimate.total > memory.available_memory():

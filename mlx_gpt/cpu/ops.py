@@ -441,6 +441,12 @@ def causal_mask(t: int, s: int, dtype: mx.Dtype = mx.float32) -> mx.array:
 QUERY_BLOCK = 128
 
 
+def attention_weights_kept(dtype: mx.Dtype, dropout: float) -> bool:
+    """Whether training keeps each layer's attention weights for the backward pass: not where
+    ``attention`` runs the C++ kernel (CPU, float32, no dropout), which recomputes them."""
+    return not (fast_ops_enabled(dtype) and not dropout and _kernels() is not None)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
               dropout: Callable[[mx.array], mx.array] | None = None) -> mx.array:
     """softmax(q k^T * scale [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
