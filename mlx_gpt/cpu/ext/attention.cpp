@@ -41,12 +41,12 @@ inline Lanes load(const float* p) {
 
 inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
 
-// c (R x n) = a (R x kk) b (kk x n), or c += that with `accumulate`. a(i, k) is a[i * ai + k * ak]
+// c (R x n) = a (R x kk) b (kk x n). a(i, k) is a[i * ai + k * ak]
 // (either layout of a), row k of b starts at b + k * ldb, row i of c at c + i * ldc. The partial
 // sums of an R x 16 tile stay in registers over the whole k loop.
 template <int R>
 inline void tile_rows(int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
-                      float* c, int64_t ldc, bool accumulate) {
+                      float* c, int64_t ldc) {
   int64_t j = 0;
   for (; j + kCols <= n; j += kCols) {
     Lanes acc[R][2] = {};
@@ -61,10 +61,6 @@ inline void tile_rows(int64_t n, int64_t kk, const float* a, int64_t ai, int64_t
     }
     for (int r = 0; r < R; ++r) {
       float* cr = c + r * ldc + j;
-      if (accumulate) {
-        acc[r][0] += load(cr);
-        acc[r][1] += load(cr + 8);
-      }
       store(cr, acc[r][0]);
       store(cr + 8, acc[r][1]);
     }
@@ -80,16 +76,16 @@ inline void tile_rows(int64_t n, int64_t kk, const float* a, int64_t ai, int64_t
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int l = 0; l < w; ++l) c[r * ldc + j + l] = accumulate ? c[r * ldc + j + l] + acc[r][l] : acc[r][l];
+      for (int l = 0; l < w; ++l) c[r * ldc + j + l] = acc[r][l];
   }
 }
 
 // tile_rows for m rows: tiles of kRows, then one row at a time
 void matmul(int64_t m, int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
-            float* c, int64_t ldc, bool accumulate = false) {
+            float* c, int64_t ldc) {
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) tile_rows<kRows>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc, accumulate);
-  for (; i < m; ++i) tile_rows<1>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i + kRows <= m; i += kRows) tile_rows<kRows>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc);
+  for (; i < m; ++i) tile_rows<1>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc);
 }
 
 // One (batch, head) slice of a (B, nh, rows, hs) array: row i starts at p + i * stride.
@@ -280,10 +276,10 @@ void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const flo
     int64_t kk = std::max<int64_t>(t - from, 0);
     auto transposed = [&](const float* a, Slice b, MutSlice c) {
       if (rows == kRows)
-        tile_rows<kRows>(hs, kk, a + from * s + j0, 1, s, b.row(from), b.stride, c.row(j0), c.stride, false);
+        tile_rows<kRows>(hs, kk, a + from * s + j0, 1, s, b.row(from), b.stride, c.row(j0), c.stride);
       else
         for (int64_t r = 0; r < rows; ++r)
-          tile_rows<1>(hs, kk, a + from * s + j0 + r, 1, s, b.row(from), b.stride, c.row(j0 + r), c.stride, false);
+          tile_rows<1>(hs, kk, a + from * s + j0 + r, 1, s, b.row(from), b.stride, c.row(j0 + r), c.stride);
     };
     transposed(p, g, dv);
     transposed(ds, q, dk);
