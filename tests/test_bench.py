@@ -116,8 +116,24 @@ def test_harness_times_each_side_in_its_own_process(tmp_path):
     for impl in ("mlx", "torch"):
         assert r[impl]["ms_per_step"] > 0 and len(r[impl]["steps_ms"][0]) == 2
     assert r["mlx_vs_torch"] == pytest.approx(r["torch"]["ms_per_step"] / r["mlx"]["ms_per_step"])
-    assert "tiny" in bench.format_table({"machine": {**MACHINE, "mlx_gpt": "0", "mlx": "0", "device": "cpu", "cores": 1,
-                                                     "blas": "b"}, "commit": None, "train": {"tiny": r}})
+    report = {"machine": {**MACHINE, "mlx_gpt": "0", "mlx": "0", "device": "cpu", "cores": 1, "blas": "b"},
+              "commit": None, "train": {"tiny": r}}
+    bench.apply_ceilings(report)
+    assert "tiny" in bench.format_table(report)
+
+
+def test_utilisation_and_bound_divide_by_the_best_measured_ceilings():
+    bench = load_bench()
+    report = {"machine": {"measured": [{"sgemm_peak_gflops": 100.0, "matvec_gb_s": 20.0},
+                                       {"sgemm_peak_gflops": 150.0, "matvec_gb_s": 16.0}]},
+              "train": {"A": {"mlx": {"gflops": 60.0}, "torch": {"gflops": 30.0}}},
+              "decode": {"bytes_per_token": 1e9, "mlx": {"decode_tok_per_s": 15.0}, "mlx_vs_hf": 1.5}}
+    bench.apply_ceilings(report)
+    assert report["machine"]["sgemm_peak_gflops"] == 150.0 and report["machine"]["matvec_gb_s"] == 20.0
+    assert report["train"]["A"]["mlx"]["mfu"] == pytest.approx(0.4)
+    assert report["train"]["A"]["torch"]["mfu"] == pytest.approx(0.2)
+    assert report["decode"]["bound_tok_per_s"] == pytest.approx(20.0)
+    assert report["decode"]["mlx"]["fraction_of_bound"] == pytest.approx(0.75)
 
 
 def test_torch_reference_script_imports_no_mlx(tmp_path):
@@ -136,7 +152,7 @@ def test_torch_reference_script_imports_no_mlx(tmp_path):
 def test_harness_decodes_the_same_tokens_as_transformers_and_mlx_lm(tmp_path):
     bench = load_bench()
     tiny = bench.DecodeBench("decode", "smoke", bench.Shape(61, 2, 2, 32, 64), 4, 12)
-    r = bench.bench_decode(tiny, tiny_args(bench, "--decode-runs", "1", "--decode-rounds", "1"), tmp_path, MACHINE)
+    r = bench.bench_decode(tiny, tiny_args(bench, "--decode-runs", "1", "--decode-rounds", "1"), tmp_path)
     assert r["same_tokens"] == {"hf": True, "mlx_lm": True}
     for impl in ("mlx", "hf", "mlx_lm"):
         assert r[impl]["tok_per_s"] > 0
