@@ -2,6 +2,7 @@
 
     python tools/bench_memory.py                       # every case, 3 steps each
     python tools/bench_memory.py --cases 124M,124M+ckpt --steps 2
+    python tools/bench_memory.py --steps 0                # the estimates alone, in seconds
 
 Each case runs in a process of its own (so one case's peak and cached buffers cannot leak into
 another's): it builds the model from our own initialisation (no downloads), runs ``--steps``
@@ -60,7 +61,7 @@ def run_case(name: str, steps: int) -> dict:
     from mlx_gpt.train import DTYPES, TrainConfig, make_train_step
 
     preset, batch, block, savings = CASES[name]
-    cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=steps, warmup_iters=0, learning_rate=3e-5,
+    cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=max(steps, 1), warmup_iters=0, learning_rate=3e-5,
                       grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
                       dtype="bfloat16" if "bf16" in savings else "float32",
                       lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
@@ -74,6 +75,8 @@ def run_case(name: str, steps: int) -> dict:
                                           attention_weights=ops.attention_weights_kept(DTYPES[cfg.dtype], config.dropout))
     result = {"case": name, "params_M": round(n_params / 1e6, 1), "batch": batch, "block": block,
               "trainable_M": round((trainable or n_params) / 1e6, 2), "estimate_GB": round(estimate.total / 1e9, 2)}
+    if steps == 0:
+        return result
     if estimate.total > memory.available_memory():
         return {**result, "refused": f"needs about {estimate.total / 1e9:.1f} GB, more than the "
                                      f"{memory.available_memory() / 1e9:.1f} GB MLX may use here"}
@@ -108,10 +111,12 @@ def run_case(name: str, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="train steps per case; 0 for the estimates alone")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a case may run")
     p.add_argument("--run-case", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < 0:
+        p.error("--steps must be 0 (the estimates alone) or more")
     if args.run_case:
         print(json.dumps(run_case(args.run_case, args.steps)), flush=True)
         return
@@ -137,6 +142,8 @@ def main() -> None:
                 f"{r['estimate_GB']:>8.2f}")
         if "refused" in r:
             print(f"{head}  not run: {r['refused']}", flush=True)
+        elif "peak_GB" not in r:
+            print(f"{head}  (estimate only)", flush=True)
         else:
             print(f"{head} {r['peak_GB']:>8.2f} {r['step_s']:>7.2f}  {r['losses']}", flush=True)
 
