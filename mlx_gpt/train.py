@@ -276,7 +276,12 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
 
 
 def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
+    """eval_loss(x, y) -> the mean loss of a batch (B, T); on the CPU its rows are split over the
+    train step's streams, as the step's are."""
     loss = compute_in(DTYPES[cfg.dtype], partial(loss_fn, loss_chunk=cfg.loss_chunk))
+    plan = parallel.plan_for(model, cfg.batch_size, cfg.streams)
+    if plan is not None:
+        return parallel.make_parallel_eval(model, loss, plan, compile=cfg.compile)
 
     def f(x: mx.array, y: mx.array) -> mx.array:
         return loss(model, x, y)

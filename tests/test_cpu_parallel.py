@@ -8,7 +8,7 @@ from mlx_gpt.cpu import parallel
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
-from mlx_gpt.train import TrainConfig, make_train_step
+from mlx_gpt.train import TrainConfig, make_eval_loss, make_train_step
 
 CFG = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -60,6 +60,23 @@ def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, st
             c = CFG.n_embd
             a, b = np.delete(a, np.s_[c:2 * c]), np.delete(b, np.s_[c:2 * c])
         np.testing.assert_allclose(a, b, atol=2e-6, err_msg=k)
+    parallel.set_blas_threads(parallel.cpu_cores())
+
+
+@pytest.mark.parametrize("streams,batch", [(2, 4), (3, 5)])
+def test_an_evaluation_split_over_streams_equals_the_single_stream_one(monkeypatch, streams, batch):
+    model = build(CFG, seed=0)
+    model.eval()
+    rng = np.random.default_rng(1)
+    batches = [(mx.array(rng.integers(0, 65, (batch, 32))), mx.array(rng.integers(0, 65, (batch, 32))))
+               for _ in range(3)]
+    losses = {}
+    for n in (1, streams):
+        monkeypatch.setattr(parallel, "cpu_cores", lambda: n)
+        eval_loss = make_eval_loss(model, TrainConfig(batch_size=batch))
+        assert (eval_loss.__name__ == "evaluate") == (n > 1)  # the split evaluator, where there are streams
+        losses[n] = [eval_loss(x, y).item() for x, y in batches]
+    np.testing.assert_allclose(losses[1], losses[streams], rtol=2e-6)
     parallel.set_blas_threads(parallel.cpu_cores())
 
 

@@ -106,6 +106,32 @@ def plan_for(model, batch_size: int, streams: int = 0) -> StreamPlan | None:
     return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
 
 
+def make_parallel_eval(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True
+                       ) -> Callable[[mx.array, mx.array], mx.array]:
+    """eval(x, y) -> the mean loss of a batch x, y (B, T), its rows split over the plan's streams.
+
+    ``loss_fn(model, x, y)`` is the mean loss of one slice; the slices' losses are weighted by
+    their share of the batch. An evaluation is forward passes only, and on one stream every
+    operation between the matmuls runs on one core.
+    """
+
+    def slice_loss(x: mx.array, y: mx.array) -> mx.array:
+        return loss_fn(model, x, y)
+
+    if compile:
+        slice_loss = mx.compile(slice_loss, inputs=model.state)
+
+    def evaluate(x: mx.array, y: mx.array) -> mx.array:
+        batch = x.shape[0]
+        total = mx.array(0.0)
+        for stream, part in zip(plan.streams, slices(batch, len(plan))):
+            with mx.stream(stream):
+                total = total + slice_loss(x[part], y[part]) * ((part.stop - part.start) / batch)
+        return total
+
+    return evaluate
+
+
 def make_parallel_step(model, optimizer, loss_fn: Callable, update: Callable, plan: StreamPlan,
                        compile: bool = True, reduce: Callable | None = None, state: list | None = None
                        ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
