@@ -887,8 +887,8 @@ HELP = {
     "grad_checkpoint": "recompute each transformer block in the backward pass: far less activation memory for "
                        "one more forward pass; same gradients",
     "compile": "compile the train step with mx.compile",
-    "streams": "CPU only: threads each micro-batch is split over (0: one per core; 1: no split, BLAS uses every "
-               "core, often faster on a quiet machine)",
+    "streams": "CPU only: threads each micro-batch and evaluation batch is split over (0: one per core; "
+               "1: no split, BLAS uses every core, often faster on a quiet machine)",
     "out": "run directory (default: checkpoints/<data>-<preset>, or -<model> for other rungs)",
     "eval_interval": "steps between evaluations of train and val loss",
     "eval_iters": "batches per evaluation",
