@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from functools import lru_cache
 from typing import Callable
 
 import mlx.core as mx
@@ -54,11 +55,19 @@ def balance(sizes: dict[str, int], bins: int) -> dict[str, int]:
     return out
 
 
+@lru_cache(maxsize=None)
+def _extra_streams(n: int) -> list[mx.Stream]:
+    """``n`` CPU streams besides the default one, made once: every plan of a process (the train
+    step's, the evaluation's) shares them, as they share the default stream, rather than each
+    starting threads of its own."""
+    return [mx.new_stream(mx.cpu) for _ in range(n)]
+
+
 class StreamPlan:
     """The CPU streams a train step uses, and which of them updates each parameter."""
 
     def __init__(self, n_streams: int, shapes: dict[str, tuple[int, ...]]):
-        self.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n_streams - 1)]
+        self.streams = [mx.default_stream(mx.cpu)] + _extra_streams(n_streams - 1)
         groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
         for key, shape in shapes.items():
             groups[shape].append(key)
