@@ -5,15 +5,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gpt.cpu import accelerate
 from mlx_gpt.models.cache import FixedKVCache, KVCache
 from mlx_gpt.models.gpt import GPTConfig, build
 
 CFG = GPTConfig(vocab_size=64, block_size=24, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["plain", "cpu-kernels"])
+def model(request):
+    """MLX's layers, and on the CPU the same model through mlx_gpt's CPU kernels (a fixed cache's
+    attention then reads only the written positions)."""
     m = build(CFG, seed=0)
+    if request.param == "cpu-kernels":
+        accelerate(m)
     m.eval()
     return m
 
@@ -61,13 +66,13 @@ def test_fixed_cache_writes_in_place_and_masks_the_rest():
     np.testing.assert_array_equal(np.array(keys[0, 0, :, 0]), [1, 1, 3, 0, 0, 0])
     np.testing.assert_array_equal(np.array(values[0, 0, :, 0]), [2, 2, 4, 0, 0, 0])
     # the one query just added (position 2) sees positions 0..2
-    np.testing.assert_array_equal(np.array(cache.attention_mask(1)), [[1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(np.array(cache.attention_mask(1).as_array()), [[1, 1, 1, 0, 0, 0]])
 
 
 def test_fixed_cache_mask_for_a_prefill():
     cache = FixedKVCache(5)
     cache.update_and_fetch(mx.zeros((1, 1, 3, 2)), mx.zeros((1, 1, 3, 2)))
-    np.testing.assert_array_equal(np.array(cache.attention_mask(3)),
+    np.testing.assert_array_equal(np.array(cache.attention_mask(3).as_array()),
                                   [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
 
 

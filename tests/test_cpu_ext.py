@@ -228,6 +228,22 @@ def test_attention_values_and_gradients_match_float64(rng, batch, n_head, T, S, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("T,length", [(1, 23), (3, 23), (1, 40), (1, 1), (2, 2)])
+def test_cache_attention_reads_only_the_written_positions(rng, T, length):
+    batch, n_head, capacity, hs = 2, 3, 40, 16
+    (q,) = heads(rng, batch, n_head, T, hs, 1)
+    k, v = (np.array(a) for a in heads(rng, batch, n_head, capacity, hs, 2))
+    exact = attention64(q, k[:, :, :length], v[:, :, :length], np.zeros(q.shape, np.float32), hs ** -0.5, True)[0]
+    k[:, :, length:] = v[:, :, length:] = np.nan  # not written yet: never read
+    f = mx.compile(lambda q, k, v, n: kernels.cache_attention(q, k, v, n, hs ** -0.5))
+    y = f(q, mx.array(k), mx.array(v), mx.array(length, mx.int32))
+    within_ulps(y, exact, 32, scale=np.abs(exact).max(axis=(-2, -1), keepdims=True))
+    with pytest.raises(ValueError, match="no gradient"):
+        mx.grad(lambda q: kernels.cache_attention(q, mx.array(k), mx.array(v), mx.array(length, mx.int32),
+                                                  1.0).sum())(q)
+
+
+@needs_kernels
 def test_attention_with_the_kernels_equals_the_pure_mlx_path(rng):
     q, k, v = (mx.array(rng.normal(0, 1, (2, 3, 300, 16)).astype(np.float32)) for _ in range(3))
     g = mx.array(rng.normal(0, 1, (2, 3, 300, 16)).astype(np.float32))

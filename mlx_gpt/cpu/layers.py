@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..models.cache import PrefixMask
 from ..models.gpt import CausalSelfAttention
 from . import ops
 
@@ -48,8 +49,8 @@ class Attention(CausalSelfAttention):
     """Causal attention computed by ``ops.attention``."""
 
     def attend(self, q, k, v, scale, mask):
-        if isinstance(mask, mx.array):  # a fixed-capacity cache masks the positions not yet written
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if isinstance(mask, PrefixMask):  # a fixed-capacity cache: only its written positions count
+            return ops.cache_attention(q, k, v, scale, mask)
         dropout = self.attn_dropout if self.training and self.attn_pdrop > 0 else None
         return ops.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
 

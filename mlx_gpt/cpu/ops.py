@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..models.cache import PrefixMask
 from . import extension
 
 _native_only: ContextVar[bool] = ContextVar("mlx_gpt_native_ops", default=False)
@@ -484,3 +485,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
             weights = softmax(scores)
         outs.append((weights if dropout is None else dropout(weights)) @ vb)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def cache_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: PrefixMask) -> mx.array:
+    """Attention of the newest queries over a fixed-capacity cache (decoding; no gradient).
+
+    The C++ kernel reads only the ``mask.length`` written positions, where a boolean mask would
+    have every query score the whole capacity; without the kernels, MLX's attention with the mask.
+    """
+    kernels = _kernels() if fast_ops_enabled(q.dtype) else None
+    if kernels is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.as_array())
+    return kernels.cache_attention(q, k, v, mask.length.astype(mx.int32), scale)

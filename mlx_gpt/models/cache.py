@@ -12,6 +12,8 @@ them each new query sees, and ``offset`` is how many positions were written befo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 
@@ -65,8 +67,9 @@ class FixedKVCache:
 
     Every decode step then sees arrays of the same shapes and no Python number that changes,
     so one compiled step serves every position: the new keys are written in place at
-    ``offset`` and a mask hides the positions not written yet. Attention reads the whole
-    capacity, so choose it near the length the generation needs.
+    ``offset`` and a mask (``PrefixMask``) hides the positions not written yet. MLX's attention
+    reads the whole capacity through it, so choose the capacity near the length the generation
+    needs; the CPU kernel reads only the written positions.
     """
 
     def __init__(self, capacity: int, keys: mx.array | None = None, values: mx.array | None = None,
@@ -88,14 +91,31 @@ class FixedKVCache:
         self.offset = self.offset + k.shape[2]
         return self.keys, self.values
 
-    def attention_mask(self, T: int) -> mx.array:
-        """(T, capacity) booleans for the T queries just added: each sees positions up to its own."""
-        query_pos = self.offset - T + mx.arange(T)
-        return mx.arange(self.capacity)[None, :] <= query_pos[:, None]
+    def attention_mask(self, T: int) -> PrefixMask:
+        """What the T queries just added see: each, the positions up to its own."""
+        return PrefixMask(self.offset, T, self.capacity)
 
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.keys, self.values, self.offset) if a is not None]
+
+
+@dataclass(frozen=True)
+class PrefixMask:
+    """The mask of a fixed-capacity cache: of its ``capacity`` positions the first ``length`` (an
+    array, known when the step runs) are written, and the ``queries`` new ones are the last of
+    those, each seeing the positions up to its own. A kernel that takes the length reads only the
+    written keys; any other attention takes ``as_array()``.
+    """
+
+    length: mx.array
+    queries: int
+    capacity: int
+
+    def as_array(self) -> mx.array:
+        """(queries, capacity) booleans: whether each query sees each position."""
+        query_pos = self.length - self.queries + mx.arange(self.queries)
+        return mx.arange(self.capacity)[None, :] <= query_pos[:, None]
 
 
 class HistoryCache:

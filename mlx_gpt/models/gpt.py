@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..errors import UserError
 from .base import LanguageModel, ModelConfig
-from .cache import KVCache
+from .cache import KVCache, PrefixMask
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,13 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               mask: str | PrefixMask | None) -> mx.array:
         """softmax(q k^T * scale, masked) v; "causal" is aligned to the last query, which is what a
         prefill after cached positions needs. With dropout (training only), the attention
         weights are dropped as in GPT-2 and nanoGPT, which needs them written out."""
+        if isinstance(mask, PrefixMask):
+            mask = mask.as_array()
         if self.training and self.attn_pdrop > 0:  # mask is "causal" here: training has no cache
             scores = (q * scale) @ k.swapaxes(-1, -2)
             if mask is not None:

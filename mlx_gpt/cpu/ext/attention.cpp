@@ -11,6 +11,7 @@
 // The products are small (T, S up to the block size, hs about 64), below the sizes where BLAS
 // pays for its packing; a register tile of 4 rows by 16 columns, vectorized by the compiler,
 // runs them from cache.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -290,19 +291,42 @@ Shape shape_of(const mx::array& q, const mx::array& k, float scale, bool causal)
   return {q.shape(0), q.shape(1), q.shape(2), k.shape(2), q.shape(3), scale, causal};
 }
 
-}  // namespace
-
-mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-                    mx::StreamOrDevice s) {
+void check_shapes(const mx::array& q, const mx::array& k, const mx::array& v, float scale) {
   for (auto* a : {&q, &k, &v}) require_float32(*a, "attention: q, k and v");
   if (q.ndim() != kDims || k.ndim() != kDims || v.ndim() != kDims)
     throw std::invalid_argument("attention: q, k and v must be (B, nh, T, hs)");
   if (k.shape() != v.shape() || k.shape(0) != q.shape(0) || k.shape(1) != q.shape(1) || k.shape(3) != q.shape(3))
     throw std::invalid_argument("attention: k and v must be (B, nh, S, hs) for q (B, nh, T, hs)");
   if (!(scale > 0.0f)) throw std::invalid_argument("attention: scale must be positive");
+}
+
+// (batch, head) pairs per task: one query over a few dozen keys is microseconds of work, less than
+// handing it to another thread
+int64_t heads_per_task(const Shape& z) {
+  constexpr int64_t kMinWork = 1 << 16;  // multiply-adds
+  int64_t work = std::max<int64_t>(1, z.t * z.s * z.hs);
+  return std::max<int64_t>(1, kMinWork / work);
+}
+
+}  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s) {
+  check_shapes(q, k, v, scale);
   auto stream = mx::to_stream(s);
   auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
                                      std::make_shared<Attention>(stream, scale, causal), {q, k, v});
+  return outs[0];
+}
+
+mx::array cache_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& length,
+                          float scale, mx::StreamOrDevice s) {
+  check_shapes(q, k, v, scale);
+  if (length.dtype() != mx::int32 || length.size() != 1)
+    throw std::invalid_argument("cache_attention: length must be one int32");
+  auto stream = mx::to_stream(s);
+  auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
+                                     std::make_shared<Attention>(stream, scale, true), {q, k, v, length});
   return outs[0];
 }
 
@@ -310,9 +334,13 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   Shape z = shape_of(inputs[0], inputs[1], scale_, causal_);
   float* y = allocate_heads_last(outputs[0]);
   float* lse = allocate(outputs[1]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [q = inputs[0], k = inputs[1], v = inputs[2], z, y, lse] {
-    View qv(q), kv(k), vv(v);
-    Pool::instance().run(z.batch * z.heads, 1, [&](int, int64_t lo, int64_t hi) {
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [in = inputs, z, y, lse]() mutable {
+    if (in.size() == 4) {  // a cache: the keys after `length` are not written yet
+      int64_t length = in[3].data<int32_t>()[0];
+      z.s = std::clamp<int64_t>(length, 0, z.s);
+    }
+    View qv(in[0]), kv(in[1]), vv(in[2]);
+    Pool::instance().run(z.batch * z.heads, heads_per_task(z), [&](int, int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         int64_t b = task / z.heads, h = task % z.heads;
         forward_head(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
@@ -325,6 +353,7 @@ void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
 
 std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                       const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  if (primals.size() == 4) throw std::invalid_argument("cache_attention has no gradient: it is for decoding");
   auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
                                       {mx::float32, mx::float32, mx::float32},
                                       std::make_shared<AttentionGrad>(stream(), scale_, causal_),

@@ -17,6 +17,8 @@ NB_MODULE(_mlx_gpt_ext, m) {
         "stream"_a = nb::none());
   m.def("attention", &mlx_gpt::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("cache_attention", &mlx_gpt::cache_attention, "q"_a, "k"_a, "v"_a, "length"_a, "scale"_a, nb::kw_only(),
+        "stream"_a = nb::none());
   m.def("cross_entropy", &mlx_gpt::cross_entropy, "logits"_a, "targets"_a, "smoothing"_a = 0.0f, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("adamw_update", &mlx_gpt::adamw_update, "parameter"_a, "gradient"_a, "m"_a, "v"_a, "lr"_a, "step"_a,

@@ -32,6 +32,13 @@ mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevi
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 
+// attention over a fixed-capacity cache: k, v (B, nh, S, hs) hold `length` (an int32 scalar array,
+// read when the kernel runs) written positions and then unwritten ones, and the T queries are the
+// last T written positions, each seeing the keys up to its own. Only the written keys are read.
+// Decoding only: it has no gradient.
+mx::array cache_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& length,
+                          float scale, mx::StreamOrDevice s = {});
+
 // logsumexp(logits) - (1 - smoothing) logits[target] - smoothing mean(logits), per row; a target
 // outside [0, V) gives NaN
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets, float smoothing,
@@ -136,8 +143,9 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
   float scale_;
 };
 
-// inputs (q, k, v) -> (out, logsumexp of each query's scaled scores); the backward pass
-// recomputes the attention weights from the log-sum-exps instead of keeping them
+// inputs (q, k, v[, length]) -> (out, logsumexp of each query's scaled scores); the backward pass
+// recomputes the attention weights from the log-sum-exps instead of keeping them. With `length`
+// (cache_attention) only that many keys count, and there is no backward pass.
 class Attention : public mx::Primitive {
  public:
   Attention(mx::Stream stream, float scale, bool causal) : mx::Primitive(stream), scale_(scale), causal_(causal) {}
