@@ -295,11 +295,15 @@ def test_layer_norm_matches_float64_native_and_torch_with_gradients(rng, shape, 
     np.testing.assert_allclose(f64(ops.layer_norm(mx.array(x), None, None, eps)), xhat, atol=1e-5)
 
 
-def test_layer_norm_of_a_few_rows_is_mlx_own():
-    # decoding normalizes one row at a time, where fewer kernels beat faster statistics
+def test_layer_norm_of_a_few_rows():
+    # decoding normalizes one row at a time, where the number of kernels matters more than their
+    # speed: the C++ kernel where it loads, else MLX's own rather than the BLAS statistics
     x, w, b = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(1, 1, 768), (768,), (768,)]))
     assert x.size < ops.LAYER_NORM_MIN_SIZE
-    assert mx.array_equal(ops.layer_norm(x, w, b, 1e-5), mx.fast.layer_norm(x, w, b, 1e-5))
+    want = mx.fast.layer_norm(x, w, b, 1e-5)
+    np.testing.assert_allclose(np.array(ops.layer_norm(x, w, b, 1e-5)), np.array(want), atol=2e-6)
+    with ops.pure_mlx_ops():
+        assert mx.array_equal(ops.layer_norm(x, w, b, 1e-5), want)
 
 
 def test_squared_norm_is_accurate_for_large_arrays(rng):

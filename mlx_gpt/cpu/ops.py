@@ -310,25 +310,28 @@ def _fast_layer_norm(eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.
     return norm
 
 
-# below this many elements (a few rows: decoding) MLX's own layer norm is faster: the BLAS
-# statistics take more kernels, and each kernel costs microseconds however small its input
+# below this many elements (a few rows: decoding) MLX's own layer norm is faster than the
+# pure-MLX one: the BLAS statistics take more kernels, and each kernel costs microseconds however
+# small its input. The C++ kernel is one primitive at any size.
 LAYER_NORM_MIN_SIZE = 8192
 
 
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """Layer normalization over the last axis, as ``mx.fast.layer_norm`` computes it.
 
-    On the CPU (float32, with a weight) the mean and variance are BLAS products: faster than
-    MLX's reductions both ways, and closer to the float64 result.
+    On the CPU (float32, with a weight) it is the C++ kernel; without it, the mean and variance
+    are BLAS products: faster than MLX's reductions both ways, and closer to the float64 result.
     """
-    if weight is None or x.size < LAYER_NORM_MIN_SIZE or not fast_ops_enabled(x.dtype):
+    if weight is None or not fast_ops_enabled(x.dtype):
         return mx.fast.layer_norm(x, weight, bias, eps)
     if bias is None:
         bias = mx.zeros_like(weight)
     kernels = _kernels()
-    if kernels is None:
-        return _fast_layer_norm(float(eps))(x, weight, bias)
-    return kernels.layer_norm(x, weight, bias, float(eps))
+    if kernels is not None:
+        return kernels.layer_norm(x, weight, bias, float(eps))
+    if x.size < LAYER_NORM_MIN_SIZE:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    return _fast_layer_norm(float(eps))(x, weight, bias)
 
 
 def squared_norm(x: mx.array) -> mx.array:
