@@ -11,6 +11,9 @@
 // The products are small (T, S up to the block size, hs about 64), below the sizes where BLAS
 // pays for its packing; a register tile of 4 rows by 16 columns, vectorized by the compiler,
 // runs them from cache.
+//
+// Decoding (one or two queries, over a fixed cache of which only `length` positions are written)
+// reads each written key and value row once, where it lies.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -29,6 +32,7 @@ namespace {
 constexpr int kRows = 4;     // rows of a register tile
 constexpr int kCols = 16;    // columns of a register tile: two AVX2 registers
 constexpr int kDims = 4;     // (B, nh, T, hs)
+constexpr int64_t kFewQueries = 2;  // decoding: forward_rows
 
 // eight floats in one AVX2 register (two NEON registers); GCC and Clang vector extensions, since
 // plain arrays of partial sums were partly kept on the stack
@@ -184,6 +188,37 @@ std::vector<float>& scratch(size_t n) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < n) buffer.resize(n);
   return buffer;
+}
+
+// forward_head for a few queries (decoding): each score a dot product with a key row where it
+// lies, and the output a weighted sum of value rows, one pass over each; the tiled path would
+// first copy all the keys into a transposed block
+void forward_rows(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse) {
+  const int64_t t = z.t, s = z.s, hs = z.hs;
+  const float scale = z.scale;
+  float* p = scratch(static_cast<size_t>(s)).data();
+  for (int64_t r = 0; r < t; ++r) {
+    float* yr = y.row(r);
+    for (int64_t d = 0; d < hs; ++d) yr[d] = 0.0f;
+    int64_t n = visible(r, t, s, z.causal);
+    if (n == 0) {
+      lse[r] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float* qr = q.row(r);
+    for (int64_t j = 0; j < n; ++j) p[j] = dot(qr, k.row(j), hs);
+    float m = max(p, n) * scale;
+    for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] * scale - m);
+    float total = sum(p, n);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = v.row(j);
+      const float w = p[j];
+      for (int64_t d = 0; d < hs; ++d) yr[d] += w * vj[d];
+    }
+    const float inverse = 1.0f / total;
+    for (int64_t d = 0; d < hs; ++d) yr[d] *= inverse;
+    lse[r] = m + std::log(total);
+  }
 }
 
 void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse) {
@@ -343,7 +378,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
     Pool::instance().run(z.batch * z.heads, heads_per_task(z), [&](int, int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         int64_t b = task / z.heads, h = task % z.heads;
-        forward_head(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
+        auto f = z.t <= kFewQueries ? forward_rows : forward_head;
+        f(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
       }
     });
   });
