@@ -304,6 +304,9 @@ def test_layer_norm_of_a_few_rows():
     np.testing.assert_allclose(np.array(ops.layer_norm(x, w, b, 1e-5)), np.array(want), atol=2e-6)
     with ops.pure_mlx_ops():
         assert mx.array_equal(ops.layer_norm(x, w, b, 1e-5), want)
+    # float32 rows through a bfloat16 affine (a LoRA base kept in bfloat16): MLX's own
+    w16, b16 = w.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    assert mx.array_equal(ops.layer_norm(x, w16, b16, 1e-5), mx.fast.layer_norm(x, w16, b16, 1e-5))
 
 
 def test_squared_norm_is_accurate_for_large_arrays(rng):

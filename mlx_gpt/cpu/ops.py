@@ -322,7 +322,8 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
     On the CPU (float32, with a weight) it is the C++ kernel; without it, the mean and variance
     are BLAS products: faster than MLX's reductions both ways, and closer to the float64 result.
     """
-    if weight is None or not fast_ops_enabled(x.dtype):
+    if (weight is None or not fast_ops_enabled(x.dtype) or weight.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype)):  # e.g. a LoRA base kept in bfloat16
         return mx.fast.layer_norm(x, weight, bias, eps)
     if bias is None:
         bias = mx.zeros_like(weight)
