@@ -375,11 +375,11 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
       z.s = std::clamp<int64_t>(length, 0, z.s);
     }
     View qv(in[0]), kv(in[1]), vv(in[2]);
+    auto forward = z.t <= kFewQueries ? forward_rows : forward_head;
     Pool::instance().run(z.batch * z.heads, heads_per_task(z), [&](int, int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         int64_t b = task / z.heads, h = task % z.heads;
-        auto f = z.t <= kFewQueries ? forward_rows : forward_head;
-        f(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
+        forward(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
       }
     });
   });
