@@ -10,23 +10,17 @@ import mlx_gpt  # noqa: F401  (loads OpenBLAS before any test imports mlx.core)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path:
-    """../shared/data beside the project root (MLX_GPT_SHARED_DATA overrides)."""
-    env = os.environ.get("MLX_GPT_SHARED_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # public files the tests read (see its README: sources and licences)
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    d = shared_data_dir()
-    if not (d / "tinyshakespeare.txt").exists():
-        pytest.skip(f"shared test data not found in {d}")
-    return d
+def data_files() -> Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def shakespeare(shared_data) -> Path:
-    return shared_data / "tinyshakespeare.txt"
+def shakespeare(data_files) -> Path:
+    return data_files / "tinyshakespeare.txt"
 
 
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -77,16 +77,16 @@ def _logits(model, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data):
-    return GPT2Tokenizer.from_directory(shared_data / "gpt2")
+def tok(data_files):
+    return GPT2Tokenizer.from_directory(data_files / "gpt2")
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, shared_data):
+def small(tmp_path_factory, data_files):
     """A small random GPT-2 (full vocabulary, odd epsilon) saved in every layout."""
     model = _random_gpt2(0, n_layer=2, n_head=4, n_embd=64, n_positions=128, layer_norm_epsilon=1e-6)
     root = tmp_path_factory.mktemp("hf")
-    dirs = {fmt: _save_hf(model, root / fmt, fmt, shared_data / "gpt2") for fmt in FORMATS}
+    dirs = {fmt: _save_hf(model, root / fmt, fmt, data_files / "gpt2") for fmt in FORMATS}
     assert (dirs["sharded"] / "model.safetensors.index.json").is_file()
     return model, dirs
 
@@ -156,13 +156,13 @@ def test_cli_converts_and_exports_with_torch_blocked(small, tmp_path):
         assert path.is_file(), path
 
 
-def test_imported_checkpoint_generates_and_fine_tunes(imported, shared_data, tmp_path):
+def test_imported_checkpoint_generates_and_fine_tunes(imported, data_files, tmp_path):
     from mlx_gpt import train
 
     model, tokenizer = checkpoint.load(imported)
     text = generate(model, tokenizer, "Hello", max_new_tokens=8, temperature=0)
     assert tokenizer.encode(text)  # some continuation, decoded through GPT-2's tokenizer
-    run = train.main(["--init", str(imported), "--data", str(shared_data / "the-verdict.txt"),
+    run = train.main(["--init", str(imported), "--data", str(data_files / "the-verdict.txt"),
                       "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "ft"), "--max-iters", "2",
                       "--batch-size", "2", "--block-size", "32", "--eval-interval", "2", "--eval-iters", "1",
                       "--log-interval", "1", "--sample-tokens", "4", "--warmup-iters", "1", "--no-compile"])
@@ -228,7 +228,7 @@ ROUND_TRIP = ["Hello, world!\n\n    def f(x):\n\treturn x ** 2  # 3.14", "naïve
 
 
 @pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
-def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_path, capsys, kind, shared_data):
+def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_path, capsys, kind, data_files):
     """The tokenizer goes along as tokenizer.json: AutoTokenizer gives our ids and our text back, the
     model our logits, and config.json carries the tokenizer's own end-of-text id (or none), never 50256."""
     from mlx_gpt.models.gpt import GPTConfig, build
@@ -237,7 +237,7 @@ def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_
     if kind == "byte":
         tok = ByteTokenizer()
     else:
-        text = (shared_data / "tinyshakespeare.txt").read_text()[:300_000]
+        text = (data_files / "tinyshakespeare.txt").read_text()[:300_000]
         tok = SentencePieceTokenizer.train(text.splitlines(keepends=True), 600)
     model = build(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
     ckpt = checkpoint.save(tmp_path / kind, model, tok)
@@ -248,7 +248,7 @@ def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_
     assert back.config.eos_token_id == back.config.bos_token_id == tok.eot_id  # None for bytes, 1 for sp
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert len(hf_tok) == tok.vocab_size and hf_tok.eos_token_id == tok.eot_id
-    for text in ROUND_TRIP + [(shared_data / "the-verdict.txt").read_text()[:5000]]:
+    for text in ROUND_TRIP + [(data_files / "the-verdict.txt").read_text()[:5000]]:
         ids = hf_tok(text, add_special_tokens=False)["input_ids"]
         assert ids == tok.encode(text), repr(text[:40])
         assert hf_tok.decode(ids) == text == tok.decode(ids)
@@ -263,7 +263,7 @@ def test_export_of_byte_and_sentencepiece_checkpoints_loads_in_transformers(tmp_
     assert lm_tok.eos_token_ids == ({tok.eot_id} if tok.eot_id is not None else set())
 
 
-def test_sentencepiece_conversion_gives_sentencepiece_ids_on_varied_text(sp_tokenizer, shared_data):
+def test_sentencepiece_conversion_gives_sentencepiece_ids_on_varied_text(sp_tokenizer, data_files):
     """The tokenizers pipeline written for a SentencePiece BPE encodes as SentencePiece does."""
     import random
 
@@ -275,7 +275,7 @@ def test_sentencepiece_conversion_gives_sentencepiece_ids_on_varied_text(sp_toke
              "the ", "ing ", "    "]
     texts = ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 80))) for _ in range(500)]
     code = (REPO / "mlx_gpt" / "data.py").read_text()
-    play = (shared_data / "tinyshakespeare.txt").read_text()
+    play = (data_files / "tinyshakespeare.txt").read_text()
     trained = SentencePieceTokenizer.train((play[:200_000] + code * 5).splitlines(keepends=True), 800)
     for tok in (sp_tokenizer, trained):
         fast = to_tokenizers(tok)
@@ -435,24 +435,24 @@ def test_existing_output_is_kept_unless_overwrite(small, imported, tmp_path, cap
 
 
 @pytest.mark.parametrize("given", ["gpt2", "gpt2/encoder.json"])
-def test_a_source_without_tokenizer_needs_one(imported, shared_data, tmp_path, capsys, given):
+def test_a_source_without_tokenizer_needs_one(imported, data_files, tmp_path, capsys, given):
     src = tmp_path / "m.bin"
     convert.export_checkpoint(imported, src, to="llmc", progress=False)
     (tmp_path / "gpt2_tokenizer.bin").unlink()
     _assert_refused([src], capsys, tmp_path, tmp_path / "ckpt", "comes with no tokenizer; pass --tokenizer")
-    code, _, err = _cli([str(src), "--out", str(tmp_path / "ckpt"), "--tokenizer", str(shared_data / given),
+    code, _, err = _cli([str(src), "--out", str(tmp_path / "ckpt"), "--tokenizer", str(data_files / given),
                          "--quiet"], capsys)
     assert code == 0, err
     assert (tmp_path / "ckpt" / "merges.txt").read_bytes() == (imported / "merges.txt").read_bytes()
 
 
-def test_a_repo_shipping_only_tokenizer_json_converts(small, tok, shared_data, tmp_path):
+def test_a_repo_shipping_only_tokenizer_json_converts(small, tok, data_files, tmp_path):
     from test_gpt2_tokenizer import write_tokenizer_json
 
     src = _copy(small[1]["safetensors"], tmp_path / "repo")
     for name in ("encoder.json", "vocab.bpe"):
         (src / name).unlink()
-    write_tokenizer_json(shared_data / "gpt2", src / "tokenizer.json")
+    write_tokenizer_json(data_files / "gpt2", src / "tokenizer.json")
     out = convert.import_checkpoint(src, tmp_path / "ckpt", progress=False)
     model, back = mlx_gpt.load(out)
     assert back.vocab == tok.vocab and back.merges == tok.merges
@@ -466,9 +466,9 @@ def test_a_repo_shipping_only_tokenizer_json_converts(small, tok, shared_data, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_124m_shapes(shared_data, tok, tmp_path, fmt):
+def test_124m_shapes(data_files, tok, tmp_path, fmt):
     hf_model = _random_gpt2(1)  # GPT2Config() is GPT-2 124M
-    src = _save_hf(hf_model, tmp_path / fmt, fmt, shared_data / "gpt2")
+    src = _save_hf(hf_model, tmp_path / fmt, fmt, data_files / "gpt2")
     out = convert.import_checkpoint(src, tmp_path / "ckpt", progress=False)
     model, tokenizer = checkpoint.load(out)
     assert model.num_params() == 124_439_808

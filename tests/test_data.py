@@ -146,13 +146,13 @@ def test_prepare_sentencepiece_folder_with_end_of_text(tmp_path):
     assert json.loads((ds.path / "meta.json").read_text())["documents"] == 3
 
 
-def test_gpt2_tokenizer_from_files_gives_tiktoken_ids(tmp_path, shared_data):
+def test_gpt2_tokenizer_from_files_gives_tiktoken_ids(tmp_path, data_files):
     from test_gpt2_tokenizer import tiktoken_gpt2
 
-    enc = tiktoken_gpt2(shared_data / "gpt2")
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:50_000]
+    enc = tiktoken_gpt2(data_files / "gpt2")
+    text = (data_files / "tinyshakespeare.txt").read_text()[:50_000]
     (tmp_path / "play.txt").write_text(text)
-    ds = prepare(str(tmp_path / "play.txt"), f"gpt2:{shared_data / 'gpt2'}", data_dir=tmp_path / "data")
+    ds = prepare(str(tmp_path / "play.txt"), f"gpt2:{data_files / 'gpt2'}", data_dir=tmp_path / "data")
     assert ds.path.name == "play-gpt2" and ds.vocab_size == 50257 and ds.tokenizer.kind == "gpt2"
     cut = int(len(text) * 0.9)
     assert open_tokens(ds.train_file).tolist() == enc.encode_ordinary(text[:cut]) + [50256]
@@ -161,20 +161,20 @@ def test_gpt2_tokenizer_from_files_gives_tiktoken_ids(tmp_path, shared_data):
     assert json.loads((ds.path / "meta.json").read_text())["tokenizer"] == "gpt2"
 
 
-def test_gpt2_tokenizer_from_the_default_place(tmp_path, shared_data):
+def test_gpt2_tokenizer_from_the_default_place(tmp_path, data_files):
     (tmp_path / "play.txt").write_text("To be, or not to be.\n" * 50)
     data = tmp_path / "data"
     with pytest.raises(UserError, match=r"data/tokenizers/gpt2/ \(vocab.json \+ merges.txt or encoder.json"):
         prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data)
-    shutil.copytree(shared_data / "gpt2", data / "tokenizers" / "gpt2")
+    shutil.copytree(data_files / "gpt2", data / "tokenizers" / "gpt2")
     ds = prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data)
     assert ds.tokenizer.encode(" To be") == [1675, 307]
     assert prepare(str(tmp_path / "play.txt"), "gpt2", data_dir=data).path == ds.path  # reused
 
 
-def test_prepare_cli_with_gpt2_files(tmp_path, shared_data):
+def test_prepare_cli_with_gpt2_files(tmp_path, data_files):
     (tmp_path / "play.txt").write_text("To be, or not to be.\n" * 50)
-    proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", f"gpt2:{shared_data / 'gpt2'}", cwd=tmp_path)
+    proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", f"gpt2:{data_files / 'gpt2'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "data/play-gpt2: " in proc.stdout and "vocab 50257" in proc.stdout
     proc = run_module("mlx_gpt.prepare", "play.txt", "--tokenizer", "gpt2", cwd=tmp_path)

@@ -42,7 +42,7 @@ def tokenizer(request, sp_tokenizer):
         return ByteTokenizer()
     if request.param == "sentencepiece":
         return sp_tokenizer
-    gpt2_dir = request.getfixturevalue("shared_data") / "gpt2"
+    gpt2_dir = request.getfixturevalue("data_files") / "gpt2"
     if request.param == "gpt2-tiktoken":
         return TiktokenGPT2(gpt2_dir)
     gpt2 = pytest.importorskip("mlx_gpt.gpt2_tokenizer")

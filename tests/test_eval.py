@@ -91,9 +91,9 @@ def test_acc_and_acc_norm_match_a_direct_computation_on_a_transformer():
     assert got.correct != got.correct_norm or any(p[0] != p[1] for p in picks)  # the two rules do differ here
 
 
-def test_text_scores_of_a_file_a_split_and_a_prepared_directory_agree(ngram_ckpt, shared_data, tmp_path, capsys):
+def test_text_scores_of_a_file_a_split_and_a_prepared_directory_agree(ngram_ckpt, data_files, tmp_path, capsys):
     model, tok = checkpoint.load(ngram_ckpt)
-    verdict = shared_data / "the-verdict.txt"
+    verdict = data_files / "the-verdict.txt"
     whole = main(["--checkpoint", str(ngram_ckpt), "--data", str(verdict)])
     direct = score(model, np.frombuffer(verdict.read_bytes(), np.uint8), tok)
     assert (whole["loss"], whole["bits_per_byte"], whole["tokens"]) == (direct.loss, direct.bits_per_byte,

@@ -34,8 +34,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(shared_data):
-    return shared_data / "gpt2"
+def gpt2_dir(data_files):
+    return data_files / "gpt2"
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 80))) for _ in range(n)]
 
 
-def test_ids_equal_tiktoken_on_varied_text(tok, tiktoken_enc, shared_data):
-    texts = TEXTS + _random_texts(300) + [(shared_data / "tinyshakespeare.txt").read_text()[:100_000]]
+def test_ids_equal_tiktoken_on_varied_text(tok, tiktoken_enc, data_files):
+    texts = TEXTS + _random_texts(300) + [(data_files / "tinyshakespeare.txt").read_text()[:100_000]]
     for text in texts:
         assert tok.encode(text) == tiktoken_enc.encode_ordinary(text), repr(text[:60])
 

@@ -16,18 +16,18 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCK = 32
 
 
-def small(tmp_path, shared_data, **kw) -> LadderConfig:
+def small(tmp_path, data_files, **kw) -> LadderConfig:
     """A study of seconds' work: token budgets (reproducible), a short block, a two-trial search."""
-    base = dict(data=str(shared_data / "the-verdict.txt"), unit="tokens", budgets=(1024.0, 4096.0),
+    base = dict(data=str(data_files / "the-verdict.txt"), unit="tokens", budgets=(1024.0, 4096.0),
                 rungs=("unigram", "kneser-ney:3", "bengio", "gpt"), batch_sizes=(4, 8), lr_scales=(1.0,),
                 block_size=BLOCK, sample_tokens=8, data_dir=str(tmp_path / "data"), out=str(tmp_path / "ladder"))
     return LadderConfig(**{**base, **kw})
 
 
 @pytest.mark.slow
-def test_study_trains_each_neural_rung_at_every_budget_through_train(tmp_path, shared_data, capsys):
+def test_study_trains_each_neural_rung_at_every_budget_through_train(tmp_path, data_files, capsys):
     out = tmp_path / "ladder"
-    main(["--data", str(shared_data / "the-verdict.txt"), "--unit", "tokens", "--budgets", "1024,4096",
+    main(["--data", str(data_files / "the-verdict.txt"), "--unit", "tokens", "--budgets", "1024,4096",
           "--rungs", "unigram,kneser-ney:3", "bengio", "gpt", "--batch-sizes", "4,8", "--lr-scales", "1",
           "--block-size", str(BLOCK), "--sample-tokens", "8", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     printed = capsys.readouterr().out.splitlines()
@@ -60,7 +60,7 @@ def test_study_trains_each_neural_rung_at_every_budget_through_train(tmp_path, s
             assert saved["min_lr"] == pytest.approx(saved["learning_rate"] / 10)
         assert r["points"][1]["val_loss"] < r["points"][0]["val_loss"]  # four times the tokens pay
     # every point's loss is exact: the whole val split, scored again from its checkpoint
-    val = open_tokens(prepare(str(shared_data / "the-verdict.txt"), "byte", data_dir=str(tmp_path / "data")).val_file)
+    val = open_tokens(prepare(str(data_files / "the-verdict.txt"), "byte", data_dir=str(tmp_path / "data")).val_file)
     for r in report["rungs"]:
         for p in r["points"]:
             model, tok = checkpoint.load(p["checkpoint"])
@@ -82,8 +82,8 @@ def test_study_trains_each_neural_rung_at_every_budget_through_train(tmp_path, s
     assert rungs["kneser-ney:3"]["points"][0]["val_loss"] < rungs["unigram"]["points"][0]["val_loss"]
 
 
-def test_picture_draws_the_exact_values_of_ladder_json(tmp_path, shared_data):
-    cfg = small(tmp_path, shared_data, rungs=("unigram", "bigram", "gpt"), batch_sizes=(4,), sample_tokens=0)
+def test_picture_draws_the_exact_values_of_ladder_json(tmp_path, data_files):
+    cfg = small(tmp_path, data_files, rungs=("unigram", "bigram", "gpt"), batch_sizes=(4,), sample_tokens=0)
     climb(cfg, say=lambda s: None)
     out = tmp_path / "ladder"
     assert (out / "ladder.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -107,12 +107,12 @@ def test_picture_draws_the_exact_values_of_ladder_json(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, shared_data):
-    whole = small(tmp_path, shared_data, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "whole"))
+def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, data_files):
+    whole = small(tmp_path, data_files, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "whole"))
     expected_messages = []
     expected = climb(whole, say=expected_messages.append)
 
-    cut = small(tmp_path, shared_data, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "cut"))
+    cut = small(tmp_path, data_files, rungs=("unigram", "bengio", "gpt"), out=str(tmp_path / "cut"))
     seen = []
 
     def interrupt_in_gpts_search(message: str) -> None:  # Ctrl-C after bengio and one trial of gpt
@@ -149,8 +149,8 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, shared_data):
         climb(LadderConfig(**{**cut.__dict__, "resume": True, "budgets": (1024.0, 8192.0)}), say=lambda s: None)
 
 
-def test_resume_from_the_command_line_reads_the_study(tmp_path, shared_data, capsys):
-    cfg = small(tmp_path, shared_data, rungs=("unigram", "bigram"))
+def test_resume_from_the_command_line_reads_the_study(tmp_path, data_files, capsys):
+    cfg = small(tmp_path, data_files, rungs=("unigram", "bigram"))
     climb(cfg, say=lambda s: None)
     report = main(["--resume", "--out", cfg.out])  # nothing left to do: the table again
     assert [r["rung"] for r in report["rungs"]] == ["unigram", "bigram"]
@@ -168,24 +168,24 @@ def test_resume_from_the_command_line_reads_the_study(tmp_path, shared_data, cap
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["--resume"], "holds no study to resume"),
 ])
-def test_bad_input_is_a_user_error(args, message, tmp_path, shared_data):
+def test_bad_input_is_a_user_error(args, message, tmp_path, data_files):
     with pytest.raises(UserError, match=message):
-        main(["--data", str(shared_data / "the-verdict.txt"), "--data-dir", str(tmp_path / "data"),
+        main(["--data", str(data_files / "the-verdict.txt"), "--data-dir", str(tmp_path / "data"),
               "--out", str(tmp_path / "out"), *args])
     assert not (tmp_path / "out").exists()  # refused before anything is trained or written
 
 
-def test_refuses_a_folder_that_is_not_a_study(tmp_path, shared_data):
+def test_refuses_a_folder_that_is_not_a_study(tmp_path, data_files):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a ladder study"):
-        climb(small(tmp_path, shared_data, out=str(theirs)), say=lambda s: None)
+        climb(small(tmp_path, data_files, out=str(theirs)), say=lambda s: None)
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
-def test_cli_bad_input_is_one_line(tmp_path, shared_data):
-    proc = run_module("mlx_gpt.ladder", "--data", str(shared_data / "the-verdict.txt"), "--budgets", "0",
+def test_cli_bad_input_is_one_line(tmp_path, data_files):
+    proc = run_module("mlx_gpt.ladder", "--data", str(data_files / "the-verdict.txt"), "--budgets", "0",
                       "--data-dir", str(tmp_path / "data"), cwd=tmp_path, timeout=120)
     assert_one_line_error(proc, "--budgets")
 
@@ -201,9 +201,9 @@ def test_gpt_beats_unigram_by_far_on_tiny_shakespeare(tmp_path, shakespeare):
     assert gpt < unigram - 0.6
 
 
-def test_resume_keeps_a_point_moved_but_not_yet_saved(tmp_path, shared_data):
+def test_resume_keeps_a_point_moved_but_not_yet_saved(tmp_path, data_files):
     # the winning trial's run had moved to its point's folder when the study stopped, before ladder.json said so
-    cfg = small(tmp_path, shared_data, rungs=("gpt",), batch_sizes=(4,), budgets=(1024.0,), sample_tokens=0)
+    cfg = small(tmp_path, data_files, rungs=("gpt",), batch_sizes=(4,), budgets=(1024.0,), sample_tokens=0)
     done = climb(cfg, say=lambda s: None)
     report = json.loads((tmp_path / "ladder" / "ladder.json").read_text())
     point = report["rungs"][0]["points"].pop()

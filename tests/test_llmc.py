@@ -96,15 +96,15 @@ def test_damaged_checkpoints_are_user_errors(tmp_path, damage):
 
 
 @pytest.fixture(scope="module")
-def gpt2_tok(shared_data):
-    return GPT2Tokenizer.from_directory(shared_data / "gpt2")
+def gpt2_tok(data_files):
+    return GPT2Tokenizer.from_directory(data_files / "gpt2")
 
 
-def test_tokenizer_file_is_llmcs_and_reads_back(gpt2_tok, shared_data, tmp_path):
+def test_tokenizer_file_is_llmcs_and_reads_back(gpt2_tok, data_files, tmp_path):
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    ranks = data_gym_to_mergeable_bpe_ranks(str(shared_data / "gpt2/vocab.bpe"), str(shared_data / "gpt2/encoder.json"))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(data_files / "gpt2/vocab.bpe"), str(data_files / "gpt2/encoder.json"))
     enc = tiktoken.Encoding("gpt2", pat_str=r"'s", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
     # llm.c's write_tokenizer: header, then each id's bytes with a length byte
     header = np.zeros(256, np.int32)

@@ -75,19 +75,19 @@ def tiktoken_encoder(gpt2_dir: Path):
     return tiktoken_gpt2(gpt2_dir).encode_ordinary
 
 
-def write_inputs(out: Path, shared_data: Path, seed: int) -> tuple[Path, Path]:
+def write_inputs(out: Path, data_files: Path, seed: int) -> tuple[Path, Path]:
     """The llm.c model file (through our exporter) and a data folder with llm.c's token files."""
     import mlx.core as mx
 
-    tok = GPT2Tokenizer.from_files(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+    tok = GPT2Tokenizer.from_files(data_files / "gpt2" / "encoder.json", data_files / "gpt2" / "vocab.bpe")
     model = GPT(CFG)
     model.load_weights([(k, mx.array(v)) for k, v in random_weights(CFG, seed).items()], strict=True)
     checkpoint.save(out / "random", model, tok)
     model_file = out / "llmc" / "model.bin"
     model_file.parent.mkdir(parents=True)
     export_checkpoint(out / "random", model_file, to="llmc", progress=False)
-    val, train = shakespeare_tokens((shared_data / "tinyshakespeare.txt").read_text(),
-                                    tiktoken_encoder(shared_data / "gpt2"), tok.eot_id)
+    val, train = shakespeare_tokens((data_files / "tinyshakespeare.txt").read_text(),
+                                    tiktoken_encoder(data_files / "gpt2"), tok.eot_id)
     data = out / "tinyshakespeare"
     data.mkdir()
     write_tokens(data / "tiny_shakespeare_val.bin", val, CFG.vocab_size)
@@ -96,10 +96,10 @@ def write_inputs(out: Path, shared_data: Path, seed: int) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_training_an_imported_llmc_checkpoint_follows_llmc_losses(tmp_path, shared_data):
+def test_training_an_imported_llmc_checkpoint_follows_llmc_losses(tmp_path, data_files):
     pytest.importorskip("tiktoken")
     figures = json.loads(FIGURES.read_text())
-    model_file, data = write_inputs(tmp_path, shared_data, figures["seed"])
+    model_file, data = write_inputs(tmp_path, data_files, figures["seed"])
     import_checkpoint(model_file, tmp_path / "imported", progress=False)
     steps = len(figures["losses"])
     proc = run_module("mlx_gpt.train", "--init", str(tmp_path / "imported"), "--data", str(data),

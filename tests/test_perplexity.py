@@ -35,18 +35,18 @@ def test_bits_per_byte_divide_nats_by_ln2_and_utf8_bytes():
     assert s.perplexity == pytest.approx(4.0)
 
 
-def test_utf8_bytes_are_counted_the_same_for_every_tokenizer(shared_data):
-    text = (shared_data / "the-verdict.txt").read_text()[:3000] + " naïve café — ünïcödé ✓\n"
+def test_utf8_bytes_are_counted_the_same_for_every_tokenizer(data_files):
+    text = (data_files / "the-verdict.txt").read_text()[:3000] + " naïve café — ünïcödé ✓\n"
     sp = SentencePieceTokenizer.train(text.splitlines(keepends=True), 400)
     for tok in (ByteTokenizer(), sp):
         ids = np.array(tok.encode(text))
         assert utf8_bytes(tok, ids) == len(text.encode("utf-8"))
 
 
-def test_end_of_text_counts_no_bytes(shared_data):
+def test_end_of_text_counts_no_bytes(data_files):
     from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
 
-    tok = GPT2Tokenizer.from_directory(shared_data / "gpt2")
+    tok = GPT2Tokenizer.from_directory(data_files / "gpt2")
     ids = np.array(tok.encode("one document") + [tok.eot_id] + tok.encode(" and another"))
     assert utf8_bytes(tok, ids) == len("one document and another")
 

@@ -118,8 +118,8 @@ def small_run(tmp_path, data, model: str, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("model", ["lstm", "kneser-ney:3"])
-def test_train_builds_the_chosen_rung(model, tmp_path, shared_data):
-    run = train(small_run(tmp_path, shared_data / "the-verdict.txt", model), progress=False)
+def test_train_builds_the_chosen_rung(model, tmp_path, data_files):
+    run = train(small_run(tmp_path, data_files / "the-verdict.txt", model), progress=False)
     loaded, _ = checkpoint.load(run.out)
     assert checkpoint.read_config(run.out)["model_type"] == parse(model).model_type
     assert type(loaded) is type(run.model)
@@ -127,11 +127,11 @@ def test_train_builds_the_chosen_rung(model, tmp_path, shared_data):
     assert "val_loss" in metrics
     if parse(model).counted:
         with pytest.raises(UserError, match="fitted, not fine-tuned"):
-            train(small_run(tmp_path / "again", shared_data / "the-verdict.txt", "gpt", init=str(run.out)),
+            train(small_run(tmp_path / "again", data_files / "the-verdict.txt", "gpt", init=str(run.out)),
                   progress=False)
 
 
-def test_train_cli_rejects_an_unknown_rung(tmp_path, shared_data):
-    proc = run_module("mlx_gpt.train", "--data", str(shared_data / "the-verdict.txt"), "--model", "ngram:0",
+def test_train_cli_rejects_an_unknown_rung(tmp_path, data_files):
+    proc = run_module("mlx_gpt.train", "--data", str(data_files / "the-verdict.txt"), "--model", "ngram:0",
                       "--data-dir", str(tmp_path / "data"), cwd=tmp_path, timeout=120)
     assert_one_line_error(proc, "n must be at least 1")

@@ -274,7 +274,7 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, work: Path) -> di
 
 def race_text(args: argparse.Namespace) -> Path:
     candidates = [Path(args.race_text)] if args.race_text else [
-        ROOT / "data" / "downloads" / "tinyshakespeare.txt", ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"]
+        ROOT / "data" / "downloads" / "tinyshakespeare.txt", ROOT / "tests" / "data" / "tinyshakespeare.txt"]
     for p in candidates:
         if p.is_file():
             return p
