@@ -15,6 +15,13 @@ which are read from it when its pipeline is GPT-2's (byte-level, no normalizer).
 
 llm.c's tokenizer file lists each id's bytes with no merges; ``from_token_bytes`` recovers the
 merges, since in a byte-level BPE vocabulary token ``r`` is the ``r - 256``-th merge.
+
+The two files describe one thing twice, so each is checked against the other before any text is
+encoded (``check_bpe``): every merge joins two tokens of the vocabulary into a third, every
+longer token is made by a merge, every byte has its token, and a vocabulary that claims to be
+GPT-2's (50,257 tokens, end-of-text at 50,256) has GPT-2's layout, merge ``i`` making token
+``256 + i``. A file cut short, emptied or edited then fails with one error naming it, where the
+``tokenizers`` library would build a different BPE and give different ids without a word.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ MERGES_FILE = "merges.txt"
 # (vocab, merges) file names, Hugging Face's first, then OpenAI's originals
 FILE_PAIRS = ((VOCAB_FILE, MERGES_FILE), ("encoder.json", "vocab.bpe"))
 HF_TOKENIZER_FILE = "tokenizer.json"  # also the name of our own small tokenizer meta file
+GPT2_VOCAB, GPT2_MERGES, GPT2_EOT = 50257, 50000, 50256
 WHERE = " or ".join([*(f"{v} + {m}" for v, m in FILE_PAIRS), f"Hugging Face's {HF_TOKENIZER_FILE}"])
 
 
@@ -74,10 +82,16 @@ class GPT2Tokenizer:
 
     kind = "gpt2"
 
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
-        _check_vocab(vocab)
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *,
+                 special: Iterable[str] = (), files: tuple[str, str] = ("the vocabulary", "the merges")):
+        """``special``: tokens no merge makes (besides end-of-text); ``files``: the (vocab, merges)
+        sources named in errors (the same name twice for a single file)."""
+        merges = [tuple(m) for m in merges]
+        problem = check_bpe(vocab, merges, special={EOT, *special}, files=files)
+        if problem:
+            raise UserError(problem)
         self._vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-        self._merges = [tuple(m) for m in merges]
+        self._merges = merges
         self._tok = _build(self._vocab, self._merges)
 
     # ------------------------------------------------------------------ the Tokenizer protocol
@@ -133,7 +147,8 @@ class GPT2Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> "GPT2Tokenizer":
-        return cls(_read_vocab(Path(vocab_path)), _read_merges(Path(merges_path)))
+        return cls(_read_vocab(Path(vocab_path)), _read_merges(Path(merges_path)),
+                   files=(str(vocab_path), str(merges_path)))
 
     @classmethod
     def find_files(cls, directory: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -185,6 +200,9 @@ class GPT2Tokenizer:
         path = Path(path)
         data = _read_json(path)
         model = data.get("model") if isinstance(data, dict) else None
+        steps = [data.get(key) for key in ("normalizer", "pre_tokenizer")] if isinstance(model, dict) else []
+        if any(step is not None and not isinstance(step, dict) for step in steps):
+            raise UserError(f"{path}: its normalizer and pre_tokenizer must be objects or null")
         if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
             raise UserError(f"{path} is not a Hugging Face BPE tokenizer.json")
         problem = _not_gpt2_pipeline(data, model)
@@ -194,28 +212,36 @@ class GPT2Tokenizer:
         if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
             raise UserError(f"{path}: model.vocab must map token strings to integer ids")
         vocab = dict(vocab)
-        for added in data.get("added_tokens") or []:  # e.g. <|endoftext|>, sometimes only listed here
-            content, i = added.get("content"), added.get("id")
+        added_tokens = data.get("added_tokens") or []
+        if not isinstance(added_tokens, list):
+            raise UserError(f"{path}: added_tokens must be a list")
+        for added in added_tokens:  # e.g. <|endoftext|>, sometimes only listed here
+            content, i = (added.get("content"), added.get("id")) if isinstance(added, dict) else (None, None)
             if not isinstance(content, str) or type(i) is not int or vocab.get(content, i) != i:
-                raise UserError(f"{path}: added token {added!r} conflicts with the vocabulary")
+                raise UserError(f"{path}: added token {added!r:.60} conflicts with the vocabulary")
             vocab[content] = i
         merges = []
+        if not isinstance(model["merges"], list):
+            raise UserError(f"{path}: model.merges must be a list")
         for m in model["merges"]:  # "a b" strings (older files) or [a, b] pairs (tokenizers >= 0.20)
             pair = m.split(" ") if isinstance(m, str) else m
             if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
                 raise UserError(f"{path}: a merge is two tokens, got {m!r:.40}")
             merges.append((pair[0], pair[1]))
-        return cls(vocab, merges)
+        return cls(vocab, merges, special=[a["content"] for a in added_tokens], files=(str(path), str(path)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
         """From a checkpoint directory, whose tokenizer.json names the two files."""
         meta_path = Path(directory, "tokenizer.json")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             vocab, merges = meta.get("vocab_file", VOCAB_FILE), meta.get("merges_file", MERGES_FILE)
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{meta_path} is unreadable: {e}") from None
+        except (OSError, ValueError, AttributeError, RecursionError) as e:
+            raise UserError(f"{meta_path} is unreadable: {str(e)[:100]}") from None
+        for name in (vocab, merges):
+            if not is_plain_file_name(name):
+                raise UserError(f"{meta_path}: {name!r:.60} is not the name of a file beside it")
         return cls.from_files(Path(directory, vocab), Path(directory, merges))
 
     @classmethod
@@ -259,7 +285,70 @@ class GPT2Tokenizer:
                     raise UserError(f"special token {i} is not UTF-8 text") from None
             else:
                 vocab[to_unicode(t)] = i
-        return cls(vocab, merges)
+        specials = [tokens[i].decode("utf-8") for i in special]
+        return cls(vocab, merges, special=specials, files=("the token list", "the token list"))
+
+
+def is_plain_file_name(name: object) -> bool:
+    """Whether a name read from a file names a file in the same folder (never one elsewhere)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, special: Iterable[str] = (EOT,),
+              files: tuple[str, str] = ("the vocabulary", "the merges")) -> str | None:
+    """What makes a byte-level BPE's vocabulary and merges disagree, or None when they agree.
+
+    Ids are 0..n-1, each once; each of the 256 bytes has its token; every merge joins two tokens
+    into a third, once; every other token is made by a merge, except ``special`` tokens (such as
+    end-of-text), which text never turns into. A vocabulary with GPT-2's size or end-of-text id
+    must also have GPT-2's layout: bytes first in GPT-2's order, merge ``i`` making ``256 + i``.
+    """
+    vocab_file, merges_file = files
+    both = vocab_file if vocab_file == merges_file else f"{vocab_file} and {merges_file}"
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        gap = next((k for k, i in enumerate(ids) if i != k), len(ids))
+        return (f"{vocab_file} is damaged: its ids must be 0..{len(ids) - 1}, each once, but id {gap} is "
+                f"{'repeated or missing' if gap < len(ids) else 'missing'}")
+    special = set(special)
+    byte_chars = list(byte_to_unicode().values())
+    lacking = [b for b, c in enumerate(byte_chars) if c not in vocab]
+    if lacking:
+        return f"{vocab_file} is damaged: byte {lacking[0]} has no token ({len(lacking)} bytes lack one)"
+    made: dict[str, int] = {}
+    pairs: set[tuple[str, str]] = set()
+    for rank, (a, b) in enumerate(merges):
+        for part in (a, b):
+            if part not in vocab:
+                return (f"{both} disagree: merge {rank + 1} ({a} {b}) joins {part!r}, which {vocab_file} lacks; "
+                        "one of them is cut short or damaged")
+        if a + b not in vocab:
+            return (f"{both} disagree: merge {rank + 1} ({a} {b}) makes {a + b!r}, which {vocab_file} lacks; "
+                    "one of them is cut short or damaged")
+        if (a, b) in pairs:
+            return f"{merges_file} is damaged: merge {rank + 1} ({a} {b}) appears twice"
+        pairs.add((a, b))
+        made.setdefault(a + b, rank)
+    unmade = [t for t in vocab if len(t) > 1 and t not in made and t not in special]
+    stray = [t for t in vocab if len(t) == 1 and t not in made and t not in special and t not in unicode_to_byte()]
+    if unmade or stray:
+        t = min(unmade + stray, key=vocab.__getitem__)
+        return (f"{both} disagree: {len(unmade) + len(stray)} tokens of {vocab_file} are made by no merge of "
+                f"{merges_file} (the first: {t!r}, id {vocab[t]}); one of them is cut short or damaged")
+    if len(vocab) == GPT2_VOCAB or vocab.get(EOT) == GPT2_EOT:  # it claims to be GPT-2's
+        if len(vocab) != GPT2_VOCAB or len(merges) != GPT2_MERGES or vocab.get(EOT) != GPT2_EOT:
+            return (f"{both} claim to be GPT-2's but hold {len(vocab):,} tokens and {len(merges):,} merges "
+                    f"(GPT-2's: {GPT2_VOCAB:,} and {GPT2_MERGES:,}, end-of-text {GPT2_EOT}); one is cut short or "
+                    "damaged")
+        moved = next((c for b, c in enumerate(byte_chars) if vocab[c] != b), None)
+        if moved is not None:
+            return f"{vocab_file} is damaged: GPT-2's token {moved!r} has id {vocab[moved]}, not {byte_chars.index(moved)}"
+        for rank, (a, b) in enumerate(merges):
+            if vocab[a + b] != 256 + rank:
+                return (f"{both} disagree: GPT-2's merge {rank + 1} ({a} {b}) makes token {256 + rank}, but "
+                        f"{vocab_file} gives {a + b!r} id {vocab[a + b]}; one of them is reordered or damaged")
+    return None
 
 
 def is_hf_tokenizer_json(path: Path) -> bool:
@@ -268,7 +357,7 @@ def is_hf_tokenizer_json(path: Path) -> bool:
         return False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
@@ -276,11 +365,12 @@ def is_hf_tokenizer_json(path: Path) -> bool:
 def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
     """What in a tokenizer.json would encode differently from GPT-2's pipeline, or None."""
     if data.get("normalizer") is not None:
-        return f"it normalizes text ({data['normalizer'].get('type')})"
+        return f"it normalizes text ({data['normalizer'].get('type')!r:.40})"
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
-        return f"its pre-tokenizer is {pre.get('type')}, not ByteLevel"
+    if not isinstance(steps, list) or len(steps) != 1 or not isinstance(steps[0], dict) \
+            or steps[0].get("type") != "ByteLevel":
+        return f"its pre-tokenizer is {pre.get('type')!r:.40}, not ByteLevel"
     if steps[0].get("add_prefix_space") or not steps[0].get("use_regex", True):
         return "its ByteLevel pre-tokenizer adds a prefix space or skips GPT-2's split"
     for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "ignore_merges"):
@@ -292,12 +382,24 @@ def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
 
 
 def _read_json(path: Path):
+    """A JSON file's value; an object that names a key twice is refused (JSON would keep the last)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
+    except RecursionError:
+        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r:.60} appears twice in one object")
+    return out
 
 
 def _bpe(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
@@ -313,12 +415,6 @@ def _bpe(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
             break
         parts[at : at + 2] = [parts[at] + parts[at + 1]]
     return parts
-
-
-def _check_vocab(vocab: dict[str, int]) -> None:
-    ids = sorted(vocab.values())
-    if ids != list(range(len(ids))):
-        raise UserError(f"the vocabulary's ids must be 0..{len(ids) - 1}, each once")
 
 
 def _build(vocab: dict[str, int], merges: list[tuple[str, str]]):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mlx_gpt.errors import UserError
-from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer, byte_to_unicode, to_bytes, to_unicode
+from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer, byte_to_unicode, check_bpe, to_bytes, to_unicode
 from mlx_gpt.tokenizer import load_tokenizer
 
 # GPT-2's pre-tokenization pattern, as tiktoken writes it
@@ -170,9 +170,10 @@ def test_byte_map_is_gpt2s():
 def test_bad_tokenizer_files_are_user_errors(gpt2_dir, tmp_path):
     with pytest.raises(UserError, match="no GPT-2 tokenizer files"):
         GPT2Tokenizer.from_directory(tmp_path)
-    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1, "ab": 2}')
+    vocab = {**byte_vocab(), "ab": 256}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\na c\n")
-    with pytest.raises(UserError, match="invalid BPE"):
+    with pytest.raises(UserError, match="vocab.json and .*merges.txt disagree: merge 1 \\(a c\\) makes 'ac'"):
         GPT2Tokenizer.from_directory(tmp_path)
     (tmp_path / "merges.txt").write_text("a b extra\n")
     with pytest.raises(UserError, match="merges.txt:1"):
@@ -183,6 +184,37 @@ def test_bad_tokenizer_files_are_user_errors(gpt2_dir, tmp_path):
     (tmp_path / "vocab.json").write_text("[1, 2")
     with pytest.raises(UserError, match="not valid JSON"):
         GPT2Tokenizer.from_files(tmp_path / "vocab.json", gpt2_dir / "vocab.bpe")
+
+
+def byte_vocab() -> dict[str, int]:
+    """The 256 byte tokens, in GPT-2's order."""
+    return {c: i for i, c in enumerate(byte_to_unicode().values())}
+
+
+@pytest.mark.parametrize("vocab, merges, problem", [
+    ({"a": 0}, [], "byte 0 has no token"),
+    ({**byte_vocab(), "ab": 257}, [("a", "b")], "ids must be 0..256, each once, but id 256"),
+    ({**byte_vocab(), "ab": 256}, [("a", "x y")], "joins 'x y'"),
+    ({**byte_vocab(), "ab": 256}, [("a", "b"), ("a", "b")], "merge 2 \\(a b\\) appears twice"),
+    ({**byte_vocab(), "ab": 256, "abc": 257}, [("a", "b")], "1 tokens of V are made by no merge of M .*'abc', id 257"),
+    ({**byte_vocab(), "ab": 256, "€": 257}, [("a", "b")], "made by no merge"),
+])
+def test_vocabularies_that_disagree_with_their_merges_are_refused(vocab, merges, problem):
+    with pytest.raises(UserError, match=problem):
+        GPT2Tokenizer(vocab, merges, files=("V", "M"))
+
+
+def test_a_complete_vocabulary_with_its_merges_passes(gpt2_dir):
+    tok = GPT2Tokenizer.from_path(gpt2_dir)
+    assert check_bpe(tok.vocab, tok.merges) is None
+    assert check_bpe({**byte_vocab(), "ab": 256, "<pad>": 257}, [("a", "b")], special=["<pad>"]) is None
+    swapped = tok.vocab
+    swapped["Ġt"], swapped["Ġa"] = swapped["Ġa"], swapped["Ġt"]
+    assert "GPT-2's merge 1 (Ġ t) makes token 256" in check_bpe(swapped, tok.merges)
+    bytes_swapped = tok.vocab
+    bytes_swapped["a"], bytes_swapped["b"] = bytes_swapped["b"], bytes_swapped["a"]
+    assert "GPT-2's token 'a' has id 65, not 64" in check_bpe(bytes_swapped, tok.merges)
+    assert "1 tokens of" in check_bpe(tok.vocab, tok.merges[:-1])  # the last merge's token, made by none
 
 
 def test_token_bytes_that_are_not_bpe_are_refused():
