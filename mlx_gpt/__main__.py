@@ -21,6 +21,7 @@ COMMANDS = {
     "plot": "draw runs' loss curves",
     "convert": "import/export GPT-2 checkpoints (Hugging Face, llm.c, mlx-lm)",
     "fuse": "fold a LoRA run's adapters into its base, as an ordinary checkpoint",
+    "serve": "serve a checkpoint over HTTP: OpenAI's API and a page to try it",
     "info": "MLX version, device, BLAS and measured GFLOP/s",
 }
 

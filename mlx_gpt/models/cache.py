@@ -149,3 +149,39 @@ class RecurrentState:
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.hidden, self.cell) if a is not None]
+
+
+class SlotKVCache:
+    """Keys and values of several unrelated sequences decoded as one batch: one slot (row) each.
+
+    Every slot has its own length (``lengths``, an int32 array of shape (S,)), so sequences that
+    started at different times share a step: the new keys of each row are written at that row's
+    length, its queries see only its own written positions (``attention_mask``), and ``offset``
+    is (S, 1), which places each row's position embedding after its own tokens. The buffers have
+    a fixed capacity, so a step compiled once serves every position. A serving loop keeps these
+    arrays between steps and copies a prefilled sequence into a free row (see ``mlx_gpt.serve``).
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, lengths: mx.array) -> None:
+        self.keys = keys  # (S, nh, capacity, hs)
+        self.values = values
+        self.lengths = lengths  # (S,) int32
+        self.offset = lengths[:, None]
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write k, v of shape (S, nh, T, hs) at each row's length; return the whole buffers."""
+        S, nh, T, hs = k.shape
+        where = (self.lengths[:, None] + mx.arange(T)[None, :])[:, None, :, None]  # (S, 1, T, 1)
+        self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(where, k.shape), k, axis=2)
+        self.values = mx.put_along_axis(self.values, mx.broadcast_to(where, v.shape), v, axis=2)
+        return self.keys, self.values
+
+    def attention_mask(self, T: int) -> mx.array:
+        """(S, 1, T, capacity) booleans: each row's query t sees its positions up to its own."""
+        capacity = self.keys.shape[2]
+        query_pos = self.lengths[:, None] + mx.arange(T)[None, :]  # (S, T)
+        return (mx.arange(capacity)[None, None, :] <= query_pos[:, :, None])[:, None]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.keys, self.values]

@@ -1,0 +1,132 @@
+"""Quantized checkpoints: every Linear and Embedding of a model in 8 or 4 bits, in groups.
+
+MLX's affine quantization (``mx.quantize``) stores each row of a weight in groups of
+``group_size`` values: ``bits``-bit integers packed into uint32, with a float scale and bias per
+group. ``nn.quantize`` swaps each ``nn.Linear`` for an ``nn.QuantizedLinear`` and each
+``nn.Embedding`` for an ``nn.QuantizedEmbedding``, whose ``as_linear`` is GPT's tied head, so
+the head is quantized with the token embedding it shares. Layer norms and biases stay float.
+
+A quantized checkpoint is an ordinary checkpoint directory whose ``model.safetensors`` holds
+the packed weights (``weight``, ``scales``, ``biases`` per layer, mlx-lm's names) and which
+has a ``quantization.json`` (``{"bits": 8, "group_size": 64}``) beside ``config.json``; ``load``
+builds the model, quantizes its layers the same way, then loads the weights strictly.
+
+  python tools/convert.py checkpoints/run --quantize 8 --out checkpoints/run-q8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import checkpoint
+from .cpu import accelerate
+from .errors import UserError
+from .models.registry import build_model
+from .tokenizer import Tokenizer, load_tokenizer
+
+QUANTIZATION = "quantization.json"
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def check(model: Any, bits: int, group_size: int) -> None:
+    """Refuse settings MLX cannot quantize this model with, as one clear error."""
+    if bits not in BITS:
+        raise UserError(f"--quantize takes {' or '.join(map(str, BITS))} bits, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if is_quantized(model):
+        raise UserError("the model is already quantized")
+    widths = {m.weight.shape[-1] for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    bad = sorted(w for w in widths if w % group_size)
+    if bad:
+        raise UserError(f"--group-size {group_size} must divide every layer's input width; {bad[0]} is not a "
+                        f"multiple (try {', '.join(str(g) for g in GROUP_SIZES if all(w % g == 0 for w in widths))})")
+
+
+def quantize(model: Any, bits: int = 8, group_size: int = 64) -> Any:
+    """Quantize every Linear and Embedding of model in place (the tied head with wte); returns it."""
+    check(model, bits, group_size)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def is_quantized(model: Any) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def settings(path: str | os.PathLike) -> dict | None:
+    """A checkpoint's quantization (``{"bits": .., "group_size": ..}``), or None for float weights."""
+    p = checkpoint.resolve(path) / QUANTIZATION
+    if not p.is_file():
+        return None
+    try:
+        q = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is unreadable: {e}") from None
+    if not (isinstance(q, dict) and q.get("bits") in BITS and q.get("group_size") in GROUP_SIZES):
+        raise UserError(f"{p} must name bits ({' or '.join(map(str, BITS))}) and group_size "
+                        f"({', '.join(map(str, GROUP_SIZES))})")
+    return {"bits": q["bits"], "group_size": q["group_size"]}
+
+
+def load_model(path: str | os.PathLike) -> Any:
+    """The model of a checkpoint, float or quantized; in eval mode."""
+    d = checkpoint.resolve(path)
+    q = settings(d)
+    if q is None:
+        model = checkpoint.load_model(d)
+    else:
+        config = checkpoint.read_config(d)
+        model = accelerate(build_model(config.get("model_type", "gpt"), config["model"]))
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"])
+        weights = d / checkpoint.WEIGHTS
+        try:
+            arrays = mx.load(str(weights))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise UserError(f"{weights} is missing, corrupt or truncated ({str(e).splitlines()[0]})") from None
+        try:
+            model.load_weights(list(arrays.items()), strict=True)
+        except ValueError as e:
+            raise UserError(f"{weights} does not fit its config and {QUANTIZATION}: {str(e).splitlines()[0]}") \
+                from None
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
+    """``checkpoint.load`` for float and quantized checkpoints alike."""
+    d = checkpoint.resolve(path)
+    return load_model(d), load_tokenizer(d)
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
+                        overwrite: bool = False) -> Path:
+    """Write src's model quantized, with its tokenizer and training settings, as the checkpoint out."""
+    src, out = checkpoint.resolve(src), Path(out)
+    if settings(src) is not None:
+        raise UserError(f"{src} is already quantized")
+    if out.exists() or checkpoint.exists(out):
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        if out.is_dir() and any(out.iterdir()) and not checkpoint.exists(out):
+            raise UserError(f"{out} exists and is not a checkpoint; refusing to replace it even with --overwrite")
+    model, tokenizer = checkpoint.load(src)
+    quantize(model, bits, group_size)
+    record = {"bits": bits, "group_size": group_size, "source": str(src.absolute())}
+    return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
+                           files={QUANTIZATION: json.dumps(record, indent=2) + "\n"})
+
+
+def size_bytes(model: Any) -> int:
+    """Bytes the model's parameters take, packed weights as stored."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -1,0 +1,558 @@
+"""Continuous batching: every running sequence advances one token per step, together.
+
+One thread owns the model. Each turn of its loop it admits waiting requests while the batch
+has room, prefills one chunk of one new prompt (so a long prompt delays the running
+sequences by a chunk, not by its whole length), then runs one decode step over every running
+sequence. A sequence joins the batch when its prompt is prefilled and leaves it as soon as it
+ends, is cancelled (its client went away) or runs out of time; the others never wait for it.
+
+Each sequence has its own keys and values: a row of the batch's ``SlotKVCache`` buffers, with
+its own length, so sequences at different positions share one compiled step. Rows are kept
+packed (a leaving row is replaced by the last one) and the buffers are sized in buckets of
+rows (powers of two) and positions (steps of ``capacity_step``), so the step is traced once per
+bucket, not once per batch.
+
+Sampling runs on the host, per sequence, in numpy: each request has its own temperature,
+penalties, logit bias and random generator (seeded from the request's seed and the choice's
+index), so a sequence draws the same tokens whatever else is in the batch. The model's
+logits cross to the host once per step; the log-probabilities reported are the model's own
+(before penalties, bias and temperature).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import mlx.core as mx
+import numpy as np
+
+from ..detokenizer import StreamingDetokenizer
+from ..generate import StopStrings
+from ..models.cache import SlotKVCache
+from ..models.gpt import CausalSelfAttention
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``: the request is refused, not queued."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens (OpenAI's parameters, plus ``top_k`` and
+    ``repetition_penalty``); ``logprobs`` None reports none, k >= 0 the chosen token's and
+    the k most likely alternatives."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt to continue ``n`` times; ``echo_logprobs`` also scores the prompt's own tokens."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    echo_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token, its log-probability under the model (None for a prompt's first token) and the
+    most likely alternatives at its position, as (id, logprob)."""
+
+    id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Event:
+    """What one choice produced since its last event. ``text`` is whole characters, cut before
+    any stop string; ``finish_reason`` ("stop", "length") ends the choice; ``error`` ends it
+    for a reason of the server's (shutting down, a fault), ``prompt`` carries the prompt's
+    scored tokens (echo), once, before any other event of the choice."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt: list[TokenInfo] | None = None
+    error: str | None = None
+
+
+class Handle:
+    """A submitted job as the HTTP side sees it: its events arrive on the event loop that submitted it."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, engine: "Engine", deadline: float) -> None:
+        self.job = job
+        self.loop = loop
+        self.engine = engine
+        self.deadline = deadline
+        self.cancelled = False
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(self, event: Event) -> None:
+        """Called by the engine's thread."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def cancel(self) -> None:
+        """The client is gone: free the job's rows at the engine's next step."""
+        self.cancelled = True
+        self.engine.wake()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event until each of the job's choices has ended."""
+        open_choices = self.job.n
+        while open_choices:
+            event = await self.queue.get()
+            if event.finish_reason is not None or event.error is not None:
+                open_choices -= 1
+            yield event
+
+
+class _Sequence:
+    """One choice being generated: its random generator, text stream and stopping rules."""
+
+    def __init__(self, handle: Handle, index: int, tokenizer, vocab: int) -> None:
+        job = handle.job
+        self.handle, self.index, self.job = handle, index, job
+        self.rng = np.random.default_rng([job.seed, index])
+        self.length = len(job.prompt)  # positions in the cache
+        self.generated: list[int] = []
+        self.next_token = -1  # drawn, not yet fed to the model
+        self.eot = tokenizer.eot_id
+        self.detok = StreamingDetokenizer(tokenizer, context=job.prompt)
+        self.stops = StopStrings(job.stop)
+        s = job.sampling
+        self.counts = np.zeros(vocab, np.float32) if (s.presence_penalty or s.frequency_penalty) else None
+        self.seen = None
+        if s.repetition_penalty != 1.0:
+            self.seen = np.zeros(vocab, bool)
+            self.seen[list(job.prompt)] = True
+        self.bias = None
+        if s.logit_bias:
+            self.bias = np.zeros(vocab, np.float32)
+            for token, value in s.logit_bias:
+                self.bias[token] = value
+
+    def draw(self, logits: np.ndarray) -> TokenInfo:
+        """Pick the next token from this step's logits (vocab,) and note it as drawn."""
+        s = self.job.sampling
+        token = choose(logits, s, self.rng, self.counts, self.seen, self.bias)
+        info = TokenInfo(token, *_logprobs(logits, token, s.logprobs)) if s.logprobs is not None \
+            else TokenInfo(token, None)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        self.next_token = token
+        return info
+
+    def advance(self, info: TokenInfo) -> Event:
+        """The event for a drawn token; its finish_reason is set when the sequence ends with it."""
+        event = Event(self.index, tokens=[info])
+        if info.id == self.eot:
+            event.text, event.finish_reason = self._tail(), "stop"
+            return event
+        self.generated.append(info.id)
+        event.text = self.stops.feed(self.detok.add(info.id))
+        if self.stops.stopped:
+            event.finish_reason = "stop"
+        elif len(self.generated) >= self.job.max_tokens:
+            event.text += self._tail()
+            event.finish_reason = "length"
+        return event
+
+    def _tail(self) -> str:
+        return self.stops.feed(self.detok.flush()) + self.stops.flush()
+
+
+def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator, counts: np.ndarray | None = None,
+           seen: np.ndarray | None = None, bias: np.ndarray | None = None) -> int:
+    """The next token for logits (vocab,): bias and penalties, then greedy or a draw.
+
+    OpenAI's penalties subtract ``presence`` from the logit of every token generated so far
+    and ``frequency`` times its count; the repetition penalty divides positive (multiplies
+    negative) logits of tokens in the prompt or the text, as ``sampling.apply_repetition_penalty``.
+    A draw applies the temperature, top-k and top-p, and inverts the cumulative distribution at
+    one uniform number, so a request's tokens depend only on its own generator.
+    """
+    x = logits.astype(np.float64)
+    if bias is not None:
+        x = x + bias
+    if counts is not None:
+        x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+    if seen is not None:
+        x = np.where(seen, np.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+    if s.greedy:
+        return int(np.argmax(x))
+    x = x / s.temperature
+    if 0 < s.top_k < x.size:
+        x = np.where(x >= np.partition(x, -s.top_k)[-s.top_k], x, -np.inf)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        above = np.cumsum(p[order]) - p[order]  # mass ranked above each token
+        keep = np.zeros(p.size, bool)
+        keep[order[above < s.top_p]] = True
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), p.size - 1))
+
+
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of token and its k most likely tokens, from logits (vocab,)."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lsm = x - (m + np.log(np.exp(x - m).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        ids = np.argpartition(-lsm, k - 1)[:k]
+        ids = ids[np.argsort(-lsm[ids], kind="stable")]
+        top = tuple((int(i), float(lsm[i])) for i in ids)
+    return float(lsm[token]), top
+
+
+class _Prefill:
+    """A job whose prompt is being fed, a chunk per turn, into its own cache."""
+
+    def __init__(self, handle: Handle, model) -> None:
+        self.handle = handle
+        self.caches = model.make_cache()
+        self.done = 0  # prompt tokens fed
+        self.scored: list[TokenInfo] = []  # the prompt's tokens with their log-probabilities (echo)
+        self.last_logits: np.ndarray | None = None
+
+
+def plain_attention(model) -> None:
+    """Give every attention layer MLX's own attention back.
+
+    On the CPU, ``cpu.accelerate`` gives attention a kernel that takes one length for the whole
+    batch; batched rows each have their own, which MLX's attention reads from the boolean mask
+    ``SlotKVCache`` makes. Parameters and every other layer stay as they are.
+    """
+    for _, module in model.named_modules():
+        if isinstance(module, CausalSelfAttention) and type(module) is not CausalSelfAttention:
+            module.__class__ = CausalSelfAttention
+
+
+class Engine:
+    """The batch of running sequences and the thread that steps it.
+
+    max_batch: sequences decoded together at most (a request with n choices takes n);
+    max_queue: requests waiting for room at most, beyond which ``submit`` raises QueueFull;
+    timeout: seconds a request may take in all, queued or running (then it ends with an error
+    if it never started, else with finish_reason "length"); prefill_chunk: prompt tokens fed
+    per turn.
+    """
+
+    capacity_step = 128
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, timeout: float = 600.0,
+                 prefill_chunk: int = 256) -> None:
+        if not getattr(model, "accepts_fixed_cache", False) or not hasattr(model, "features"):
+            raise TypeError("the batching engine runs GPT models (positions and masks read from the cache)")
+        plain_attention(model)
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.block_size = model.block_size
+        self.vocab = model.config.vocab_size
+        self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
+        self.prefill_chunk = prefill_chunk
+        self._lock = threading.Condition(threading.RLock())  # reentrant: a signal handler may call shutdown
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._prefills: list[_Prefill] = []
+        self._rows: list[_Sequence] = []
+        self._keys: list[mx.array] = []
+        self._values: list[mx.array] = []
+        self._shape = (0, 0)  # (rows, capacity) of the buffers
+        self._stopping = False
+        self._stop_reason = ""
+        self._thread: threading.Thread | None = None
+        self._step = mx.compile(self._decode, inputs=[model.state])
+        self.steps = 0  # decode steps run, for tests and logs
+
+    # -------------------------------------------------------------- the HTTP side's calls
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mlx_gpt-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """End every request with an error event and let the thread finish; returns at once."""
+        with self._lock:
+            self._stopping = True
+            self._stop_reason = reason
+            self._lock.notify_all()
+
+    def stop(self) -> None:
+        """``shutdown``, then wait for the thread."""
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
+        """Queue a job; raises QueueFull when max_queue jobs already wait."""
+        assert 1 <= job.n <= self.max_batch and len(job.prompt) + job.max_tokens <= self.block_size
+        handle = Handle(job, loop, self, time.monotonic() + self.timeout)
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    @property
+    def load(self) -> dict:
+        """Sequences running, prompts being prefilled, requests waiting (a snapshot)."""
+        return {"running": len(self._rows), "prefilling": len(self._prefills), "waiting": len(self._waiting)}
+
+    # -------------------------------------------------------------- the engine's thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._prefills or self._rows):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            try:
+                self._turn()
+            except Exception:  # a bug: fail the requests in flight, keep serving the next ones
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all("internal error while generating")
+        self._fail_all(self._stop_reason)
+
+    def _turn(self) -> None:
+        self._drop_finished_handles()
+        self._admit()
+        if self._prefills:
+            self._prefill_chunk(self._prefills[0])
+        if self._rows:
+            self._decode_step()
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            handles = list(self._waiting)
+            self._waiting.clear()
+        handles += [p.handle for p in self._prefills]
+        self._prefills.clear()
+        seen = set()
+        for seq in self._rows:
+            seq.handle.emit(Event(seq.index, error=reason))
+            seen.add(id(seq.handle))
+        self._rows.clear()
+        self._shape = (0, 0)
+        self._keys, self._values = [], []
+        for handle in handles:
+            if id(handle) not in seen:
+                for i in range(handle.job.n):
+                    handle.emit(Event(i, error=reason))
+
+    def _drop_finished_handles(self) -> None:
+        """Cancelled and timed-out requests leave the queue, the prefills and the batch."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting = collections.deque(h for h in waiting if not h.cancelled and h.deadline > now)
+        for h in waiting:
+            if not h.cancelled and h.deadline <= now:
+                for i in range(h.job.n):
+                    h.emit(Event(i, error="timed out waiting for a free slot"))
+        for p in [p for p in self._prefills if p.handle.cancelled or p.handle.deadline <= now]:
+            self._prefills.remove(p)
+            if not p.handle.cancelled:
+                for i in range(p.handle.job.n):
+                    p.handle.emit(Event(i, error="timed out"))
+        for row in reversed(range(len(self._rows))):
+            seq = self._rows[row]
+            if seq.handle.cancelled:
+                self._remove_row(row)
+            elif seq.handle.deadline <= now:
+                seq.handle.emit(Event(seq.index, text=seq._tail(), finish_reason="length"))
+                self._remove_row(row)
+
+    def _admit(self) -> None:
+        """Move waiting jobs to prefill while the batch has room for all their choices."""
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                taken = len(self._rows) + sum(p.handle.job.n for p in self._prefills)
+                if taken + self._waiting[0].job.n > self.max_batch:
+                    return
+                handle = self._waiting.popleft()
+            self._prefills.append(_Prefill(handle, self.model))
+
+    def _prefill_chunk(self, p: _Prefill) -> None:
+        """Feed the next chunk of a prompt; when it is all in, its choices join the batch."""
+        job = p.handle.job
+        prompt = job.prompt
+        start, end = p.done, min(len(prompt), p.done + self.prefill_chunk)
+        x = mx.array([prompt[start:end]], mx.int32)
+        if job.echo_logprobs:
+            logits = self.model(x, p.caches)[0]  # (T, vocab)
+            p.scored += self._score(logits, prompt, start, job.sampling.logprobs or 0)
+            last = logits[-1]
+        else:
+            h = self.model.features(x, p.caches)[:, -1:, :]
+            last = self.model.wte.as_linear(h)[0, 0]
+        p.done = end
+        if end < len(prompt):
+            mx.eval([c.state for c in p.caches])
+            return
+        self._prefills.remove(p)
+        logits = np.array(last.astype(mx.float32))
+        seqs = [_Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
+        joining = []
+        for seq in seqs:
+            event = Event(seq.index, prompt=p.scored if job.echo_logprobs else None)
+            if job.max_tokens == 0:
+                event.finish_reason = "length"
+            else:
+                event = _merge(event, seq.advance(seq.draw(logits)))
+            p.handle.emit(event)
+            if event.finish_reason is None:
+                joining.append(seq)
+        if joining:
+            self._insert(joining, p.caches)
+
+    def _score(self, logits: mx.array, prompt: tuple[int, ...], start: int, k: int) -> list[TokenInfo]:
+        """The prompt's tokens start+1 .. start+T with the log-probabilities logits (T, vocab) give them."""
+        T = logits.shape[0]
+        targets = list(prompt[start + 1 : start + T + 1])
+        lsm = logits.astype(mx.float32)
+        lsm = lsm - mx.logsumexp(lsm, axis=-1, keepdims=True)
+        n = len(targets)
+        chosen = mx.take_along_axis(lsm[:n], mx.array(targets, mx.int32)[:, None], axis=-1)[:, 0]
+        top_ids = top_lp = None
+        if k > 0:
+            top_ids = mx.argpartition(-lsm[:n], k - 1, axis=-1)[:, :k]
+            top_lp = mx.take_along_axis(lsm[:n], top_ids, axis=-1)
+            order = mx.argsort(-top_lp, axis=-1)
+            top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+            top_lp = mx.take_along_axis(top_lp, order, axis=-1)
+        chosen = chosen.tolist()
+        top_ids = top_ids.tolist() if k > 0 else [[]] * n
+        top_lp = top_lp.tolist() if k > 0 else [[]] * n
+        infos = [TokenInfo(prompt[0], None)] if start == 0 else []
+        infos += [TokenInfo(t, lp, tuple(zip(ids, lps))) for t, lp, ids, lps in zip(targets, chosen, top_ids, top_lp)]
+        return infos
+
+    # -------------------------------------------------------------- the batch's rows
+
+    def _bucket(self, rows: int, positions: int) -> tuple[int, int]:
+        """Buffer shape for this many rows and positions: rows to a power of two, positions to a step."""
+        r = 1
+        while r < rows:
+            r *= 2
+        step = self.capacity_step
+        return r, min(self.block_size, -(-positions // step) * step)
+
+    def _fit(self) -> None:
+        """Resize the buffers to the bucket the current rows need (rows packed first)."""
+        need = max((len(s.job.prompt) + s.job.max_tokens for s in self._rows), default=1)
+        shape = self._bucket(len(self._rows), need)
+        if shape == self._shape:
+            return
+        if not self._rows:
+            self._keys, self._values, self._shape = [], [], (0, 0)
+            return
+        rows, capacity = shape
+        keep_rows, keep_pos = min(rows, self._shape[0]), min(capacity, self._shape[1])
+        nh, hs = self._kv_shape()
+        new_keys, new_values = [], []
+        for buffers, out in ((self._keys, new_keys), (self._values, new_values)):
+            for b in buffers or [None] * len(self.model.h):
+                a = mx.zeros((rows, nh, capacity, hs), mx.float32 if b is None else b.dtype)
+                if b is not None and keep_rows:
+                    a[:keep_rows, :, :keep_pos, :] = b[:keep_rows, :, :keep_pos, :]
+                out.append(a)
+        self._keys, self._values, self._shape = new_keys, new_values, shape
+
+    def _kv_shape(self) -> tuple[int, int]:
+        c = self.model.config
+        return c.n_head, c.n_embd // c.n_head
+
+    def _insert(self, seqs: list[_Sequence], caches) -> None:
+        """New rows at the end of the batch, each with a copy of the prefilled keys and values."""
+        first = len(self._rows)
+        self._rows += seqs
+        self._fit()
+        n = len(seqs[0].job.prompt)
+        for layer, cache in enumerate(caches):
+            k, v = cache.keys[:, :, :n, :], cache.values[:, :, :n, :]
+            self._keys[layer][first : first + len(seqs), :, :n, :] = k.astype(self._keys[layer].dtype)
+            self._values[layer][first : first + len(seqs), :, :n, :] = v.astype(self._values[layer].dtype)
+        mx.eval(self._keys, self._values)
+
+    def _remove_row(self, row: int) -> None:
+        """Free a row at once: the last row moves into it, and the buffers shrink to their bucket."""
+        last = len(self._rows) - 1
+        if row != last:
+            self._rows[row] = self._rows[last]
+            for buffers in (self._keys, self._values):
+                for i, b in enumerate(buffers):
+                    b[row] = b[last]
+        self._rows.pop()
+        self._fit()
+
+    def _decode(self, tokens: mx.array, keys: list[mx.array], values: list[mx.array], lengths: mx.array):
+        """One token for every row: tokens (S,) at each row's length; the next logits (S, vocab)."""
+        caches = [SlotKVCache(k, v, lengths) for k, v in zip(keys, values)]
+        logits = self.model(tokens[:, None], caches)[:, -1, :]
+        return logits.astype(mx.float32), [c.keys for c in caches], [c.values for c in caches]
+
+    def _decode_step(self) -> None:
+        rows, _ = self._shape
+        n = len(self._rows)
+        tokens = np.zeros(rows, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        for i, seq in enumerate(self._rows):
+            tokens[i], lengths[i] = seq.next_token, seq.length
+        logits, self._keys, self._values = self._step(mx.array(tokens), self._keys, self._values, mx.array(lengths))
+        logits = np.array(logits)
+        self.steps += 1
+        done = []
+        for i, seq in enumerate(self._rows[:n]):
+            seq.length += 1
+            event = seq.advance(seq.draw(logits[i]))
+            seq.handle.emit(event)
+            if event.finish_reason is not None:
+                done.append(i)
+        for i in reversed(done):
+            self._remove_row(i)
+
+
+def _merge(first: Event, second: Event) -> Event:
+    """One event holding a prompt's scores and the first token's."""
+    second.prompt = first.prompt
+    return second
