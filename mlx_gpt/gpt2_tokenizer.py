@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError
+from .tokenizer import is_plain_file_name
 
 EOT = "<|endoftext|>"
 VOCAB_FILE = "vocab.json"
@@ -287,12 +288,6 @@ class GPT2Tokenizer:
                 vocab[to_unicode(t)] = i
         specials = [tokens[i].decode("utf-8") for i in special]
         return cls(vocab, merges, special=specials, files=("the token list", "the token list"))
-
-
-def is_plain_file_name(name: object) -> bool:
-    """Whether a name read from a file names a file in the same folder (never one elsewhere)."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
-        and "\0" not in name
 
 
 def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, special: Iterable[str] = (EOT,),

@@ -3,10 +3,17 @@
 Every tokenizer saves itself into a checkpoint directory as ``tokenizer.json`` (its kind and
 version) plus whatever model file it needs, and ``load_tokenizer`` reads it back, so a
 checkpoint always carries the exact tokenizer it was trained with.
+
+A damaged model file must not load as a different tokenizer: SentencePiece parses a model cut
+after any piece as a smaller, valid one (and one missing its normalizer spec as NFKC-normalizing),
+and a changed byte as a changed piece. So ``tokenizer.json`` records the model file's SHA-256,
+which loading checks, and any model (older checkpoints have no hash) must be whole: as many
+pieces as its trainer spec's vocabulary size, and its normalizer spec present.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -86,7 +93,8 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         Path(directory, self.model_file).write_bytes(self._proto)
-        _write_meta(directory, {"kind": self.kind, "model_file": self.model_file})
+        _write_meta(directory, {"kind": self.kind, "model_file": self.model_file,
+                                "model_sha256": hashlib.sha256(self._proto).hexdigest()})
 
     @classmethod
     def train(cls, lines: Iterable[str], vocab_size: int, *, max_lines: int = 2_000_000) -> "SentencePieceTokenizer":
@@ -179,28 +187,111 @@ def _write_meta(directory: str | os.PathLike, meta: dict) -> None:
     Path(directory, META_FILE).write_text(json.dumps({"version": 1, **meta}, indent=2) + "\n")
 
 
+def is_plain_file_name(name: object) -> bool:
+    """Whether a name read from a file names a file in the same folder (never one elsewhere)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Read the tokenizer a checkpoint (or prepared dataset) directory was saved with."""
     meta_path = Path(directory, META_FILE)
     try:
-        meta = json.loads(meta_path.read_text())
-        kind = meta["kind"]
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{meta_path} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is unreadable: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{meta_path} is unreadable: {str(e)[:100]}") from None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if not isinstance(kind, str):
+        raise UserError(f"{meta_path} is unreadable: not an object with a tokenizer kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "sentencepiece":
-        path = Path(directory, meta.get("model_file", SentencePieceTokenizer.model_file))
+        name, digest = meta.get("model_file", SentencePieceTokenizer.model_file), meta.get("model_sha256")
+        if not is_plain_file_name(name):
+            raise UserError(f"{meta_path}: model_file {name!r:.60} is not the name of a file beside it")
+        if digest is not None and not isinstance(digest, str):
+            raise UserError(f"{meta_path}: model_sha256 must be a string")
+        path = Path(directory, name)
         try:
-            return SentencePieceTokenizer(path.read_bytes())
+            proto = path.read_bytes()
         except OSError as e:
             raise UserError(f"cannot read SentencePiece model {path}: {e.strerror}") from None
+        if digest is not None and hashlib.sha256(proto).hexdigest() != digest:
+            raise UserError(f"{path} is damaged or replaced: its SHA-256 is not the one {meta_path} records")
+        problem = sentencepiece_problem(proto)
+        if problem:
+            raise UserError(f"{path} is not a valid SentencePiece model (cut short or damaged: {problem})")
+        try:
+            return SentencePieceTokenizer(proto)
         except RuntimeError:
             raise UserError(f"{path} is not a valid SentencePiece model") from None
     if kind == "gpt2":
         from .gpt2_tokenizer import GPT2Tokenizer
 
         return GPT2Tokenizer.load(directory)
-    raise UserError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+    raise UserError(f"{meta_path}: unknown tokenizer kind {kind!r:.40}")
+
+
+def sentencepiece_problem(proto: bytes) -> str | None:
+    """What shows a SentencePiece model to be cut short or broken, or None.
+
+    The model is a protobuf ``ModelProto``: its pieces (field 1, one record each) first, then its
+    trainer spec (field 2, whose field 4 is the vocabulary size) and normalizer spec (field 3).
+    A model cut after a piece still parses, so the pieces are counted against the vocabulary size
+    the trainer wrote, and the normalizer spec must be there (without it, text would be normalized).
+    """
+    try:
+        fields = _protobuf_fields(proto)
+        pieces = sum(1 for number, _ in fields if number == 1)
+        trainer = [value for number, value in fields if number == 2]
+        if not trainer or not isinstance(trainer[-1], bytes):
+            return "it has no trainer spec"
+        sizes = [value for number, value in _protobuf_fields(trainer[-1]) if number == 4]
+    except ValueError as e:
+        return str(e)
+    if not any(number == 3 for number, _ in fields):
+        return "it has no normalizer spec"
+    if sizes and sizes[-1] != pieces:
+        return f"it holds {pieces} pieces, its trainer spec says {sizes[-1]}"
+    return None
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of each top-level field of a protobuf message: an int for varints
+    and fixed-size fields, the bytes of a length-delimited field. ValueError when malformed."""
+    out, pos = [], 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("a protobuf number runs past its end")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            out.append((number, varint()))
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > len(data):
+                raise ValueError("a protobuf field runs past its end")
+            out.append((number, int.from_bytes(data[pos : pos + width], "little")))
+            pos += width
+        elif wire == 2:
+            n = varint()
+            if pos + n > len(data):
+                raise ValueError("a protobuf field runs past its end")
+            out.append((number, data[pos : pos + n]))
+            pos += n
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not one a model holds")
+    return out

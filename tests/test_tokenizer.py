@@ -68,6 +68,53 @@ def test_bad_tokenizer_files_are_user_errors(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def piece_ends(proto: bytes) -> list[int]:
+    """Where each piece record of a SentencePiece model ends (field 1, length-delimited)."""
+    ends, pos = [], 0
+    while proto[pos] == 0x0A:
+        n, k, shift = 0, pos + 1, 0
+        while True:
+            n |= (proto[k] & 0x7F) << shift
+            shift += 7
+            k += 1
+            if not proto[k - 1] & 0x80:
+                break
+        pos = k + n
+        ends.append(pos)
+    return ends
+
+
+@pytest.mark.parametrize("damage", ["cut after a piece", "one byte changed", "empty"])
+def test_a_damaged_sentencepiece_model_is_refused_not_loaded_as_another(sp, tmp_path, damage):
+    sp.save(tmp_path)
+    proto = (tmp_path / "tokenizer.model").read_bytes()
+    if damage == "cut after a piece":
+        proto = proto[: piece_ends(proto)[300]]
+    elif damage == "one byte changed":
+        i = proto.index("\u2581".encode(), len(proto) // 3)
+        proto = proto[: i + 3] + bytes([proto[i + 3] ^ 0x20]) + proto[i + 4 :]
+    else:
+        proto = b""
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    with pytest.raises(UserError, match="tokenizer.model"):
+        load_tokenizer(tmp_path)
+    # without the recorded hash (older checkpoints) a model cut short is still refused
+    (tmp_path / "tokenizer.json").write_text('{"kind": "sentencepiece", "model_file": "tokenizer.model"}')
+    if damage != "one byte changed":
+        with pytest.raises(UserError, match="tokenizer.model is not a valid SentencePiece model"):
+            load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("meta", ['{"kind": "sentencepiece", "model_file": 7}', '[1]', '"byte"', '{"kind": ["byte"]}',
+                                  '{"kind": "sentencepiece", "model_file": "../tokenizer.model"}',
+                                  '{"kind": "sentencepiece", "model_sha256": 5}', "[" * 100_000])
+def test_a_malformed_tokenizer_json_is_one_user_error(sp, tmp_path, meta):
+    sp.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(meta)
+    with pytest.raises(UserError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
 def test_vocab_too_small_is_refused():
     with pytest.raises(UserError, match="at least 260"):
         SentencePieceTokenizer.train(["abc"], 100)
