@@ -34,6 +34,7 @@ from . import checkpoint
 from .data import (encode_documents, load_dataset, open_tokens, read_source, split_documents,
                    tokenizer_digest)
 from .errors import UserError, run_cli
+from .limits import check_text
 from .loss import cross_entropy
 from .perplexity import Score, score
 from .tokenizer import Tokenizer
@@ -113,7 +114,8 @@ def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int 
     """HellaSwag-style questions from a jsonl file, encoded; one line a question, blank lines skipped."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only: JSON strings may hold U+2028 and other breaks splitlines() would cut at
+        lines = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -129,6 +131,8 @@ def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int 
             item = json.loads(line)
         except ValueError as e:
             raise UserError(f"{where}: not JSON ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise UserError(f"{where}: not JSON (nested too deeply)") from None
         if not isinstance(item, dict):
             raise UserError(f"{where}: expected an object with ctx, endings and label")
         ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")
@@ -137,7 +141,9 @@ def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int 
         if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
             raise UserError(f"{where}: endings must be a list of at least two strings")
         if type(label) is not int or not 0 <= label < len(endings):
-            raise UserError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r}")
+            raise UserError(f"{where}: label must be an index into endings (0..{len(endings) - 1}), got {label!r:.40}")
+        for text in (ctx, *endings):  # a JSON escape can name half a surrogate pair, which no text holds
+            check_text(text, f"{where}: ctx or an ending")
         questions.append(Question(tokenizer.encode(ctx), [tokenizer.encode(" " + e) for e in endings], label))
     if not questions:
         raise UserError(f"{path} holds no questions")

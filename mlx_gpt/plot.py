@@ -40,44 +40,52 @@ class Curves:
 
 
 def read_run(path: str | Path) -> Curves:
-    """A run's curves from its metrics.jsonl (and its batch shape from config.json, when present)."""
+    """A run's curves from its metrics.jsonl (and its batch shape from config.json, when present).
+
+    Each line is an object with an integer ``step`` and numbers for the series it reports
+    (non-finite ones included: a diverged run logs them); any other line is one error naming it.
+    """
     path = Path(path)
     metrics = path / "metrics.jsonl" if path.is_dir() else path
     try:
-        lines = metrics.read_text().splitlines()
+        # lines end at "\n" only: JSON strings may hold U+2028 and other breaks splitlines() would cut at
+        lines = metrics.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise UserError(f"{path} has no metrics.jsonl: not a training run") from None
     except OSError as e:
         raise UserError(f"cannot read {metrics}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{metrics} is not UTF-8 text (at byte {e.start})") from None
     curves = Curves(path.name if path.is_dir() else path.parent.name)
+    series = {"loss": curves.train, "lr": curves.lr, "val_loss": curves.eval_val, "train_loss": curves.eval_train}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            step = int(rec["step"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{metrics}:{n} is not a metrics line") from None
-        if "loss" in rec:
-            curves.train.append((step, float(rec["loss"])))
-        if "lr" in rec:
-            curves.lr.append((step, float(rec["lr"])))
-        if "val_loss" in rec:
-            curves.eval_val.append((step, float(rec["val_loss"])))
-        if "train_loss" in rec:
-            curves.eval_train.append((step, float(rec["train_loss"])))
+        except (ValueError, RecursionError):
+            raise UserError(f"{metrics}:{n} is not a metrics line (not JSON)") from None
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if type(step) is not int or step < 0:
+            raise UserError(f"{metrics}:{n} is not a metrics line (no whole step number)")
+        for key, points in series.items():
+            if key in rec:
+                value = rec[key]
+                if type(value) not in (int, float):
+                    raise UserError(f"{metrics}:{n}: {key} must be a number, got {value!r:.40}")
+                points.append((step, float(value)))
     curves.tokens_per_step = _tokens_per_step(path) if path.is_dir() else None
     return curves
 
 
 def _tokens_per_step(run: Path) -> int | None:
     try:
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         train, model = config.get("train") or {}, config["model"]
         block = train.get("block_size") or model["block_size"]
         return int(train["batch_size"]) * int(train.get("grad_accum", 1)) * int(block)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+        return None  # the picture then counts steps, not tokens
 
 
 def figure(runs: list[Curves], title: str | None = None):
