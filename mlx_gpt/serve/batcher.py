@@ -332,8 +332,9 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        """Sequences running, prompts being prefilled, requests waiting (a snapshot)."""
-        return {"running": len(self._rows), "prefilling": len(self._prefills), "waiting": len(self._waiting)}
+        """Sequences running, prompts being prefilled, requests waiting, decode steps run (a snapshot)."""
+        return {"running": len(self._rows), "prefilling": len(self._prefills), "waiting": len(self._waiting),
+                "steps": self.steps}
 
     # -------------------------------------------------------------- the engine's thread
 

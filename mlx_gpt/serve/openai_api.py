@@ -320,7 +320,22 @@ class Shaper:
 
     def __init__(self, parsed: Parsed, info: ModelInfo, request_id: str, created: int) -> None:
         self.p, self.info, self.id, self.created = parsed, info, request_id, created
-        self._token_text = functools.lru_cache(maxsize=65536)(lambda i: info.tokenizer.decode([i]))
+        self._token_bytes = _token_bytes(info.tokenizer)
+        self._token_text = functools.lru_cache(maxsize=65536)(self._text_of)
+
+    def _text_of(self, token: int) -> str:
+        """A token as text; a token that is part of a character is "bytes:\\xNN...", as OpenAI writes it."""
+        text = self.info.tokenizer.decode([token])
+        raw = self._token_bytes(token)
+        if raw is not None and "\ufffd" in text:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
+        if "\ufffd" in text and raw is not None:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.info.name}
@@ -387,8 +402,20 @@ class Shaper:
             return None
 
         def entry(i: int, lp: float) -> dict:
-            s = self._token_text(i)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+            raw = self._token_bytes(i)
+            text = self.info.tokenizer.decode([i])
+            return {"token": self._token_text(i), "logprob": lp,
+                    "bytes": list(raw if raw is not None else text.encode("utf-8"))}
 
         return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in tokens]}
+
+
+def _token_bytes(tokenizer) -> Any:
+    """token id -> its bytes, where the tokenizer can say (byte-level, GPT-2's BPE); else None."""
+    if getattr(tokenizer, "kind", None) == "byte":
+        return lambda i: bytes([i])
+    if hasattr(tokenizer, "token_bytes"):
+        table = tokenizer.token_bytes()
+        return lambda i: table[i] if 0 <= i < len(table) else None
+    return lambda i: None
