@@ -9,12 +9,17 @@ several.
 
 The module is compiled with CMake and the C++ compiler (which MLX's CPU backend already needs
 for ``mx.compile``) against the installed MLX's headers and nanobind, into
-``~/.cache/mlx_gpt/`` under a key made of the sources, the MLX, nanobind and Python versions
-and the compiler flags, so a change to any of them builds a new one. A file lock lets one
-process build while the others wait for it. Whenever it cannot be built or loaded (no compiler
-or CMake, no nanobind, a nanobind whose ABI differs from MLX's, a GPU build of MLX) or
-``MLX_GPT_NO_EXT=1`` is set, ``load()`` returns None and ``mlx_gpt.cpu.ops`` keeps its pure-MLX
-kernels; ``status()`` says which path runs and why. A failed build is remembered (with its log)
+``~/.cache/mlx_gpt/`` (``$MLX_GPT_CACHE_DIR`` if set) under a key made of the sources, the MLX,
+nanobind and Python versions and the compiler flags, so a change to any of them builds a new one.
+A file lock lets one process build while the others wait for it. The library is built in a
+temporary folder and renamed into place with its size and SHA-256 recorded beside it, and is
+loaded only when it still matches that record: loading a library cut short or overwritten (a
+full disk, a copy interrupted) kills the process with SIGBUS before Python can catch anything.
+A library that does not match is rebuilt; if the rebuild fails, one warning says so.
+
+Whenever it cannot be built or loaded (no compiler or CMake, no nanobind, a nanobind whose ABI
+differs from MLX's, a GPU build of MLX) or ``MLX_GPT_NO_EXT=1`` is set, ``load()`` returns None
+and ``mlx_gpt.cpu.ops`` keeps its pure-MLX kernels; ``status()`` says which path runs and why. A failed build is remembered (with its log)
 so that later processes do not retry it until something in the key changes.
 """
 
@@ -34,17 +39,14 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from .matvec import cache_dir, install_sealed, is_sealed, warn
+
 SOURCES = Path(__file__).resolve().parent / "ext"
 MODULE_NAME = "_mlx_gpt_ext"
 DISABLE_ENV = "MLX_GPT_NO_EXT"
 BUILD_TIMEOUT_S = 900
 
 _state: dict[str, object] = {"loaded": False, "module": None, "status": "not loaded yet"}
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx_gpt"
 
 
 def arch_flags() -> str:
@@ -88,25 +90,28 @@ def _suffix() -> str:
 
 
 def _build(target: Path, log: Path) -> None:
-    """Configure and compile ``ext/`` with CMake into ``target`` (atomically); raises on failure."""
+    """Configure and compile ``ext/`` with CMake, then put the module at ``target`` with its record
+    (see ``matvec.install_sealed``); raises on failure."""
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
+        install_sealed(_compile(Path(tmp), log), target)
+
+
+def _compile(tmp: Path, log: Path) -> Path:
+    """The module compiled in the folder ``tmp`` (the build's log written to ``log``)."""
     import nanobind
 
     jobs = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
-        cmake = _cmake()
-        configure = [cmake, "-S", str(SOURCES), "-B", tmp, "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DPython_EXECUTABLE={sys.executable}", f"-Dnanobind_DIR={nanobind.cmake_dir()}",
-                     f"-DMLX_DIR={Path(mx.__file__).parent / 'share' / 'cmake' / 'MLX'}",
-                     f"-DMLX_GPT_ARCH_FLAGS={arch_flags()}"]
-        with open(log, "w") as out:
-            for cmd in (configure, [cmake, "--build", tmp, "-j", jobs]):
-                out.write("$ " + " ".join(cmd) + "\n")
-                out.flush()
-                subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S)
-        built = next(Path(tmp).glob(MODULE_NAME + "*" + _suffix()))
-        staged = Path(tmp) / target.name
-        shutil.copy2(built, staged)
-        os.replace(staged, target)  # atomic: readers see no file or a complete one
+    cmake = _cmake()
+    configure = [cmake, "-S", str(SOURCES), "-B", str(tmp), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DPython_EXECUTABLE={sys.executable}", f"-Dnanobind_DIR={nanobind.cmake_dir()}",
+                 f"-DMLX_DIR={Path(mx.__file__).parent / 'share' / 'cmake' / 'MLX'}",
+                 f"-DMLX_GPT_ARCH_FLAGS={arch_flags()}"]
+    with open(log, "w") as out:
+        for cmd in (configure, [cmake, "--build", str(tmp), "-j", jobs]):
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S)
+    return next(tmp.glob(MODULE_NAME + "*" + _suffix()))
 
 
 def _locked_build(target: Path) -> str | None:
@@ -117,15 +122,23 @@ def _locked_build(target: Path) -> str | None:
     log = target.with_suffix(".log")
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if target.exists():
+        if is_sealed(target):
             return None
         if failed.exists():
             return f"an earlier build failed (log: {log}; delete {failed} to retry)"
-        print(f"mlx_gpt: building the C++ CPU kernels once (log: {log}) ...", file=sys.stderr, flush=True)
+        damaged = target.exists()
+        if damaged:
+            print(f"mlx_gpt: the cached C++ CPU kernels {target} do not match their recorded size and SHA-256; "
+                  f"rebuilding them (log: {log}) ...", file=sys.stderr, flush=True)
+        else:
+            print(f"mlx_gpt: building the C++ CPU kernels once (log: {log}) ...", file=sys.stderr, flush=True)
         try:
             _build(target, log)
         except (OSError, subprocess.SubprocessError, StopIteration) as e:
             failed.write_text(f"{type(e).__name__}: {e}\n")
+            if damaged:
+                target.unlink(missing_ok=True)  # never to be loaded
+                warn(f"rebuilding the C++ CPU kernels failed (log: {log}); the pure-MLX kernels run instead")
             return f"the build failed (log: {log})"
     return None
 
@@ -165,10 +178,10 @@ def _load() -> tuple[ModuleType | None, str]:
     why = _why_not_available()
     if why is not None:
         return None, f"pure MLX ({why})"
-    target = _cache_dir() / f"{MODULE_NAME}-{build_key(_nanobind_version())}{_suffix()}"
+    target = cache_dir() / f"{MODULE_NAME}-{build_key(_nanobind_version())}{_suffix()}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
+        if not is_sealed(target):
             why = _locked_build(target)
             if why is not None:
                 return None, f"pure MLX ({why})"

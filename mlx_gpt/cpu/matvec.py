@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,29 +71,86 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
 """
 
 
-def _cache_dir() -> Path:
+CACHE_ENV = "MLX_GPT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are cached: ``$MLX_GPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlx_gpt``
+    (``~/.cache/mlx_gpt``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mlx_gpt"
 
 
-def build() -> Path | None:
-    """The compiled library (built on first use, then cached), or None without a C compiler."""
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"libmlx_gpt_matvec-{digest}.so"
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
+def _record(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    """``SIZE SHA256`` of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{path.stat().st_size} {h.hexdigest()}"
+
+
+def is_sealed(library: Path) -> bool:
+    """Whether a cached library is the one its build recorded: the same size and SHA-256.
+
+    Loading a shared library that was cut short or overwritten kills the process (SIGBUS or
+    SIGSEGV inside the loader, before Python can catch anything), so nothing is loaded unchecked.
+    """
     try:
+        return _record(library).read_text().strip() == _fingerprint(library)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def install_sealed(built: Path, target: Path) -> None:
+    """Put a freshly built library at ``target`` with its record beside it, each by an atomic rename:
+    a reader sees the old pair, the new library with a record that does not match (and rebuilds),
+    or the new pair; never half a file."""
+    staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(built, staged)
+    os.chmod(staged, 0o755)
+    record = _record(staged)
+    record.write_text(_fingerprint(staged) + "\n")
+    os.replace(staged, target)
+    os.replace(record, _record(target))
+
+
+def warn(message: str) -> None:
+    print(f"mlx_gpt: warning: {message}", file=sys.stderr, flush=True)
+
+
+def build() -> Path | None:
+    """The compiled library (built on first use, then cached), or None without a C compiler.
+
+    A cached library whose size or SHA-256 differs from its record is rebuilt; if that fails,
+    one warning says so and MLX keeps OpenBLAS's own sgemm.
+    """
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    target = cache_dir() / f"libmlx_gpt_matvec-{digest}.so"
+    if is_sealed(target):
+        return target
+    damaged = target.exists()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    try:
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src, out = Path(tmp) / "matvec.c", Path(tmp) / target.name
             src.write_text(SOURCE)
             subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(out), "-ldl"], check=True,
                            capture_output=True, timeout=120)
-            os.replace(out, target)  # atomic: concurrent builds leave one complete file
-    except (OSError, subprocess.SubprocessError):
+            install_sealed(out, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        if damaged:
+            warn(f"the cached library {target} does not match its recorded size and SHA-256, and rebuilding it "
+                 f"failed ({type(e).__name__}); matrix-vector products use OpenBLAS's sgemm")
         return None
     return target
 
