@@ -248,12 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "tokenizer.json; default: the one that comes with SRC")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS",
+                   help="write the model with its Linear and Embedding weights quantized to 8 or 4 bits "
+                        "(SRC: an mlx_gpt checkpoint, or a model to import first)")
+    p.add_argument("--group-size", type=int, default=64, help="with --quantize: weights per scale and bias")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     a = build_parser().parse_args(argv)
     progress = not a.quiet
+    if a.quantize is not None:
+        return [_quantize(a, progress)]
     if a.to is None:
         out = import_checkpoint(a.src, a.out, tokenizer=a.tokenizer, overwrite=a.overwrite, progress=progress)
         c = checkpoint.read_config(out)["model"]
@@ -268,6 +274,29 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for note in result.notes:
         print(f"note: {note}")
     return result.paths
+
+
+def _quantize(a: argparse.Namespace, progress: bool) -> Path:
+    """--quantize: SRC's model (an mlx_gpt checkpoint, else imported first) written quantized to --out."""
+    from . import quantize
+
+    if a.to is not None:
+        raise UserError("--quantize writes an mlx_gpt checkpoint; quantize first, then export")
+    src = Path(a.src)
+    quantize.check_out(a.out, a.overwrite)
+    if checkpoint.exists(src):
+        out = quantize.quantize_checkpoint(src, a.out, bits=a.quantize, group_size=a.group_size, overwrite=a.overwrite)
+    else:
+        import tempfile
+
+        Path(a.out).absolute().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(a.out).absolute().parent, prefix=".import-") as tmp:
+            imported = import_checkpoint(src, Path(tmp) / "float", tokenizer=a.tokenizer, progress=progress)
+            out = quantize.quantize_checkpoint(imported, a.out, bits=a.quantize, group_size=a.group_size,
+                                               overwrite=a.overwrite)
+    print(f"wrote {out}: {a.quantize}-bit weights in groups of {a.group_size}")
+    return out
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -115,16 +115,22 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     src, out = checkpoint.resolve(src), Path(out)
     if settings(src) is not None:
         raise UserError(f"{src} is already quantized")
+    check_out(out, overwrite)
+    model, tokenizer = checkpoint.load(src)
+    quantize(model, bits, group_size)
+    record = {"bits": bits, "group_size": group_size}
+    return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
+                           files={QUANTIZATION: json.dumps(record, indent=2) + "\n"})
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write over anything but a checkpoint, and over one only with overwrite."""
+    out = Path(out)
     if out.exists() or checkpoint.exists(out):
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        if out.is_dir() and any(out.iterdir()) and not checkpoint.exists(out):
+        if not checkpoint.exists(out) and (out.is_file() or any(out.iterdir())):
             raise UserError(f"{out} exists and is not a checkpoint; refusing to replace it even with --overwrite")
-    model, tokenizer = checkpoint.load(src)
-    quantize(model, bits, group_size)
-    record = {"bits": bits, "group_size": group_size, "source": str(src.absolute())}
-    return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
-                           files={QUANTIZATION: json.dumps(record, indent=2) + "\n"})
 
 
 def size_bytes(model: Any) -> int:

@@ -105,7 +105,7 @@ def model(ckpt):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = Server(ckpt, "--max-batch", "8")
+    s = Server(ckpt, "--max-batch", "8", "--prefill-chunk", "5")  # prompts fed in several chunks
     yield s
     s.close()
 
@@ -329,6 +329,19 @@ def test_a_port_in_use_is_one_error_line(server, ckpt):
                            str(server.port)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{server.port}")
+
+
+def test_a_quantized_checkpoint_is_served_like_any_other(ckpt, tmp_path):
+    from mlx_gpt import quantize
+
+    out = quantize.quantize_checkpoint(ckpt, tmp_path / NAME, bits=8, group_size=32)
+    q_model, tok = quantize.load(out)
+    s = Server(out)
+    try:
+        r = s.client().completions.create(model=NAME, prompt="The with statement", max_tokens=20, temperature=0)
+        assert r.choices[0].text == generate(q_model, tok, "The with statement", 20, temperature=0)
+    finally:
+        assert s.close() == 130
 
 
 # ------------------------------------------------------------------------ the page, in a browser

@@ -1,0 +1,66 @@
+"""Quantized checkpoints: written by ``convert --quantize``, loaded by ``quantize.load``, close to the
+float model they come from, and served like any other."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_gpt import checkpoint, quantize
+from mlx_gpt.convert import main as convert
+from mlx_gpt.errors import UserError
+from mlx_gpt.generate import generate
+from mlx_gpt.models.gpt import GPTConfig, build
+from mlx_gpt.tokenizer import ByteTokenizer
+
+CFG = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64)
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quantize") / "float"
+    checkpoint.save(path, build(CFG, seed=5), ByteTokenizer())
+    return path
+
+
+@pytest.mark.parametrize("bits, tolerance", [(8, 0.01), (4, 0.2)])
+def test_quantized_checkpoint_loads_and_stays_close(float_ckpt, tmp_path, bits, tolerance):
+    out = tmp_path / f"q{bits}"
+    convert([str(float_ckpt), "--quantize", str(bits), "--group-size", "32", "--out", str(out)])
+    model, tok = quantize.load(out)
+    assert quantize.settings(out) == {"bits": bits, "group_size": 32}
+    assert isinstance(model.wte, nn.QuantizedEmbedding)  # the tied head is quantized with it
+    assert all(isinstance(b.mlp.c_fc, nn.QuantizedLinear) and isinstance(b.attn.c_attn, nn.QuantizedLinear)
+               for b in model.h)
+    assert model.wte.bits == bits and model.wte.group_size == 32
+    reference, _ = checkpoint.load(float_ckpt)
+    x = mx.array([tok.encode("The with statement")])
+    want, got = np.array(reference(x)), np.array(model(x))
+    assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+    assert quantize.size_bytes(model) < quantize.size_bytes(reference) * (0.35 if bits == 8 else 0.22)
+    # generation runs on it as on any model
+    assert len(generate(model, tok, "Hi", 10, temperature=0).encode("utf-8", "surrogatepass")) > 0
+
+
+def test_float_checkpoints_load_through_the_same_call(float_ckpt):
+    model, _ = quantize.load(float_ckpt)
+    assert not quantize.is_quantized(model) and quantize.settings(float_ckpt) is None
+
+
+def test_refusals_are_user_errors(float_ckpt, tmp_path):
+    with pytest.raises(UserError, match="one of 32, 64, 128, got 48"):
+        convert([str(float_ckpt), "--quantize", "8", "--group-size", "48", "--out", str(tmp_path / "a")])
+    with pytest.raises(UserError, match="group-size 128 must divide every layer's input width; 64"):
+        convert([str(float_ckpt), "--quantize", "8", "--group-size", "128", "--out", str(tmp_path / "a")])
+    with pytest.raises(UserError, match="quantize first"):
+        convert([str(float_ckpt), "--quantize", "8", "--to", "hf", "--out", str(tmp_path / "b")])
+    out = tmp_path / "q"
+    convert([str(float_ckpt), "--quantize", "4", "--out", str(out)])
+    with pytest.raises(UserError, match="already exists"):
+        convert([str(float_ckpt), "--quantize", "4", "--out", str(out)])
+    with pytest.raises(UserError, match="already quantized"):
+        convert([str(out), "--quantize", "8", "--out", str(tmp_path / "qq")])
+    convert([str(float_ckpt), "--quantize", "8", "--out", str(out), "--overwrite"])
+    assert quantize.settings(out)["bits"] == 8
