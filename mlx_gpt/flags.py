@@ -73,6 +73,8 @@ def read_toml(path: str | Path, cls: type) -> dict[str, Any]:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path} is not valid TOML: nested too deeply") from None
     kinds = field_types(cls)
     out = {}
     for key, value in data.items():
@@ -84,6 +86,12 @@ def read_toml(path: str | Path, cls: type) -> dict[str, Any]:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # as the flags refuse them
+            raise UserError(f"{path}: {key} must be a finite number, got {value}")
+        if isinstance(value, str) and "\0" in value:  # no path, name or spec holds one (argv cannot)
+            raise UserError(f"{path}: {key} holds a NUL character")
+        if name in out:
+            raise UserError(f"{path}: {key} is set twice (as {key!r} and as another spelling)")
         out[name] = value
     return out
 
