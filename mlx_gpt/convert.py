@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS",
                    help="write the model with its Linear and Embedding weights quantized to 8 or 4 bits "
-                        "(SRC: an mlx_gpt checkpoint, or a model to import first)")
+                        "(SRC: an mlx_gpt checkpoint, or a model to import first; with --to mlx-lm, in mlx-lm's "
+                        "quantized layout)")
     p.add_argument("--group-size", type=int, default=64, help="with --quantize: weights per scale and bias")
     return p
 
@@ -280,9 +281,16 @@ def _quantize(a: argparse.Namespace, progress: bool) -> Path:
     """--quantize: SRC's model (an mlx_gpt checkpoint, else imported first) written quantized to --out."""
     from . import quantize
 
-    if a.to is not None:
-        raise UserError("--quantize writes an mlx_gpt checkpoint; quantize first, then export")
+    if a.to not in (None, "mlx-lm"):
+        raise UserError(f"--quantize writes an mlx_gpt checkpoint or, with --to mlx-lm, mlx-lm's layout; {a.to} "
+                        "holds float weights only")
     src = Path(a.src)
+    if a.to == "mlx-lm":
+        if not checkpoint.exists(src):
+            raise UserError(f"--quantize --to mlx-lm exports an mlx_gpt checkpoint; import {src} first")
+        out = quantize.export_mlx_lm(src, a.out, bits=a.quantize, group_size=a.group_size, overwrite=a.overwrite)
+        print(f"wrote {out}: mlx-lm's layout, {a.quantize}-bit weights in groups of {a.group_size}")
+        return out
     quantize.check_out(a.out, a.overwrite)
     if checkpoint.exists(src):
         out = quantize.quantize_checkpoint(src, a.out, bits=a.quantize, group_size=a.group_size, overwrite=a.overwrite)

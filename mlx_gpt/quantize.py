@@ -123,6 +123,50 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
                            files={QUANTIZATION: json.dumps(record, indent=2) + "\n"})
 
 
+def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
+                  overwrite: bool = False) -> Path:
+    """Write src quantized (or as quantized already) as an mlx-lm GPT-2 directory.
+
+    mlx-lm's layout is ours under ``model.`` (see ``formats.mlx_lm``), with each quantized
+    layer's ``weight``/``scales``/``biases`` as MLX packs them and ``quantization`` in its
+    config.json: mlx-lm quantizes each layer whose scales the file holds, then loads the
+    weights as they are.
+    """
+    from .atomic import replacing_directory
+    from .formats import hf_tokenizer, mlx_lm
+    from .models.registry import model_type_of
+
+    out = Path(out)
+    check_out_directory(out, overwrite)
+    q = settings(src)
+    model, tokenizer = load(src)
+    if q is None:
+        quantize(model, bits, group_size)
+        q = {"bits": bits, "group_size": group_size}
+    elif (q["bits"], q["group_size"]) != (bits, group_size):
+        raise UserError(f"{src} is quantized to {q['bits']} bits in groups of {q['group_size']}; ask for those")
+    if model_type_of(model) != "gpt" or not model.config.bias:
+        raise UserError(f"{src} is not a GPT-2 (with biases), which mlx-lm's gpt2 expects")
+    config = {**mlx_lm.config_dict(model.config, tokenizer.eot_id), "quantization": q}
+    weights = {mlx_lm.PREFIX + name: a for name, a in tree_flatten(model.parameters())}
+    with replacing_directory(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        if hf_tokenizer.has_form(tokenizer):
+            hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
+    return out
+
+
+def check_out_directory(out: Path, overwrite: bool) -> None:
+    """An export's directory: absent, empty, or (with overwrite) one holding a config.json."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        if not (out / "config.json").is_file():
+            raise UserError(f"{out} exists and does not look like a model this tool writes; "
+                            "refusing to replace it even with --overwrite")
+
+
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
     """Refuse to write over anything but a checkpoint, and over one only with overwrite."""
     out = Path(out)

@@ -54,7 +54,7 @@ def test_refusals_are_user_errors(float_ckpt, tmp_path):
         convert([str(float_ckpt), "--quantize", "8", "--group-size", "48", "--out", str(tmp_path / "a")])
     with pytest.raises(UserError, match="group-size 128 must divide every layer's input width; 64"):
         convert([str(float_ckpt), "--quantize", "8", "--group-size", "128", "--out", str(tmp_path / "a")])
-    with pytest.raises(UserError, match="quantize first"):
+    with pytest.raises(UserError, match="hf holds float weights only"):
         convert([str(float_ckpt), "--quantize", "8", "--to", "hf", "--out", str(tmp_path / "b")])
     out = tmp_path / "q"
     convert([str(float_ckpt), "--quantize", "4", "--out", str(out)])
@@ -64,3 +64,25 @@ def test_refusals_are_user_errors(float_ckpt, tmp_path):
         convert([str(out), "--quantize", "8", "--out", str(tmp_path / "qq")])
     convert([str(float_ckpt), "--quantize", "8", "--out", str(out), "--overwrite"])
     assert quantize.settings(out)["bits"] == 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mlx_lm_loads_the_quantized_export_and_computes_the_same(float_ckpt, tmp_path, bits):
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    out = tmp_path / "lm"
+    convert([str(float_ckpt), "--quantize", str(bits), "--group-size", "32", "--to", "mlx-lm", "--out", str(out)])
+    theirs = mlx_lm_utils.load_model(out)[0]
+    assert isinstance(theirs.model.h[0].mlp.c_fc, nn.QuantizedLinear)
+    assert isinstance(theirs.model.wte, nn.QuantizedEmbedding)
+    ours, tok = quantize.load(float_ckpt)
+    quantize.quantize(ours, bits, 32)
+    x = mx.array([tok.encode("The with statement is used")])
+    want, got = ours(x), theirs(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4)
+    # greedy tokens: the same continuation
+    ids = list(tok.encode("Hi"))
+    a, b = list(ids), list(ids)
+    for _ in range(12):
+        a.append(int(mx.argmax(ours(mx.array([a]))[0, -1])))
+        b.append(int(mx.argmax(theirs(mx.array([b]))[0, -1])))
+    assert a == b

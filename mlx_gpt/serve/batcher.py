@@ -113,8 +113,11 @@ class Handle:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(self, event: Event) -> None:
-        """Called by the engine's thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        """Called by the engine's thread; a loop already closed (the server stopped) has no reader left."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass
 
     def cancel(self) -> None:
         """The client is gone: free the job's rows at the engine's next step."""
