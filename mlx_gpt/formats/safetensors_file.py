@@ -3,6 +3,11 @@
 Layout: an unsigned 64-bit little-endian header length N, N bytes of JSON
 ``{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the tensors' bytes, row-major and little-endian, offsets counted from the end of the header.
+
+The header is checked against the file before any tensor is read, as the format's own reader does:
+whole-number shapes and offsets, each tensor spanning exactly its shape's bytes, and the tensors
+tiling the data with no byte shared or skipped (two tensors over the same bytes, or a gap, are a
+damaged file, not a tied weight).
 """
 
 from __future__ import annotations
@@ -39,35 +44,49 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path} is corrupt: its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise UserError(f"{path} is corrupt: its safetensors header is not a JSON object")
     start, data_size = 8 + n, size - 8 - n
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _describe(path, name, entry, start, data_size)
+        tensors[name], span = _describe(path, name, entry, start, data_size)
+        spans.append((span, name))
+    at = 0
+    for (begin, end), name in sorted(spans):
+        if begin != at:
+            raise UserError(f"{path} is corrupt: tensor {name!r} starts at data byte {begin}, where "
+                            f"{'the previous tensor ends' if at else 'the data begins'} is {at} "
+                            "(tensors share or skip bytes)")
+        at = end
     return tensors
 
 
-def _describe(path: Path, name: str, entry: object, start: int, data_size: int) -> LazyTensor:
+def _whole(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _describe(path: Path, name: str, entry: object, start: int, data_size: int) -> tuple[LazyTensor, tuple[int, int]]:
     try:
         dtype = CODES[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: tensor {name!r} has a malformed or unsupported header entry") from None
-    if any(d < 0 for d in shape) or not 0 <= begin <= end:
-        raise UserError(f"{path}: tensor {name!r} has a malformed header entry")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError, IndexError):
+        raise UserError(f"{path}: tensor {name!r:.60} has a malformed or unsupported header entry") from None
+    if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(_whole(x) for x in offsets) and offsets[0] <= offsets[1]):
+        raise UserError(f"{path}: tensor {name!r:.60} has a malformed header entry (shape {shape!r:.40}, "
+                        f"data_offsets {offsets!r:.40}: whole numbers expected)")
+    shape, (begin, end) = tuple(shape), offsets
     t = LazyTensor(shape, dtype, lambda: read_at(path, start + begin, STORAGE[dtype], shape), path, (start + begin,))
     if end - begin != t.nbytes:
         raise UserError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {t.nbytes}")
     if end > data_size:
         raise UserError(f"{path} is truncated: tensor {name!r} ends at byte {start + end}, "
                         f"the file has {start + data_size}")
-    return t
+    return t, (begin, end)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, LazyTensor], *,

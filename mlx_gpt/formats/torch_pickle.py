@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..limits import check_bytes
 from .tensors import STORAGE, LazyTensor, file_size, read_at
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -158,7 +161,16 @@ def _state_dict(obj: object, path: Path) -> dict[str, _TensorView]:
     return obj
 
 
+# zip members are read whole only when small: a state dict's pickle is kilobytes per tensor, never this
+MAX_PICKLE = 1 << 30
+# what a damaged zip raises while it is read: bad headers, a bad CRC, a broken deflate stream,
+# a compression method this Python lacks, bytes that are not text
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, KeyError, zlib.error,
+              NotImplementedError, RuntimeError, ValueError)
+
+
 def _read_zip(path: Path) -> dict[str, LazyTensor]:
+    size = file_size(path)
     try:
         with zipfile.ZipFile(path) as z:
             pkls = [i for i in z.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
@@ -166,10 +178,15 @@ def _read_zip(path: Path) -> dict[str, LazyTensor]:
                 raise UserError(f"{path} is a zip but not a PyTorch checkpoint (no <archive>/data.pkl)")
             prefix = pkls[0].filename[: -len("data.pkl")]
             names = set(z.namelist())
-            byteorder = z.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+            if pkls[0].file_size > MAX_PICKLE:
+                raise UserError(f"{path} is corrupt: its pickle claims {pkls[0].file_size:,} bytes")
+            byteorder = (z.read(prefix + "byteorder")[:16].decode("ascii", "replace")
+                         if prefix + "byteorder" in names else "little")
             obj, storages = _unpickle(io.BytesIO(z.read(pkls[0])), path, legacy=False)
             entries = {key: z.getinfo(prefix + f"data/{key}") for key in storages if prefix + f"data/{key}" in names}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, KeyError) as e:
+    except UserError:
+        raise
+    except ZIP_ERRORS as e:
         raise UserError(f"{path} is truncated or corrupt: {str(e)[:100]}") from None
     if byteorder != "little":
         raise UserError(f"{path} was saved on a {byteorder}-endian machine, which is not supported")
@@ -181,6 +198,11 @@ def _read_zip(path: Path) -> dict[str, LazyTensor]:
         if info.file_size != s.numel * STORAGE[s.dtype].itemsize:
             raise UserError(f"{path} is corrupt: storage {key} holds {info.file_size} bytes, "
                             f"expected {s.numel * STORAGE[s.dtype].itemsize}")
+        # stored, as torch writes them: the bytes must be in the file (a deflated entry may be smaller,
+        # so its size is checked against memory before it is read)
+        if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > size:
+            raise UserError(f"{path} is truncated: storage {key} needs {info.file_size:,} bytes past the file's end")
+        check_bytes(info.file_size, f"{path}: storage {key}")
 
     def loader(s: _Storage):
         def load() -> np.ndarray:
@@ -188,7 +210,7 @@ def _read_zip(path: Path) -> dict[str, LazyTensor]:
             try:
                 with zipfile.ZipFile(path) as z, z.open(entries[s.key]) as f:
                     n = f.readinto(memoryview(out).cast("B"))  # reading to the end checks the CRC
-            except (zipfile.BadZipFile, EOFError, OSError) as e:
+            except ZIP_ERRORS as e:
                 raise UserError(f"{path} is truncated or corrupt: {str(e)[:100]}") from None
             if n != out.nbytes:
                 raise UserError(f"{path} is truncated: storage {s.key} is short")
@@ -240,10 +262,12 @@ def _read_legacy(path: Path) -> dict[str, LazyTensor]:
 def _lazy(v: _TensorView, load_storage, path: Path, position: int) -> LazyTensor:
     """A LazyTensor for a strided view: reads the storage, then takes the view of it."""
     dtype = v.storage.dtype
-    n = int(np.prod(v.shape))
-    contiguous = tuple(int(np.prod(v.shape[i + 1:])) for i in range(len(v.shape)))
+    n = math.prod(v.shape)
+    contiguous = tuple(math.prod(v.shape[i + 1:]) for i in range(len(v.shape)))
 
     def load() -> np.ndarray:
+        # a view may repeat its storage (stride 0) into any size: the file bounds the storage, not this
+        check_bytes(n * STORAGE[dtype].itemsize, f"{path}: a tensor of shape {v.shape}")
         flat = load_storage()
         if n == 0:
             return np.zeros(v.shape, dtype=flat.dtype)
