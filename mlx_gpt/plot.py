@@ -82,10 +82,12 @@ def _tokens_per_step(run: Path) -> int | None:
     try:
         config = json.loads((run / "config.json").read_text(encoding="utf-8"))
         train, model = config.get("train") or {}, config["model"]
-        block = train.get("block_size") or model["block_size"]
-        return int(train["batch_size"]) * int(train.get("grad_accum", 1)) * int(block)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+        sizes = (train["batch_size"], train.get("grad_accum", 1), train.get("block_size") or model["block_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None  # the picture then counts steps, not tokens
+    if not all(type(n) is int and n > 0 for n in sizes):
+        return None
+    return sizes[0] * sizes[1] * sizes[2]
 
 
 def figure(runs: list[Curves], title: str | None = None):
