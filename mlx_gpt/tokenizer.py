@@ -188,8 +188,15 @@ def _write_meta(directory: str | os.PathLike, meta: dict) -> None:
 
 
 def is_plain_file_name(name: object) -> bool:
-    """Whether a name read from a file names a file in the same folder (never one elsewhere)."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    """Whether a name read from a file names a file in the same folder (never one elsewhere, and
+    never text no file system takes: a NUL, or a lone surrogate a JSON escape can spell)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

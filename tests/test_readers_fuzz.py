@@ -619,6 +619,7 @@ def test_metrics_jsonl(tmp_path_factory, data):
                             "layer_norm_epsilon", "model_type", "n_inner", "tie_word_embeddings", "format"]),
        value=JSON_VALUES, whole=st.booleans())
 @example(key="activation_function", value=["gelu_new"], whole=False)
+@example(key="n_embd", value=DEEP, whole=True)
 @example(key="n_head", value=3, whole=False)
 def test_hf_config_json(tmp_path_factory, key, value, whole):
     from mlx_gpt.formats import hf
@@ -629,3 +630,23 @@ def test_hf_config_json(tmp_path_factory, key, value, whole):
     cfg = clean(lambda: hf.read_config(d))
     if cfg is not None:
         assert dataclasses.is_dataclass(cfg) and cfg.n_embd % cfg.n_head == 0
+
+
+SHARDS = st.one_of(st.text(max_size=12), st.sampled_from(["a.safetensors", "../a.safetensors", "a\0b", "", ".", ".."]),
+                   JSON_LEAVES)
+
+
+@FUZZ
+@given(index=st.one_of(JSON_VALUES, st.just(DEEP), st.builds(
+    lambda m: {"weight_map": m}, st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), SHARDS, max_size=5))))
+@example(index={"weight_map": {"a": "a\0b"}})
+@example(index={"weight_map": {"a": "a.safetensors", "b": "a.safetensors", "c": "a.safetensors", "d": "a.safetensors"}})
+def test_hf_shard_index(tmp_path_factory, index):
+    from mlx_gpt.formats import hf
+
+    d = fresh(tmp_path_factory, "shards")
+    arrays = _safetensors_sample(d / "a.safetensors")
+    (d / "model.safetensors.index.json").write_text(json_text(index))
+    got = clean(lambda: {k: t.load() for k, t in hf.read_weights(d).items()})
+    if got is not None:
+        assert set(index["weight_map"]) <= set(got) and all(np.array_equal(got[k], arrays[k]) for k in got)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import UserError
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, is_plain_file_name
 from . import hf_tokenizer
 from ..models.gpt import GPTConfig
 from .safetensors_file import read_safetensors, write_safetensors
@@ -45,11 +45,13 @@ def read_config(directory: Path) -> GPTConfig:
     """GPTConfig from a GPT-2 config.json, refusing settings our model does not compute."""
     path = directory / "config.json"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: a Hugging Face model directory needs its config.json") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
+    except RecursionError:
+        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a JSON object")
     if raw.get("format") == "mlx_gpt":
@@ -101,16 +103,16 @@ def read_weights(directory: Path) -> dict[str, LazyTensor]:
 
 def _read_sharded(index_path: Path, reader) -> dict[str, LazyTensor]:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{index_path} is not a valid shard index: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"{index_path} is not a valid shard index: {str(e)[:100] or type(e).__name__}") from None
     tensors: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
-        if Path(shard).name != shard:
-            raise UserError(f"{index_path}: shard {shard!r} is not a file name in the directory")
+        if not is_plain_file_name(shard):
+            raise UserError(f"{index_path}: shard {shard!r:.60} is not a file name in the directory")
         for name, t in reader(shard_path).items():
             if name in tensors:
                 raise UserError(f"{index_path}: tensor {name!r} is in two shards")
