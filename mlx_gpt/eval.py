@@ -115,7 +115,7 @@ def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int 
     path = Path(path)
     try:
         # lines end at "\n" only: JSON strings may hold U+2028 and other breaks splitlines() would cut at
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -379,7 +379,8 @@ def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
 def _read_json(path: Path):
     """A JSON file's value; an object that names a key twice is refused (JSON would keep the last)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
+        # utf-8-sig: a byte-order mark, as some editors save, is not part of the text
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
@@ -434,7 +435,7 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -204,6 +204,12 @@ def test_vocabularies_that_disagree_with_their_merges_are_refused(vocab, merges,
         GPT2Tokenizer(vocab, merges, files=("V", "M"))
 
 
+def test_files_saved_with_a_byte_order_mark_read_as_without(gpt2_dir, tmp_path):
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (gpt2_dir / name).read_bytes())
+    assert GPT2Tokenizer.from_directory(tmp_path).encode("Hello world") == [15496, 995]
+
+
 def test_a_complete_vocabulary_with_its_merges_passes(gpt2_dir):
     tok = GPT2Tokenizer.from_path(gpt2_dir)
     assert check_bpe(tok.vocab, tok.merges) is None
