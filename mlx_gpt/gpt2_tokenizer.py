@@ -311,7 +311,7 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
     lacking = [b for b, c in enumerate(byte_chars) if c not in vocab]
     if lacking:
         return f"{vocab_file} is damaged: byte {lacking[0]} has no token ({len(lacking)} bytes lack one)"
-    made: dict[str, int] = {}
+    made: set[str] = set()
     pairs: set[tuple[str, str]] = set()
     for rank, (a, b) in enumerate(merges):
         for part in (a, b):
@@ -324,13 +324,13 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
         if (a, b) in pairs:
             return f"{merges_file} is damaged: merge {rank + 1} ({a} {b}) appears twice"
         pairs.add((a, b))
-        made.setdefault(a + b, rank)
-    unmade = [t for t in vocab if len(t) > 1 and t not in made and t not in special]
-    stray = [t for t in vocab if len(t) == 1 and t not in made and t not in special and t not in unicode_to_byte()]
-    if unmade or stray:
-        t = min(unmade + stray, key=vocab.__getitem__)
-        return (f"{both} disagree: {len(unmade) + len(stray)} tokens of {vocab_file} are made by no merge of "
-                f"{merges_file} (the first: {t!r}, id {vocab[t]}); one of them is cut short or damaged")
+        made.add(a + b)
+    # a token text can never become: longer than a byte and made by no merge, or a character that is no byte
+    unmade = [t for t in vocab if t not in special and (t not in made if len(t) > 1 else t not in unicode_to_byte())]
+    if unmade:
+        t = min(unmade, key=vocab.__getitem__)
+        return (f"{both} disagree: tokens of {vocab_file} that no merge of {merges_file} makes: {len(unmade)} "
+                f"(the first: {t!r}, id {vocab[t]}); one of them is cut short or damaged")
     if len(vocab) == GPT2_VOCAB or vocab.get(EOT) == GPT2_EOT:  # it claims to be GPT-2's
         if len(vocab) != GPT2_VOCAB or len(merges) != GPT2_MERGES or vocab.get(EOT) != GPT2_EOT:
             return (f"{both} claim to be GPT-2's but hold {len(vocab):,} tokens and {len(merges):,} merges "
@@ -338,7 +338,8 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
                     "damaged")
         moved = next((c for b, c in enumerate(byte_chars) if vocab[c] != b), None)
         if moved is not None:
-            return f"{vocab_file} is damaged: GPT-2's token {moved!r} has id {vocab[moved]}, not {byte_chars.index(moved)}"
+            return (f"{vocab_file} is damaged: GPT-2's token {moved!r} has id {vocab[moved]}, "
+                    f"not {byte_chars.index(moved)}")
         for rank, (a, b) in enumerate(merges):
             if vocab[a + b] != 256 + rank:
                 return (f"{both} disagree: GPT-2's merge {rank + 1} ({a} {b}) makes token {256 + rank}, but "

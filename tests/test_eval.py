@@ -116,7 +116,8 @@ def test_cli_and_its_old_name(ngram_ckpt, hellaswag_file, tmp_path):
 
 
 def test_questions_with_a_byte_order_mark_and_line_separators_inside_strings(tmp_path):
-    lines = [{"ctx": "a\u2028b", "endings": ["c\x85", "d"], "label": 1}, {"ctx": "e", "endings": ["f", "g"], "label": 0}]
+    lines = [{"ctx": "a\u2028b", "endings": ["c\x85", "d"], "label": 1},
+             {"ctx": "e", "endings": ["f", "g"], "label": 0}]
     text = "\n".join(json.dumps(q, ensure_ascii=False) for q in lines) + "\r\n"
     (tmp_path / "q.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
     got = read_questions(tmp_path / "q.jsonl", ByteTokenizer())
@@ -129,7 +130,8 @@ def test_questions_with_a_byte_order_mark_and_line_separators_inside_strings(tmp
     ('{"ctx": "a", "endings": "bc", "label": 0}', "endings must be a list"),
     ('{"ctx": "", "endings": ["b", "c"], "label": 0}', "ctx must be a non-empty string"),
     ('[1, 2]', "expected an object"),
-    ('{"ctx": "a\\ud800", "endings": ["b", "c"], "label": 0}', "questions.jsonl:2: ctx or an ending is not valid UTF-8"),
+    ('{"ctx": "a\\ud800", "endings": ["b", "c"], "label": 0}',
+     "questions.jsonl:2: ctx or an ending is not valid UTF-8"),
     ("[" * 100_000, "questions.jsonl:2: not JSON (nested too deeply)"),
 ])
 def test_bad_questions_are_one_line_errors(ngram_ckpt, tmp_path, line, message):

@@ -28,7 +28,8 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32
 GPT2 = DATA / "gpt2"
 
 
-def cli(module: str, *args, cwd: Path, extra_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(module: str, *args, cwd: Path, extra_env: dict | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
     argv = [sys.executable, *(["-m", module] if not module.endswith(".py") else [module]), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout)

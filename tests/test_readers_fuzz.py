@@ -88,7 +88,8 @@ def damaged(raw: bytes) -> st.SearchStrategy[bytes]:
         lambda fl: _flip(raw, fl))
     overwrite = st.tuples(st.integers(0, n - 1), st.binary(min_size=1, max_size=16)).map(
         lambda p: raw[: p[0]] + p[1] + raw[p[0] + len(p[1]):])
-    insert = st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=16)).map(lambda p: raw[: p[0]] + p[1] + raw[p[0]:])
+    insert = st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=16)).map(
+        lambda p: raw[: p[0]] + p[1] + raw[p[0]:])
     return st.one_of(cut, flips, overwrite, insert)
 
 
@@ -192,7 +193,8 @@ def test_safetensors_tensors_that_share_or_skip_bytes_are_refused(tmp_path):
     from mlx_gpt.formats.safetensors_file import read_safetensors
 
     for spans in ([[0, 8], [0, 8]], [[0, 8], [4, 12]], [[0, 8], [12, 20]]):
-        header = json.dumps({n: {"dtype": "F32", "shape": [2], "data_offsets": s} for n, s in zip("ab", spans)}).encode()
+        entries = {n: {"dtype": "F32", "shape": [2], "data_offsets": s} for n, s in zip("ab", spans)}
+        header = json.dumps(entries).encode()
         (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(20))
         with pytest.raises(UserError, match="x.safetensors"):
             read_safetensors(tmp_path / "x.safetensors")

@@ -19,8 +19,9 @@ A library that does not match is rebuilt; if the rebuild fails, one warning says
 
 Whenever it cannot be built or loaded (no compiler or CMake, no nanobind, a nanobind whose ABI
 differs from MLX's, a GPU build of MLX) or ``MLX_GPT_NO_EXT=1`` is set, ``load()`` returns None
-and ``mlx_gpt.cpu.ops`` keeps its pure-MLX kernels; ``status()`` says which path runs and why. A failed build is remembered (with its log)
-so that later processes do not retry it until something in the key changes.
+and ``mlx_gpt.cpu.ops`` keeps its pure-MLX kernels; ``status()`` says which path runs and why. A
+failed build is remembered (with its log) so that later processes do not retry it until something
+in the key changes.
 """
 
 from __future__ import annotations
