@@ -279,7 +279,7 @@ def llmc_tokenizer_truncated(t, b):
 
 
 @case
-def gpt2_files_intact_give_tiktoken_ids(t, b):
+def gpt2_files_intact_prepare(t, b):
     proc = prepare_with(t, b, gpt2_dir(t))
     expect_ok(proc)
 
@@ -387,7 +387,7 @@ def hellaswag_lone_surrogate_in_an_ending(t, b):
 
 
 @case
-def hellaswag_nested_ten_thousand_deep(t, b):
+def hellaswag_line_nested_too_deep(t, b):
     expect_error(hellaswag(t, b, [GOOD_QUESTION, b"[" * 100_000 + b"]" * 100_000]), "hs.jsonl:2")
 
 
