@@ -715,3 +715,7 @@ def matvec_library_bytes_flipped(t, b):
 @pytest.mark.parametrize("name", list(CASES))
 def test_fault(name, tmp_path, base):
     CASES[name](tmp_path, base)
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 50

@@ -28,7 +28,8 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import DATA  # noqa: E402
 from mlx_gpt.errors import UserError  # noqa: E402
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                database=None)
 FEW = settings(FUZZ, max_examples=40)
 ALLOCATION_LIMIT = 64 * 2**20  # every file here is far smaller; a bigger buffer was sized by a header
 
