@@ -31,7 +31,10 @@ except ImportError as e:  # on Linux the mlx package alone has no backend
     raise ImportError(f"MLX cannot load its backend ({e}); on Linux install one with mlx_gpt: "
                       "pip install -e '.[cpu]' (or '.[cuda12]', '.[cuda13]')") from e
 
+from . import backend as _backend  # noqa: E402
 from .errors import UserError  # noqa: E402,F811
+
+_backend.install()  # the loss's and optimizer's operations: the CPU wing's where MLX runs on the CPU
 from .models.gpt import GPT, GPTConfig  # noqa: E402
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import lora
+from . import backend, lora
 from .atomic import previous_version, replacing_directory
 from .errors import UserError, filesystem_error
 from .limits import check_model
@@ -39,18 +39,21 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mlx_gpt"
 VERSION = 1
-METRICS = "metrics.jsonl"
+CONFIG, METRICS, PICTURE = "config.json", "metrics.jsonl", "loss.png"
 WEIGHTS, ADAPTERS = "model.safetensors", "adapters.safetensors"
-RUN_LOGS = (METRICS, "loss.png")  # kept from the previous save unless the caller writes the log itself
-# what a run writes between checkpoints (its log and the picture of it): each save keeps them
+OPTIMIZER, STATE, SETTINGS = "optimizer.safetensors", "state.json", "train.toml"
+RUN_LOGS = (METRICS, PICTURE)  # kept from the previous save unless the caller writes the log itself
+# every file a checkpoint may hold (the tokenizers' files included)
+FILES = frozenset({CONFIG, WEIGHTS, ADAPTERS, OPTIMIZER, STATE, SETTINGS, METRICS, PICTURE, "tokenizer.json",
+                   "tokenizer.model", "vocab.json", "merges.txt"})
 
 
 def resolve(path: str | os.PathLike) -> Path:
     """The directory to read a checkpoint from (recovering from an interrupted swap)."""
     p = Path(path)
-    if (p / "config.json").exists():
+    if (p / CONFIG).exists():
         return p
-    if (previous_version(p) / "config.json").exists():
+    if (previous_version(p) / CONFIG).exists():
         return previous_version(p)
     if not p.exists():
         raise UserError(f"checkpoint {p} not found")
@@ -59,9 +62,18 @@ def resolve(path: str | os.PathLike) -> Path:
     raise UserError(f"{p} is not a checkpoint (no config.json)")
 
 
+def is_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json an mlx_gpt checkpoint holds."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
 def exists(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / "config.json").exists() or (previous_version(p) / "config.json").exists()
+    return (p / CONFIG).exists() or (previous_version(p) / CONFIG).exists()
 
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,
@@ -117,12 +129,12 @@ def _write(path: Path, model: Any, weights: dict[str, mx.array], adapter: dict |
         relative = os.path.relpath(adapter["base"]["path"], path.absolute())
         config["lora"] = {**adapter, "base": {**adapter["base"], "relative": relative}}
     with replacing_directory(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         mx.save_safetensors(str(tmp / (ADAPTERS if adapter else WEIGHTS)), weights, metadata={"format": "mlx"})
         if optimizer is not None:
-            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+            mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
         if state is not None:
-            (tmp / "state.json").write_text(json.dumps(state) + "\n")
+            (tmp / STATE).write_text(json.dumps(state) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, text in files.items():
@@ -136,7 +148,7 @@ def _write(path: Path, model: Any, weights: dict[str, mx.array], adapter: dict |
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    p = resolve(path) / "config.json"
+    p = resolve(path) / CONFIG
     try:
         config = json.loads(p.read_text())
     except (OSError, ValueError) as e:
@@ -149,16 +161,12 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def _check_model_config(model_type: str, model: dict, path: Path) -> None:
     """Types as the config class declares them, and a size this machine can hold, before building."""
-    from .flags import field_types
-
     types = model_types()
     if model_type in types:
-        for name, kind in field_types(types[model_type][0]).items():
-            value = model.get(name)
-            if name in model and kind in (int, float, bool, str) and (
-                    not isinstance(value, kind) or (kind is int and isinstance(value, bool))) and not (
-                    kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                raise UserError(f"{path}: model {name} must be {kind.__name__}, got {value!r}")
+        try:
+            types[model_type][0].check_types(model)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     check_model(model, f"the model of {path.parent}")
 
 
@@ -184,8 +192,30 @@ def load_model(path: str | os.PathLike, fuse: bool = True) -> Any:
     config = read_config(d)
     if "lora" in config:
         return _load_adapted(d, config, fuse)
-    model = build_model(config.get("model_type", "gpt"), config["model"])
+    model = _build(config.get("model_type", "gpt"), config["model"])
     _load_into(model, _load_arrays(d / WEIGHTS), d / WEIGHTS)
+    return model
+
+
+def _build(model_type: str, config: dict) -> Any:
+    """An uninitialised model of a checkpoint's type and config, with this machine's layers."""
+    return backend.layers(build_model(model_type, config))
+
+
+def derive(base: Any, changes: dict, source: str) -> Any:
+    """A model of ``base``'s type and weights in which only ``block_size`` (``wpe`` cropped to its
+    first rows) and ``dropout`` may differ: what fine-tuning a checkpoint, or adapting it, may
+    change without changing what its weights compute."""
+    config = base.config.to_dict()
+    for name, value in changes.items():
+        if name not in ("block_size", "dropout") and config.get(name) != value:
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from {source}'s {config.get(name)}")
+    block = changes.get("block_size", base.block_size)
+    if block > base.block_size:
+        raise UserError(f"--block-size {block} is beyond {source}'s {base.block_size} positions")
+    model = _build(model_type_of(base), {**config, **{k: changes[k] for k in ("block_size", "dropout") if k in changes}})
+    weights = [(k, v[:block] if k == "wpe.weight" else v) for k, v in tree_flatten(base.parameters())]
+    model.load_weights(weights, strict=True)
     return model
 
 
@@ -244,28 +274,18 @@ def _load_adapted(d: Path, config: dict, fuse: bool) -> Any:
                         "(its model.safetensors is not the same file): the adapters apply only to the weights "
                         "they were trained with")
     base_model = load_model(base_dir)
-    model = build_model(config.get("model_type", "gpt"), config["model"])
-    _check_same_shape(base_model.config.to_dict(), config["model"], base_dir, d)
-    block = model.config.block_size
-    weights = {k: v[:block] if k == "wpe.weight" else v for k, v in tree_flatten(base_model.parameters())}
+    changes = {k: v for k, v in config["model"].items() if base_model.config.to_dict().get(k) != v}
+    try:
+        model = derive(base_model, changes, f"their base {base_dir}")
+    except UserError as e:
+        raise UserError(f"the LoRA adapters in {d} do not fit their base: {e}") from None
     adapters = _load_arrays(d / ADAPTERS)
     strangers = [k for k in adapters if not lora.is_adapter(k)]
     if strangers:
         raise UserError(f"{d / ADAPTERS} holds weights that are not adapters ({strangers[0]}, ...)")
     lora.apply(model, settings)
-    _load_into(model, {**weights, **adapters}, d / ADAPTERS)
+    _load_into(model, {**dict(tree_flatten(model.parameters())), **adapters}, d / ADAPTERS)
     return lora.fuse(model) if fuse else model
-
-
-def _check_same_shape(base: dict, adapted: dict, base_dir: Path, d: Path) -> None:
-    """The run may have cropped the base's positions and changed its dropout, nothing else."""
-    for name, value in adapted.items():
-        if name not in ("block_size", "dropout") and base.get(name) != value:
-            raise UserError(f"the LoRA adapters in {d} are for a model with {name} {value}; "
-                            f"their base {base_dir} has {base.get(name)}")
-    if adapted.get("block_size", 0) > base.get("block_size", 0):
-        raise UserError(f"the LoRA adapters in {d} are for {adapted['block_size']} positions; "
-                        f"their base {base_dir} has {base.get('block_size')}")
 
 
 def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
@@ -279,11 +299,11 @@ def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
 
 def load_optimizer_state(path: str | os.PathLike) -> dict:
     d = resolve(path)
-    return tree_unflatten(list(_load_arrays(d / "optimizer.safetensors").items()))
+    return tree_unflatten(list(_load_arrays(d / OPTIMIZER).items()))
 
 
 def load_state(path: str | os.PathLike) -> dict:
-    p = resolve(path) / "state.json"
+    p = resolve(path) / STATE
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:

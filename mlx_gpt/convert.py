@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .atomic import replacing_directory, replacing_file
 from .errors import UserError, run_cli
 from .formats import hf, hf_tokenizer, llmc, mlx_lm
@@ -43,7 +43,14 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, tokeniz
                       overwrite: bool = False, progress: bool = True) -> Path:
     """Convert a Hugging Face GPT-2 directory or an llm.c checkpoint into an mlx_gpt checkpoint."""
     src, out = Path(src), Path(out)
-    _check_out(out, overwrite, replaceable=checkpoint.exists)
+    lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the source being converted": src})
+    try:
+        return _import(src, out, tokenizer, progress)
+    finally:
+        lock.release()
+
+
+def _import(src: Path, out: Path, tokenizer: str | os.PathLike | None, progress: bool) -> Path:
     cfg, weights, head = _open_source(src)
     tok = GPT2Tokenizer.from_path(tokenizer) if tokenizer is not None else _tokenizer_beside(src)
     if tok is None:
@@ -167,9 +174,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
                          f"{cfg.layer_norm_eps:g}: its outputs will differ slightly there")
         return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
     write = hf.write_directory if to == "hf" else mlx_lm.write_directory
-    _check_out(out, overwrite, replaceable=lambda p: (p / "config.json").is_file())
-    with replacing_directory(out) as tmp:
-        write(tmp, cfg, weights, tok, progress=progress)
+    lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the checkpoint being exported": checkpoint.resolve(ckpt)},
+                            check=_check_export_dir, holds=Path.exists, what="a model")
+    try:
+        with replacing_directory(out) as tmp:
+            write(tmp, cfg, weights, tok, progress=progress)
+    finally:
+        lock.release()
     return Export([out], notes)
 
 
@@ -204,28 +215,33 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
             tok_bytes = None  # already there
         elif tok_path.exists() and not overwrite:
             raise UserError(f"{tok_path} exists and holds another tokenizer; pass --overwrite to replace it")
-    _check_out(out, overwrite, replaceable=Path.is_file)
+    lock = rundir.claim_out(out, overwrite=overwrite, check=_check_export_file, holds=Path.exists, what="a model")
     written = []
-    with replacing_file(out) as tmp:
-        llmc.write_model(tmp, cfg, weights, progress=progress)
-        if tok_bytes is not None:
-            with replacing_file(tok_path) as tmp_tok:
-                tmp_tok.write_bytes(tok_bytes)
-            written.append(tok_path)
+    try:
+        with replacing_file(out) as tmp:
+            llmc.write_model(tmp, cfg, weights, progress=progress)
+            if tok_bytes is not None:
+                with replacing_file(tok_path) as tmp_tok:
+                    tmp_tok.write_bytes(tok_bytes)
+                written.append(tok_path)
+    finally:
+        lock.release()
     return [out, *written]
 
 
 # ---------------------------------------------------------------------------- output safety
 
 
-def _check_out(out: Path, overwrite: bool, replaceable) -> None:
-    """Refuse an existing output unless --overwrite, and even then anything we did not write."""
-    if not out.exists() and not checkpoint.exists(out):
-        return
-    if not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    empty_dir = out.is_dir() and not any(out.iterdir())
-    if not (empty_dir or replaceable(out)):
+def _check_export_dir(out: Path, flag: str) -> None:
+    """An export directory replaces only an empty folder or a model directory (its config.json)."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+        raise UserError(f"{out} exists and does not look like a model this tool writes; "
+                        "refusing to replace it even with --overwrite")
+
+
+def _check_export_file(out: Path, flag: str) -> None:
+    """An export file replaces only a regular file, never what a link points to or a device."""
+    if out.is_symlink() or (out.exists() and not out.is_file()):
         raise UserError(f"{out} exists and does not look like a model this tool writes; "
                         "refusing to replace it even with --overwrite")
 

@@ -20,20 +20,14 @@ from .errors import UserError, run_cli
 def fuse(adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the fused checkpoint of the LoRA run in ``adapter`` to ``out``; returns ``out``."""
     out = Path(out)
-    rundir.check_out(out, "--out")
     config = checkpoint.read_config(adapter)
     if "lora" not in config:
         raise UserError(f"{adapter} holds no LoRA adapters: it is an ordinary checkpoint already")
     base = config["lora"].get("base", {}).get("path") if isinstance(config["lora"], dict) else None
-    for what, other in (("the adapters' own run", checkpoint.resolve(adapter)), ("their base", base)):
-        if other is not None and out.resolve() == Path(other).resolve():
-            raise UserError(f"--out {out} is {what}; write the fused checkpoint to a folder of its own")
-    if checkpoint.exists(out) and not overwrite:
-        raise UserError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
-    model, tokenizer = checkpoint.load(adapter)
-    lock = rundir.RunLock(out).acquire()  # no training run may write into out meanwhile
-    try:
-        rundir.clean_up(out)
+    lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the adapters' own run": checkpoint.resolve(adapter),
+                                                            "their base": base})
+    try:  # no training run may write into out meanwhile
+        model, tokenizer = checkpoint.load(adapter)
         return checkpoint.save(out, model, tokenizer, train_config=config.get("train"))
     finally:
         lock.release()

@@ -33,9 +33,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cpu.blas import get_blas_threads, set_blas_threads
-from .cpu.matvec import fastest_threads
-from .cpu.parallel import cpu_cores
+from . import backend
 from .models.base import eval_mode
 from .models.cache import FixedKVCache
 from .detokenizer import StreamingDetokenizer
@@ -112,22 +110,16 @@ class Decoder:
         if self.compiled:
             self._n_layers = len(model.make_cache())
             self._step = mx.compile(self._fixed_step, inputs=[model.state])
-        self.blas_threads: int | None = None  # chosen at the first generation on the CPU
+        self._blas_threads: list[int] = []  # chosen at the first generation on the CPU
 
-    @contextlib.contextmanager
-    def _decoding_threads(self) -> Iterator[None]:
-        """BLAS threads for decoding (measured once per Decoder); the previous setting afterwards."""
-        previous = get_blas_threads()
-        if previous is None or mx.default_device().type != mx.DeviceType.cpu:
-            yield
-            return
-        if self.blas_threads is None:
-            self.blas_threads = fastest_threads(*_matvec_shape(self.model), cpu_cores())
-        set_blas_threads(self.blas_threads)
-        try:
-            yield
-        finally:
-            set_blas_threads(previous)
+    @property
+    def blas_threads(self) -> int | None:
+        """The BLAS threads decoding chose on the CPU (None until the first generation there)."""
+        return self._blas_threads[0] if self._blas_threads else None
+
+    def _decoding_threads(self):
+        """BLAS threads for decoding, measured once per Decoder (``backend.decoding_threads``)."""
+        return backend.decoding_threads(_matvec_shape(self.model), self._blas_threads)
 
     def capacity(self, n_positions: int) -> int:
         """Cache positions for n_positions tokens: rounded up to a step, at most the block size."""

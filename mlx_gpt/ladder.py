@@ -29,18 +29,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, perplexity
+from . import checkpoint, flags, perplexity, rundir
 from .atomic import replacing_file
-from .cpu import accelerate
 from .data import Dataset, open_tokens, prepare
+from .ladder_report import UNITS, label, plot, table
 from .limits import check_seed
 from .errors import UserError, run_cli
+from .flags import setting
 from .generate import generate
 from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, flops_per_token, parse
 from .models.rungs import build as build_rung
-from .train import TrainConfig, over_steps, train
+from .train import train
+from .training.budget import over_steps
+from .training.config import TrainConfig
 
-UNITS = {"seconds": "s", "tokens": " tokens", "flops": " FLOPs"}
 WARMUP_ITERS = 100  # nanoGPT's shakespeare-char warmup; train keeps it under a tenth of a short run
 MIN_LR_RATIO = 0.1  # the cosine ends at a tenth of the peak, as nanoGPT's recipes do
 SEARCH_VAL_TOKENS = 16_384  # the head of the val split that ranks the search's trials
@@ -57,22 +59,32 @@ METHOD = {  # how each neural point was chosen and trained, for the reader of la
 
 @dataclass(frozen=True)
 class LadderConfig:
-    data: str
-    tokenizer: str = "byte"
-    budgets: tuple[float, ...] = (10.0, 60.0, 300.0)
-    unit: str = "seconds"
-    rungs: tuple[str, ...] = RUNGS
-    batch_sizes: tuple[int, ...] = (12, 16)  # searched at the smallest budget; 12 is nanoGPT CPU recipe's
-    lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # searched: multiples of the rung's LEARNING_RATE
-    out: str | None = None
-    data_dir: str = "data"
-    val_fraction: float = 0.1
-    block_size: int = BLOCK_SIZE
-    seed: int = 1337
-    sample_tokens: int = 200
-    resume: bool = False
+    data: str | None = setting(None, "a text file, a folder of .txt files, a prepared data dir, 'pydoc' or "
+                                     "'shakespeare' (required unless --resume)")
+    tokenizer: str = setting("byte", "byte, or sp:VOCAB for SentencePiece BPE")
+    budgets: tuple[float, ...] = setting((10.0, 60.0, 300.0), "training budgets per neural rung, comma-separated, "
+                                                              "in --unit")
+    unit: str = setting("seconds", f"what --budgets count: {', '.join(UNITS)} (seconds are noisy on a shared "
+                                   "machine; tokens and FLOPs reproduce)")
+    rungs: tuple[str, ...] = setting(RUNGS, "rungs to climb, comma- or space-separated; ngram:N and kneser-ney:N set "
+                                            "the order n")
+    batch_sizes: tuple[int, ...] = setting((12, 16), "batch sizes searched at the smallest budget (12 is nanoGPT's "
+                                                     "CPU recipe's)")
+    lr_scales: tuple[float, ...] = setting((0.5, 1.0, 2.0), "learning rates searched at the smallest budget, as "
+                                                            "multiples of each rung's own; a larger budget tries the "
+                                                            "previous winner's and half of it")
+    out: str | None = setting(None, "output directory (default: checkpoints/ladder-<data>-<tokenizer>, e.g. "
+                                    "checkpoints/ladder-tinyshakespeare-byte)")
+    data_dir: str = setting("data", "where prepared datasets live")
+    val_fraction: float = setting(0.1, "tail of the text held out for scoring")
+    block_size: int = setting(BLOCK_SIZE, "tokens per training sequence, every rung")
+    seed: int = setting(1337, "seed of initialisation, batches and samples")
+    sample_tokens: int = setting(200, "tokens sampled from each point for ladder.json")
+    resume: bool = setting(False, "continue the study in --out where it stopped")
 
     def __post_init__(self) -> None:
+        if self.data is None and not self.resume:
+            raise UserError("--data is required (or --resume --out DIR to continue a study)")
         if self.unit not in UNITS:
             raise UserError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if not self.budgets:
@@ -105,7 +117,7 @@ class LadderConfig:
         return json.loads(json.dumps(d))  # tuples as lists, as read back from ladder.json
 
     def label(self, budget: float) -> str:
-        return f"{budget:g}{UNITS[self.unit]}"
+        return label(budget, self.unit)
 
 
 # ---------------------------------------------------------------------------- one run of one rung
@@ -114,13 +126,13 @@ class LadderConfig:
 def train_config(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, learning_rate: float, out: Path,
                  model_flops: float) -> TrainConfig:
     """How ``mlx_gpt.train`` runs a neural rung for one budget: its schedule laid over the budget."""
-    tcfg = TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
-                       model=rung.spec, block_size=cfg.block_size, batch_size=batch_size, learning_rate=learning_rate,
-                       min_lr=learning_rate * MIN_LR_RATIO, warmup_iters=WARMUP_ITERS, seed=cfg.seed, out=str(out),
-                       overwrite=True, eval_interval=10**9, eval_iters=EVAL_ITERS, checkpoint_interval=10**9,
-                       log_interval=200, sample_tokens=0)
+    tcfg = TrainConfig.of(data=cfg.data, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                          model=rung.spec, block_size=cfg.block_size, batch_size=batch_size, learning_rate=learning_rate,
+                          min_lr=learning_rate * MIN_LR_RATIO, warmup_iters=WARMUP_ITERS, seed=cfg.seed, out=str(out),
+                          overwrite=True, eval_interval=10**9, eval_iters=EVAL_ITERS, checkpoint_interval=10**9,
+                          log_interval=200, sample_tokens=0)
     if cfg.unit == "seconds":
-        return replace(tcfg, max_seconds=budget)
+        return tcfg.replace(max_seconds=budget)
     tokens = budget if cfg.unit == "tokens" else budget / model_flops
     return over_steps(tcfg, max(1, round(tokens / (batch_size * cfg.block_size))))
 
@@ -129,9 +141,10 @@ def run_neural(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, le
                model_flops: float) -> dict:
     """Train one rung at one budget and setting into ``out``; what it cost, and the trained model."""
     run = train(train_config(cfg, rung, budget, batch_size, learning_rate, out, model_flops), progress=False)
-    tokens = run.cfg.max_iters * batch_size * cfg.block_size
-    return dict(budget=budget, batch_size=batch_size, learning_rate=learning_rate, min_lr=run.cfg.min_lr,
-                warmup_iters=run.cfg.warmup_iters, steps=run.cfg.max_iters, tokens=tokens,
+    optim = run.cfg.optim
+    tokens = optim.max_iters * batch_size * cfg.block_size
+    return dict(budget=budget, batch_size=batch_size, learning_rate=learning_rate, min_lr=optim.min_lr,
+                warmup_iters=optim.warmup_iters, steps=optim.max_iters, tokens=tokens,
                 seconds=run.train_seconds, flops=tokens * model_flops, load=os.getloadavg()[0],
                 checkpoint=str(out), model=run.model)
 
@@ -145,7 +158,6 @@ def finish_point(cfg: LadderConfig, record: dict, dataset: Dataset) -> dict:
     model = record.pop("model", None)
     if model is None:
         model, _ = checkpoint.load(record["checkpoint"])
-        accelerate(model)
     val = score(model, dataset)
     sample = generate(model, dataset.tokenizer, "\n", cfg.sample_tokens, temperature=0.8, seed=cfg.seed) \
         if cfg.sample_tokens else ""
@@ -260,20 +272,21 @@ def check_fits(cfg: LadderConfig, ladder: list[Rung], dataset: Dataset) -> None:
 
 
 def open_study(cfg: LadderConfig, out: Path) -> dict | None:
-    """The saved study to resume (None for a new one); refuses a folder that is not a study of ours."""
-    report = out / REPORT
-    if cfg.resume:
-        saved = read_report(out)
-        differ = [k for k, v in cfg.study().items() if saved["study"].get(k) != v]
-        if differ:
-            raise UserError(f"--{differ[0].replace('_', '-')} differs from the study in {out} "
-                            f"({saved['study'].get(differ[0])}); a resumed study keeps its settings")
-        return saved
-    if report.exists():
-        raise UserError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """The saved study to resume (None for a new one), which must agree with ``cfg``."""
+    if not cfg.resume:
+        return None
+    saved = read_report(out)
+    differ = [k for k, v in cfg.study().items() if saved["study"].get(k) != v]
+    if differ:
+        raise UserError(f"--{differ[0].replace('_', '-')} differs from the study in {out} "
+                        f"({saved['study'].get(differ[0])}); a resumed study keeps its settings")
+    return saved
+
+
+def _check_study(out: Path, flag: str) -> None:
+    """A study's folder is new, empty, or a study of ours."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file())):
         raise UserError(f"{out} exists and is not a ladder study; choose another --out")
-    return None
 
 
 def read_report(out: str | os.PathLike) -> dict:
@@ -294,6 +307,15 @@ def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dic
         raise UserError(f"{dataset.path} has no tokenizer.json; bits per byte need the tokenizer")
     check_fits(cfg, ladder, dataset)
     out = Path(cfg.out) if cfg.out else Path("checkpoints") / f"ladder-{dataset.path.name}"
+    lock = rundir.claim_out(out, resume=cfg.resume, check=_check_study, holds=lambda o: (o / REPORT).exists(),
+                            what="a study", hint="pass --resume to continue it, or choose another --out")
+    try:
+        return _climb(cfg, ladder, dataset, out, say)
+    finally:
+        lock.release()
+
+
+def _climb(cfg: LadderConfig, ladder: list[Rung], dataset: Dataset, out: Path, say: Callable[[str], None]) -> dict:
     saved = open_study(cfg, out)
     say(f"study: {out} ({'resumed' if saved else 'new'}); budgets {', '.join(map(cfg.label, cfg.budgets))}")
     records = {r["rung"]: r for r in saved["rungs"]} if saved else {}
@@ -333,190 +355,28 @@ def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dic
     return report
 
 
-# ---------------------------------------------------------------------------- the table
-
-
-def best_by_budget(report: dict) -> dict[float, tuple[str, dict]]:
-    """For each budget, the rung with the lowest exact val loss among those it affords: every
-    neural rung's point at that budget, and every count rung whose counting cost no more."""
-    cost = report["study"]["unit"]  # a count point's cost in the budgets' unit, under the same key
-    best = {}
-    for budget in sorted(report["study"]["budgets"]):
-        candidates = [(r["rung"], p) for r in report["rungs"] for p in r["points"]
-                      if p["budget"] == budget or (r["counted"] and p[cost] <= budget)]
-        candidates = [c for c in candidates if math.isfinite(c[1]["val_loss"])]
-        if candidates:
-            best[budget] = min(candidates, key=lambda c: c[1]["val_loss"])
-    return best
-
-
-def table(report: dict) -> str:
-    """Exact val loss (bits per byte) of every rung at every budget, the best of each budget
-    starred and named in the last row; then the settings and cost of each neural point."""
-    study = report["study"]
-    budgets = sorted(study["budgets"])
-    label = LadderConfig(data="", unit=study["unit"]).label
-    best = best_by_budget(report)
-    head = ["rung", "params"] + [label(b) for b in budgets]
-    rows = []
-    for r in report["rungs"]:
-        cells = [r["rung"], _si(r["params"])]
-        for b in budgets:
-            p = r["points"][0] if r["counted"] and r["points"] else next((p for p in r["points"] if p["budget"] == b),
-                                                                          None)
-            star = "*" if b in best and best[b][1] is p else ""
-            cells.append("-" if p is None else f"{star}{p['val_loss']:.4f} ({p['bits_per_byte']:.3f})")
-        rows.append(cells)
-    rows.append(["best", ""] + [best[b][0] if b in best else "-" for b in budgets])
-    lines = [_markdown([*head], rows)]
-    head2 = ["rung", "budget", "batch", "lr", "steps", "tokens", "seconds", "FLOPs", "val loss"]
-    rows2 = [[r["rung"], label(p["budget"]), str(p["batch_size"]), f"{p['learning_rate']:g}", str(p["steps"]),
-              _si(p["tokens"]), f"{p['seconds']:.1f}", f"{p['flops']:.2e}", f"{p['val_loss']:.4f}"]
-             for r in report["rungs"] if not r["counted"] for p in sorted(r["points"], key=lambda p: p["budget"])]
-    if rows2:
-        lines += ["", _markdown(head2, rows2)]
-    return "\n".join(lines)
-
-
-def _markdown(head: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table, columns aligned: the first left, figures right."""
-    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(head), rule] + [line(r) for r in rows])
-
-
-def _si(x: float) -> str:
-    if not math.isfinite(x):
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.2f}{unit}" if x < 10 * scale else f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
-
-
-# ---------------------------------------------------------------------------- the picture
-
-
-def plot(report: dict, path: Path):
-    """Exact val loss against training compute, seconds and FLOPs (log scales): count rungs as
-    points at their counting cost, neural rungs as curves through their budgets. Returns the figure."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    panels = fig.subplots(1, 2, sharey=True)
-    rungs = report["rungs"]
-    for i, r in enumerate(rungs):
-        points = sorted(r["points"], key=lambda p: -1 if p["budget"] is None else p["budget"])
-        if not points:
-            continue
-        color = _color(i, len(rungs))
-        for ax, key in zip(panels, ("seconds", "flops")):
-            xs, ys = [p[key] for p in points], [p["val_loss"] for p in points]
-            if r["counted"]:
-                ax.plot(xs, ys, linestyle="none", marker="s", markersize=7, color=color, label=f"{r['rung']} (counted)")
-            else:
-                ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.8, color=color, label=r["rung"])
-    panels[0].set_xlabel("training time (s), evaluation excluded")
-    panels[1].set_xlabel("training FLOPs (6 per weight per token + attention; counting: table updates)")
-    panels[0].set_ylabel("val loss, exact on the whole val split (nats per token)")
-    for ax in panels:
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3, which="both")
-    first = next((p for r in rungs for p in r["points"]), None)
-    if first is not None:
-        scale = first["val_tokens"] / first["val_bytes"] / math.log(2)
-        panels[1].secondary_yaxis("right", functions=(lambda v: v * scale, lambda b: b / scale)).set_ylabel(
-            "bits per byte")
-    panels[1].legend(fontsize=8, ncols=2, loc="best")
-    study = report["study"]
-    budgets = ", ".join(LadderConfig(data="", unit=study["unit"]).label(b) for b in sorted(study["budgets"]))
-    fig.suptitle(f"The language-model ladder on {Path(report['dataset']).name}: loss against training compute "
-                 f"(budgets {budgets} per neural rung)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    return fig
-
-
-def _color(i: int, n: int) -> tuple:
-    from matplotlib import colormaps
-
-    return colormaps["tab10" if n <= 10 else "tab20"](i % 20)
-
-
 # ---------------------------------------------------------------------------- CLI
 
 
-def _numbers(kind: type) -> Callable[[str], tuple]:
-    def parse_list(text: str) -> tuple:
-        try:
-            return tuple(kind(s) for s in text.split(",") if s.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-    return parse_list
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = LadderConfig(data="")
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.ladder", argument_default=argparse.SUPPRESS,
-                                description="Train every rung of the language-model ladder at several training "
-                                            "budgets on the same data and tokenizer, and see which wins where.")
-    p.add_argument("--data", help="a text file, a folder of .txt files, a prepared data dir, 'pydoc' or "
-                                  "'shakespeare' (required unless --resume)")
-    p.add_argument("--tokenizer", help=f"byte, or sp:VOCAB for SentencePiece BPE (default {d.tokenizer})")
-    p.add_argument("--budgets", type=_numbers(float),
-                   help=f"training budgets per neural rung, comma-separated, in --unit "
-                        f"(default {','.join(f'{b:g}' for b in d.budgets)})")
-    p.add_argument("--unit", choices=list(UNITS),
-                   help=f"what --budgets count: seconds of training (noisy on a shared machine), or tokens or "
-                        f"FLOPs (reproducible) (default {d.unit})")
-    p.add_argument("--rungs", nargs="+",
-                   help=f"rungs to climb, comma- or space-separated (default all: {','.join(d.rungs)}); "
-                        "ngram:N and kneser-ney:N set the order n")
-    p.add_argument("--batch-sizes", type=_numbers(int),
-                   help=f"batch sizes searched at the smallest budget (default {','.join(map(str, d.batch_sizes))})")
-    p.add_argument("--lr-scales", type=_numbers(float),
-                   help="learning rates searched at the smallest budget, as multiples of each rung's own; a "
-                        "larger budget tries the previous winner's and half of it "
-                        f"(default {','.join(f'{s:g}' for s in d.lr_scales)})")
-    p.add_argument("--out", help="output directory (default checkpoints/ladder-<data>-<tokenizer>, e.g. "
-                                 "checkpoints/ladder-tinyshakespeare-byte)")
-    p.add_argument("--resume", action="store_true", help="continue the study in --out where it stopped")
-    p.add_argument("--data-dir", help=f"where prepared datasets live (default {d.data_dir})")
-    p.add_argument("--val-fraction", type=float, help=f"tail of the text held out for scoring (default {d.val_fraction})")
-    p.add_argument("--block-size", type=int, help=f"tokens per training sequence, every rung (default {d.block_size})")
-    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    p.add_argument("--sample-tokens", type=int,
-                   help=f"tokens sampled from each point for ladder.json (default {d.sample_tokens})")
-    return p
+    return flags.build(LadderConfig, prog="python -m mlx_gpt.ladder",
+                       description="Train every rung of the language-model ladder at several training budgets on the "
+                                   "same data and tokenizer, and see which wins where.")
 
 
-def config_from_args(args: dict) -> LadderConfig:
-    """The study's config: the flags given, over the saved study's settings when resuming."""
-    if "rungs" in args:
-        args["rungs"] = tuple(s for arg in args["rungs"] for s in arg.split(",") if s.strip())
-    if not args.get("resume"):
-        if "data" not in args:
-            raise UserError("--data is required (or --resume --out DIR to continue a study)")
-        return LadderConfig(**args)
-    if "out" not in args:
+def config_from_args(given: dict) -> LadderConfig:
+    """The study's config: the settings given, over the saved study's when resuming (which may
+    change none of what defines its results)."""
+    if not given.get("resume"):
+        return LadderConfig(**given)
+    if given.get("out") is None:
         raise UserError("--resume needs --out naming the study to continue")
-    saved = read_report(args["out"])["study"]
-    known = {f.name for f in fields(LadderConfig)}
-    base = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
-    return LadderConfig(**{**base, **args})
+    saved = read_report(given["out"])["study"]
+    return LadderConfig(**flags.merge_resumed(LadderConfig, saved, given, "a resumed study keeps its settings"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = config_from_args(vars(build_parser().parse_args(argv)))
+    cfg = config_from_args(flags.parse(build_parser(), LadderConfig, argv))
     try:
         report = climb(cfg)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import UserError
+from .flags import setting
 
 # --lora-targets names: a projection by its own name (c_proj is both attention's and the MLP's),
 # or by its path inside a block
@@ -36,37 +37,49 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # paths inside a block
+    """A run's adapters: their rank (0: none, every weight trains), alpha and the layers they adapt."""
+
+    rank: int = setting(0, "fine-tune --init through LoRA adapters of this rank, its own weights frozen; "
+                           "checkpoints hold the adapters only (0: off, every weight trains)", flag="lora_rank")
+    alpha: float = setting(16.0, "LoRA's alpha: the adapters' output is scaled by alpha / rank", flag="lora_alpha")
+    targets: str = setting(DEFAULT_TARGETS, f"layers of each block that get adapters: {', '.join(TARGETS)} (c_proj "
+                                            "is both attention's and the MLP's)", flag="lora_targets")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"--lora-rank must be at least 1, got {self.rank}")
+        if self.rank < 0:
+            raise UserError(f"--lora-rank must be 0 (off) or at least 1, got {self.rank}")
+        if not self.rank:
+            if self.alpha != 16.0 or self.targets != DEFAULT_TARGETS:
+                raise UserError(f"--lora-{'alpha' if self.alpha != 16.0 else 'targets'} sets up LoRA adapters; "
+                                "give --lora-rank R too")
+            return
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise UserError(f"--lora-alpha must be a positive number, got {self.alpha}")
-        if not self.targets:
-            raise UserError("--lora-targets names no layer")
+        self.paths  # every target known
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The block paths the targets name (``attn.c_attn``, ...), each once, in a fixed order."""
+        return parse_targets(self.targets)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    @classmethod
-    def from_flags(cls, rank: int, alpha: float, targets: str) -> "LoRAConfig":
-        return cls(rank, alpha, parse_targets(targets))
-
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.paths)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
         try:
             targets = tuple(d["targets"])
-            if any(t not in TARGETS for t in targets):
+            if any(not isinstance(t, str) or t not in TARGETS for t in targets):
                 raise ValueError(targets)
-            return cls(int(d["rank"]), float(d["alpha"]), targets)
-        except (KeyError, TypeError, ValueError) as e:
+            config = cls(int(d["rank"]), float(d["alpha"]), ",".join(targets))
+            if config.rank < 1:
+                raise ValueError(config.rank)
+            return config
+        except (KeyError, TypeError, ValueError, UserError) as e:
             raise UserError(f"the LoRA settings {d!r} are not valid ({e})") from None
 
 
@@ -74,9 +87,13 @@ def parse_targets(text: str) -> tuple[str, ...]:
     """``"c_attn,c_proj"`` -> the block paths it names, in a fixed order, each once."""
     paths: list[str] = []
     for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
         if name not in TARGETS:
             raise UserError(f"--lora-targets: unknown layer {name!r}; choose from {', '.join(TARGETS)}")
         paths += [p for p in TARGETS[name] if p not in paths]
+    if not paths:
+        raise UserError("--lora-targets names no layer")
     order = TARGETS["c_attn"] + TARGETS["c_proj"][:1] + TARGETS["c_fc"] + TARGETS["c_proj"][1:]
     return tuple(p for p in order if p in paths)
 
@@ -112,7 +129,7 @@ def _targets(model: nn.Module, config: LoRAConfig) -> list[nn.Linear]:
         raise UserError(f"LoRA applies to GPT models; this one is a {type(model).__name__}")
     layers = []
     for block in model.h:
-        for path in config.targets:
+        for path in config.paths:
             layer = block
             for part in path.split("."):
                 layer = getattr(layer, part)
@@ -150,7 +167,7 @@ def count(model_config, config: LoRAConfig) -> int:
     """The adapters' parameters on a GPT of ``model_config``: r x (in + out) a targeted layer."""
     C = model_config.n_embd
     shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
-    return model_config.n_layer * sum(config.rank * sum(shapes[t]) for t in config.targets)
+    return model_config.n_layer * sum(config.rank * sum(shapes[t]) for t in config.paths)
 
 
 def adapters(model: nn.Module) -> dict[str, mx.array]:

@@ -13,18 +13,18 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .cpu import ops
+from . import kernels
 
 
 def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 0.0) -> mx.array:
     """Per-position cross-entropy (...,) of ``logits`` (..., V) against ``targets`` (...), in float32
-    whatever the model's dtype; ``nn.losses.cross_entropy``'s values, faster on the CPU."""
-    return ops.cross_entropy(logits.astype(mx.float32), targets, label_smoothing=label_smoothing)
+    whatever the model's dtype; ``nn.losses.cross_entropy``'s values (``kernels``: faster on the CPU)."""
+    return kernels.cross_entropy(logits.astype(mx.float32), targets, label_smoothing=label_smoothing)
 
 
 def _chunk_loss(label_smoothing: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     def f(h: mx.array, weight: mx.array, targets: mx.array) -> mx.array:
-        return cross_entropy(ops.linear(h, weight), targets, label_smoothing)
+        return cross_entropy(kernels.linear(h, weight), targets, label_smoothing)
 
     return f
 

@@ -8,6 +8,7 @@ do. The learning-rate schedule lives inside the optimizer, so it is part of the 
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -16,43 +17,90 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .cpu import ops
+from . import kernels
+from .errors import UserError
+from .flags import setting
+
+EPS = 1e-8
+StreamFor = Callable[[mx.array], mx.Stream]  # a parameter -> the stream its share of the work runs on
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 0
-    decay_iters: int = 1  # step at which the cosine reaches min_lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    """How long the run is, its learning-rate schedule, and AdamW's settings."""
+
+    max_iters: int | None = setting(None, "optimizer steps in the run (default: 600; 20 with --init)", resumable=True)
+    max_seconds: float | None = setting(
+        None, "train for about this many seconds instead of --max-iters: a few steps are timed first and the "
+              "schedule laid over the steps that fit (warmup at most a tenth of them)")
+    learning_rate: float | None = setting(None, "peak learning rate (default: 2e-3; 3e-5 with --init, 2e-4 with "
+                                                "--lora-rank)")
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: 2e-4; --init's "
+                                         "and --lora-rank's equal their learning rate)")
+    warmup_iters: int | None = setting(None, "steps of linear warmup (default: 60; 0 with --init)")
+    lr_decay_iters: int | None = setting(None, "step where cosine decay reaches min-lr (default: max-iters)")
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay, on 2-D weights only")
+    beta1: float = setting(0.9, "AdamW's beta1")
+    beta2: float = setting(0.99, "AdamW's beta2")
+    grad_clip: float = setting(1.0, "clip the gradients' global norm to this (0: off)")
+
+    def __post_init__(self) -> None:
+        def need(name: str, ok: Callable[[float], bool], what: str) -> None:
+            value = getattr(self, name)
+            if value is not None and not (ok(value) and math.isfinite(value)):
+                raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+        need("learning_rate", lambda v: v > 0, "a positive number")
+        need("min_lr", lambda v: v >= 0, "zero or a positive number")
+        need("weight_decay", lambda v: v >= 0, "zero or a positive number")
+        need("grad_clip", lambda v: v >= 0, "zero (off) or a positive number")
+        need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("max_seconds", lambda v: v > 0, "a positive number of seconds")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "max_iters" else 0):
+                raise UserError(f"--{name.replace('_', '-')} must be at least {1 if name == 'max_iters' else 0}, "
+                                f"got {value}")
+
+    @property
+    def decay_iters(self) -> int:
+        """The step at which the cosine reaches min_lr."""
+        return self.lr_decay_iters or self.max_iters or 1
 
 
 class AdamW(optim.AdamW):
-    """Bias-corrected AdamW whose weight decay applies to 2-D parameters only.
-
-    ``stream_for`` (optional) maps a parameter to the MLX stream its update runs on, so the
-    updates of a CPU step split over several streams run on all cores.
-    """
-
-    stream_for: Callable[[mx.array], mx.Stream] | None = None
+    """Bias-corrected AdamW whose weight decay applies to 2-D parameters only."""
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        with mx.stream(self.stream_for(parameter)) if self.stream_for is not None else nullcontext():
-            decay = self.weight_decay if parameter.ndim >= 2 else 0.0
-            parameter, state["m"], state["v"] = ops.adamw_update(
-                parameter, gradient, state["m"], state["v"], self.learning_rate, self.step, tuple(self.betas),
-                self.eps, decay, self.bias_correction)
-            return parameter
+        decay = self.weight_decay if parameter.ndim >= 2 else 0.0
+        parameter, state["m"], state["v"] = kernels.adamw_update(
+            parameter, gradient, state["m"], state["v"], self.learning_rate, self.step, tuple(self.betas),
+            self.eps, decay, self.bias_correction)
+        return parameter
+
+    def apply_gradients(self, gradients: dict, parameters: dict, stream_for: StreamFor | None = None) -> dict:
+        """The updated parameters; with ``stream_for``, each parameter's update runs on its stream
+        (the steps of ``optim.Optimizer.apply_gradients``, each leaf placed)."""
+        if stream_for is None:
+            return super().apply_gradients(gradients, parameters)
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+
+        def placed(g: mx.array, p: mx.array, s: dict) -> mx.array:
+            with mx.stream(stream_for(p)):
+                return self.apply_single(g, p, s)
+
+        return tree_map(placed, gradients, parameters, self.state)
 
 
 def lr_schedule(cfg: OptimConfig) -> Callable[[mx.array], mx.array]:
     """Linear warmup to learning_rate over warmup_iters, then cosine decay to min_lr at decay_iters."""
     decay_iters = max(cfg.decay_iters, 1)
-    warmup = min(cfg.warmup_iters, decay_iters)
+    warmup = min(cfg.warmup_iters or 0, decay_iters)
     cosine = optim.cosine_decay(cfg.learning_rate, max(decay_iters - warmup, 1), end=cfg.min_lr)
     if warmup == 0:
         return cosine
@@ -61,24 +109,24 @@ def lr_schedule(cfg: OptimConfig) -> Callable[[mx.array], mx.array]:
 
 
 def make_optimizer(cfg: OptimConfig) -> AdamW:
-    return AdamW(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
+    return AdamW(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=EPS,
                  weight_decay=cfg.weight_decay, bias_correction=True)
 
 
-def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float,
-                    stream_for: Callable[[mx.array], mx.Stream] | None = None) -> mx.array:
+def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float, stream_for: StreamFor | None = None
+                    ) -> mx.array:
     """Clip ``grads`` to a global norm of ``max_norm`` (off when 0), apply the optimizer; return the norm.
 
-    The norm is accumulated from per-parameter BLAS dot products (``ops.squared_norm``), which
-    on the CPU is faster and steadier than a reduction over the gradients. With ``stream_for``,
-    each parameter's share of the work (its norm, clip and update) runs on its stream.
+    The norm is accumulated from per-parameter squared norms (``kernels.squared_norm``: BLAS dot
+    products on the CPU, faster and steadier than a reduction). With ``stream_for``, each
+    parameter's share of the work (its norm, clip and update) runs on its stream.
     """
     place = (lambda g: mx.stream(stream_for(g))) if stream_for is not None else (lambda g: nullcontext())
     flat = tree_flatten(grads)
     squares = []
     for _, g in flat:
         with place(g):
-            squares.append(ops.squared_norm(g))
+            squares.append(kernels.squared_norm(g))
     norm = mx.sqrt(sum(squares))
     if max_norm > 0:
         scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
@@ -87,28 +135,5 @@ def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float,
             with place(g):
                 clipped.append((key, (g * scale).astype(g.dtype)))
         grads = tree_unflatten(clipped)
-    optimizer.stream_for = stream_for
-    optimizer.update(model, grads)
+    model.update(optimizer.apply_gradients(grads, model, stream_for=stream_for))
     return norm
-
-
-def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:
-    """Mixed precision: ``loss(model, x, y)`` computed with the model's trainable parameters cast to ``dtype``.
-
-    The model keeps its float32 master weights, so AdamW's moments and updates stay float32 (a
-    bfloat16 weight cannot take an update under 1/256 of its size), and the gradients come back
-    float32 through the cast's own gradient; only the forward and backward passes run in
-    ``dtype``. The cast copies are made inside the step and dropped after it.
-    """
-    if dtype == mx.float32:
-        return loss
-
-    def f(model, x: mx.array, y: mx.array) -> mx.array:
-        master = model.trainable_parameters()
-        model.update(tree_map(lambda p: p.astype(dtype), master))
-        try:
-            return loss(model, x, y)
-        finally:
-            model.update(master)
-
-    return f

@@ -83,9 +83,3 @@ def score(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, batch_s
     nats, n = total_nll(model, tokens, batch_size=batch_size)
     return Score(nats, n, utf8_bytes(tokenizer, np.asarray(tokens)[1:]))
 
-
-if __name__ == "__main__":  # the command is mlx_gpt.eval; this name is kept for it
-    from .errors import run_cli
-    from .eval import main
-
-    run_cli(main)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import replacing_file
+from .checkpoint import CONFIG, METRICS
 from .errors import UserError, run_cli
 
-PICTURE = "loss.png"
 
 
 @dataclass
@@ -46,7 +46,7 @@ def read_run(path: str | Path) -> Curves:
     (non-finite ones included: a diverged run logs them); any other line is one error naming it.
     """
     path = Path(path)
-    metrics = path / "metrics.jsonl" if path.is_dir() else path
+    metrics = path / METRICS if path.is_dir() else path
     try:
         # lines end at "\n" only: JSON strings may hold U+2028 and other breaks splitlines() would cut at
         lines = metrics.read_text(encoding="utf-8").split("\n")
@@ -80,7 +80,7 @@ def read_run(path: str | Path) -> Curves:
 
 def _tokens_per_step(run: Path) -> int | None:
     try:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((run / CONFIG).read_text(encoding="utf-8"))
         train, model = config.get("train") or {}, config["model"]
         sizes = (train["batch_size"], train.get("grad_accum", 1), train.get("block_size") or model["block_size"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):

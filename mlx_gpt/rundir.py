@@ -1,11 +1,15 @@
-"""A run directory (``train --out``): checked before anything is written, locked while a run
-trains in it, and its log kept to exactly the steps its checkpoint holds.
+"""Output directories: claimed before anything is written, locked while one writer writes them,
+and a run's log kept to exactly the steps its checkpoint holds.
 
-A save replaces the whole directory (``atomic.replacing_directory``), so the directory must be
-ours alone: a folder holding anything else, a file, or the working directory is refused, even
-with ``--overwrite``. The lock is an ``flock`` on ``.NAME.lock`` beside the directory (inside,
-it would be swapped away at every save); the kernel drops it when the process dies, however it
-dies, so a stale lock file never blocks the next run.
+``claim_out`` is how every command that writes a directory (train, fuse, convert, the ladder)
+takes its ``--out``: it refuses an output that is one of the command's inputs, or that holds
+what we did not write, or an existing result without ``--overwrite``; then it locks the output
+and finishes or clears a save that was cut short. A save replaces the whole directory
+(``atomic.replacing_directory``), so the directory must be ours alone: a folder holding anything
+else, a file, or the working directory is refused, even with ``--overwrite``. The lock is an
+``flock`` on ``.NAME.lock`` beside the directory (inside, it would be swapped away at every
+save); the kernel drops it when the process dies, however it dies, so a stale lock file never
+blocks the next writer.
 """
 
 from __future__ import annotations
@@ -15,27 +19,49 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, Mapping
 
+from . import checkpoint
 from .atomic import previous_version, replacing_file
+from .checkpoint import CONFIG, METRICS
 from .errors import UserError, filesystem_error
 
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-FORMAT = "mlx_gpt"
-# Everything a checkpoint holds (checkpoint.py's files, the tokenizers' files)
-RUN_FILES = frozenset({CONFIG, "model.safetensors", "adapters.safetensors", "optimizer.safetensors", "state.json",
-                       "train.toml", METRICS, "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "loss.png"})
 
+def claim_out(out: Path, *, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, str | os.PathLike | None] = {}, flag: str = "--out",
+              check: Callable[[Path, str], None] | None = None, holds: Callable[[Path], bool] = checkpoint.exists,
+              what: str = "a checkpoint", hint: str = "pass --overwrite to replace it") -> "RunLock":
+    """Take ``out`` for one writer and return its (held) lock; release it when done.
 
-def is_run_config(path: Path) -> bool:
+    ``inputs`` (what each is -> its path): what the command reads, which it must never replace.
+    ``check(out, flag)`` refuses an output we did not write (default: ``check_out``, a run
+    directory's); ``holds(out)`` says it already holds ``what``, which only ``overwrite`` (or
+    ``resume``) may replace.
+    """
+    (check or check_out)(out, flag)
+    for name, path in inputs.items():
+        if path is not None and _same(out, Path(path)):
+            raise UserError(f"{flag} {out} is {name}; a command never writes over what it reads: choose another "
+                            "folder")
+    if holds(out) and not (overwrite or resume):
+        raise UserError(f"{out} already holds {what}; {hint}")
+    lock = RunLock(out).acquire()
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        clean_up(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
         return False
-    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
-def check_out(out: Path, flag: str = "--out", known: frozenset[str] = RUN_FILES) -> None:
+def check_out(out: Path, flag: str = "--out", known: frozenset[str] = checkpoint.FILES) -> None:
     """Refuse an output directory that a save must not replace: a file (or a path through one),
     the working directory or a folder above it, a folder holding anything but a run's files."""
     for p in (out, *out.absolute().parents):
@@ -56,10 +82,10 @@ def check_out(out: Path, flag: str = "--out", known: frozenset[str] = RUN_FILES)
     if strangers:
         more = f" and {len(strangers) - 3} more" if len(strangers) > 3 else ""
         raise UserError(f"{flag} {out} holds files that are not an mlx_gpt run ({', '.join(strangers[:3])}{more}); "
-                        "refusing to write into it, even with --overwrite: choose another folder")
-    if CONFIG in names and not is_run_config(out / CONFIG):
-        raise UserError(f"{flag} {out} holds a config.json that is not an mlx_gpt run's; refusing to write into it, "
-                        "even with --overwrite: choose another folder")
+                        "refusing to replace it or write into it, even with --overwrite: choose another folder")
+    if CONFIG in names and not checkpoint.is_config(out / CONFIG):
+        raise UserError(f"{flag} {out} holds a config.json that is not an mlx_gpt run's; refusing to replace it or "
+                        "write into it, even with --overwrite: choose another folder")
 
 
 def _swap_leftover(name: str) -> bool:
@@ -89,8 +115,8 @@ class RunLock:
                 except BlockingIOError:
                     holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
-                    raise UserError(f"{self.out} is in use by another training run (pid {holder}); wait for it to "
-                                    "finish or choose another --out") from None
+                    raise UserError(f"{self.out} is in use by another mlx_gpt process (pid {holder}); wait for it "
+                                    "to finish or choose another --out") from None
                 try:
                     same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:

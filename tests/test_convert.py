@@ -420,7 +420,7 @@ def test_existing_output_is_kept_unless_overwrite(small, imported, tmp_path, cap
     before = (out / "model.safetensors").read_bytes()
     (out / "metrics.jsonl").write_text("{}\n")
     code, _, err = _cli([str(src), "--out", str(out), "--quiet"], capsys)
-    assert code == 2 and "already exists; pass --overwrite" in err
+    assert code == 2 and "already holds a checkpoint; pass --overwrite" in err
     assert (out / "model.safetensors").read_bytes() == before
     code, _, err = _cli([str(src), "--out", str(out), "--quiet", "--overwrite"], capsys)
     assert code == 0, err

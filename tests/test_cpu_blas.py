@@ -49,3 +49,12 @@ def test_mlx_without_a_backend_says_which_extra_to_install():
     assert proc.returncode != 0
     assert "MLX cannot load its backend (libmlx.so" in proc.stderr
     assert ".[cpu]" in proc.stderr and ".[cuda12]" in proc.stderr
+
+
+def test_fastest_threads_measures_one_against_many_and_leaves_the_setting():
+    from mlx_gpt.cpu.blas import fastest_threads, get_blas_threads
+
+    before = get_blas_threads()
+    assert fastest_threads(256, 64, 1) == 1
+    assert fastest_threads(256, 64, 3) in (1, 3)
+    assert get_blas_threads() == before

@@ -67,7 +67,15 @@ def test_attention_dropout_drops_attention_weights_in_training_only(accelerated)
     np.testing.assert_array_equal(np.array(attn(x)), np.array(quiet))
 
 
-def test_every_neural_rung_is_built_accelerated():
+def test_every_neural_rung_a_run_trains_or_a_checkpoint_loads_is_accelerated(tmp_path):
+    from mlx_gpt import checkpoint
+    from mlx_gpt.tokenizer import ByteTokenizer
+    from mlx_gpt.training.config import TrainConfig
+    from mlx_gpt.training.model import assemble
+
     for name in rungs.NEURAL:
-        model = rungs.build(name, 256, seed=0)
+        model = assemble(rungs.build(name, 256, seed=0), TrainConfig.of(model=name), fresh_adapters=True)
         assert not any(type(m) in layers.SWAPS for _, m in model.named_modules()), name
+        checkpoint.save(tmp_path / name, model, ByteTokenizer())
+        loaded, _ = checkpoint.load(tmp_path / name)
+        assert not any(type(m) in layers.SWAPS for _, m in loaded.named_modules()), name

@@ -63,13 +63,3 @@ def test_build_is_cached(tmp_path, monkeypatch):
     assert first is not None and first.exists() and first.parent == tmp_path / "mlx_gpt"
     mtime = first.stat().st_mtime_ns
     assert matvec.build() == first and first.stat().st_mtime_ns == mtime
-
-
-def test_fastest_threads_measures_one_against_many_and_leaves_the_setting():
-    from mlx_gpt.cpu.blas import get_blas_threads
-    from mlx_gpt.cpu.matvec import fastest_threads
-
-    before = get_blas_threads()
-    assert fastest_threads(256, 64, 1) == 1
-    assert fastest_threads(256, 64, 3) in (1, 3)
-    assert get_blas_threads() == before

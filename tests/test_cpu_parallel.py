@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_gpt import backend
+from mlx_gpt.backend import cpu_cores
+from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt.cpu import parallel
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
-from mlx_gpt.train import TrainConfig, make_eval_loss, make_train_step
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import make_eval_loss, make_train_step
 
 CFG = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -29,9 +33,9 @@ def test_balance_spreads_parameters_by_size():
 
 def train(monkeypatch, streams: int, batch: int, accum: int, steps: int = 3):
     """Losses, gradient norms and final weights of a few steps with the batch split over ``streams``."""
-    monkeypatch.setattr(parallel, "cpu_cores", lambda: streams)
+    monkeypatch.setattr(backend, "cpu_cores", lambda: streams)
     model = build(CFG, seed=0)
-    tc = TrainConfig(batch_size=batch, grad_accum=accum, max_iters=100, warmup_iters=2)
+    tc = TrainConfig.of(batch_size=batch, grad_accum=accum, max_iters=100, warmup_iters=2)
     opt = make_optimizer(tc.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, tc)
@@ -50,7 +54,7 @@ def train(monkeypatch, streams: int, batch: int, accum: int, steps: int = 3):
 def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, streams, batch, accum):
     one, w1, _ = train(monkeypatch, 1, batch, accum)
     many, w2, opt = train(monkeypatch, streams, batch, accum)
-    assert opt.stream_for is not None
+    assert backend.stream_plan(build(CFG), batch, 0) is not None  # the split step ran
     np.testing.assert_allclose(np.array(one), np.array(many), rtol=2e-6)
     for k in w1:
         a, b = np.array(w1[k]), np.array(w2[k])
@@ -60,7 +64,7 @@ def test_a_step_split_over_streams_equals_the_single_stream_step(monkeypatch, st
             c = CFG.n_embd
             a, b = np.delete(a, np.s_[c:2 * c]), np.delete(b, np.s_[c:2 * c])
         np.testing.assert_allclose(a, b, atol=2e-6, err_msg=k)
-    parallel.set_blas_threads(parallel.cpu_cores())
+    set_blas_threads(cpu_cores())
 
 
 @pytest.mark.parametrize("streams,batch", [(2, 4), (3, 5)])
@@ -72,40 +76,40 @@ def test_an_evaluation_split_over_streams_equals_the_single_stream_one(monkeypat
                for _ in range(3)]
     losses = {}
     for n in (1, streams):
-        monkeypatch.setattr(parallel, "cpu_cores", lambda: n)
-        eval_loss = make_eval_loss(model, TrainConfig(batch_size=batch))
+        monkeypatch.setattr(backend, "cpu_cores", lambda: n)
+        eval_loss = make_eval_loss(model, TrainConfig.of(batch_size=batch))
         assert (eval_loss.__name__ == "evaluate") == (n > 1)  # the split evaluator, where there are streams
         losses[n] = [eval_loss(x, y).item() for x, y in batches]
     np.testing.assert_allclose(losses[1], losses[streams], rtol=2e-6)
-    parallel.set_blas_threads(parallel.cpu_cores())
+    set_blas_threads(cpu_cores())
 
 
 def test_one_core_or_one_sequence_keeps_a_single_stream(monkeypatch):
-    monkeypatch.setattr(parallel, "cpu_cores", lambda: 1)
-    assert parallel.plan_for(build(CFG), 8) is None
-    monkeypatch.setattr(parallel, "cpu_cores", lambda: 4)
-    assert parallel.plan_for(build(CFG), 1) is None
-    plan = parallel.plan_for(build(CFG), 3)
+    monkeypatch.setattr(backend, "cpu_cores", lambda: 1)
+    assert backend.stream_plan(build(CFG), 8, 0) is None
+    monkeypatch.setattr(backend, "cpu_cores", lambda: 4)
+    assert backend.stream_plan(build(CFG), 1, 0) is None
+    plan = backend.stream_plan(build(CFG), 3, 0)
     assert len(plan) == 3
-    parallel.set_blas_threads(2)
+    set_blas_threads(2)
 
 
 def test_streams_setting_chooses_the_split(monkeypatch):
-    monkeypatch.setattr(parallel, "cpu_cores", lambda: 4)
-    assert parallel.plan_for(build(CFG), 8, streams=1) is None
-    assert len(parallel.plan_for(build(CFG), 8, streams=2)) == 2
-    assert len(parallel.plan_for(build(CFG), 8, streams=0)) == 4
-    assert len(parallel.plan_for(build(CFG), 3, streams=8)) == 3  # never more streams than sequences
-    parallel.set_blas_threads(parallel.cpu_cores())
+    monkeypatch.setattr(backend, "cpu_cores", lambda: 4)
+    assert backend.stream_plan(build(CFG), 8, 1) is None
+    assert len(backend.stream_plan(build(CFG), 8, 2)) == 2
+    assert len(backend.stream_plan(build(CFG), 8, 0)) == 4
+    assert len(backend.stream_plan(build(CFG), 3, 8)) == 3  # never more streams than sequences
+    set_blas_threads(cpu_cores())
     with pytest.raises(UserError, match="--streams must be 0"):
-        TrainConfig(streams=-1)
+        TrainConfig.of(streams=-1)
 
 
 def test_split_steps_keep_the_parameters_dtype(monkeypatch):
-    monkeypatch.setattr(parallel, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(backend, "cpu_cores", lambda: 2)
     model = build(CFG, seed=0)
     model.set_dtype(mx.bfloat16)
-    tc = TrainConfig(batch_size=4, max_iters=10, warmup_iters=2)
+    tc = TrainConfig.of(batch_size=4, max_iters=10, warmup_iters=2)
     opt = make_optimizer(tc.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, tc)
@@ -113,4 +117,4 @@ def test_split_steps_keep_the_parameters_dtype(monkeypatch):
     loss, norm = step(x, x)
     mx.eval(loss, norm, model.parameters())
     assert model.wte.weight.dtype == mx.bfloat16 and np.isfinite(loss.item())
-    parallel.set_blas_threads(parallel.cpu_cores())
+    set_blas_threads(cpu_cores())

@@ -25,7 +25,8 @@ from mlx.utils import tree_flatten
 from mlx_gpt import checkpoint, distributed
 from mlx_gpt.data import BatchSampler, SequentialSampler, prepare
 from mlx_gpt.errors import UserError
-from mlx_gpt.train import TrainConfig, parse_args, train
+from mlx_gpt.train import parse_args, train
+from mlx_gpt.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sysconfig.get_path("scripts")) / "mlx.launch"
@@ -92,7 +93,7 @@ def test_the_ranks_rows_together_are_the_batch_of_one_process(tmp_path, shakespe
 
 
 def test_resuming_on_another_number_of_processes_is_refused(tmp_path, shakespeare):
-    cfg = TrainConfig(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+    cfg = TrainConfig.of(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
                       max_iters=1, eval_interval=1, **TINY)
     train(cfg, progress=False)
     state_file = tmp_path / "run" / "state.json"
@@ -100,7 +101,7 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path, shakespear
     assert state["world_size"] == 1
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     with pytest.raises(UserError, match=r"trained on 2 processes, not 1; resume it with mlx.launch -n 2"):
-        train(replace(cfg, max_iters=2, resume=True), progress=False)
+        train(cfg.replace(max_iters=2, resume=True), progress=False)
 
 
 # ---------------------------------------------------------------------------- two processes on loopback
@@ -167,7 +168,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, shakespeare, 
     assert "done: checkpoint" in proc.stderr, proc.stderr[-3000:]
     assert "WARN" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("model:") == 1  # rank 1 stays quiet
-    one = train(TrainConfig(**{**common, "batch_size": 2 * TINY["batch_size"], "out": str(tmp_path / "one")}),
+    one = train(TrainConfig.of(**{**common, "batch_size": 2 * TINY["batch_size"], "out": str(tmp_path / "one")}),
                 progress=False)
 
     a, b = losses_of(tmp_path / "two"), losses_of(tmp_path / "one")
@@ -252,7 +253,7 @@ def _rank_main(argv: list[str]) -> None:
     ``<out>-rank<r>.safetensors``."""
     import signal
 
-    from mlx_gpt import train as train_module
+    from mlx_gpt.training import step as train_module
     from mlx_gpt.errors import run_cli
 
     action, at, rank = argv[0], int(argv[1]), distributed.init().rank()
@@ -276,8 +277,7 @@ def _rank_main(argv: list[str]) -> None:
             time.sleep(3600)
 
     def main(args):
-        cfg, given = parse_args(args)
-        run = train(cfg, given=given, progress=False, on_step=on_step)
+        run = train(parse_args(args), progress=False, on_step=on_step)
         mx.save_safetensors(f"{run.out}-rank{run.rank}.safetensors", dict(tree_flatten(run.model.parameters())))
 
     run_cli(main, argv[2:])

@@ -108,11 +108,10 @@ def test_text_scores_of_a_file_a_split_and_a_prepared_directory_agree(ngram_ckpt
     assert f"loss {whole['loss']:.4f} | perplexity {whole['perplexity']:.3f} | bits/byte" in out
 
 
-def test_cli_and_its_old_name(ngram_ckpt, hellaswag_file, tmp_path):
-    for module in ("mlx_gpt.eval", "mlx_gpt.perplexity"):
-        proc = run_module(module, "--checkpoint", str(ngram_ckpt), "--hellaswag", str(hellaswag_file), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert "acc 0.6667 | acc_norm 0.6667" in proc.stdout
+def test_cli(ngram_ckpt, hellaswag_file, tmp_path):
+    proc = run_module("mlx_gpt.eval", "--checkpoint", str(ngram_ckpt), "--hellaswag", str(hellaswag_file), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "acc 0.6667 | acc_norm 0.6667" in proc.stdout
 
 
 def test_questions_with_a_byte_order_mark_and_line_separators_inside_strings(tmp_path):

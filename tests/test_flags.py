@@ -1,5 +1,6 @@
-"""Train flags and config files: every setting documented, files round-trip, flags override files,
-and a resumed run takes only what the user set."""
+"""Train flags and config files: every setting documented, files round-trip (flat or sectioned),
+flags override files, the run's defaults are resolved alike from Python and the command line, and
+a resumed run takes only what the user set."""
 
 import dataclasses
 import subprocess
@@ -10,31 +11,48 @@ import pytest
 from conftest import ROOT, assert_one_line_error, run_module
 from mlx_gpt import flags
 from mlx_gpt.errors import UserError
-from mlx_gpt.train import FINETUNE_DEFAULTS, HELP, TrainConfig, build_parser, parse_args
+from mlx_gpt.train import build_parser, parse_args
+from mlx_gpt.training.config import FINETUNE_DEFAULTS, TrainConfig
 
 
 def test_every_flag_has_help_and_shows_its_default():
     text = build_parser().format_help()
-    for f in dataclasses.fields(TrainConfig):
-        assert f.name in HELP, f.name
-        assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 32)" in text and "(default: 'pydoc')" in text and "(default: True)" in text
+    for s in flags.settings(TrainConfig):
+        assert s.help, s.name
+        assert "--" + s.name.replace("_", "-") in text
+    assert "(default: 32;" in text and "(default: 'pydoc')" in text and "(default: on)" in text
+    assert "(default: None)" not in text and "(default: True)" not in text
 
 
-def test_only_given_settings_are_reported_as_given():
-    cfg, given = parse_args(["--max-iters", "600", "--no-compile"])
-    assert given == {"max_iters", "compile"} and cfg.max_iters == 600 and not cfg.compile
-    assert cfg.batch_size == TrainConfig().batch_size
+def test_only_given_settings_are_taken_and_the_rest_resolved():
+    given = flags.parse(build_parser(), TrainConfig, ["--max-iters", "600", "--no-compile"])
+    assert given == {"max_iters": 600, "compile": False}
+    cfg = parse_args(["--max-iters", "600", "--no-compile"])
+    assert cfg.optim.max_iters == 600 and not cfg.step.compile
+    assert cfg.step.batch_size == TrainConfig.of().step.batch_size == 32
 
 
 def test_config_file_round_trips_and_flags_override_it(tmp_path):
-    cfg = TrainConfig(data="x.txt", n_layer=3, learning_rate=1e-3, sample_prompt='say "hi"\n', bias=False)
+    cfg = TrainConfig.of(data="x.txt", n_layer=3, learning_rate=1e-3, sample_prompt='say "hi"\n', bias=False)
     path = tmp_path / "train.toml"
     path.write_text(flags.to_toml(cfg))
-    again, given = parse_args(["--config", str(path)])
+    again = parse_args(["--config", str(path)])
     assert again == cfg
-    over, _ = parse_args(["--config", str(path), "--n-layer", "5", "--learning-rate", "3e-4"])
-    assert over == dataclasses.replace(cfg, n_layer=5, learning_rate=3e-4)
+    over = parse_args(["--config", str(path), "--n-layer", "5", "--learning-rate", "3e-4"])
+    assert over == cfg.replace(n_layer=5, learning_rate=3e-4)
+
+
+def test_config_files_may_be_sectioned(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text("data = 'x.txt'\n[optim]\nlearning_rate = 1e-3\n[lora]\nlora_rank = 0\n[step]\nbatch-size = 4\n")
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.data.source == "x.txt" and cfg.optim.learning_rate == 1e-3 and cfg.step.batch_size == 4
+    path.write_text("[optim]\nbatch_size = 4\n")
+    with pytest.raises(UserError, match="unknown setting 'batch_size' in \\[optim\\]"):
+        parse_args(["--config", str(path)])
+    path.write_text("batch_size = 4\nbatch-size = 5\n")
+    with pytest.raises(UserError, match="set twice"):
+        parse_args(["--config", str(path)])
 
 
 @pytest.mark.parametrize("text,fragment", [("batch_size = 'many'\n", "batch_size must be int"),
@@ -54,10 +72,21 @@ def test_non_finite_numbers_are_refused_by_the_parser(capsys):
 
 
 def test_fine_tuning_takes_its_defaults_unless_set():
-    cfg, _ = parse_args(["--init", "ckpt"])
-    assert {k: getattr(cfg, k) for k in FINETUNE_DEFAULTS} == FINETUNE_DEFAULTS
-    cfg, _ = parse_args(["--init", "ckpt", "--batch-size", "4"])
-    assert cfg.batch_size == 4 and cfg.grad_accum == FINETUNE_DEFAULTS["grad_accum"]
+    cfg = parse_args(["--init", "ckpt"])
+    assert {k: cfg.flat()[k] for k in FINETUNE_DEFAULTS} == FINETUNE_DEFAULTS
+    cfg = parse_args(["--init", "ckpt", "--batch-size", "4"])
+    assert cfg.step.batch_size == 4 and cfg.step.grad_accum == FINETUNE_DEFAULTS["grad_accum"]
+
+
+def test_python_and_the_command_line_resolve_the_same_run():
+    """``TrainConfig.of`` is the command line's resolution: a fine-tune from Python takes the
+    fine-tune defaults too, and a config built section by section gets them where it left them unset."""
+    assert TrainConfig.of(init="ckpt", data="notes.txt") == parse_args(["--init", "ckpt", "--data", "notes.txt"])
+    assert TrainConfig.of(init="ckpt", lora_rank=4) == parse_args(["--init", "ckpt", "--lora-rank", "4"])
+    from mlx_gpt.training.config import ModelSpec
+
+    nested = TrainConfig(model=ModelSpec(init="ckpt")).resolved()
+    assert nested == TrainConfig.of(init="ckpt") and nested.optim.learning_rate == 3e-5
 
 
 def test_shipped_configs_are_valid():
@@ -77,14 +106,17 @@ def test_mlx_gpt_command_dispatches_to_each_entry_point(tmp_path):
     assert 'mlx-gpt = "mlx_gpt.__main__:main"' in (ROOT / "pyproject.toml").read_text()
 
 
-def test_resume_takes_a_given_setting_even_when_it_equals_the_default():
-    from mlx_gpt.train import _merge_resumed
+def test_resume_takes_a_given_setting_even_when_it_equals_the_default(monkeypatch):
+    from mlx_gpt import checkpoint
 
-    saved = dataclasses.asdict(TrainConfig(max_iters=400, learning_rate=2e-3))
-    cli, given = parse_args(["--resume", "--out", "run", "--max-iters", "600"])
-    assert _merge_resumed(saved, cli, given).max_iters == 600
-    cli, given = parse_args(["--resume", "--out", "run", "--learning-rate", "2e-3"])
-    assert _merge_resumed(saved, cli, given).learning_rate == 2e-3  # the run's own value: no conflict
-    saved = dataclasses.asdict(TrainConfig(learning_rate=1e-3))
+    saved = {}
+    monkeypatch.setattr(checkpoint, "read_config", lambda out: {"train": saved})
+    saved.update(TrainConfig.of(max_iters=400, learning_rate=2e-3).flat())
+    assert parse_args(["--resume", "--out", "run", "--max-iters", "600"]).optim.max_iters == 600
+    cfg = parse_args(["--resume", "--out", "run", "--learning-rate", "2e-3"])
+    assert cfg.optim.learning_rate == 2e-3 and cfg.optim.max_iters == 400  # the run's own value: no conflict
+    saved.update(TrainConfig.of(learning_rate=1e-3).flat())
     with pytest.raises(UserError, match="--learning-rate 0.002 differs"):
-        _merge_resumed(saved, *parse_args(["--resume", "--out", "run", "--learning-rate", "2e-3"]))
+        parse_args(["--resume", "--out", "run", "--learning-rate", "2e-3"])
+    assert TrainConfig.of(resume=True, out="run", max_iters=600) == parse_args(["--resume", "--out", "run",
+                                                                                 "--max-iters", "600"])

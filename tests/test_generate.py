@@ -333,18 +333,20 @@ def test_cli_bad_input_is_one_line(ckpt, tmp_path, args, message):
 def test_decoder_chooses_blas_threads_at_its_first_generation_and_restores_them(monkeypatch):
     """Matrix-vector threads are measured once per Decoder (the choice, not the speed, is tested)."""
     import mlx_gpt.generate as gen
+    from mlx_gpt import backend
+    from mlx_gpt.cpu import blas
 
     setting = [3]
     measured = []
-    monkeypatch.setattr(gen, "get_blas_threads", lambda: setting[0])
-    monkeypatch.setattr(gen, "set_blas_threads", lambda n: setting.__setitem__(0, n))
-    monkeypatch.setattr(gen, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(blas, "get_blas_threads", lambda: setting[0])
+    monkeypatch.setattr(blas, "set_blas_threads", lambda n: setting.__setitem__(0, n))
+    monkeypatch.setattr(backend, "cpu_cores", lambda: 4)
 
     def fastest(rows, cols, threads):
         measured.append((rows, cols, threads))
         return 1
 
-    monkeypatch.setattr(gen, "fastest_threads", fastest)
+    monkeypatch.setattr(blas, "fastest_threads", fastest)
     model = build(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.0), seed=0)
     decoder = gen.Decoder(model, SamplingConfig(temperature=0))
     seen = []

@@ -9,7 +9,8 @@ from mlx_gpt import checkpoint, perplexity
 from mlx_gpt.cpu import accelerate
 from mlx_gpt.data import open_tokens, prepare
 from mlx_gpt.errors import UserError
-from mlx_gpt.ladder import LadderConfig, best_by_budget, climb, main, plot
+from mlx_gpt.ladder import LadderConfig, climb, main
+from mlx_gpt.ladder_report import best_by_budget, plot
 from mlx_gpt.models.rungs import LEARNING_RATE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

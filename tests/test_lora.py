@@ -19,6 +19,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import ROOT, assert_one_line_error, run_module
+from mlx_gpt.backend import cpu_cores
+from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt import checkpoint, lora, memory
 from mlx_gpt.cpu import accelerate, parallel
 from mlx_gpt.cpu.layers import Linear as CPULinear
@@ -27,7 +29,9 @@ from mlx_gpt.fuse import fuse
 from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
 from mlx_gpt.optim import make_optimizer
 from mlx_gpt.tokenizer import ByteTokenizer
-from mlx_gpt.train import TrainConfig, make_train_step, parse_args, train
+from mlx_gpt.train import parse_args, train
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import make_train_step
 
 CFG = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 LORA = lora.LoRAConfig(rank=4, alpha=8.0)
@@ -51,7 +55,7 @@ def flat(tree) -> dict[str, np.ndarray]:
 @pytest.fixture(autouse=True)
 def restore_blas_threads():
     yield
-    parallel.set_blas_threads(parallel.cpu_cores())  # a split step sets one BLAS thread per stream
+    set_blas_threads(cpu_cores())  # a split step sets one BLAS thread per stream
 
 
 # ---------------------------------------------------------------------------- the layers
@@ -80,7 +84,7 @@ def test_targets():
     assert lora.parse_targets("attn.c_proj") == ("attn.c_proj",)
     with pytest.raises(UserError, match="unknown layer 'q_proj'"):
         lora.parse_targets("c_attn,q_proj")
-    model = lora.apply(accelerate(build(CFG)), lora.LoRAConfig(2, 4.0, ("attn.c_attn",)))
+    model = lora.apply(accelerate(build(CFG)), lora.LoRAConfig(2, 4.0, "attn.c_attn"))
     assert [k for k in flat(model.trainable_parameters())] == [f"h.{i}.attn.c_attn.lora_{ab}" for i in (0, 1)
                                                                 for ab in "ab"]
     with pytest.raises(UserError, match="more than the narrowest"):
@@ -131,7 +135,7 @@ def torch_lora_model(start: dict[str, np.ndarray]):
     tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items() if not lora.is_adapter(k)})
     tmodel.requires_grad_(False)
     for i, block in enumerate(tmodel.h):
-        for path in LORA.targets:
+        for path in LORA.paths:
             owner, name = path.split(".")
             parent = getattr(block, owner)
             key = f"h.{i}.{path}"
@@ -151,8 +155,8 @@ def train_torch(cfg: TrainConfig, data, start: dict[str, np.ndarray]):
     from test_optim import torch_step
 
     tmodel = torch_lora_model(start)
-    opt = torch.optim.AdamW([p for p in tmodel.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                            betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay, foreach=False)
+    opt = torch.optim.AdamW([p for p in tmodel.parameters() if p.requires_grad], lr=cfg.optim.learning_rate,
+                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=1e-8, weight_decay=cfg.optim.weight_decay, foreach=False)
     losses, after = [], []
     for step, (x, y) in enumerate(data):
         losses.append(torch_step(tmodel, opt, cfg, step, x, y)[0])
@@ -163,14 +167,14 @@ def train_torch(cfg: TrainConfig, data, start: dict[str, np.ndarray]):
 def batches(cfg: TrainConfig, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Random tokens, each followed by a fixed function of itself: something to learn."""
     rng = np.random.default_rng(seed)
-    shape = (cfg.grad_accum, cfg.batch_size, CFG.block_size)
+    shape = (cfg.step.grad_accum, cfg.step.batch_size, CFG.block_size)
     xs = [rng.integers(0, CFG.vocab_size, shape) for _ in range(STEPS)]
     return [(x, (3 * x + 1) % CFG.vocab_size) for x in xs]
 
 
 def train_mlx(cfg: TrainConfig, data, model=None):
     model = model or adapted()
-    if cfg.dtype != "float32":
+    if cfg.step.dtype != "float32":
         lora.cast_frozen(model, mx.bfloat16)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
@@ -193,7 +197,7 @@ def train_mlx(cfg: TrainConfig, data, model=None):
 def test_adapters_train_as_torch_adamw_on_a_frozen_base(variant):
     """Six updates from the same start on the same batches: the same losses and adapters after
     every update as PyTorch's LoRA under torch.optim.AdamW; the base weights bit for bit as they were."""
-    cfg = TrainConfig(**TRAIN, **variant)
+    cfg = TrainConfig.of(**TRAIN, **variant)
     data = batches(cfg)
     model = adapted()
     start = flat(model.parameters())
@@ -215,10 +219,10 @@ def test_adapters_train_as_torch_adamw_on_a_frozen_base(variant):
 
 
 def test_bfloat16_holds_the_frozen_base_in_bfloat16_and_trains_float32_adapters():
-    cfg = TrainConfig(**TRAIN, streams=1)
+    cfg = TrainConfig.of(**TRAIN, streams=1)
     data = batches(cfg)
     ref, ref_after, _, _ = train_mlx(cfg, data)
-    got, after, model, optimizer = train_mlx(replace(cfg, dtype="bfloat16"), data)
+    got, after, model, optimizer = train_mlx(cfg.replace(dtype="bfloat16"), data)
     np.testing.assert_allclose(got, ref, rtol=1e-2)  # bfloat16's 8 bits of mantissa, step for step
     dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
     assert {d for k, d in dtypes.items() if lora.is_adapter(k)} == {mx.float32}
@@ -267,7 +271,7 @@ def text(tmp_path_factory, shakespeare):
 
 
 def lora_cfg(tmp_path, text, base_dir, out="run", **kw) -> TrainConfig:
-    return TrainConfig(**{**RUN, "data": str(text), "data_dir": str(tmp_path / "data"), "init": str(base_dir),
+    return TrainConfig.of(**{**RUN, "data": str(text), "data_dir": str(tmp_path / "data"), "init": str(base_dir),
                           "out": str(tmp_path / out), "lora_rank": 4, **kw})
 
 
@@ -301,13 +305,13 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_names_its_base(lora_run, 
     for k, v in flat(lora_run.model.parameters()).items():  # the run never touched its base
         if not lora.is_adapter(k):
             np.testing.assert_array_equal(v, base_weights[k][:24] if k == "wpe.weight" else base_weights[k], err_msg=k)
-    assert lora_run.cfg.learning_rate == 3e-3  # what the test set, not the LoRA defaults
+    assert lora_run.cfg.optim.learning_rate == 3e-3  # what the test set, not the LoRA defaults
 
 
 def test_resuming_a_lora_run_is_exact(tmp_path, text, base_dir, lora_run):
     first = lora_cfg(tmp_path, text, base_dir, max_iters=3)
     train(first, progress=False)
-    train(replace(first, max_iters=6, resume=True), progress=False)
+    train(first.replace(max_iters=6, resume=True), progress=False)
     a, b = losses_of(lora_run.out), losses_of(tmp_path / "run")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert [a[s] for s in a] == [b[s] for s in a]  # bit for bit
@@ -371,7 +375,7 @@ def test_a_changed_or_missing_base_is_one_line(tmp_path, lora_run, base_dir):
     assert_one_line_error(proc, f"apply to the checkpoint {base}, which is gone")
     assert not (tmp_path / "fused").exists()
     with pytest.raises(UserError, match="which is gone"):
-        train(replace(lora_run.cfg, out=str(adapter), resume=True, max_iters=8), progress=False)
+        train(lora_run.cfg.replace(out=str(adapter), resume=True, max_iters=8), progress=False)
 
 
 def test_a_base_moved_together_with_its_adapters_is_found_beside_them(tmp_path, lora_run, base_dir):
@@ -418,7 +422,7 @@ def test_fine_tuning_on_top_of_adapters(tmp_path, text, lora_run):
     fused checkpoint to be saved against."""
     with pytest.raises(UserError, match="holds LoRA adapters; fuse them"):
         train(lora_cfg(tmp_path, text, lora_run.out), progress=False)
-    run = train(replace(lora_cfg(tmp_path, text, lora_run.out), lora_rank=0, max_iters=1), progress=False)
+    run = train(lora_cfg(tmp_path, text, lora_run.out).replace(lora_rank=0, max_iters=1), progress=False)
     assert (run.out / "model.safetensors").is_file()
 
 
@@ -447,11 +451,11 @@ def test_lora_flags_are_checked_before_anything_runs(argv, message):
 
 
 def test_lora_flags_and_their_defaults(tmp_path):
-    cfg, given = parse_args(["--init", "B", "--lora-rank", "8"])
-    assert cfg.lora == lora.LoRAConfig(8, 16.0) and cfg.learning_rate == cfg.min_lr == 2e-4 and cfg.grad_accum == 32
-    cfg, _ = parse_args(["--init", "B", "--lora-rank", "8", "--learning-rate", "1e-3", "--lora-targets", "c_attn"])
-    assert cfg.learning_rate == 1e-3 and cfg.lora.targets == ("attn.c_attn",)
-    assert parse_args(["--init", "B"])[0].learning_rate == 3e-5  # a full fine-tune keeps its own
+    cfg = parse_args(["--init", "B", "--lora-rank", "8"])
+    assert cfg.lora == lora.LoRAConfig(8, 16.0) and cfg.optim.learning_rate == cfg.optim.min_lr == 2e-4 and cfg.step.grad_accum == 32
+    cfg = parse_args(["--init", "B", "--lora-rank", "8", "--learning-rate", "1e-3", "--lora-targets", "c_attn"])
+    assert cfg.optim.learning_rate == 1e-3 and cfg.lora.paths == ("attn.c_attn",)
+    assert parse_args(["--init", "B"]).optim.learning_rate == 3e-5  # a full fine-tune keeps its own
     proc = run_module("mlx_gpt.train", "--init", "B", "--lora-rank", "0.5", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid int value" in proc.stderr
     proc = run_module("mlx_gpt.train", "--init", "B", "--lora-targets", "c_fc,x", "--lora-rank", "2", cwd=tmp_path)
@@ -470,8 +474,8 @@ def test_two_processes_train_the_adapters_as_one_with_twice_the_batch(tmp_path, 
                   grad_accum=1, streams=1, learning_rate=3e-3, warmup_iters=1)
     proc = launch(tmp_path, *cli_args({**common, "out": tmp_path / "two"}))
     assert "done: checkpoint" in proc.stderr, proc.stderr[-3000:]
-    cfg, given = parse_args(cli_args({**common, "batch_size": 4, "out": tmp_path / "one"}))
-    train(cfg, given=given, progress=False)
+    cfg = parse_args(cli_args({**common, "batch_size": 4, "out": tmp_path / "one"}))
+    train(cfg, progress=False)
     a, b = losses_of(tmp_path / "two"), losses_of(tmp_path / "one")
     assert sorted(a) == sorted(b) == list(range(1, 5))
     np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], rtol=1e-5)

@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten
 from mlx_gpt.cpu import accelerate, ops
 from mlx_gpt.loss import chunked_cross_entropy, cross_entropy
 from mlx_gpt.models.gpt import GPTConfig, build
-from mlx_gpt.train import loss_fn
+from mlx_gpt.training.step import loss_fn
 
 
 def head_inputs(rows=96, c=16, vocab=200, seed=0):

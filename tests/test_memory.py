@@ -7,12 +7,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import assert_one_line_error, run_module
+from mlx_gpt.backend import cpu_cores
+from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt import memory
 from mlx_gpt.cpu import accelerate, ops, parallel
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
-from mlx_gpt.train import TrainConfig, make_train_step
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import make_train_step
 
 CFG = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
 # estimate / measured peak of real steps: 1.10-1.53 here (the split step holds less than the
@@ -22,7 +25,7 @@ LOW, HIGH = 0.8, 1.6
 
 def measured_peak(streams: int, accum: int, batch: int = 8) -> tuple[int, memory.MemoryEstimate]:
     model = accelerate(build(CFG, seed=0))
-    cfg = TrainConfig(batch_size=batch, grad_accum=accum, streams=streams, max_iters=10, warmup_iters=0)
+    cfg = TrainConfig.of(batch_size=batch, grad_accum=accum, streams=streams, max_iters=10, warmup_iters=0)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, cfg)
@@ -34,7 +37,7 @@ def measured_peak(streams: int, accum: int, batch: int = 8) -> tuple[int, memory
     mx.eval(step(x, y), model.parameters(), opt.state)
     peak = mx.get_peak_memory()
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    parallel.set_blas_threads(parallel.cpu_cores())
+    set_blas_threads(cpu_cores())
     kept = ops.attention_weights_kept(mx.float32, CFG.dropout)
     return peak, memory.estimate_train_peak(CFG, n_params, batch, grad_accum=accum, streams=streams,
                                             attention_weights=kept)

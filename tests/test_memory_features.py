@@ -11,7 +11,8 @@ from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
 from mlx_gpt.recompute import recompute_blocks
-from mlx_gpt.train import TrainConfig, loss_fn, make_train_step
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import loss_fn, make_train_step
 
 
 def tiny(dropout=0.0, **kw):
@@ -46,7 +47,7 @@ def test_recomputed_blocks_train_the_same_weights_over_several_steps(streams):
         model = tiny()
         if recompute:
             recompute_blocks(model)
-        cfg = TrainConfig(grad_accum=2, batch_size=4, streams=streams, warmup_iters=0, max_iters=10, learning_rate=1e-2)
+        cfg = TrainConfig.of(grad_accum=2, batch_size=4, streams=streams, warmup_iters=0, max_iters=10, learning_rate=1e-2)
         opt = make_optimizer(cfg.optim)
         opt.init(model.trainable_parameters())
         step = make_train_step(model, opt, cfg)
@@ -66,7 +67,7 @@ def test_recomputed_blocks_under_mixed_precision_leave_the_float32_master_weight
         model = tiny()
         if recompute:
             recompute_blocks(model)
-        cfg = TrainConfig(dtype="bfloat16", batch_size=4, streams=1, warmup_iters=0, learning_rate=1e-2)
+        cfg = TrainConfig.of(dtype="bfloat16", batch_size=4, streams=1, warmup_iters=0, learning_rate=1e-2)
         opt = make_optimizer(cfg.optim)
         opt.init(model.trainable_parameters())
         step = make_train_step(model, opt, cfg)
@@ -117,7 +118,7 @@ def test_recomputed_blocks_lower_the_peak():
 
 def trajectory(dtype, steps=6):
     model = tiny(vocab_size=256, n_layer=2, n_embd=64, n_head=4, block_size=64)
-    cfg = TrainConfig(dtype=dtype, batch_size=8, streams=1, warmup_iters=0, max_iters=steps, learning_rate=3e-3)
+    cfg = TrainConfig.of(dtype=dtype, batch_size=8, streams=1, warmup_iters=0, max_iters=steps, learning_rate=3e-3)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, cfg)

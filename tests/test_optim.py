@@ -36,10 +36,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import ROOT
+from mlx_gpt import backend
+from mlx_gpt.backend import cpu_cores
+from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt.cpu import accelerate, parallel
 from mlx_gpt.models.gpt import GPTConfig, build
-from mlx_gpt.optim import lr_schedule, make_optimizer
-from mlx_gpt.train import TrainConfig, make_train_step
+from mlx_gpt.optim import EPS, lr_schedule, make_optimizer
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import make_train_step
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(ROOT / "tests" / "reference"))
@@ -59,16 +63,16 @@ CLIP = {1: 1.0, 3: 0.6}  # by micro-batches per update (averaging three lowers t
 def reference_lr(step: int, cfg: TrainConfig) -> float:
     """The learning rate of update ``step`` (0-based): linear warmup to learning_rate over
     warmup_iters updates, then a cosine down to min_lr at lr_decay_iters (nanoGPT's shape)."""
-    decay = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    ratio = min((step - cfg.warmup_iters) / (decay - cfg.warmup_iters), 1.0)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    decay = cfg.optim.lr_decay_iters or cfg.optim.max_iters
+    if step < cfg.optim.warmup_iters:
+        return cfg.optim.learning_rate * (step + 1) / cfg.optim.warmup_iters
+    ratio = min((step - cfg.optim.warmup_iters) / (decay - cfg.optim.warmup_iters), 1.0)
+    return cfg.optim.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.optim.learning_rate - cfg.optim.min_lr)
 
 
 def batches(cfg: TrainConfig, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    shape = (cfg.grad_accum, cfg.batch_size, CFG.block_size)
+    shape = (cfg.step.grad_accum, cfg.step.batch_size, CFG.block_size)
     return [(rng.integers(0, CFG.vocab_size, shape), rng.integers(0, CFG.vocab_size, shape)) for _ in range(STEPS)]
 
 
@@ -85,9 +89,9 @@ def torch_model(start: dict[str, np.ndarray]):
 
 def torch_adamw(tmodel, cfg: TrainConfig) -> torch.optim.AdamW:
     params = list(tmodel.parameters())
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+                             lr=cfg.optim.learning_rate, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=1e-8, foreach=False)
 
 
 def torch_step(tmodel, opt, cfg: TrainConfig, step: int, x: np.ndarray, y: np.ndarray):
@@ -101,7 +105,7 @@ def torch_step(tmodel, opt, cfg: TrainConfig, step: int, x: np.ndarray, y: np.nd
         loss.backward()
         total += loss.item()
     grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters() if p.grad is not None}
-    norm = torch.nn.utils.clip_grad_norm_(tmodel.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(tmodel.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total, norm.item(), grads
@@ -170,7 +174,7 @@ def start_weights() -> dict[str, np.ndarray]:
 @pytest.fixture(autouse=True)
 def restore_blas_threads():
     yield
-    parallel.set_blas_threads(parallel.cpu_cores())  # a split step sets one BLAS thread per stream
+    set_blas_threads(cpu_cores())  # a split step sets one BLAS thread per stream
 
 
 def assert_same_update(ours: dict, theirs: dict, grads: dict, lr_sum: float) -> int:
@@ -196,10 +200,10 @@ def assert_same_update(ours: dict, theirs: dict, grads: dict, lr_sum: float) -> 
 def test_training_equals_torch_adamw_update_by_update(streams, accum, compile):
     """Each of 6 updates from the state MLX reached, made again by PyTorch from that same state
     (weights, moments, step count): the same loss, norm, weights and moments after every update."""
-    cfg = TrainConfig(**TRAIN, streams=streams, grad_accum=accum, compile=compile, grad_clip=CLIP[accum])
+    cfg = TrainConfig.of(**TRAIN, streams=streams, grad_accum=accum, compile=compile, grad_clip=CLIP[accum])
     data = batches(cfg)
     losses, norms, states, lrs, optimizer = train_mlx(cfg, data)
-    assert (optimizer.stream_for is not None) == (streams > 1)  # the split step really ran
+    assert (backend.stream_plan(build(CFG), cfg.step.batch_size, streams) is not None) == (streams > 1)  # a split step
     np.testing.assert_allclose(lrs, [reference_lr(s, cfg) for s in range(STEPS)], rtol=1e-6)
     tmodel = torch_model(states[0])
     opt = torch_adamw(tmodel, cfg)
@@ -211,14 +215,14 @@ def test_training_equals_torch_adamw_update_by_update(streams, accum, compile):
         noisy = assert_same_update(states[t + 1], torch_state(tmodel, opt), grads, sum(lrs[:t + 1]))
         assert noisy < 0.05 * sum(g.size for g in grads.values())
         t_norms.append(norm)
-    assert any(n > cfg.grad_clip for n in t_norms) and any(n < cfg.grad_clip for n in t_norms), t_norms
+    assert any(n > cfg.optim.grad_clip for n in t_norms) and any(n < cfg.optim.grad_clip for n in t_norms), t_norms
 
 
 @pytest.mark.parametrize("streams,accum", [(1, 1), (2, 3)])
 def test_loss_trajectory_equals_torch_running_on_its_own(streams, accum):
     """Left to itself, PyTorch follows the same losses and gradient norms, and the weights stay within
     DRIFT_ATOL (rounding noise amplified by Adam, see the module's docstring)."""
-    cfg = TrainConfig(**TRAIN, streams=streams, grad_accum=accum, grad_clip=CLIP[accum])
+    cfg = TrainConfig.of(**TRAIN, streams=streams, grad_accum=accum, grad_clip=CLIP[accum])
     data = batches(cfg)
     t_losses, t_norms, t_after, _ = train_torch(cfg, data, start_weights())
     losses, norms, states, _, _ = train_mlx(cfg, data)
@@ -230,7 +234,7 @@ def test_loss_trajectory_equals_torch_running_on_its_own(streams, accum):
 
 
 def test_without_clipping_or_decay():
-    cfg = TrainConfig(**{**TRAIN, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_iters": 0, "min_lr": 1e-2},
+    cfg = TrainConfig.of(**{**TRAIN, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_iters": 0, "min_lr": 1e-2},
                       streams=1)
     data = batches(cfg, seed=1)
     t_losses, _, t_after, _ = train_torch(cfg, data, start_weights())
@@ -244,10 +248,10 @@ def test_the_comparison_sees_a_missing_bias_correction():
     """MLX's AdamW as it comes (no bias correction) fails the update-by-update comparison at once."""
     from mlx_gpt.optim import AdamW
 
-    cfg = TrainConfig(**TRAIN, streams=1)
+    cfg = TrainConfig.of(**TRAIN, streams=1)
     data = batches(cfg)
-    plain = AdamW(learning_rate=lr_schedule(cfg.optim), betas=[cfg.beta1, cfg.beta2], eps=cfg.optim.eps,
-                  weight_decay=cfg.weight_decay, bias_correction=False)
+    plain = AdamW(learning_rate=lr_schedule(cfg.optim), betas=[cfg.optim.beta1, cfg.optim.beta2], eps=EPS,
+                  weight_decay=cfg.optim.weight_decay, bias_correction=False)
     _, _, states, lrs, _ = train_mlx(cfg, data, optimizer=plain)
     tmodel = torch_model(states[0])
     opt = torch_adamw(tmodel, cfg)

@@ -58,9 +58,9 @@ def test_training_writes_loss_png_at_each_evaluation(tmp_path, shakespeare):
     assert imread(out / "loss.png").shape[0] > 300
     assert "step 10/20" in proc.stderr and "eta" in proc.stderr  # a log, not a terminal: whole lines
     from mlx_gpt import flags
-    from mlx_gpt.train import TrainConfig
+    from mlx_gpt.training.config import TrainConfig
 
-    ran = TrainConfig(**json.loads((out / "config.json").read_text())["train"])
-    assert TrainConfig(**flags.read_toml(out / "train.toml", TrainConfig)) == ran  # --config reproduces it
+    ran = TrainConfig.of(**json.loads((out / "config.json").read_text())["train"])
+    assert TrainConfig.of(**flags.read_toml(out / "train.toml", TrainConfig)) == ran  # --config reproduces it
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     assert [plot.read_run(out).eval_val[i][1] for i in range(2)] == [e["val_loss"] for e in evals]

@@ -5,13 +5,16 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_module
+from mlx_gpt import backend
 from mlx_gpt import checkpoint
 from mlx_gpt.errors import UserError
 from mlx_gpt.generate import generate
 from mlx_gpt.models.rungs import NEURAL, RUNGS, build, parse
 from mlx_gpt.tokenizer import ByteTokenizer
 from mlx_gpt.optim import make_optimizer
-from mlx_gpt.train import TrainConfig, make_train_step, train
+from mlx_gpt.train import train
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import make_train_step
 from mlx_gpt.models.transformer import sinusoids
 
 # every neural rung, shrunk to train in a second or two
@@ -27,8 +30,9 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 
 
 def tiny(name: str, seed: int = 0):
+    """A rung as a run or ``load`` gives it: with this machine's layers."""
     if name in NEURAL:
-        return build(name, 256, overrides=TINY[name], seed=seed)
+        return backend.layers(build(name, 256, overrides=TINY[name], seed=seed))
     return build(name, 256, tokens=np.frombuffer(TEXT.encode(), np.uint8), overrides={"block_size": 16})
 
 
@@ -47,14 +51,14 @@ def test_specs_name_a_rung_and_an_order():
 @pytest.mark.parametrize("name", list(NEURAL))
 def test_each_neural_rung_drives_the_loss_on_one_batch_close_to_zero(name):
     model = tiny(name)
-    cfg = TrainConfig(learning_rate=1e-2, min_lr=1e-3, warmup_iters=10, max_iters=150, weight_decay=0.0)
+    cfg = TrainConfig.of(learning_rate=1e-2, min_lr=1e-3, warmup_iters=10, max_iters=150, weight_decay=0.0)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     step = make_train_step(model, optimizer, cfg)  # train.py's own compiled step
     batch = np.random.default_rng(0).integers(0, 256, size=(1, 4, 17))
     x, y = mx.array(batch[..., :-1]), mx.array(batch[..., 1:])
     first = step(x, y)[0].item()
-    for _ in range(cfg.max_iters - 1):
+    for _ in range(cfg.optim.max_iters - 1):
         loss, _ = step(x, y)
         mx.eval(loss, model.parameters(), optimizer.state)
     assert first > math.log(256) - 1
@@ -113,7 +117,7 @@ def test_post_layernorm_normalises_the_residual_stream():
 
 
 def small_run(tmp_path, data, model: str, **kw) -> TrainConfig:
-    return TrainConfig(data=str(data), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), model=model,
+    return TrainConfig.of(data=str(data), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), model=model,
                        block_size=16, batch_size=4, max_iters=3, eval_iters=1, log_interval=1, sample_tokens=8, **kw)
 
 

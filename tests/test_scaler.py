@@ -13,14 +13,16 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gpt import checkpoint
-from mlx_gpt import train as train_module
+from mlx_gpt.training import run as run_module
 from mlx_gpt.cpu import accelerate
 from mlx_gpt.models.gpt import GPTConfig, build
-from mlx_gpt.optim import OptimConfig, clip_and_update, compute_in, make_optimizer
+from mlx_gpt.optim import OptimConfig, clip_and_update, make_optimizer
 from mlx_gpt.recompute import recompute_blocks
 from mlx_gpt.errors import UserError
 from mlx_gpt.scaler import INIT_SCALE, MIN_SCALE, LossScaler
-from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, train
+from mlx_gpt.train import train
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import compute_in, loss_fn, make_train_step
 
 
 def tiny(**kw):
@@ -38,7 +40,7 @@ def snapshot(*trees) -> list[dict]:
 
 
 def stepper(model, scaler, **kw):
-    cfg = TrainConfig(**{"dtype": "float16", "batch_size": 4, "streams": 1, "warmup_iters": 0, "max_iters": 100,
+    cfg = TrainConfig.of(**{"dtype": "float16", "batch_size": 4, "streams": 1, "warmup_iters": 0, "max_iters": 100,
                          "learning_rate": 1e-2, **kw})
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
@@ -85,7 +87,7 @@ def test_scales_and_skips_follow_torch_grad_scaler_and_adamw():
             self.weight = mx.array(w0)
 
     model = W()
-    opt = make_optimizer(OptimConfig(learning_rate=lr, min_lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
+    opt = make_optimizer(OptimConfig(learning_rate=lr, min_lr=lr, beta1=betas[0], beta2=betas[1],
                                      weight_decay=wd))
     opt.init(model.trainable_parameters())
     scaler = LossScaler(init_scale=2.0**10, growth_interval=3)
@@ -194,7 +196,7 @@ def test_an_overflowing_step_changes_nothing_but_halves_the_scale(kw):
 def trajectory(dtype, scaler=None, V=256, B=8, T=64, n_embd=64, steps=10, seed=0, lr=5e-3):
     """Losses, gradient norms and skipped-step counts of ``steps`` steps on one fixed batch."""
     model = tiny(vocab_size=V, block_size=T, n_embd=n_embd, n_head=2)
-    cfg = TrainConfig(dtype=dtype, batch_size=B, streams=1, warmup_iters=0, max_iters=steps, learning_rate=lr)
+    cfg = TrainConfig.of(dtype=dtype, batch_size=B, streams=1, warmup_iters=0, max_iters=steps, learning_rate=lr)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, cfg, scaler=scaler)
@@ -243,17 +245,17 @@ def test_float16_tracks_float32_where_unscaled_float16_underflows():
 def test_a_float16_run_logs_its_skips_and_resumes_bit_exact(tmp_path, shakespeare, monkeypatch, capsys):
     # a scale far too large to start with and a short growth interval: the run skips steps, and
     # the scale at the checkpoint is one a fresh scaler would not have
-    monkeypatch.setattr(train_module, "LossScaler", partial(LossScaler, init_scale=2.0**24, growth_interval=2))
+    monkeypatch.setattr(run_module, "LossScaler", partial(LossScaler, init_scale=2.0**24, growth_interval=2))
     common = dict(data=str(shakespeare), data_dir=str(tmp_path / "data"), n_layer=2, n_head=2, n_embd=32,
                   block_size=32, batch_size=4, eval_iters=1, log_interval=1, sample_tokens=4, dtype="float16",
                   max_iters=10, eval_interval=5, warmup_iters=2)
-    train(TrainConfig(**common, out=str(tmp_path / "whole")), progress=False)
+    train(TrainConfig.of(**common, out=str(tmp_path / "whole")), progress=False)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ") and "|" in line]
     assert len(lines) == 10 and all("| scale " in line and "| skipped " in line for line in lines)
-    train(TrainConfig(**{**common, "max_iters": 5}, out=str(tmp_path / "split")), progress=False)
+    train(TrainConfig.of(**{**common, "max_iters": 5}, out=str(tmp_path / "split")), progress=False)
     saved = checkpoint.load_state(tmp_path / "split")["loss_scale"]
     assert saved["skipped"] > 0 and saved["scale"] != 2.0**24
-    train(TrainConfig(**common, out=str(tmp_path / "split"), resume=True), progress=False)
+    train(TrainConfig.of(**common, out=str(tmp_path / "split"), resume=True), progress=False)
 
     records = [[json.loads(r) for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                for d in ("whole", "split")]
@@ -266,8 +268,8 @@ def test_a_float16_run_logs_its_skips_and_resumes_bit_exact(tmp_path, shakespear
 
 
 def test_a_run_whose_scale_falls_out_of_reach_stops_as_diverged(tmp_path, shakespeare, monkeypatch):
-    monkeypatch.setattr(train_module, "LossScaler", partial(LossScaler, init_scale=MIN_SCALE / 2))
-    cfg = TrainConfig(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), n_layer=1,
+    monkeypatch.setattr(run_module, "LossScaler", partial(LossScaler, init_scale=MIN_SCALE / 2))
+    cfg = TrainConfig.of(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), n_layer=1,
                       n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=1, log_interval=1,
                       sample_tokens=4, dtype="float16", max_iters=3)
     with pytest.raises(UserError, match="float16 gradients overflow at every loss scale"):

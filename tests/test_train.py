@@ -15,14 +15,16 @@ from mlx_gpt.data import prepare
 from mlx_gpt.errors import UserError
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import lr_schedule, make_optimizer
-from mlx_gpt.train import TrainConfig, loss_fn, make_train_step, train
+from mlx_gpt.train import train
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import loss_fn, make_train_step
 
 SMALL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
              log_interval=1, sample_tokens=8)
 
 
 def small_cfg(tmp_path, data, **kw) -> TrainConfig:
-    return TrainConfig(**{"data": str(data), "data_dir": str(tmp_path / "data"), "out": str(tmp_path / "run"),
+    return TrainConfig.of(**{"data": str(data), "data_dir": str(tmp_path / "data"), "out": str(tmp_path / "run"),
                           **SMALL, **kw})
 
 
@@ -36,7 +38,7 @@ def losses_of(run_dir) -> dict[int, float]:
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    cfg = TrainConfig.of(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
     lr = lr_schedule(cfg.optim)
     values = [float(lr(mx.array(s))) for s in range(101)]
     assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
@@ -49,7 +51,7 @@ def test_weight_decay_spares_biases_and_norms():
     model = build(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
     model.h[0].attn.c_attn.bias = mx.ones_like(model.h[0].attn.c_attn.bias)
     before = params(model)
-    opt = make_optimizer(TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_iters=0, max_iters=10).optim)
+    opt = make_optimizer(TrainConfig.of(learning_rate=0.1, weight_decay=0.5, warmup_iters=0, max_iters=10).optim)
     opt.init(model.trainable_parameters())
     zero = {k: mx.zeros_like(v) for k, v in tree_flatten(model.trainable_parameters())}
     from mlx.utils import tree_unflatten
@@ -62,7 +64,7 @@ def test_weight_decay_spares_biases_and_norms():
 
 
 def _step_pair(accum=1, compile=True, dropout=0.0):
-    cfg = TrainConfig(grad_accum=accum, compile=compile, warmup_iters=0, max_iters=10, learning_rate=1e-2)
+    cfg = TrainConfig.of(grad_accum=accum, compile=compile, warmup_iters=0, max_iters=10, learning_rate=1e-2)
     model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=dropout), seed=1)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
@@ -89,7 +91,7 @@ def test_step_reports_the_exact_gradient_norm_and_clips_to_it(streams):
     model = build(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0), seed=1)
     grads = mx.grad(lambda p: (model.update(p), loss_fn(model, x[0], y[0]))[1])(model.trainable_parameters())
     want = math.sqrt(sum((np.array(g, np.float64) ** 2).sum() for _, g in tree_flatten(grads)))
-    cfg = TrainConfig(warmup_iters=0, max_iters=10, learning_rate=1e-2, grad_clip=want / 2, streams=streams)
+    cfg = TrainConfig.of(warmup_iters=0, max_iters=10, learning_rate=1e-2, grad_clip=want / 2, streams=streams)
     model = build(model.config, seed=1)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
@@ -100,7 +102,7 @@ def test_step_reports_the_exact_gradient_norm_and_clips_to_it(streams):
     # clipping shows in the optimizer's first moment: (1 - beta1) * g * clip / norm
     g = dict(tree_flatten(grads))["wte.weight"]
     m = dict(tree_flatten(opt.state))["wte.weight.m"]
-    np.testing.assert_allclose(np.array(m), (1 - cfg.beta1) * np.array(g) / 2, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.array(m), (1 - cfg.optim.beta1) * np.array(g) / 2, rtol=1e-4, atol=1e-7)
     assert any(not np.array_equal(v, params(model)[k]) for k, v in before.items())
 
 
@@ -147,7 +149,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, shakespeare, sampler):
     assert checkpoint.load_state(tmp_path / "split")["step"] == 5
     if sampler == "sequential":  # five steps have read the first five windows of the file
         assert checkpoint.load_state(tmp_path / "split")["sampler"] == {"sampler": "sequential", "position": 5}
-    resumed = replace(first, max_iters=12, resume=True)
+    resumed = first.replace(max_iters=12, resume=True)
     train(resumed, progress=False)
     a, b = losses_of(tmp_path / "whole"), losses_of(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 13))
@@ -220,7 +222,7 @@ def test_bfloat16_training_keeps_float32_weights_and_loss(tmp_path, shakespeare)
                                         ("weight_decay", math.inf), ("grad_clip", math.nan), ("grad_clip", -1.0)])
 def test_optimizer_settings_that_cannot_train_are_refused(flag, value):
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be"):
-        TrainConfig(**{flag: value})
+        TrainConfig.of(**{flag: value})
 
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
@@ -242,9 +244,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 def test_weights_that_turn_non_finite_between_log_lines_are_never_saved(tmp_path, shakespeare, monkeypatch):
     """No log line after step 3, a save at 6: the check before that save finds the NaN loss of step 4."""
-    from mlx_gpt import train as train_module
+    from mlx_gpt.training import loop
 
-    real = train_module.make_train_step
+    real = loop.make_train_step
 
     def poisoned(model, optimizer, cfg, *args, **kw):
         step, calls = real(model, optimizer, cfg, *args, **kw), []
@@ -257,7 +259,7 @@ def test_weights_that_turn_non_finite_between_log_lines_are_never_saved(tmp_path
 
         return wrapped
 
-    monkeypatch.setattr(train_module, "make_train_step", poisoned)
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
     cfg = small_cfg(tmp_path, shakespeare, max_iters=9, log_interval=100, checkpoint_interval=3, eval_interval=100,
                     sample_interval=100)
     with pytest.raises(UserError, match=r"at step 4 the loss is nan .* checkpoint \(step 3\)"):
@@ -271,9 +273,9 @@ def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakesp
     common = dict(warmup_iters=30, log_interval=1, eval_interval=1000, checkpoint_interval=1000, sample_tokens=0)
     timed = train(small_cfg(tmp_path, shakespeare, max_seconds=3.0, out=str(tmp_path / "timed"), **common),
                   progress=False)
-    steps = timed.cfg.max_iters
-    assert steps >= 1 and timed.cfg.max_seconds is None and timed.train_seconds > 0
-    assert timed.cfg.warmup_iters == min(30, steps // 10)
+    steps = timed.cfg.optim.max_iters
+    assert steps >= 1 and timed.cfg.optim.max_seconds is None and timed.train_seconds > 0
+    assert timed.cfg.optim.warmup_iters == min(30, steps // 10)
     saved = checkpoint.read_config(tmp_path / "timed")["train"]
     assert saved["max_iters"] == steps and saved["max_seconds"] is None  # --resume continues by steps
     lrs = [json.loads(r)["lr"] for r in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
@@ -282,7 +284,7 @@ def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakesp
     assert lrs[-1] == pytest.approx(lr_schedule(timed.cfg.optim)(mx.array(steps - 1)).item())
     # the steps timed beforehand leave no trace: the same run as one given that many steps outright
     counted = train(small_cfg(tmp_path, shakespeare, max_iters=steps, out=str(tmp_path / "counted"),
-                              **{**common, "warmup_iters": timed.cfg.warmup_iters}), progress=False)
+                              **{**common, "warmup_iters": timed.cfg.optim.warmup_iters}), progress=False)
     assert losses_of(tmp_path / "timed") == losses_of(tmp_path / "counted")
     wa, wb = params(timed.model), params(counted.model)
     for k in wa:

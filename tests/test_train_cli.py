@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import ROOT, assert_one_line_error, run_module
-from mlx_gpt.train import TrainConfig, train
+from mlx_gpt.train import train
+from mlx_gpt.training.config import TrainConfig
 
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "4",
               "--eval-iters", "1", "--sample-tokens", "4"]
@@ -19,7 +20,7 @@ TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size
 def base_run(tmp_path_factory, shakespeare):
     """A finished tiny run every case can point at."""
     d = tmp_path_factory.mktemp("base")
-    train(TrainConfig(data=str(shakespeare), data_dir=str(d / "data"), out=str(d / "run"), n_layer=1, n_head=2,
+    train(TrainConfig.of(data=str(shakespeare), data_dir=str(d / "data"), out=str(d / "run"), n_layer=1, n_head=2,
                       n_embd=16, block_size=32, batch_size=4, max_iters=2, eval_interval=2, eval_iters=1,
                       sample_tokens=4), progress=False)
     return d

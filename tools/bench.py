@@ -551,15 +551,16 @@ def worker_train(a: argparse.Namespace) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_gpt import checkpoint
-    from mlx_gpt.cpu import accelerate
+    from mlx_gpt import backend, checkpoint
     from mlx_gpt.optim import make_optimizer
-    from mlx_gpt.train import TrainConfig, make_train_step
+    from mlx_gpt.training.config import TrainConfig
+    from mlx_gpt.training.step import make_train_step
 
     batch = np.load(a.batch)
-    model = accelerate(checkpoint.load_model(a.checkpoint))
+    model = checkpoint.load_model(a.checkpoint)
     model.train()
-    tcfg = TrainConfig(batch_size=batch["x"].shape[0], max_iters=1000, warmup_iters=10, streams=a.streams)
+    tcfg = TrainConfig.of(batch_size=batch["x"].shape[0], max_iters=1000, warmup_iters=10, streams=a.streams)
+    backend.configure(tcfg.step.batch_size, tcfg.step.streams)  # as a run's setup does
     optimizer = make_optimizer(tcfg.optim)
     optimizer.init(model.trainable_parameters())
     step = make_train_step(model, optimizer, tcfg)
@@ -592,11 +593,10 @@ def worker_decode(a: argparse.Namespace) -> dict:
     import mlx.core as mx
 
     from mlx_gpt import checkpoint
-    from mlx_gpt.cpu import accelerate
     from mlx_gpt.generate import Decoder, Timing
     from mlx_gpt.sampling import SamplingConfig
 
-    model = accelerate(checkpoint.load_model(a.checkpoint))
+    model = checkpoint.load_model(a.checkpoint)
     model.eval()
     prompt = [int(t) for t in a.prompt.split(",")]
     decoder = Decoder(model, SamplingConfig(temperature=0))
@@ -625,7 +625,7 @@ def worker_startup(a: argparse.Namespace, started: float, import_s: float) -> di
 
     imported = time.perf_counter() - started
     first: list[float] = []
-    cfg = train_mod.TrainConfig(max_iters=1, out=a.out, overwrite=True)
+    cfg = train_mod.TrainConfig.of(max_iters=1, out=a.out, overwrite=True)
     train_mod.train(cfg, progress=False, on_step=lambda step, loss: first.append(time.perf_counter() - started))
     return {"import_mlx_gpt_s": import_s, "import_s": imported, "first_loss_s": first[0],
             "done_s": time.perf_counter() - started}

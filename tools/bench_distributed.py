@@ -35,20 +35,21 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from mlx_gpt import distributed  # noqa: E402
-from mlx_gpt.cpu import accelerate  # noqa: E402
+from mlx_gpt import backend, distributed  # noqa: E402
 from mlx_gpt.models.gpt import PRESETS, GPTConfig, build  # noqa: E402
 from mlx_gpt.optim import make_optimizer  # noqa: E402
-from mlx_gpt.train import TrainConfig, make_train_step  # noqa: E402
+from mlx_gpt.training.config import TrainConfig  # noqa: E402
+from mlx_gpt.training.step import make_train_step  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: time the train step and (with several ranks) the all-reduce; rank 0 prints JSON."""
     group = distributed.init()
     rank, world = group.rank(), group.size()
-    cfg = TrainConfig(batch_size=args.batch_size, streams=args.streams)
+    cfg = TrainConfig.of(batch_size=args.batch_size, streams=args.streams)
     model = build(GPTConfig(**{**PRESETS[args.preset], "vocab_size": 50257, "block_size": args.block_size}), seed=0)
-    accelerate(model)
+    backend.layers(model)
+    backend.configure(args.batch_size, args.streams)  # as a run's setup does
     model.train()
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())

@@ -53,26 +53,27 @@ def run_case(name: str, steps: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_gpt import lora, memory
-    from mlx_gpt.cpu import accelerate, ops
+    from mlx_gpt import backend, lora, memory
     from mlx_gpt.models.gpt import GPT, PRESETS, GPTConfig, build
     from mlx_gpt.optim import make_optimizer
-    from mlx_gpt.recompute import recompute_blocks
-    from mlx_gpt.train import DTYPES, TrainConfig, make_train_step
+    from mlx_gpt.training.config import DTYPES, TrainConfig
+    from mlx_gpt.training.model import assemble
+    from mlx_gpt.training.step import make_train_step
 
     preset, batch, block, savings = CASES[name]
-    cfg = TrainConfig(batch_size=batch, block_size=block, max_iters=max(steps, 1), warmup_iters=0, learning_rate=3e-5,
-                      grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
-                      dtype="bfloat16" if "bf16" in savings else "float32",
-                      lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
+    cfg = TrainConfig.of(batch_size=batch, block_size=block, max_iters=max(steps, 1), warmup_iters=0,
+                         learning_rate=3e-5, grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
+                         dtype="bfloat16" if "bf16" in savings else "float32",
+                         lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
     config = GPTConfig(**{**PRESETS[preset], "block_size": block})
-    adapters = cfg.lora
+    adapters = cfg.lora if cfg.lora.rank else None
     n_params = sum(v.size for _, v in tree_flatten(GPT(config).parameters()))  # lazy: nothing allocated
     trainable = lora.count(config, adapters) if adapters else None
-    estimate = memory.estimate_train_peak(config, n_params + (trainable or 0), batch, dtype=cfg.dtype,
-                                          grad_checkpoint=cfg.grad_checkpoint, loss_chunk=cfg.loss_chunk,
+    estimate = memory.estimate_train_peak(config, n_params + (trainable or 0), batch, dtype=cfg.step.dtype,
+                                          grad_checkpoint=cfg.step.grad_checkpoint, loss_chunk=cfg.step.loss_chunk,
                                           trainable=trainable,
-                                          attention_weights=ops.attention_weights_kept(DTYPES[cfg.dtype], config.dropout))
+                                          attention_weights=backend.attention_weights_kept(DTYPES[cfg.step.dtype],
+                                                                                             config.dropout))
     result = {"case": name, "params_M": round(n_params / 1e6, 1), "batch": batch, "block": block,
               "trainable_M": round((trainable or n_params) / 1e6, 2), "estimate_GB": round(estimate.total / 1e9, 2)}
     if steps == 0:
@@ -80,14 +81,8 @@ def run_case(name: str, steps: int) -> dict:
     if estimate.total > memory.available_memory():
         return {**result, "refused": f"needs about {estimate.total / 1e9:.1f} GB, more than the "
                                      f"{memory.available_memory() / 1e9:.1f} GB MLX may use here"}
-    model = accelerate(build(config, seed=0))
-    if adapters:  # as train sets a LoRA run up
-        lora.apply(model, adapters, seed=0)
-        if cfg.dtype != "float32":
-            lora.cast_frozen(model, DTYPES[cfg.dtype])
-    if cfg.grad_checkpoint:
-        recompute_blocks(model)
-    model.train()
+    model = assemble(build(config, seed=0), cfg, fresh_adapters=True)  # as train sets a run up
+    backend.configure(batch, cfg.step.streams)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     step = make_train_step(model, optimizer, cfg)

@@ -171,3 +171,36 @@ def blas_status() -> str:
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
     return f"reference BLAS ({_state['error'] or 'OpenBLAS not loaded'})"
+
+
+def fastest_threads(rows: int, cols: int, threads: int, calls: int = 16, rounds: int = 3) -> int:
+    """1 or ``threads``: the BLAS thread count that runs matrix-vector products of this shape faster now.
+
+    Each try runs ``calls`` products of a (1, cols) row with a (rows, cols) matrix, as a decode
+    step runs one per weight. On a busy machine a second BLAS thread waits for a core at every
+    call, and decoding collapses; alone it streams a matrix faster than one. Measuring when
+    decoding starts catches the machine as it is; a near tie goes to one thread, which holds
+    up when the load changes. The BLAS setting is left as it was.
+    """
+    import statistics
+    import time
+
+    import mlx.core as mx
+
+    previous = get_blas_threads()
+    if threads <= 1 or previous is None:
+        return 1
+    w = mx.random.normal((rows, cols), key=mx.random.key(0))
+    x = mx.random.normal((1, cols), key=mx.random.key(1))
+    mx.eval(w, x, x @ w.T)
+    seconds: dict[int, list[float]] = {1: [], threads: []}
+    try:
+        for _ in range(rounds):
+            for n in seconds:
+                set_blas_threads(n)
+                t0 = time.perf_counter()
+                mx.eval([x @ w.T for _ in range(calls)])
+                seconds[n].append(time.perf_counter() - t0)
+    finally:
+        set_blas_threads(previous)
+    return threads if statistics.median(seconds[threads]) < 0.9 * statistics.median(seconds[1]) else 1

@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import PLAIN as plain
 from ..models.cache import PrefixMask
 from . import extension
 
@@ -343,7 +344,7 @@ def squared_norm(x: mx.array) -> mx.array:
     several percent).
     """
     if not fast_ops_enabled(x.dtype) or x.size == 0:
-        return mx.sum(mx.square(x.astype(mx.float32)))
+        return plain.squared_norm(x)
     flat = x.reshape(1, -1)
     return (flat @ flat.T).reshape(())
 
@@ -359,22 +360,11 @@ def adamw_update(parameter: mx.array, gradient: mx.array, m: mx.array, v: mx.arr
     On the CPU (float32) it is one C++ kernel per parameter that reads the parameter, gradient
     and moments once and writes them once; elsewhere, MLX's own AdamW arithmetic.
     """
-    b1, b2 = betas
     kernels = _kernels() if fast_ops_enabled(parameter.dtype) and gradient.dtype == mx.float32 else None
-    if kernels is not None:
-        p, m, v = kernels.adamw_update(parameter, gradient, m, v, lr, step, b1, b2, eps, weight_decay,
-                                       bias_correction)
-        return p, m, v
-    lr = lr.astype(gradient.dtype)
-    if weight_decay:
-        parameter = parameter * (1 - lr * weight_decay)
-    m = b1 * m + (1 - b1) * gradient
-    v = b2 * v + (1 - b2) * mx.square(gradient)
-    if not bias_correction:
-        return parameter - lr * m / (mx.sqrt(v) + eps), m, v
-    c1 = (lr / (1 - b1**step)).astype(gradient.dtype)
-    c2 = mx.rsqrt(1 - b2**step).astype(gradient.dtype)
-    return parameter - (c1 * m) / (mx.sqrt(v) * c2 + eps), m, v
+    if kernels is None:
+        return plain.adamw_update(parameter, gradient, m, v, lr, step, betas, eps, weight_decay, bias_correction)
+    b1, b2 = betas
+    return kernels.adamw_update(parameter, gradient, m, v, lr, step, b1, b2, eps, weight_decay, bias_correction)
 
 
 # ---------------------------------------------------------------------------- cross-entropy
@@ -423,7 +413,7 @@ def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 
     which other devices and non-float32 logits use.
     """
     if not fast_ops_enabled(logits.dtype):
-        return nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return plain.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     kernels = _kernels()
     if kernels is None:
         return _fast_cross_entropy(float(label_smoothing))(logits, targets)

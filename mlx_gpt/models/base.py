@@ -4,6 +4,8 @@ config.json, and the ``block_size`` and ``num_params`` those callers read."""
 
 from __future__ import annotations
 
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from typing import Iterator
@@ -21,10 +23,27 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
+    def check_types(cls, d: dict) -> None:
+        """Each value as the config declares it (read from a file, it may be anything)."""
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            kind, value = hints[f.name], d[f.name]
+            if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            if kind not in (int, float, bool, str):
+                continue
+            number = kind is float and isinstance(value, int) and not isinstance(value, bool)
+            if not (number or isinstance(value, kind)) or (kind is int and isinstance(value, bool)):
+                raise UserError(f"model {f.name} must be {kind.__name__}, got {value!r}")
+
+    @classmethod
     def from_dict(cls, d: dict):
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        cls.check_types(d)
         return cls(**d)
 
     def require_positive(self, *names: str) -> None:

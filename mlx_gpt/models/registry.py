@@ -21,15 +21,12 @@ def model_types() -> dict[str, tuple[type, type]]:
 
 
 def build_model(model_type: str, config: dict) -> Any:
-    """An uninitialised model of a type from its config dict, with this machine's layers
-    (``cpu.accelerate``)."""
-    from ..cpu import accelerate
-
+    """An uninitialised model of a type from its config dict, in plain MLX layers."""
     types = model_types()
     if model_type not in types:
         raise UserError(f"unknown model type {model_type!r}; choose from {', '.join(types)}")
     config_cls, model_cls = types[model_type]
-    return accelerate(model_cls(config_cls.from_dict(config)))
+    return model_cls(config_cls.from_dict(config))
 
 
 def model_type_of(model: Any) -> str:

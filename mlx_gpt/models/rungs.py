@@ -97,7 +97,6 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
           overrides: dict | None = None, seed: int = 0) -> Any:
     """The rung's model: fitted on the training ``tokens`` (or the token file holding them) for
     count rungs, freshly initialised otherwise."""
-    from ..cpu import accelerate
     from . import ngram
     from ..data import open_tokens
     from .gpt import GPTConfig
@@ -113,7 +112,7 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
             tokens = open_tokens(tokens)
         return ngram.fit(tokens, ngram.NGramConfig(**config))
     if rung.model_type == "gpt":
-        return accelerate(build_gpt(GPTConfig(**config), seed=seed))
+        return build_gpt(GPTConfig(**config), seed=seed)
     mx.random.seed(seed)  # MLX's default initialisers draw from the global generator
     model = build_model(rung.model_type, config)
     mx.eval(model.parameters())

@@ -1,0 +1,218 @@
+"""A run: its data, model, optimizer and samplers, set up (or resumed) in one place, and saved.
+
+``setup`` is final: everything is checked before anything is written, the budget in seconds
+is turned into steps before the optimizer exists, and a resumed run's state (optimizer,
+step, sampler position, loss scale) is restored here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import backend, checkpoint, distributed, flags, memory, plot, rundir
+from ..data import BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
+from ..errors import UserError
+from ..generate import generate
+from ..models.base import eval_mode
+from ..optim import AdamW, make_optimizer
+from ..scaler import LossScaler
+from ..tokenizer import Tokenizer, load_tokenizer
+from . import model as run_model
+from .budget import fit_to_seconds
+from .config import TrainConfig
+
+
+@dataclass
+class Samplers:
+    train: BatchSampler
+    val: BatchSampler  # fixed batches of the val split, drawn again at every evaluation
+    train_eval: BatchSampler  # the same of the train split
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    dataset: Dataset
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    optimizer: AdamW
+    samplers: Samplers
+    start_step: int = 0
+    best_val: float = math.inf
+    rank: int = 0  # this process's place among ``world`` (mlx.launch); only rank 0 writes
+    world: int = 1
+    memory: memory.MemoryEstimate | None = None
+    train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
+    scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
+    lock: rundir.RunLock | None = None
+    log: rundir.RunLog | None = None
+    adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (checkpoint.adapter_record)
+
+
+def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
+    """The run's data, encoded with ``tokenizer`` when the model already has one."""
+    d = cfg.data
+    kw = dict(data_dir=d.data_dir, val_fraction=d.val_fraction)
+    if tokenizer is None:
+        return prepare(d.source, d.tokenizer, **kw)
+    if not cfg.model.init:  # a resumed run: its own data cache, if it still matches the run's tokenizer
+        dataset = prepare(d.source, d.tokenizer, **kw)
+        if dataset.tokenizer is None or tokenizer_digest(dataset.tokenizer) == tokenizer_digest(tokenizer):
+            return dataset
+    return prepare(d.source, tokenizer, **kw)
+
+
+def _check_resumed(cfg: TrainConfig, out: str) -> None:
+    """A resumed run trains what it trained: its saved settings, but those it may change."""
+    saved = checkpoint.read_config(out).get("train") or {}
+    for name, value in cfg.flat().items():
+        s = flags.table(TrainConfig)[name]
+        if name in saved and saved[name] != value and not s.resumable and name not in ("resume", "overwrite", "out"):
+            raise UserError(f"--{name.replace('_', '-')} {value} differs from the run's {saved[name]}; "
+                            "a resumed run keeps its model and optimisation settings")
+
+
+def _starting_point(cfg: TrainConfig):
+    """(model, tokenizer, adapter record) a run starts from: a resumed run's, --init's, or none yet."""
+    if cfg.run.resume:
+        _check_resumed(cfg, cfg.run.out)
+        out = cfg.run.out
+        return (checkpoint.load_model(out, fuse=False), load_tokenizer(checkpoint.resolve(out)),
+                checkpoint.read_config(out).get("lora"))
+    if cfg.model.init:
+        if cfg.lora.rank and "lora" in checkpoint.read_config(cfg.model.init):
+            raise UserError(f"--init {cfg.model.init} holds LoRA adapters; fuse them into a checkpoint first "
+                            f"(python -m mlx_gpt.fuse --adapter {cfg.model.init} --out DIR) and train new ones on that")
+        model, tokenizer = run_model.from_init(cfg)
+        return model, tokenizer, checkpoint.adapter_record(cfg.model.init, cfg.lora) if cfg.lora.rank else None
+    return None, None, None
+
+
+def _default_out(cfg: TrainConfig, dataset: Dataset) -> str:
+    m = cfg.model
+    name = Path(m.init).name if m.init else m.preset if m.rung == "gpt" else m.rung.replace(":", "")
+    return str(Path("checkpoints") / f"{dataset.path.name}-{name}")
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Resolve data, model, optimizer and (when resuming) saved state for a run, and lock its directory."""
+    cfg = cfg.resolved()
+    group = distributed.init()
+    backend.configure(cfg.step.batch_size, cfg.step.streams)
+    if cfg.run.out is not None:
+        rundir.check_out(Path(cfg.run.out))
+    model, tokenizer, adapter = _starting_point(cfg)
+    dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
+    tokenizer = tokenizer or dataset.tokenizer
+    peak = run_model.memory_check(cfg, model, dataset)  # before anything is built or deleted
+    if cfg.run.out is None:
+        cfg = cfg.replace(out=_default_out(cfg, dataset))
+    out = Path(cfg.run.out)
+    lock = _claim(cfg, out, adapter) if group.rank() == 0 else None  # rank 0 writes: from here on, out is ours
+    try:
+        return _ready(cfg, out, group, dataset, model, tokenizer, adapter, peak, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
+    """--out for this run: never --init's checkpoint or the adapters' base, a run only with --resume or
+    --overwrite (which deletes nothing: the new run's first checkpoint replaces the old one whole)."""
+    inputs = {"--init's checkpoint": cfg.model.init,
+              "the base checkpoint of the LoRA adapters": adapter["base"]["path"] if adapter else None}
+    return rundir.claim_out(out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=inputs, what="a run",
+                            hint="pass --resume to continue it or --overwrite to replace it")
+
+
+def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, lock) -> Run:
+    """The claimed run's model assembled, its samplers, its saved state restored when resuming, its
+    budget in steps, and its optimizer."""
+    if group.rank() != 0:
+        rundir.check_out(out)
+    model = run_model.assemble(model if model is not None else run_model.new(cfg, dataset), cfg,
+                               fresh_adapters=not cfg.run.resume)
+    if model.config.vocab_size < dataset.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
+                        f"({dataset.vocab_size})")
+    rank, world = group.rank(), group.size()
+    B, T, shard, seed = cfg.step.batch_size, model.config.block_size, dict(rank=rank, world=world), cfg.step.seed
+    samplers = Samplers(make_sampler(cfg.data.sampler, dataset.train_file, B, T, seed=seed, accum=cfg.step.grad_accum,
+                                     **shard),
+                        BatchSampler(dataset.val_file, B, T, seed=seed + 1, **shard),
+                        BatchSampler(dataset.train_file, B, T, seed=seed + 2, **shard))
+    state = checkpoint.load_state(out) if cfg.run.resume else {}
+    if cfg.run.resume:
+        distributed.check_world_size(state.get("world_size", 1), group, str(out))
+        samplers.train.set_state(state["sampler"])
+    trains = bool(tree_flatten(model.trainable_parameters()))  # a count rung is fitted, not stepped
+    if cfg.optim.max_seconds is not None and not cfg.run.resume and trains:
+        cfg = fit_to_seconds(cfg, model, samplers.train, group)
+        if rank == 0:
+            print(f"--max-seconds: {cfg.optim.max_iters} steps fit", file=sys.stderr)
+    optimizer = make_optimizer(cfg.optim)
+    optimizer.init(model.trainable_parameters())
+    if cfg.run.resume:
+        saved = checkpoint.load_optimizer_state(out)
+        if {k: v.shape for k, v in tree_flatten(optimizer.state)} != {k: v.shape for k, v in tree_flatten(saved)}:
+            raise UserError(f"{out}/{checkpoint.OPTIMIZER} does not match the model")
+        optimizer.state = saved
+    scaler = LossScaler() if cfg.step.dtype == "float16" else None
+    if scaler is not None and "loss_scale" in state:  # else a fresh scale, as at the start
+        scaler.load_state_dict(state["loss_scale"])
+    return Run(cfg, out, dataset, model, tokenizer, optimizer, samplers, start_step=state.get("step", 0),
+               best_val=state.get("best_val", math.inf), rank=rank, world=world, memory=peak, scaler=scaler,
+               lock=lock, adapter=adapter,
+               log=rundir.RunLog(out, state["step"] if cfg.run.resume else None) if rank == 0 else None)
+
+
+def _draw(run: Run, directory: Path) -> None:
+    """loss.png of a checkpoint being written: drawn anew from its metrics when an evaluation came
+    since the last save (a picture takes seconds), else the last one; one that cannot be drawn is
+    only a warning."""
+    picture = checkpoint.PICTURE
+    if not run.log.evaluated():
+        if run.log.owned and (run.out / picture).is_file():
+            shutil.copy2(run.out / picture, directory / picture)
+        return
+    try:
+        plot.save([plot.read_run(directory)], directory / picture, title=f"{run.out.name}")
+    except (OSError, UserError, ValueError) as e:
+        print(f"warning: {run.out / picture} not drawn ({e})", file=sys.stderr)
+
+
+def save(run: Run, step: int, sampler_state: dict) -> None:
+    """Rank 0 writes the checkpoint, its log and the log's picture, swapped in together (every
+    rank holds the same weights and sampler state)."""
+    if run.rank != 0:
+        return
+    state = {"step": step, "sampler": sampler_state, "best_val": run.best_val, "world_size": run.world}
+    if run.scaler is not None:
+        state["loss_scale"] = run.scaler.state_dict()
+    checkpoint.save(run.out, run.model, run.tokenizer, train_config=run.cfg.flat(), optimizer=run.optimizer,
+                    files={checkpoint.SETTINGS: flags.to_toml(run.cfg.replace(resume=False, overwrite=False)),
+                           checkpoint.METRICS: run.log.text()},
+                    state=state, finish=partial(_draw, run), adapter=run.adapter)
+    run.log.saved()
+
+
+def sample(run: Run, step: int) -> str | None:
+    """A sample of the model's text at ``step`` (rank 0, a model with a tokenizer)."""
+    if run.tokenizer is None or run.rank != 0:
+        return None
+    r = run.cfg.run
+    with eval_mode(run.model):
+        # no prompt: start a document, from end-of-text (generate's choice) or else a newline
+        prompt = r.sample_prompt or ("" if run.tokenizer.eot_id is not None else "\n")
+        return generate(run.model, run.tokenizer, prompt, r.sample_tokens, temperature=0.8, top_k=50,
+                        seed=run.cfg.step.seed + step)
