@@ -297,7 +297,8 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
     Ids are 0..n-1, each once; each of the 256 bytes has its token; every merge joins two tokens
     into a third, once; every other token is made by a merge, except ``special`` tokens (such as
     end-of-text), which text never turns into. A vocabulary with GPT-2's size or end-of-text id
-    must also have GPT-2's layout: bytes first in GPT-2's order, merge ``i`` making ``256 + i``.
+    must also have GPT-2's layout: bytes first in GPT-2's order, merge ``i`` making ``256 + i``
+    (special tokens a derived vocabulary adds come after GPT-2's 50,257).
     """
     vocab_file, merges_file = files
     both = vocab_file if vocab_file == merges_file else f"{vocab_file} and {merges_file}"
@@ -331,9 +332,12 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
         t = min(unmade, key=vocab.__getitem__)
         return (f"{both} disagree: tokens of {vocab_file} that no merge of {merges_file} makes: {len(unmade)} "
                 f"(the first: {t!r}, id {vocab[t]}); one of them is cut short or damaged")
-    if len(vocab) == GPT2_VOCAB or vocab.get(EOT) == GPT2_EOT:  # it claims to be GPT-2's
-        if len(vocab) != GPT2_VOCAB or len(merges) != GPT2_MERGES or vocab.get(EOT) != GPT2_EOT:
-            return (f"{both} claim to be GPT-2's but hold {len(vocab):,} tokens and {len(merges):,} merges "
+    # GPT-2's own tokens: all but the special ones a derived vocabulary adds after them
+    own = sum(1 for t in vocab if t not in special or t == EOT)
+    if own == GPT2_VOCAB or vocab.get(EOT) == GPT2_EOT:  # it claims to be GPT-2's
+        if own != GPT2_VOCAB or len(merges) != GPT2_MERGES or vocab.get(EOT) != GPT2_EOT \
+                or any(vocab[t] < GPT2_VOCAB for t in special if t in vocab and t != EOT):
+            return (f"{both} claim to be GPT-2's but hold {own:,} tokens and {len(merges):,} merges "
                     f"(GPT-2's: {GPT2_VOCAB:,} and {GPT2_MERGES:,}, end-of-text {GPT2_EOT}); one is cut short or "
                     "damaged")
         moved = next((c for b, c in enumerate(byte_chars) if vocab[c] != b), None)

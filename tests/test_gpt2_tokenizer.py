@@ -222,6 +222,10 @@ def test_a_complete_vocabulary_with_its_merges_passes(gpt2_dir):
     bytes_swapped["a"], bytes_swapped["b"] = bytes_swapped["b"], bytes_swapped["a"]
     assert "GPT-2's token 'a' has id 65, not 64" in check_bpe(bytes_swapped, tok.merges)
     assert "makes: 1 (the first: " in check_bpe(tok.vocab, tok.merges[:-1])  # the last merge's token, made by none
+    extended = {**tok.vocab, "<|pad|>": 50257, "<|sep|>": 50258}  # special tokens a derived vocabulary adds
+    assert check_bpe(extended, tok.merges, special=["<|endoftext|>", "<|pad|>", "<|sep|>"]) is None
+    moved = {**tok.vocab, "<|pad|>": 50256, "<|endoftext|>": 50257}  # a special token in GPT-2's own range
+    assert "claim to be GPT-2's" in check_bpe(moved, tok.merges, special=["<|endoftext|>", "<|pad|>"])
 
 
 def test_token_bytes_that_are_not_bpe_are_refused():
