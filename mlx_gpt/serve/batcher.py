@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import statistics
 import sys
 import threading
 import time
@@ -33,6 +35,7 @@ from typing import AsyncIterator
 import mlx.core as mx
 import numpy as np
 
+from ..cpu.blas import get_blas_threads, set_blas_threads
 from ..detokenizer import StreamingDetokenizer
 from ..generate import StopStrings
 from ..models.cache import SlotKVCache
@@ -238,6 +241,45 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tupl
     return float(lsm[token]), top
 
 
+class BlasThreads:
+    """The BLAS thread count for each batch size, chosen by timing the steps themselves.
+
+    A decode step is a chain of matrix products with a few rows. A second BLAS thread helps
+    only while a core is free for it: on a busy machine every product waits for one, and a
+    step can take twice as long (``generate`` measures the same choice once per Decoder). So
+    for each number of rows the first steps alternate between one thread and one per core,
+    the faster median wins, and the race is run again every ``every`` steps of that size, since
+    the machine's load changes.
+    """
+
+    trials = 4  # steps timed with each count
+    every = 512
+
+    def __init__(self, cores: int) -> None:
+        self.counts = (1, cores) if cores > 1 else (1,)
+        self._times: dict[int, dict[int, list[float]]] = {}
+        self._chosen: dict[int, tuple[int, int]] = {}  # rows -> (threads, steps since chosen)
+
+    def pick(self, rows: int) -> int:
+        """The thread count to run the next step of this many rows with."""
+        chosen = self._chosen.get(rows)
+        if chosen is not None and chosen[1] < self.every:
+            self._chosen[rows] = (chosen[0], chosen[1] + 1)
+            return chosen[0]
+        times = self._times.setdefault(rows, {n: [] for n in self.counts})
+        return min(self.counts, key=lambda n: len(times[n]))  # the count with the fewest trials
+
+    def record(self, rows: int, threads: int, seconds: float) -> None:
+        if rows in self._chosen and self._chosen[rows][1] < self.every:
+            return
+        times = self._times.setdefault(rows, {n: [] for n in self.counts})
+        times[threads].append(seconds)
+        if all(len(t) >= self.trials for t in times.values()):
+            best = min(self.counts, key=lambda n: statistics.median(times[n]))
+            self._chosen[rows] = (best, 0)
+            self._times.pop(rows)
+
+
 class _Prefill:
     """A job whose prompt is being fed, a chunk per turn, into its own cache."""
 
@@ -295,6 +337,9 @@ class Engine:
         self._stop_reason = ""
         self._thread: threading.Thread | None = None
         self._step = mx.compile(self._decode, inputs=[model.state])
+        on_cpu = mx.default_device().type == mx.DeviceType.cpu and get_blas_threads() is not None
+        self._blas = BlasThreads(len(os.sched_getaffinity(0))) if on_cpu else None
+        self._blas_now: int | None = None
         self.steps = 0  # decode steps run, for tests and logs
 
     # -------------------------------------------------------------- the HTTP side's calls
@@ -542,8 +587,15 @@ class Engine:
         lengths = np.zeros(rows, np.int32)
         for i, seq in enumerate(self._rows):
             tokens[i], lengths[i] = seq.next_token, seq.length
+        threads = self._blas.pick(rows) if self._blas else None
+        if threads is not None and threads != self._blas_now:
+            set_blas_threads(threads)
+            self._blas_now = threads
+        start = time.perf_counter()
         logits, self._keys, self._values = self._step(mx.array(tokens), self._keys, self._values, mx.array(lengths))
         logits = np.array(logits)
+        if threads is not None:
+            self._blas.record(rows, threads, time.perf_counter() - start)
         self.steps += 1
         done = []
         for i, seq in enumerate(self._rows[:n]):
