@@ -96,7 +96,7 @@ def attention_weights_kept(dtype: mx.Dtype, dropout: float) -> bool:
     """Whether a train step keeps each layer's attention weights for its backward pass."""
     if not on_cpu():
         return True
-    from .cpu.ops import attention_weights_kept as kept
+    from .cpu.attention import attention_weights_kept as kept
 
     return kept(dtype, dropout)
 

@@ -70,7 +70,7 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     and float32 master copies; the frozen rest is held in ``dtype`` (``lora.cast_frozen``). The
     activations are a full fine-tune's: the backward pass still runs through every layer.
     ``attention_weights``: whether each layer's attention weights are kept for the backward pass
-    (``cpu.ops.attention_weights_kept``)."""
+    (``backend.attention_weights_kept``)."""
     s = DTYPE_BYTES[dtype]
     trained = n_params if trainable is None else trainable
     frozen = n_params - trained

@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_gpt.cpu import attention as attn
 from mlx_gpt.cpu import ops
 from mlx_gpt.models.gpt import GPTConfig, build
 
@@ -332,8 +333,8 @@ def test_attention_matches_native_sdpa_and_torch(rng, T, S, torch):
     q, k, v = qkv(rng, T=T, S=S)
     scale = 1 / np.sqrt(8)
     causal = T > 1
-    fast = f64(ops.attention(mx.array(q), mx.array(k), mx.array(v), scale, causal))
-    ref = f64(native(lambda q, k, v: ops.attention(q, k, v, scale, causal))(mx.array(q), mx.array(k), mx.array(v)))
+    fast = f64(attn.attention(mx.array(q), mx.array(k), mx.array(v), scale, causal))
+    ref = f64(native(lambda q, k, v: attn.attention(q, k, v, scale, causal))(mx.array(q), mx.array(k), mx.array(v)))
     np.testing.assert_allclose(fast, ref, atol=2e-6)
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     want = F.scaled_dot_product_attention(torch.tensor(q).double(), torch.tensor(k).double(), torch.tensor(v).double(),
@@ -348,11 +349,11 @@ def test_attention_by_query_blocks_equals_one_block(rng, T, S):
     args = [mx.array(a) for a in (q, k, v)]
 
     def run(block):
-        old, ops.QUERY_BLOCK = ops.QUERY_BLOCK, block
+        old, attn.QUERY_BLOCK = attn.QUERY_BLOCK, block
         try:
-            return mx.vjp(lambda q, k, v: ops.attention(q, k, v, 0.3, True), args, [mx.array(g)])
+            return mx.vjp(lambda q, k, v: attn.attention(q, k, v, 0.3, True), args, [mx.array(g)])
         finally:
-            ops.QUERY_BLOCK = old
+            attn.QUERY_BLOCK = old
 
     (blocked,), blocked_grads = run(128)
     (whole,), whole_grads = run(10**6)
@@ -368,7 +369,7 @@ def test_attention_gradients_match_torch(rng, torch):
     scale = 1 / np.sqrt(8)
 
     def fast_grads(q, k, v, g):
-        return mx.vjp(lambda q, k, v: ops.attention(q, k, v, scale, True), [q, k, v], [g])[1]
+        return mx.vjp(lambda q, k, v: attn.attention(q, k, v, scale, True), [q, k, v], [g])[1]
 
     grads = mx.compile(fast_grads)(*(mx.array(a) for a in (q, k, v, g)))
     tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
@@ -379,17 +380,17 @@ def test_attention_gradients_match_torch(rng, torch):
 
 def test_attention_is_causal(rng):
     q, k, v = qkv(rng)
-    out = f64(ops.attention(mx.array(q), mx.array(k), mx.array(v), 0.35, True))
+    out = f64(attn.attention(mx.array(q), mx.array(k), mx.array(v), 0.35, True))
     k2, v2 = k.copy(), v.copy()
     k2[:, :, 9:] += 5.0
     v2[:, :, 9:] -= 3.0
-    out2 = f64(ops.attention(mx.array(q), mx.array(k2), mx.array(v2), 0.35, True))
+    out2 = f64(attn.attention(mx.array(q), mx.array(k2), mx.array(v2), 0.35, True))
     np.testing.assert_array_equal(out[:, :, :9], out2[:, :, :9])
     assert not np.allclose(out[:, :, 9:], out2[:, :, 9:])
 
 
 def test_causal_mask_is_aligned_to_the_last_query():
-    m = np.array(ops.causal_mask(2, 4))
+    m = np.array(attn.causal_mask(2, 4))
     assert m.tolist() == [[0, 0, 0, -np.inf], [0, 0, 0, 0]]
 
 
@@ -434,8 +435,8 @@ VECTORIZE_CHECK = """
 import glob, json, os, re, subprocess, sys
 import mlx_gpt
 import mlx.core as mx
-from mlx_gpt.cpu import ops
-x = mx.random.normal((64, 64)); s = mx.random.normal((2, 3, 16, 16)) + ops.causal_mask(16, 16)
+from mlx_gpt.cpu import attention as attn, ops
+x = mx.random.normal((64, 64)); s = mx.random.normal((2, 3, 16, 16)) + attn.causal_mask(16, 16)
 t = mx.random.randint(0, 64, (64,))
 mx.eval(x, s, t)
 fns = [

@@ -7,6 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import assert_one_line_error, run_module
+from mlx_gpt.cpu import attention as attn
 from mlx_gpt.backend import cpu_cores
 from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt import memory
@@ -38,7 +39,7 @@ def measured_peak(streams: int, accum: int, batch: int = 8) -> tuple[int, memory
     peak = mx.get_peak_memory()
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     set_blas_threads(cpu_cores())
-    kept = ops.attention_weights_kept(mx.float32, CFG.dropout)
+    kept = attn.attention_weights_kept(mx.float32, CFG.dropout)
     return peak, memory.estimate_train_peak(CFG, n_params, batch, grad_accum=accum, streams=streams,
                                             attention_weights=kept)
 

@@ -2,11 +2,14 @@
 
 - ``blas``: loads OpenBLAS before ``mlx.core`` (the Linux wheel links the reference BLAS).
 - ``matvec``: sends one-row products to BLAS gemv (decoding).
-- ``ops``: GELU, softmax, attention, layer norm, cross-entropy and linear layers built for the CPU.
+- ``ops``: GELU, softmax, layer norm, cross-entropy, linear layers and AdamW built for the CPU;
+  ``attention``: attention on top of them.
 - ``extension``: builds and loads ``ext/``, those ops' C++ kernels as MLX primitives, which
   ``ops`` uses where they load (its pure-MLX formulations are the fallback).
 - ``layers``: ``accelerate(model)`` swaps a model's plain MLX layers for ones computed by ``ops``.
-- ``parallel``: a train step split over one MLX stream per core.
+- ``parallel``: the train step's gradients, and evaluations, split over one MLX stream per core.
+
+The core reaches this package only through ``mlx_gpt.backend``.
 
 This package's ``__init__`` imports nothing: ``blas`` must run before anything loads ``mlx.core``.
 """

@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from ..models.cache import PrefixMask
 from ..models.gpt import CausalSelfAttention
+from . import attention as attn
 from . import ops
 
 
@@ -46,13 +47,13 @@ class Embedding(nn.Embedding):
 
 
 class Attention(CausalSelfAttention):
-    """Causal attention computed by ``ops.attention``."""
+    """Causal attention computed by ``attention.attention``."""
 
     def attend(self, q, k, v, scale, mask):
         if isinstance(mask, PrefixMask):  # a fixed-capacity cache: only its written positions count
-            return ops.cache_attention(q, k, v, scale, mask)
+            return attn.cache_attention(q, k, v, scale, mask)
         dropout = self.attn_dropout if self.training and self.attn_pdrop > 0 else None
-        return ops.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
+        return attn.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
 
 
 SWAPS = {nn.Linear: Linear, nn.LayerNorm: LayerNorm, nn.GELU: GELU, nn.Embedding: Embedding,
