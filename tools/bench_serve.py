@@ -3,7 +3,8 @@
   python tools/bench_serve.py                                  # GPT-2 124M's shape, random weights
   python tools/bench_serve.py --checkpoint checkpoints/run --clients 1,8
 
-Starts ``python -m mlx_gpt.serve`` on a free loopback port, warms it up, then for each
+Starts ``python -m mlx_gpt.serve`` on a free loopback port, warms it up (a few tokens at each
+concurrency, so each batch size's step is traced before it is timed), then for each
 concurrency runs that many client threads, each sending ``--requests`` greedy streaming requests
 one after another (prompts taken in turn from a fixed list). Reports requests/s, completion
 tokens/s, and the median and 95th percentile of the time to the first token and of the time per
@@ -163,7 +164,9 @@ def main(argv=None) -> None:
         proc, port = start_server(ckpt, a.max_batch, max(64, max(concurrencies)))
         began = time.monotonic()
         try:
-            request(port, model, PROMPTS[0], 8, bias, a.request_timeout)  # warm up: first traces and BLAS
+            # warm up: the step is traced once per batch size, and BLAS threads are chosen per size
+            for clients in concurrencies:
+                run_clients(port, model, clients, 1, 16, bias, a.request_timeout)
             expected: dict[str, str] = {}
             rows, base = [], None
             for clients in concurrencies:

@@ -1,9 +1,9 @@
 """Continuous batching: every running sequence advances one token per step, together.
 
 One thread owns the model. Each turn of its loop it admits waiting requests while the batch
-has room, prefills one chunk of one new prompt (so a long prompt delays the running
-sequences by a chunk, not by its whole length), then runs one decode step over every running
-sequence. A sequence joins the batch when its prompt is prefilled and leaves it as soon as it
+has room, feeds up to ``prefill_chunk`` tokens of new prompts (so a long prompt delays the
+running sequences by a chunk, not by its whole length, while several short ones go in at
+once), then runs one decode step over every running sequence. A sequence joins the batch when its prompt is prefilled and leaves it as soon as it
 ends, is cancelled (its client went away) or runs out of time; the others never wait for it.
 
 Each sequence has its own keys and values: a row of the batch's ``SlotKVCache`` buffers, with
@@ -310,7 +310,7 @@ class Engine:
     max_queue: requests waiting for room at most, beyond which ``submit`` raises QueueFull;
     timeout: seconds a request may take in all, queued or running (then it ends with an error
     if it never started, else with finish_reason "length"); prefill_chunk: prompt tokens fed
-    per turn.
+    per turn, over as many new prompts as it covers.
     """
 
     capacity_step = 128
@@ -403,8 +403,9 @@ class Engine:
     def _turn(self) -> None:
         self._drop_finished_handles()
         self._admit()
-        if self._prefills:
-            self._prefill_chunk(self._prefills[0])
+        budget = self.prefill_chunk  # prompt tokens fed per turn, shared by the prompts waiting
+        while self._prefills and budget > 0:
+            budget -= self._prefill_chunk(self._prefills[0], budget)
         if self._rows:
             self._decode_step()
 
@@ -461,11 +462,12 @@ class Engine:
                 handle = self._waiting.popleft()
             self._prefills.append(_Prefill(handle, self.model))
 
-    def _prefill_chunk(self, p: _Prefill) -> None:
-        """Feed the next chunk of a prompt; when it is all in, its choices join the batch."""
+    def _prefill_chunk(self, p: _Prefill, budget: int) -> int:
+        """Feed the next chunk of a prompt, at most budget tokens; when it is all in, its choices
+        join the batch. Returns the tokens fed."""
         job = p.handle.job
         prompt = job.prompt
-        start, end = p.done, min(len(prompt), p.done + self.prefill_chunk)
+        start, end = p.done, min(len(prompt), p.done + budget)
         x = mx.array([prompt[start:end]], mx.int32)
         if job.echo_logprobs:
             logits = self.model(x, p.caches)[0]  # (T, vocab)
@@ -477,7 +479,7 @@ class Engine:
         p.done = end
         if end < len(prompt):
             mx.eval([c.state for c in p.caches])
-            return
+            return end - start
         self._prefills.remove(p)
         logits = np.array(last.astype(mx.float32))
         seqs = [_Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
@@ -493,6 +495,7 @@ class Engine:
                 joining.append(seq)
         if joining:
             self._insert(joining, p.caches)
+        return end - start
 
     def _score(self, logits: mx.array, prompt: tuple[int, ...], start: int, k: int) -> list[TokenInfo]:
         """The prompt's tokens start+1 .. start+T with the log-probabilities logits (T, vocab) give them."""
