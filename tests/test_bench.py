@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from mlx_gpt import checkpoint
 from mlx_gpt.convert import export_checkpoint
-from mlx_gpt.generate import Decoder
+from mlx_gpt.decoding import Decoder
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
 from mlx_gpt.sampling import SamplingConfig

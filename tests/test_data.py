@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from mlx_gpt.data import (HEADER_BYTES, MAGIC, BatchSampler, SequentialSampler, TokenFile, load_dataset, make_sampler,
-                          open_tokens, prepare, read_header, read_source, write_tokens)
+from mlx_gpt.data import HEADER_BYTES, MAGIC, TokenFile, load_dataset, open_tokens, prepare, read_header, read_source, write_tokens
+from mlx_gpt.sampler import BatchSampler, SequentialSampler, make_sampler
 from conftest import assert_one_line_error, run_module
 from mlx_gpt.errors import UserError
 from mlx_gpt.tokenizer import ByteTokenizer

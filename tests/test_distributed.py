@@ -13,7 +13,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import mlx_gpt  # noqa: F401  (OpenBLAS before mlx.core)
@@ -23,7 +22,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gpt import checkpoint, distributed
-from mlx_gpt.data import BatchSampler, SequentialSampler, prepare
+from mlx_gpt.data import prepare
+from mlx_gpt.sampler import BatchSampler, SequentialSampler
 from mlx_gpt.errors import UserError
 from mlx_gpt.train import parse_args, train
 from mlx_gpt.training.config import TrainConfig

@@ -12,8 +12,8 @@ from mlx.utils import tree_map
 
 from mlx_gpt import checkpoint
 from mlx_gpt.errors import UserError
-from mlx_gpt.generate import (Decoder, StopStrings, Timing, encode_prompt, generate, generate_batch, stream,
-                              stream_batch)
+from mlx_gpt.decoding import Decoder, Timing
+from mlx_gpt.generate import StopStrings, encode_prompt, generate, generate_batch, stream, stream_batch
 from mlx_gpt.models.gpt import GPT, GPTConfig, build
 from mlx_gpt.sampling import SamplingConfig
 from mlx_gpt.tokenizer import ByteTokenizer
@@ -332,7 +332,7 @@ def test_cli_bad_input_is_one_line(ckpt, tmp_path, args, message):
 
 def test_decoder_chooses_blas_threads_at_its_first_generation_and_restores_them(monkeypatch):
     """Matrix-vector threads are measured once per Decoder (the choice, not the speed, is tested)."""
-    import mlx_gpt.generate as gen
+    import mlx_gpt.decoding as gen
     from mlx_gpt import backend
     from mlx_gpt.cpu import blas
 

@@ -11,7 +11,6 @@ B (A's gradient is zero) and the comparison needs several updates to see A train
 import json
 import math
 import sys
-from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np

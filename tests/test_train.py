@@ -1,7 +1,6 @@
 import json
 import math
 from collections import Counter
-from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np

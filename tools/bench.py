@@ -589,11 +589,11 @@ def worker_train(a: argparse.Namespace) -> dict:
 
 
 def worker_decode(a: argparse.Namespace) -> dict:
-    """Greedy decoding as ``python -m mlx_gpt.generate`` runs it (mlx_gpt.generate.Decoder)."""
+    """Greedy decoding as ``python -m mlx_gpt.generate`` runs it (mlx_gpt.decoding.Decoder)."""
     import mlx.core as mx
 
     from mlx_gpt import checkpoint
-    from mlx_gpt.generate import Decoder, Timing
+    from mlx_gpt.decoding import Decoder, Timing
     from mlx_gpt.sampling import SamplingConfig
 
     model = checkpoint.load_model(a.checkpoint)

@@ -14,7 +14,7 @@ import time
 import mlx.core as mx
 
 from .. import distributed
-from ..data import BatchSampler
+from ..sampler import BatchSampler
 from ..optim import make_optimizer
 from .config import TrainConfig
 from .step import make_train_step

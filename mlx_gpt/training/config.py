@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import mlx.core as mx
 
 from .. import checkpoint, flags, limits
-from ..data import SAMPLERS
+from ..sampler import SAMPLERS
 from ..errors import UserError
 from ..flags import setting
 from ..lora import LoRAConfig

@@ -17,10 +17,12 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backend, checkpoint, distributed, flags, memory, plot, rundir
-from ..data import BatchSampler, Dataset, make_sampler, prepare, tokenizer_digest
+from .. import backend, checkpoint, distributed, flags, plot, rundir
+from ..data import Dataset, prepare, tokenizer_digest
+from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
 from ..generate import generate
+from ..memory import MemoryEstimate
 from ..models.base import eval_mode
 from ..optim import AdamW, make_optimizer
 from ..scaler import LossScaler
@@ -50,7 +52,7 @@ class Run:
     best_val: float = math.inf
     rank: int = 0  # this process's place among ``world`` (mlx.launch); only rank 0 writes
     world: int = 1
-    memory: memory.MemoryEstimate | None = None
+    memory: MemoryEstimate | None = None
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
     scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
     lock: rundir.RunLock | None = None

@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from .. import backend, distributed
-from ..data import BatchSampler
+from ..sampler import BatchSampler
 from ..loss import chunked_cross_entropy, cross_entropy
 from ..optim import AdamW, clip_and_update
 from ..scaler import LossScaler
