@@ -317,13 +317,13 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
     for rank, (a, b) in enumerate(merges):
         for part in (a, b):
             if part not in vocab:
-                return (f"{both} disagree: merge {rank + 1} ({a} {b}) joins {part!r}, which {vocab_file} lacks; "
+                return (f"{both} disagree: merge {rank + 1} ({a!r} {b!r}) joins {part!r}, which {vocab_file} lacks; "
                         "one of them is cut short or damaged")
         if a + b not in vocab:
-            return (f"{both} disagree: merge {rank + 1} ({a} {b}) makes {a + b!r}, which {vocab_file} lacks; "
+            return (f"{both} disagree: merge {rank + 1} ({a!r} {b!r}) makes {a + b!r}, which {vocab_file} lacks; "
                     "one of them is cut short or damaged")
         if (a, b) in pairs:
-            return f"{merges_file} is damaged: merge {rank + 1} ({a} {b}) appears twice"
+            return f"{merges_file} is damaged: merge {rank + 1} ({a!r} {b!r}) appears twice"
         pairs.add((a, b))
         made.add(a + b)
     # a token text can never become: longer than a byte and made by no merge, or a character that is no byte
@@ -346,7 +346,7 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
                     f"not {byte_chars.index(moved)}")
         for rank, (a, b) in enumerate(merges):
             if vocab[a + b] != 256 + rank:
-                return (f"{both} disagree: GPT-2's merge {rank + 1} ({a} {b}) makes token {256 + rank}, but "
+                return (f"{both} disagree: GPT-2's merge {rank + 1} ({a!r} {b!r}) makes token {256 + rank}, but "
                         f"{vocab_file} gives {a + b!r} id {vocab[a + b]}; one of them is reordered or damaged")
     return None
 

@@ -189,8 +189,11 @@ def _write_meta(directory: str | os.PathLike, meta: dict) -> None:
 
 def is_plain_file_name(name: object) -> bool:
     """Whether a name read from a file names a file in the same folder (never one elsewhere, and
-    never text no file system takes: a NUL, or a lone surrogate a JSON escape can spell)."""
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+    never text no file system takes: a NUL, or a lone surrogate a JSON escape can spell; nor a
+    control character such as a newline, which no saved name holds and which would break the
+    one-line error that names it)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127
+                                                                   for c in name):
         return False
     try:
         name.encode("utf-8")

@@ -173,7 +173,7 @@ def test_bad_tokenizer_files_are_user_errors(gpt2_dir, tmp_path):
     vocab = {**byte_vocab(), "ab": 256}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\na c\n")
-    with pytest.raises(UserError, match="vocab.json and .*merges.txt disagree: merge 1 \\(a c\\) makes 'ac'"):
+    with pytest.raises(UserError, match="vocab.json and .*merges.txt disagree: merge 1 \\('a' 'c'\\) makes 'ac'"):
         GPT2Tokenizer.from_directory(tmp_path)
     (tmp_path / "merges.txt").write_text("a b extra\n")
     with pytest.raises(UserError, match="merges.txt:1"):
@@ -195,7 +195,7 @@ def byte_vocab() -> dict[str, int]:
     ({"a": 0}, [], "byte 0 has no token"),
     ({**byte_vocab(), "ab": 257}, [("a", "b")], "ids must be 0..256, each once, but id 256"),
     ({**byte_vocab(), "ab": 256}, [("a", "x y")], "joins 'x y'"),
-    ({**byte_vocab(), "ab": 256}, [("a", "b"), ("a", "b")], "merge 2 \\(a b\\) appears twice"),
+    ({**byte_vocab(), "ab": 256}, [("a", "b"), ("a", "b")], "merge 2 \\('a' 'b'\\) appears twice"),
     ({**byte_vocab(), "ab": 256, "abc": 257}, [("a", "b")],
      "tokens of V that no merge of M makes: 1 \\(the first: 'abc', id 257\\)"),
     ({**byte_vocab(), "ab": 256, "€": 257}, [("a", "b")], "no merge of M makes: 1 \\(the first: '€'"),
@@ -217,7 +217,7 @@ def test_a_complete_vocabulary_with_its_merges_passes(gpt2_dir):
     assert check_bpe({**byte_vocab(), "ab": 256, "<pad>": 257}, [("a", "b")], special=["<pad>"]) is None
     swapped = tok.vocab
     swapped["Ġt"], swapped["Ġa"] = swapped["Ġa"], swapped["Ġt"]
-    assert "GPT-2's merge 1 (Ġ t) makes token 256" in check_bpe(swapped, tok.merges)
+    assert "GPT-2's merge 1 ('Ġ' 't') makes token 256" in check_bpe(swapped, tok.merges)
     bytes_swapped = tok.vocab
     bytes_swapped["a"], bytes_swapped["b"] = bytes_swapped["b"], bytes_swapped["a"]
     assert "GPT-2's token 'a' has id 65, not 64" in check_bpe(bytes_swapped, tok.merges)

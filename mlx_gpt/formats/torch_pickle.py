@@ -135,12 +135,18 @@ def _unpickle(f, path: Path, legacy: bool) -> tuple[object, dict[str, _Storage]]
     try:
         return u.load(), u.storages
     except RefusedGlobal as e:
-        raise UserError(f"{path} was refused: its pickle calls {e}, which a tensor file never needs "
+        raise UserError(f"{path} was refused: its pickle calls {_printable(str(e))}, which a tensor file never needs "
                         "(only torch tensors, their storages and OrderedDict are allowed)") from None
     except UserError:
         raise
     except Exception as e:  # any malformed pickle: EOF, bad opcode, wrong argument types
-        raise UserError(f"{path} is truncated or corrupt: {type(e).__name__}: {str(e)[:100]}") from None
+        raise UserError(f"{path} is truncated or corrupt: {type(e).__name__}: {_printable(str(e))}") from None
+
+
+def _printable(text: str, limit: int = 100) -> str:
+    """An exception's text for a one-line error: names the file chose (globals, zip members) may hold
+    line breaks or other control characters, shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, LazyTensor]:
@@ -187,7 +193,7 @@ def _read_zip(path: Path) -> dict[str, LazyTensor]:
     except UserError:
         raise
     except ZIP_ERRORS as e:
-        raise UserError(f"{path} is truncated or corrupt: {str(e)[:100]}") from None
+        raise UserError(f"{path} is truncated or corrupt: {_printable(str(e))}") from None
     if byteorder != "little":
         raise UserError(f"{path} was saved on a {byteorder}-endian machine, which is not supported")
     views = _state_dict(obj, path)
@@ -211,7 +217,7 @@ def _read_zip(path: Path) -> dict[str, LazyTensor]:
                 with zipfile.ZipFile(path) as z, z.open(entries[s.key]) as f:
                     n = f.readinto(memoryview(out).cast("B"))  # reading to the end checks the CRC
             except ZIP_ERRORS as e:
-                raise UserError(f"{path} is truncated or corrupt: {str(e)[:100]}") from None
+                raise UserError(f"{path} is truncated or corrupt: {_printable(str(e))}") from None
             if n != out.nbytes:
                 raise UserError(f"{path} is truncated: storage {s.key} is short")
             return out
