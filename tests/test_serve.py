@@ -435,7 +435,7 @@ def test_the_page_streams_an_answer_in_a_browser(server, model, tmp_path):
                       document.getElementById('send').click();""")
         stats = browser.wait_for("document.getElementById('stats').textContent.includes('tokens/s') && "
                                  "document.getElementById('stats').textContent")
-        assert stats.startswith("60 tokens in ")
+        assert stats.startswith("60 tokens in ") and "tokens/s" in stats
         assert browser.js("document.getElementById('out').textContent") == prompt + solo(model, prompt, 60)
         shot = Path(os.environ.get("MLX_GPT_SCREENSHOT", tmp_path / "page.png"))
         shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))

@@ -19,7 +19,8 @@ from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.serve", description="Serve a checkpoint with OpenAI's HTTP API.",
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.serve",
+                                description="Serve a checkpoint with OpenAI's HTTP API.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (float or quantized)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -3,8 +3,9 @@
 One thread owns the model. Each turn of its loop it admits waiting requests while the batch
 has room, feeds up to ``prefill_chunk`` tokens of new prompts (so a long prompt delays the
 running sequences by a chunk, not by its whole length, while several short ones go in at
-once), then runs one decode step over every running sequence. A sequence joins the batch when its prompt is prefilled and leaves it as soon as it
-ends, is cancelled (its client went away) or runs out of time; the others never wait for it.
+once), then runs one decode step over every running sequence. A sequence joins the batch
+when its prompt is prefilled and leaves it as soon as it ends, is cancelled (its client went
+away) or runs out of time; the others never wait for it.
 
 Each sequence has its own keys and values: a row of the batch's ``SlotKVCache`` buffers, with
 its own length, so sequences at different positions share one compiled step. Rows are kept
@@ -245,8 +246,8 @@ class BlasThreads:
     """The BLAS thread count for each batch size, chosen by timing the steps themselves.
 
     A decode step is a chain of matrix products with a few rows. A second BLAS thread helps
-    only while a core is free for it: on a busy machine every product waits for one, and a
-    step can take twice as long (``generate`` measures the same choice once per Decoder). So
+    only while a core is free for it: on a busy machine every product waits for one, and the
+    step slows down instead (``generate`` measures the same choice once per Decoder). So
     for each number of rows the first steps alternate between one thread and one per core,
     the faster median wins, and the race is run again every ``every`` steps of that size, since
     the machine's load changes.
@@ -346,6 +347,7 @@ class Engine:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mlx_gpt-engine", daemon=True)
+        self._warm_up()
         self._thread.start()
 
     def shutdown(self, reason: str = "the server is shutting down") -> None:
@@ -373,6 +375,14 @@ class Engine:
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
+
+    def _warm_up(self) -> None:
+        """Trace the step for one row before the first request, which would otherwise wait for it."""
+        rows, capacity = self._bucket(1, 1)
+        nh, hs = self._kv_shape()
+        buffers = [mx.zeros((rows, nh, capacity, hs)) for _ in self.model.h]
+        one = mx.zeros((rows,), mx.int32)
+        mx.eval(self._step(one, buffers, list(buffers), one))
 
     def wake(self) -> None:
         with self._lock:
