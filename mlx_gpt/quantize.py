@@ -25,8 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import checkpoint
-from .cpu import accelerate
+from . import backend, checkpoint
 from .errors import UserError
 from .models.registry import build_model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -86,7 +85,7 @@ def load_model(path: str | os.PathLike) -> Any:
         model = checkpoint.load_model(d)
     else:
         config = checkpoint.read_config(d)
-        model = accelerate(build_model(config.get("model_type", "gpt"), config["model"]))
+        model = backend.layers(build_model(config.get("model_type", "gpt"), config["model"]))
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"])
         weights = d / checkpoint.WEIGHTS
         try:

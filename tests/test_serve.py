@@ -314,7 +314,9 @@ def test_flood_past_the_queue_gets_503_and_the_server_stays_up(ckpt):
         assert resp.readline().startswith(b"data: ")
         s.proc.send_signal(signal.SIGINT)
         rest = resp.read().decode()
-        assert "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
+        # cut short with an error chunk (or, on a fast machine, finished before the signal landed)
+        assert "shutting down" in rest or '"finish_reason": "length"' in rest, rest[-500:]
+        assert rest.rstrip().endswith("data: [DONE]")
         conn.close()
         assert s.proc.wait(timeout=20) == 130
         err = s.proc.stderr.read()

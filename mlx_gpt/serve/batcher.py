@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import statistics
 import sys
 import threading
@@ -36,6 +35,7 @@ from typing import AsyncIterator
 import mlx.core as mx
 import numpy as np
 
+from .. import backend
 from ..cpu.blas import get_blas_threads, set_blas_threads
 from ..detokenizer import StreamingDetokenizer
 from ..generate import StopStrings
@@ -295,7 +295,7 @@ class _Prefill:
 def plain_attention(model) -> None:
     """Give every attention layer MLX's own attention back.
 
-    On the CPU, ``cpu.accelerate`` gives attention a kernel that takes one length for the whole
+    On the CPU, ``backend.layers`` gives attention a kernel that takes one length for the whole
     batch; batched rows each have their own, which MLX's attention reads from the boolean mask
     ``SlotKVCache`` makes. Parameters and every other layer stay as they are.
     """
@@ -338,8 +338,8 @@ class Engine:
         self._stop_reason = ""
         self._thread: threading.Thread | None = None
         self._step = mx.compile(self._decode, inputs=[model.state])
-        on_cpu = mx.default_device().type == mx.DeviceType.cpu and get_blas_threads() is not None
-        self._blas = BlasThreads(len(os.sched_getaffinity(0))) if on_cpu else None
+        tunable = backend.on_cpu() and get_blas_threads() is not None
+        self._blas = BlasThreads(backend.cpu_cores()) if tunable else None
         self._blas_now: int | None = None
         self.steps = 0  # decode steps run, for tests and logs
 
