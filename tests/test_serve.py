@@ -290,6 +290,31 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert health["running"] == 0 and health["steps"] - steps < 900
 
 
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(server):
+    steps = server.get("/health")["steps"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 1000, "temperature": 0}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while not server.get("/health")["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    while server.get("/health")["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = server.get("/health")
+    assert health["running"] == 0 and health["steps"] - steps < 900
+
+
+def test_several_prompts_and_choices_in_one_request(server, model):
+    r = server.client().completions.create(model=NAME, prompt=["Hello", "The with"], n=2, max_tokens=12,
+                                           temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    want = [solo(model, "Hello", 12)] * 2 + [solo(model, "The with", 12)] * 2
+    assert [c.text for c in r.choices] == want
+    assert r.usage.prompt_tokens == 5 + 8 and r.usage.completion_tokens == 48
+
+
 def test_flood_past_the_queue_gets_503_and_the_server_stays_up(ckpt):
     s = Server(ckpt, "--max-batch", "1", "--max-queue", "1")
     try:
