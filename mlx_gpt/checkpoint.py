@@ -30,7 +30,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import backend, lora
+from . import backend
 from .atomic import previous_version, replacing_directory
 from .errors import UserError, filesystem_error
 from .limits import check_model
@@ -46,6 +46,11 @@ RUN_LOGS = (METRICS, PICTURE)  # kept from the previous save unless the caller w
 # every file a checkpoint may hold (the tokenizers' files included)
 FILES = frozenset({CONFIG, WEIGHTS, ADAPTERS, OPTIMIZER, STATE, SETTINGS, METRICS, PICTURE, "tokenizer.json",
                    "tokenizer.model", "vocab.json", "merges.txt"})
+
+
+# config.json sections whose checkpoints load their own way (a LoRA run's adapters on their base):
+# section -> loader(directory, config, fuse) -> model; the owner of the section registers it
+LOADERS: dict[str, Callable[[Path, dict, bool], Any]] = {}
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -78,11 +83,13 @@ def exists(path: str | os.PathLike) -> bool:
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,
          optimizer: Any = None, state: dict | None = None, files: dict[str, str] | None = None,
-         finish: Callable[[Path], None] | None = None, adapter: dict | None = None) -> Path:
+         finish: Callable[[Path], None] | None = None, adapter: dict | None = None,
+         adapters: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint atomically; the previous one stays readable until the new one is whole.
 
-    ``adapter`` (a model with LoRA adapters): their settings and their base checkpoint
-    (``adapter_record``); only the adapters are written, beside that record.
+    ``adapter`` and ``adapters`` (a LoRA run): the record of the adapters' settings and base
+    checkpoint (``lora.record``), and the adapters' arrays, which are written instead of the
+    model's weights.
 
     ``files``: further text files to write into it, by name (e.g. the run's ``train.toml`` and
     ``metrics.jsonl``); ``finish(directory)`` adds more (the log's picture) before the swap.
@@ -91,7 +98,8 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
     """
     path = Path(path)
     try:
-        weights = _weights(model, adapter)
+        assert (adapter is None) == (adapters is None), "adapters are saved with their record, and only then"
+        weights = adapters if adapters is not None else dict(tree_flatten(model.parameters()))
         _check_room(path, weights, optimizer)
         _write(path, model, weights, adapter, tokenizer, train_config, optimizer, state, files or {}, finish)
     except OSError as e:
@@ -99,13 +107,6 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
     except RuntimeError as e:  # MLX's writers report a failed write so, without the reason
         raise UserError(f"saving checkpoint {path} failed: {str(e).splitlines()[0]} (is the disk full?)") from None
     return path
-
-
-def _weights(model: Any, adapter: dict | None) -> dict[str, mx.array]:
-    """What the checkpoint's weights file holds: every weight, or a LoRA run's adapters alone."""
-    adapted = bool(lora.adapted_layers(model))
-    assert adapted == (adapter is not None), "a model with adapters is saved with its adapter record, and only then"
-    return lora.adapters(model) if adapted else dict(tree_flatten(model.parameters()))
 
 
 def _check_room(path: Path, weights: dict[str, mx.array], optimizer: Any) -> None:
@@ -170,7 +171,7 @@ def _check_model_config(model_type: str, model: dict, path: Path) -> None:
     check_model(model, f"the model of {path.parent}")
 
 
-def _load_arrays(path: Path) -> dict[str, mx.array]:
+def load_arrays(path: Path) -> dict[str, mx.array]:
     try:
         arrays = mx.load(str(path))
     except FileNotFoundError:
@@ -190,10 +191,11 @@ def load_model(path: str | os.PathLike, fuse: bool = True) -> Any:
     trainable on the frozen base (a resumed run)."""
     d = resolve(path)
     config = read_config(d)
-    if "lora" in config:
-        return _load_adapted(d, config, fuse)
+    for section, loader in LOADERS.items():
+        if section in config:
+            return loader(d, config, fuse)
     model = _build(config.get("model_type", "gpt"), config["model"])
-    _load_into(model, _load_arrays(d / WEIGHTS), d / WEIGHTS)
+    load_into(model, load_arrays(d / WEIGHTS), d / WEIGHTS)
     return model
 
 
@@ -219,7 +221,7 @@ def derive(base: Any, changes: dict, source: str) -> Any:
     return model
 
 
-def _load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
+def load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -227,15 +229,8 @@ def _load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
     mx.eval(model.parameters())
 
 
-def adapter_record(base: str | os.PathLike, config: "lora.LoRAConfig") -> dict:
-    """What a LoRA checkpoint says of its adapters: their settings, and the base checkpoint they
-    apply to by absolute path, and by its weights file's size and SHA-256 (a base replaced by
-    other weights under the same name is noticed, not silently adapted)."""
-    d = resolve(base)
-    return {**config.to_dict(), "base": {"path": str(d.absolute()), **_fingerprint(d / WEIGHTS)}}
-
-
-def _fingerprint(weights: Path) -> dict:
+def fingerprint(weights: Path) -> dict:
+    """A weights file's size and SHA-256: what a checkpoint that builds on it (a LoRA run's) records."""
     try:
         size = weights.stat().st_size
         digest = hashlib.sha256()
@@ -245,47 +240,6 @@ def _fingerprint(weights: Path) -> dict:
     except OSError as e:
         raise filesystem_error(e, f"reading {weights}") from None
     return {"bytes": size, "sha256": digest.hexdigest()}
-
-
-def _load_adapted(d: Path, config: dict, fuse: bool) -> Any:
-    """A LoRA checkpoint: its base's weights (``wpe`` cropped to the run's block size), its
-    adapters on them."""
-    record = config["lora"]
-    base = record.get("base") if isinstance(record, dict) else None
-    if not (isinstance(base, dict) and isinstance(base.get("path"), str) and isinstance(base.get("bytes"), int)
-            and isinstance(base.get("sha256"), str)):
-        raise UserError(f"{d / 'config.json'}: its LoRA record names no base checkpoint")
-    settings = lora.LoRAConfig.from_dict(record)
-    base_dir = Path(base["path"])
-    moved = d / base["relative"] if isinstance(base.get("relative"), str) else None
-    if not exists(base_dir) and moved is not None and exists(moved):
-        base_dir = moved
-    if not exists(base_dir):
-        raise UserError(f"the LoRA adapters in {d} apply to the checkpoint {base_dir}, which is gone; "
-                        "put it back there, or beside them where it was (adapters are only usable on the weights "
-                        "they were trained on)")
-    base_dir = resolve(base_dir)
-    if "lora" in read_config(base_dir):
-        raise UserError(f"{base_dir}, the base of {d}, holds LoRA adapters itself; fuse them first")
-    weights_file = base_dir / WEIGHTS
-    if not weights_file.is_file() or weights_file.stat().st_size != base["bytes"] or \
-            _fingerprint(weights_file)["sha256"] != base["sha256"]:
-        raise UserError(f"the checkpoint {base_dir} has changed since the LoRA adapters in {d} were trained on it "
-                        "(its model.safetensors is not the same file): the adapters apply only to the weights "
-                        "they were trained with")
-    base_model = load_model(base_dir)
-    changes = {k: v for k, v in config["model"].items() if base_model.config.to_dict().get(k) != v}
-    try:
-        model = derive(base_model, changes, f"their base {base_dir}")
-    except UserError as e:
-        raise UserError(f"the LoRA adapters in {d} do not fit their base: {e}") from None
-    adapters = _load_arrays(d / ADAPTERS)
-    strangers = [k for k in adapters if not lora.is_adapter(k)]
-    if strangers:
-        raise UserError(f"{d / ADAPTERS} holds weights that are not adapters ({strangers[0]}, ...)")
-    lora.apply(model, settings)
-    _load_into(model, {**dict(tree_flatten(model.parameters())), **adapters}, d / ADAPTERS)
-    return lora.fuse(model) if fuse else model
 
 
 def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
@@ -299,7 +253,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
 
 def load_optimizer_state(path: str | os.PathLike) -> dict:
     d = resolve(path)
-    return tree_unflatten(list(_load_arrays(d / OPTIMIZER).items()))
+    return tree_unflatten(list(load_arrays(d / OPTIMIZER).items()))
 
 
 def load_state(path: str | os.PathLike) -> dict:

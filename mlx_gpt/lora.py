@@ -16,13 +16,16 @@ layers, ``cpu.accelerate``, stay underneath), and the adapters sit beside them a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import checkpoint
 from .errors import UserError
 from .flags import setting
 
@@ -197,3 +200,58 @@ def cast_frozen(model: nn.Module, dtype: mx.Dtype) -> None:
     frozen = [(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters()) if k not in trainable]
     model.load_weights(frozen, strict=False)
     mx.eval(model.parameters())
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def record(base: str | os.PathLike, config: LoRAConfig) -> dict:
+    """What a LoRA checkpoint says of its adapters: their settings, and the base checkpoint they
+    apply to by absolute path, and by its weights file's size and SHA-256 (a base replaced by
+    other weights under the same name is noticed, not silently adapted)."""
+    d = checkpoint.resolve(base)
+    return {**config.to_dict(), "base": {"path": str(d.absolute()), **checkpoint.fingerprint(d / checkpoint.WEIGHTS)}}
+
+
+def _load(d: Path, config: dict, fuse_them: bool) -> nn.Module:
+    """A LoRA checkpoint: its base's weights (``wpe`` cropped to the run's block size), its
+    adapters on them."""
+    record = config["lora"]
+    base = record.get("base") if isinstance(record, dict) else None
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str) and isinstance(base.get("bytes"), int)
+            and isinstance(base.get("sha256"), str)):
+        raise UserError(f"{d / 'config.json'}: its LoRA record names no base checkpoint")
+    settings = LoRAConfig.from_dict(record)
+    base_dir = Path(base["path"])
+    moved = d / base["relative"] if isinstance(base.get("relative"), str) else None
+    if not checkpoint.exists(base_dir) and moved is not None and checkpoint.exists(moved):
+        base_dir = moved
+    if not checkpoint.exists(base_dir):
+        raise UserError(f"the LoRA adapters in {d} apply to the checkpoint {base_dir}, which is gone; "
+                        "put it back there, or beside them where it was (adapters are only usable on the weights "
+                        "they were trained on)")
+    base_dir = checkpoint.resolve(base_dir)
+    if "lora" in checkpoint.read_config(base_dir):
+        raise UserError(f"{base_dir}, the base of {d}, holds LoRA adapters itself; fuse them first")
+    weights_file = base_dir / checkpoint.WEIGHTS
+    if not weights_file.is_file() or weights_file.stat().st_size != base["bytes"] or \
+            checkpoint.fingerprint(weights_file)["sha256"] != base["sha256"]:
+        raise UserError(f"the checkpoint {base_dir} has changed since the LoRA adapters in {d} were trained on it "
+                        "(its model.safetensors is not the same file): the adapters apply only to the weights "
+                        "they were trained with")
+    base_model = checkpoint.load_model(base_dir)
+    changes = {k: v for k, v in config["model"].items() if base_model.config.to_dict().get(k) != v}
+    try:
+        model = checkpoint.derive(base_model, changes, f"their base {base_dir}")
+    except UserError as e:
+        raise UserError(f"the LoRA adapters in {d} do not fit their base: {e}") from None
+    found = checkpoint.load_arrays(d / checkpoint.ADAPTERS)
+    strangers = [k for k in found if not is_adapter(k)]
+    if strangers:
+        raise UserError(f"{d / checkpoint.ADAPTERS} holds weights that are not adapters ({strangers[0]}, ...)")
+    apply(model, settings)
+    checkpoint.load_into(model, {**dict(tree_flatten(model.parameters())), **found}, d / checkpoint.ADAPTERS)
+    return fuse(model) if fuse_them else model
+
+
+checkpoint.LOADERS["lora"] = _load

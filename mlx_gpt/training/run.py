@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backend, checkpoint, distributed, flags, plot, rundir
+from .. import backend, checkpoint, distributed, flags, lora, plot, rundir
 from ..data import Dataset, prepare, tokenizer_digest
 from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
@@ -57,7 +57,7 @@ class Run:
     scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
     lock: rundir.RunLock | None = None
     log: rundir.RunLog | None = None
-    adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (checkpoint.adapter_record)
+    adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (lora.record)
 
 
 def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
@@ -95,7 +95,7 @@ def _starting_point(cfg: TrainConfig):
             raise UserError(f"--init {cfg.model.init} holds LoRA adapters; fuse them into a checkpoint first "
                             f"(python -m mlx_gpt.fuse --adapter {cfg.model.init} --out DIR) and train new ones on that")
         model, tokenizer = run_model.from_init(cfg)
-        return model, tokenizer, checkpoint.adapter_record(cfg.model.init, cfg.lora) if cfg.lora.rank else None
+        return model, tokenizer, lora.record(cfg.model.init, cfg.lora) if cfg.lora.rank else None
     return None, None, None
 
 
@@ -131,8 +131,8 @@ def setup(cfg: TrainConfig) -> Run:
 def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
     """--out for this run: never --init's checkpoint or the adapters' base, a run only with --resume or
     --overwrite (which deletes nothing: the new run's first checkpoint replaces the old one whole)."""
-    inputs = {"--init's checkpoint": cfg.model.init,
-              "the base checkpoint of the LoRA adapters": adapter["base"]["path"] if adapter else None}
+    inputs = {"the base checkpoint of the LoRA adapters": adapter["base"]["path"] if adapter else None,
+              "--init's checkpoint": cfg.model.init}
     return rundir.claim_out(out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=inputs, what="a run",
                             hint="pass --resume to continue it or --overwrite to replace it")
 
@@ -204,7 +204,8 @@ def save(run: Run, step: int, sampler_state: dict) -> None:
     checkpoint.save(run.out, run.model, run.tokenizer, train_config=run.cfg.flat(), optimizer=run.optimizer,
                     files={checkpoint.SETTINGS: flags.to_toml(run.cfg.replace(resume=False, overwrite=False)),
                            checkpoint.METRICS: run.log.text()},
-                    state=state, finish=partial(_draw, run), adapter=run.adapter)
+                    state=state, finish=partial(_draw, run), adapter=run.adapter,
+                    adapters=lora.adapters(run.model) if run.adapter is not None else None)
     run.log.saved()
 
 
