@@ -115,6 +115,35 @@ def solo(model, prompt: str, n: int, **kw) -> str:
     return generate(m, tok, prompt, n, temperature=0, **kw)
 
 
+# ------------------------------------------------------------------------ sampling, alone
+
+
+def test_choose_draws_from_the_processed_distribution():
+    from mlx_gpt.serve.batcher import Sampling, choose
+    from mlx_gpt.sampling import apply_repetition_penalty
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    rng = np.random.default_rng(0)
+
+    def freq(s, n=4000, **kw):
+        return np.bincount([choose(logits, s, rng, **kw) for _ in range(n)], minlength=4) / n
+
+    np.testing.assert_allclose(freq(Sampling()), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    assert set(np.nonzero(freq(Sampling(top_p=0.7)))[0]) == {0, 1}  # 0.5 + 0.3 reach 0.7
+    assert set(np.nonzero(freq(Sampling(top_k=3)))[0]) == {0, 1, 2}
+    assert freq(Sampling(temperature=0.05))[0] > 0.99
+    assert choose(logits, Sampling(temperature=0), rng) == 0
+    bias = np.array([0, 0, 0, 100], np.float32)
+    assert choose(logits, Sampling(temperature=0), rng, bias=bias) == 3
+    counts = np.array([3, 0, 0, 0], np.float32)  # 0.69 - 3 * 0.4 - 0.1 falls below token 1's logit
+    assert choose(logits, Sampling(temperature=0, frequency_penalty=0.4, presence_penalty=0.1), rng,
+                  counts=counts) == 1
+    seen = np.array([True, False, False, False])
+    x = np.array([2.0, 1.9, -1.0, 0.5], np.float32)
+    want = int(np.argmax(np.array(apply_repetition_penalty(mx.array(x[None]), mx.array(seen[None]), 1.2))[0]))
+    assert choose(x, Sampling(temperature=0, repetition_penalty=1.2), rng, seen=seen) == want == 1
+
+
 # ------------------------------------------------------------------------ endpoints
 
 
