@@ -126,7 +126,7 @@ def run_clients(port: int, model: str, clients: int, requests: int, new_tokens: 
             with lock:
                 results.append(res)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -202,4 +202,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the server was stopped on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
