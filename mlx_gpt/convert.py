@@ -95,7 +95,7 @@ def _tokenizer_beside(src: Path) -> GPT2Tokenizer | None:
     if src.is_dir():
         return GPT2Tokenizer.from_directory(src) if GPT2Tokenizer.found_in(src) else None
     beside = src.parent / LLMC_TOKENIZER
-    return llmc.read_tokenizer(beside) if beside.is_file() else None
+    return GPT2Tokenizer.from_llmc(beside) if beside.is_file() else None
 
 
 def check_layer_count(cfg: GPTConfig, weights: Mapping[str, LazyTensor], source: Path) -> None:

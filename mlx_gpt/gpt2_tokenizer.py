@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError
+from .formats import llmc
 from .tokenizer import is_plain_file_name
 
 EOT = "<|endoftext|>"
@@ -186,10 +187,16 @@ class GPT2Tokenizer:
         if is_hf_tokenizer_json(p):
             return cls.from_tokenizer_json(p)
         if p.is_file():
-            from .formats import llmc
-
-            return llmc.read_tokenizer(p)
+            return cls.from_llmc(p)
         raise UserError(f"tokenizer {p} not found")
+
+    @classmethod
+    def from_llmc(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
+        """From llm.c's tokenizer file (its list of token bytes)."""
+        tokens, eot = llmc.read_token_list(path)
+        if eot is None:  # version 1 did not record it; GPT-2's is the token spelled <|endoftext|>
+            eot = next((i for i, t in enumerate(tokens) if t == EOT.encode()), None)
+        return cls.from_token_bytes(tokens, special=[eot] if eot is not None else [])
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike) -> "GPT2Tokenizer":

@@ -113,7 +113,7 @@ def test_tokenizer_file_is_llmcs_and_reads_back(gpt2_tok, data_files, tmp_path):
                                                                         range(enc.max_token_value + 1)))
     llmc.write_tokenizer(tmp_path / "tok.bin", gpt2_tok)
     assert (tmp_path / "tok.bin").read_bytes() == ref
-    back = llmc.read_tokenizer(tmp_path / "tok.bin")
+    back = GPT2Tokenizer.from_llmc(tmp_path / "tok.bin")
     assert back.vocab == gpt2_tok.vocab and back.merges == gpt2_tok.merges and back.eot_id == 50256
 
 
@@ -122,7 +122,7 @@ def test_damaged_tokenizer_files_are_user_errors(gpt2_tok, tmp_path):
     raw = (tmp_path / "tok.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(raw[:-5])
     with pytest.raises(UserError, match="truncated"):
-        llmc.read_tokenizer(tmp_path / "cut.bin")
+        GPT2Tokenizer.from_llmc(tmp_path / "cut.bin")
     (tmp_path / "magic.bin").write_bytes(b"\0" * 4 + raw[4:])
     with pytest.raises(UserError, match="not an llm.c tokenizer"):
-        llmc.read_tokenizer(tmp_path / "magic.bin")
+        GPT2Tokenizer.from_llmc(tmp_path / "magic.bin")

@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from ..gpt2_tokenizer import EOT, GPT2Tokenizer
+from ..tokenizer import Tokenizer
 from ..models.gpt import GPTConfig
 from .tensors import STORAGE, LazyTensor, file_size, progress_bar, read_at
 
@@ -132,8 +132,9 @@ def write_model(path: str | os.PathLike, cfg: GPTConfig, weights: Mapping[str, L
                     bar.update(part.nbytes)
 
 
-def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
-    """A GPT-2 tokenizer rebuilt from llm.c's list of token bytes."""
+def read_token_list(path: str | os.PathLike) -> tuple[list[bytes], int | None]:
+    """Each id's bytes, and the end-of-text id (None where a version 1 file does not record it):
+    what ``GPT2Tokenizer.from_llmc`` rebuilds a tokenizer from."""
     path = Path(path)
     h = _header(path, TOKENIZER_MAGIC, "tokenizer")
     version, n = int(h[1]), int(h[2])
@@ -153,12 +154,11 @@ def read_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
         eot = int(h[3])
         if not 0 <= eot < n:
             raise UserError(f"{path} is corrupt: end-of-text id {eot} is outside the vocabulary")
-    else:  # version 1 did not record it; GPT-2's is the token spelled <|endoftext|>
-        eot = next((i for i, t in enumerate(tokens) if t == EOT.encode()), -1)
-    return GPT2Tokenizer.from_token_bytes(tokens, special=[eot] if eot >= 0 else [])
+        return tokens, eot
+    return tokens, None
 
 
-def tokenizer_bytes(tokenizer: GPT2Tokenizer) -> bytes:
+def tokenizer_bytes(tokenizer: Tokenizer) -> bytes:
     """A version 2 tokenizer file, as llm.c's train_gpt2 reads for decoding samples."""
     if tokenizer.eot_id is None:
         raise UserError("llm.c's tokenizer file needs an end-of-text token; this vocabulary has none")
@@ -172,5 +172,5 @@ def tokenizer_bytes(tokenizer: GPT2Tokenizer) -> bytes:
     return b"".join(parts)
 
 
-def write_tokenizer(path: str | os.PathLike, tokenizer: GPT2Tokenizer) -> None:
+def write_tokenizer(path: str | os.PathLike, tokenizer: Tokenizer) -> None:
     Path(path).write_bytes(tokenizer_bytes(tokenizer))
