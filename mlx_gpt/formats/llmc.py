@@ -20,7 +20,6 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from ..tokenizer import Tokenizer
 from ..models.gpt import GPTConfig
 from .tensors import STORAGE, LazyTensor, file_size, progress_bar, read_at
 
@@ -158,8 +157,9 @@ def read_token_list(path: str | os.PathLike) -> tuple[list[bytes], int | None]:
     return tokens, None
 
 
-def tokenizer_bytes(tokenizer: Tokenizer) -> bytes:
-    """A version 2 tokenizer file, as llm.c's train_gpt2 reads for decoding samples."""
+def tokenizer_bytes(tokenizer) -> bytes:
+    """A version 2 tokenizer file of a GPT-2 tokenizer (``GPT2Tokenizer``), as llm.c's train_gpt2
+    reads for decoding samples."""
     if tokenizer.eot_id is None:
         raise UserError("llm.c's tokenizer file needs an end-of-text token; this vocabulary has none")
     header = np.zeros(256, dtype="<i4")
@@ -172,5 +172,5 @@ def tokenizer_bytes(tokenizer: Tokenizer) -> bytes:
     return b"".join(parts)
 
 
-def write_tokenizer(path: str | os.PathLike, tokenizer: Tokenizer) -> None:
+def write_tokenizer(path: str | os.PathLike, tokenizer) -> None:
     Path(path).write_bytes(tokenizer_bytes(tokenizer))
