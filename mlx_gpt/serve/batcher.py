@@ -180,18 +180,19 @@ class _Sequence:
         """The event for a drawn token; its finish_reason is set when the sequence ends with it."""
         event = Event(self.index, tokens=[info])
         if info.id == self.eot:
-            event.text, event.finish_reason = self._tail(), "stop"
+            event.text, event.finish_reason = self.tail(), "stop"
             return event
         self.generated.append(info.id)
         event.text = self.stops.feed(self.detok.add(info.id))
         if self.stops.stopped:
             event.finish_reason = "stop"
         elif len(self.generated) >= self.job.max_tokens:
-            event.text += self._tail()
+            event.text += self.tail()
             event.finish_reason = "length"
         return event
 
-    def _tail(self) -> str:
+    def tail(self) -> str:
+        """The text still held back (an unfinished character, a possible stop string's start)."""
         return self.stops.feed(self.detok.flush()) + self.stops.flush()
 
 
@@ -457,7 +458,7 @@ class Engine:
             if seq.handle.cancelled:
                 self._remove_row(row)
             elif seq.handle.deadline <= now:
-                seq.handle.emit(Event(seq.index, text=seq._tail(), finish_reason="length"))
+                seq.handle.emit(Event(seq.index, text=seq.tail(), finish_reason="length"))
                 self._remove_row(row)
 
     def _admit(self) -> None:
