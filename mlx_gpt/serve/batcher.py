@@ -378,7 +378,10 @@ class Engine:
         return handle
 
     def _warm_up(self) -> None:
-        """Trace the step for one row before the first request, which would otherwise wait for it."""
+        """Run a prefill and trace the step for one row before the first request, which would
+        otherwise wait for them."""
+        caches = self.model.make_cache()
+        mx.eval(self.model.wte.as_linear(self.model.features(mx.zeros((1, 2), mx.int32), caches)))
         rows, capacity = self._bucket(1, 1)
         nh, hs = self._kv_shape()
         buffers = [mx.zeros((rows, nh, capacity, hs)) for _ in self.model.h]
