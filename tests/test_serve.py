@@ -379,12 +379,15 @@ def test_flood_past_the_queue_gets_503_and_the_server_stays_up(ckpt):
         s.close()
 
 
-def test_a_port_in_use_is_one_error_line(server, ckpt):
+def test_a_port_in_use_or_a_missing_checkpoint_is_one_error_line(server, ckpt):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "mlx_gpt", "serve", "--checkpoint", str(ckpt), "--port",
                            str(server.port)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{server.port}")
+    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.serve", "--checkpoint", str(ckpt.parent / "none")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: checkpoint {ckpt.parent / 'none'} not found"
 
 
 def test_a_quantized_checkpoint_is_served_like_any_other(ckpt, tmp_path):
