@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import checkpoint, rundir
+from . import checkpoint, quantize, rundir  # quantize: quantized checkpoints load, and exports refuse them
 from .atomic import replacing_directory, replacing_file
 from .errors import UserError, run_cli
 from .formats import hf, hf_tokenizer, llmc, mlx_lm
@@ -163,6 +163,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
         raise UserError(f"unknown export format {to!r}; choose from {', '.join(EXPORTS)}")
     out = Path(out)
     model = checkpoint.load_model(ckpt)
+    if quantize.is_quantized(model):
+        raise UserError(f"{ckpt} holds quantized weights, which {to} does not take: export the float checkpoint it "
+                        "came from, or write mlx-lm's quantized layout with --quantize BITS --to mlx-lm")
     if model_type_of(model) != "gpt" or not model.config.bias:
         raise UserError(f"{ckpt} is not a GPT-2 (with biases), which {to} expects")
     cfg = model.config
@@ -295,8 +298,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 def _quantize(a: argparse.Namespace, progress: bool) -> Path:
     """--quantize: SRC's model (an mlx_gpt checkpoint, else imported first) written quantized to --out."""
-    from . import quantize
-
     if a.to not in (None, "mlx-lm"):
         raise UserError(f"--quantize writes an mlx_gpt checkpoint or, with --to mlx-lm, mlx-lm's layout; {a.to} "
                         "holds float weights only")

@@ -7,9 +7,11 @@ group. ``nn.quantize`` swaps each ``nn.Linear`` for an ``nn.QuantizedLinear`` an
 the head is quantized with the token embedding it shares. Layer norms and biases stay float.
 
 A quantized checkpoint is an ordinary checkpoint directory whose ``model.safetensors`` holds
-the packed weights (``weight``, ``scales``, ``biases`` per layer, mlx-lm's names) and which
-has a ``quantization.json`` (``{"bits": 8, "group_size": 64}``) beside ``config.json``; ``load``
-builds the model, quantizes its layers the same way, then loads the weights strictly.
+the packed weights (``weight``, ``scales``, ``biases`` per layer, mlx-lm's names) and whose
+config.json has a ``quantization`` section (``{"bits": 8, "group_size": 64}``, as mlx-lm's
+config.json has). This module owns that section: it registers the loader that builds the model,
+quantizes its layers the same way and then loads the weights strictly, so ``checkpoint.load``
+reads quantized checkpoints once this module is imported.
 
   python tools/convert.py checkpoints/run --quantize 8 --out checkpoints/run-q8
 """
@@ -28,9 +30,9 @@ from mlx.utils import tree_flatten
 from . import backend, checkpoint
 from .errors import UserError
 from .models.registry import build_model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 
-QUANTIZATION = "quantization.json"
+SECTION = "quantization"  # of config.json
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 
@@ -64,48 +66,34 @@ def is_quantized(model: Any) -> bool:
 
 def settings(path: str | os.PathLike) -> dict | None:
     """A checkpoint's quantization (``{"bits": .., "group_size": ..}``), or None for float weights."""
-    p = checkpoint.resolve(path) / QUANTIZATION
-    if not p.is_file():
+    return _settings(checkpoint.read_config(path), checkpoint.resolve(path))
+
+
+def _settings(config: dict, d: Path) -> dict | None:
+    q = config.get(SECTION)
+    if q is None:
         return None
-    try:
-        q = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p} is unreadable: {e}") from None
     if not (isinstance(q, dict) and q.get("bits") in BITS and q.get("group_size") in GROUP_SIZES):
-        raise UserError(f"{p} must name bits ({' or '.join(map(str, BITS))}) and group_size "
-                        f"({', '.join(map(str, GROUP_SIZES))})")
+        raise UserError(f"{d / checkpoint.CONFIG}: its {SECTION} must name bits ({' or '.join(map(str, BITS))}) "
+                        f"and group_size ({', '.join(map(str, GROUP_SIZES))})")
     return {"bits": q["bits"], "group_size": q["group_size"]}
 
 
-def load_model(path: str | os.PathLike) -> Any:
-    """The model of a checkpoint, float or quantized; in eval mode."""
-    d = checkpoint.resolve(path)
-    q = settings(d)
-    if q is None:
-        model = checkpoint.load_model(d)
-    else:
-        config = checkpoint.read_config(d)
-        model = backend.layers(build_model(config.get("model_type", "gpt"), config["model"]))
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"])
-        weights = d / checkpoint.WEIGHTS
-        try:
-            arrays = mx.load(str(weights))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise UserError(f"{weights} is missing, corrupt or truncated ({str(e).splitlines()[0]})") from None
-        try:
-            model.load_weights(list(arrays.items()), strict=True)
-        except ValueError as e:
-            raise UserError(f"{weights} does not fit its config and {QUANTIZATION}: {str(e).splitlines()[0]}") \
-                from None
-        mx.eval(model.parameters())
-    model.eval()
+def _load(d: Path, config: dict, fuse: bool) -> Any:
+    """The loader of checkpoints with a quantization section: layers quantized, then the weights."""
+    q = _settings(config, d)
+    model = backend.layers(build_model(config.get("model_type", "gpt"), config["model"]))
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"])
+    checkpoint.load_into(model, checkpoint.load_arrays(d / checkpoint.WEIGHTS), d / checkpoint.WEIGHTS)
     return model
 
 
+checkpoint.LOADERS[SECTION] = _load
+
+
 def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
-    """``checkpoint.load`` for float and quantized checkpoints alike."""
-    d = checkpoint.resolve(path)
-    return load_model(d), load_tokenizer(d)
+    """``checkpoint.load``, with this module's loader registered: float and quantized alike."""
+    return checkpoint.load(path)
 
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
@@ -118,8 +106,13 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     model, tokenizer = checkpoint.load(src)
     quantize(model, bits, group_size)
     record = {"bits": bits, "group_size": group_size}
+
+    def add_section(directory: Path) -> None:  # config.json as save wrote it, plus the section
+        config = json.loads((directory / checkpoint.CONFIG).read_text())
+        (directory / checkpoint.CONFIG).write_text(json.dumps({**config, SECTION: record}, indent=2) + "\n")
+
     return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
-                           files={QUANTIZATION: json.dumps(record, indent=2) + "\n"})
+                           finish=add_section)
 
 
 def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
@@ -138,7 +131,7 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
     out = Path(out)
     check_out_directory(out, overwrite)
     q = settings(src)
-    model, tokenizer = load(src)
+    model, tokenizer = checkpoint.load(src)
     if q is None:
         quantize(model, bits, group_size)
         q = {"bits": bits, "group_size": group_size}

@@ -3,6 +3,8 @@ float model they come from, and served like any other."""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -29,8 +31,9 @@ def float_ckpt(tmp_path_factory):
 def test_quantized_checkpoint_loads_and_stays_close(float_ckpt, tmp_path, bits, tolerance):
     out = tmp_path / f"q{bits}"
     convert([str(float_ckpt), "--quantize", str(bits), "--group-size", "32", "--out", str(out)])
-    model, tok = quantize.load(out)
+    model, tok = checkpoint.load(out)  # this module's loader is registered: any caller reads it
     assert quantize.settings(out) == {"bits": bits, "group_size": 32}
+    assert checkpoint.read_config(out)["quantization"] == {"bits": bits, "group_size": 32}
     assert isinstance(model.wte, nn.QuantizedEmbedding)  # the tied head is quantized with it
     assert all(isinstance(b.mlp.c_fc, nn.QuantizedLinear) and isinstance(b.attn.c_attn, nn.QuantizedLinear)
                for b in model.h)
@@ -64,6 +67,12 @@ def test_refusals_are_user_errors(float_ckpt, tmp_path):
         convert([str(out), "--quantize", "8", "--out", str(tmp_path / "qq")])
     convert([str(float_ckpt), "--quantize", "8", "--out", str(out), "--overwrite"])
     assert quantize.settings(out)["bits"] == 8
+    with pytest.raises(UserError, match="holds quantized weights"):
+        convert([str(out), "--to", "hf", "--out", str(tmp_path / "hf")])
+    config = checkpoint.read_config(out)
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 3, "group_size": 64}}))
+    with pytest.raises(UserError, match="its quantization must name bits"):
+        checkpoint.load(out)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
