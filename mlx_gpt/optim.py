@@ -37,7 +37,8 @@ class OptimConfig:
                                                 "--lora-rank)")
     min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: 2e-4; --init's "
                                          "and --lora-rank's equal their learning rate)")
-    warmup_iters: int | None = setting(None, "steps of linear warmup (default: 60; 0 with --init)")
+    warmup_iters: int | None = setting(None, "steps of linear warmup (default: a tenth of --max-iters, at most 60; "
+                                             "0 with --init)")
     lr_decay_iters: int | None = setting(None, "step where cosine decay reaches min-lr (default: max-iters)")
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay, on 2-D weights only")
     beta1: float = setting(0.9, "AdamW's beta1")

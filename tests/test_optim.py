@@ -2,7 +2,7 @@
 
 A first step's loss or gradient norm cannot see an optimizer bug (both come before any
 update), and one update cannot see a wrong bias correction or schedule. So these tests train
-the same tiny GPT from the same weights on the same batches, with train.py's own step on one
+the same tiny GPT from the same weights on the same batches, with training.step's own step on one
 side and PyTorch on the other (``torch.optim.AdamW`` with decay on 2-D weights only,
 ``clip_grad_norm_``, the warmup + cosine learning rate written out below), and compare every
 weight after every update as well as the losses and gradient norms.
@@ -150,7 +150,7 @@ def train_torch(cfg: TrainConfig, data, start: dict[str, np.ndarray]):
 
 
 def train_mlx(cfg: TrainConfig, data, optimizer=None):
-    """The same through mlx_gpt.train's own step (compiled or not, one stream or split), and the
+    """The same through training.step's own step (compiled or not, one stream or split), and the
     state before the first update and after each."""
     model = accelerate(build(CFG, seed=7))
     optimizer = optimizer or make_optimizer(cfg.optim)

@@ -54,7 +54,7 @@ def test_each_neural_rung_drives_the_loss_on_one_batch_close_to_zero(name):
     cfg = TrainConfig.of(learning_rate=1e-2, min_lr=1e-3, warmup_iters=10, max_iters=150, weight_decay=0.0)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
-    step = make_train_step(model, optimizer, cfg)  # train.py's own compiled step
+    step = make_train_step(model, optimizer, cfg)  # the training step itself
     batch = np.random.default_rng(0).integers(0, 256, size=(1, 4, 17))
     x, y = mx.array(batch[..., :-1]), mx.array(batch[..., 1:])
     first = step(x, y)[0].item()

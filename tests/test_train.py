@@ -288,3 +288,29 @@ def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakesp
     wa, wb = params(timed.model), params(counted.model)
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k])
+
+
+def test_a_short_run_warms_up_over_a_tenth_of_itself_unless_told():
+    assert TrainConfig.of(max_iters=20).optim.warmup_iters == 2
+    assert TrainConfig.of().optim.warmup_iters == 60  # the default run's, a tenth of 600
+    assert TrainConfig.of(max_iters=6000).optim.warmup_iters == 60
+    assert TrainConfig.of(max_iters=20, warmup_iters=15).optim.warmup_iters == 15
+    assert TrainConfig.of(init="ckpt").optim.warmup_iters == 0  # a fine-tune: nanoGPT's constant rate
+
+
+def test_a_run_speaks_after_its_first_step_and_every_half_minute(tmp_path, shakespeare, monkeypatch, capsys):
+    """Log lines by step count, after the first step, and by time; an evaluation says how far it is."""
+    from mlx_gpt.training import loop
+
+    cfg = small_cfg(tmp_path, shakespeare, max_iters=6, log_interval=100, eval_interval=100, sample_interval=100)
+    train(cfg, progress=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" |")[0] for ln in lines if " | " in ln] == ["step 1/6", "step 6/6"]
+    assert not any("evaluating" in ln for ln in lines)
+    monkeypatch.setattr(loop, "LINE_SECONDS", 0.0)  # every step and every evaluation batch is "long"
+    train(cfg.replace(out=str(tmp_path / "timed")), progress=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" |")[0] for ln in lines if " | " in ln] == [f"step {i}/6" for i in range(1, 7)]
+    assert "step 6: evaluating: 1/4 batches" in lines and "step 6: evaluating: 3/4 batches" in lines
+    # the log lines are metrics as any other: the same losses as the quiet run's
+    assert losses_of(tmp_path / "timed")[6] == losses_of(tmp_path / "run")[6]

@@ -72,7 +72,7 @@ def test_block_size_beyond_the_model_positions(tmp_path, base_run, shakespeare):
 def test_existing_run_is_never_overwritten_unasked(tmp_path, base_run, shakespeare):
     before = tree_digest(base_run / "run")
     proc = train_cli(tmp_path, "--data", str(shakespeare), "--out", str(base_run / "run"))
-    assert_one_line_error(proc, "already holds a run", "--resume", "--overwrite")
+    assert_one_line_error(proc, "already holds a run", "--resume", "--overwrite", "another --out")
     assert tree_digest(base_run / "run") == before
 
 

@@ -163,9 +163,10 @@ class RunConfig:
         _texts(self)
 
 
-# the run's defaults of the fields that default to None
-DEFAULTS = dict(batch_size=32, grad_accum=1, max_iters=600, learning_rate=2e-3, min_lr=2e-4, warmup_iters=60,
-                eval_interval=200, checkpoint_interval=200)
+# the run's defaults of the fields that default to None (warmup: a tenth of the run, at most WARMUP)
+DEFAULTS = dict(batch_size=32, grad_accum=1, max_iters=600, learning_rate=2e-3, min_lr=2e-4, eval_interval=200,
+                checkpoint_interval=200)
+WARMUP = 60
 # nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant
 # learning rate; applied with --init to every one of these the user does not set
 FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
@@ -213,6 +214,8 @@ class TrainConfig:
                     **(LORA_DEFAULTS if self.fine_tuning and self.lora.rank else {})}
         flat = self.flat()
         unset = {k: v for k, v in defaults.items() if flat[k] is None}
+        if flat["warmup_iters"] is None and "warmup_iters" not in unset:  # a short run still reaches its peak
+            unset["warmup_iters"] = min(WARMUP, (flat["max_iters"] or defaults["max_iters"]) // 10)
         return self.replace(**unset) if unset else self
 
 

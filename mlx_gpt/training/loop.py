@@ -27,6 +27,10 @@ from ..scaler import MIN_SCALE
 from .run import Run, sample, save
 from .step import estimate_loss, make_eval_loss, make_train_step, step_seed
 
+# a line at least this often, however long the steps or the evaluation: a run in a pipe or a
+# log file never looks stuck (and always a line after its first step)
+LINE_SECONDS = 30.0
+
 
 class Reporter:
     """Where a run's words go: rank 0's progress bar in a terminal, else whole lines on stderr."""
@@ -86,8 +90,9 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
     eval_loss = make_eval_loss(model, cfg)
 
     def evaluate(step: int) -> None:
+        ticker = Ticker(report, f"step {step}: evaluating", 2 * cfg.run.eval_iters)
         with eval_mode(model):
-            losses = [estimate_loss(eval_loss, sampler, cfg.run.eval_iters, cfg.step.seed + k, group)
+            losses = [estimate_loss(eval_loss, sampler, cfg.run.eval_iters, cfg.step.seed + k, group, ticker.tick)
                       for k, sampler in ((2, run.samplers.train_eval), (1, run.samplers.val))]
         run.best_val = min(run.best_val, losses[1])
         _log(run, {"step": step, "train_loss": losses[0], "val_loss": losses[1]})
@@ -120,6 +125,7 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
     tokens_per_step = cfg.step.grad_accum * cfg.step.batch_size * model.config.block_size * run.world
     stop, vote, watch, clock = _StopFlag(), distributed.AnyRank(group), _DivergenceWatch(run), _TrainClock()
     t_last, tokens_since = time.perf_counter(), 0
+    t_line = t_last
     x, y = sampler.next()
     with stop, distributed.Watchdog(group, r.rank_timeout) as watchdog:
         for step in range(run.start_step + 1, cfg.optim.max_iters + 1):
@@ -133,7 +139,8 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
             if on_step is not None:
                 on_step(step, loss.item())
             last = step == cfg.optim.max_iters
-            if step % r.log_interval == 0 or last:
+            if (step % r.log_interval == 0 or last or step == run.start_step + 1
+                    or time.perf_counter() - t_line >= LINE_SECONDS):
                 watch.check()
                 dt = time.perf_counter() - t_last
                 grad_norm = norm.item()  # not finite where a float16 step overflowed and was skipped: null
@@ -145,7 +152,8 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
                     rec.update(loss_scale=scaling["scale"], skipped=scaling["skipped"])
                 _log(run, rec)
                 report.step(rec, run)
-                t_last, tokens_since = time.perf_counter(), 0
+                t_last = t_line = time.perf_counter()
+                tokens_since = 0
             report.bar.update(1)
             if step % r.eval_interval == 0 or last:
                 watch.check()
@@ -170,6 +178,20 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
                 t_last, tokens_since = time.perf_counter(), 0  # eval and sampling are not train time
             watchdog.beat()
         distributed.barrier(group)
+
+
+class Ticker:
+    """Says how far a long piece of work (an evaluation) has come, at most every LINE_SECONDS."""
+
+    def __init__(self, report: Reporter, what: str, total: int) -> None:
+        self.report, self.what, self.total, self.done = report, what, total, 0
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        self.done += 1
+        if time.perf_counter() - self.last >= LINE_SECONDS and self.done < self.total:
+            self.report.say(f"{self.what}: {self.done}/{self.total} batches")
+            self.last = time.perf_counter()
 
 
 def _log(run: Run, record: dict) -> None:

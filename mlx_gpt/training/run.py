@@ -134,7 +134,8 @@ def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
     inputs = {"the base checkpoint of the LoRA adapters": adapter["base"]["path"] if adapter else None,
               "--init's checkpoint": cfg.model.init}
     return rundir.claim_out(out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=inputs, what="a run",
-                            hint="pass --resume to continue it or --overwrite to replace it")
+                            hint="pass --resume to continue it, --overwrite to replace it, or another --out "
+                                 "for a new run")
 
 
 def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, lock) -> Run:

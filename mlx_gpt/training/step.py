@@ -163,14 +163,18 @@ def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable[[mx.array, mx
 
 
 def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: int,
-                  group: mx.distributed.Group | None = None) -> float:
+                  group: mx.distributed.Group | None = None, tick: Callable[[], None] | None = None) -> float:
     """Mean loss over the same ``iters`` batches every time (a fixed seed), so evals compare;
-    with several processes, over every rank's rows of those batches."""
+    with several processes, over every rank's rows of those batches. ``tick()`` after each batch
+    (evaluated then, one at a time, so that a progress line means what it says)."""
     sampler.set_state(np.random.Generator(np.random.PCG64(seed)).bit_generator.state)
     total = mx.array(0.0)
     for _ in range(iters):
         x, y = sampler.next()
         total = total + eval_loss(mx.array(x[0]), mx.array(y[0]))
+        if tick is not None:
+            mx.eval(total)
+            tick()
     return distributed.all_mean(total / iters, group or distributed.init()).item()
 
 
