@@ -33,6 +33,7 @@ except ImportError as e:  # on Linux the mlx package alone has no backend
 
 from . import backend as _backend  # noqa: E402
 from . import lora as _lora  # noqa: E402,F401  (LoRA checkpoints: how they load)
+from . import quantize as _quantize  # noqa: E402,F401  (quantized checkpoints: how they load)
 from .errors import UserError  # noqa: E402,F811
 
 _backend.install()  # the loss's and optimizer's operations: the CPU wing's where MLX runs on the CPU

@@ -92,6 +92,21 @@ def stream_plan(model, batch_size: int, streams: int = 0):
     return StreamPlan(n, {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())})
 
 
+def blas_threads() -> int | None:
+    """BLAS threads per call on the CPU with OpenBLAS; None where they cannot be set."""
+    if not on_cpu():
+        return None
+    from .cpu.blas import get_blas_threads
+
+    return get_blas_threads()
+
+
+def set_blas_threads(n: int) -> None:
+    from .cpu.blas import set_blas_threads as set_threads
+
+    set_threads(n)
+
+
 def attention_weights_kept(dtype: mx.Dtype, dropout: float) -> bool:
     """Whether a train step keeps each layer's attention weights for its backward pass."""
     if not on_cpu():

@@ -52,6 +52,8 @@ class Attention(CausalSelfAttention):
     def attend(self, q, k, v, scale, mask):
         if isinstance(mask, PrefixMask):  # a fixed-capacity cache: only its written positions count
             return attn.cache_attention(q, k, v, scale, mask)
+        if isinstance(mask, mx.array):  # batched rows, each with a length of its own (SlotKVCache)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         dropout = self.attn_dropout if self.training and self.attn_pdrop > 0 else None
         return attn.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
 

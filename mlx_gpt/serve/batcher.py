@@ -36,11 +36,9 @@ import mlx.core as mx
 import numpy as np
 
 from .. import backend
-from ..cpu.blas import get_blas_threads, set_blas_threads
 from ..detokenizer import StreamingDetokenizer
 from ..generate import StopStrings
 from ..models.cache import SlotKVCache
-from ..models.gpt import CausalSelfAttention
 
 
 class QueueFull(Exception):
@@ -293,18 +291,6 @@ class _Prefill:
         self.last_logits: np.ndarray | None = None
 
 
-def plain_attention(model) -> None:
-    """Give every attention layer MLX's own attention back.
-
-    On the CPU, ``backend.layers`` gives attention a kernel that takes one length for the whole
-    batch; batched rows each have their own, which MLX's attention reads from the boolean mask
-    ``SlotKVCache`` makes. Parameters and every other layer stay as they are.
-    """
-    for _, module in model.named_modules():
-        if isinstance(module, CausalSelfAttention) and type(module) is not CausalSelfAttention:
-            module.__class__ = CausalSelfAttention
-
-
 class Engine:
     """The batch of running sequences and the thread that steps it.
 
@@ -321,7 +307,6 @@ class Engine:
                  prefill_chunk: int = 256) -> None:
         if not getattr(model, "accepts_fixed_cache", False) or not hasattr(model, "features"):
             raise TypeError("the batching engine runs GPT models (positions and masks read from the cache)")
-        plain_attention(model)
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.block_size = model.block_size
@@ -339,7 +324,7 @@ class Engine:
         self._stop_reason = ""
         self._thread: threading.Thread | None = None
         self._step = mx.compile(self._decode, inputs=[model.state])
-        tunable = backend.on_cpu() and get_blas_threads() is not None
+        tunable = backend.blas_threads() is not None
         self._blas = BlasThreads(backend.cpu_cores()) if tunable else None
         self._blas_now: int | None = None
         self.steps = 0  # decode steps run, for tests and logs
@@ -606,7 +591,7 @@ class Engine:
             tokens[i], lengths[i] = seq.next_token, seq.length
         threads = self._blas.pick(rows) if self._blas else None
         if threads is not None and threads != self._blas_now:
-            set_blas_threads(threads)
+            backend.set_blas_threads(threads)
             self._blas_now = threads
         start = time.perf_counter()
         logits, self._keys, self._values = self._step(mx.array(tokens), self._keys, self._values, mx.array(lengths))
