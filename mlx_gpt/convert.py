@@ -178,7 +178,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
         return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
     write = hf.write_directory if to == "hf" else mlx_lm.write_directory
     lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the checkpoint being exported": checkpoint.resolve(ckpt)},
-                            check=_check_export_dir, holds=Path.exists, what="a model")
+                            check=rundir.check_export, holds=Path.exists, what="a model")
     try:
         with replacing_directory(out) as tmp:
             write(tmp, cfg, weights, tok, progress=progress)
@@ -233,13 +233,6 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
 
 
 # ---------------------------------------------------------------------------- output safety
-
-
-def _check_export_dir(out: Path, flag: str) -> None:
-    """An export directory replaces only an empty folder or a model directory (its config.json)."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
-        raise UserError(f"{out} exists and does not look like a model this tool writes; "
-                        "refusing to replace it even with --overwrite")
 
 
 def _check_export_file(out: Path, flag: str) -> None:
@@ -308,7 +301,7 @@ def _quantize(a: argparse.Namespace, progress: bool) -> Path:
         out = quantize.export_mlx_lm(src, a.out, bits=a.quantize, group_size=a.group_size, overwrite=a.overwrite)
         print(f"wrote {out}: mlx-lm's layout, {a.quantize}-bit weights in groups of {a.group_size}")
         return out
-    quantize.check_out(a.out, a.overwrite)
+    rundir.check_claim(Path(a.out), overwrite=a.overwrite, inputs={"the source being converted": src})
     if checkpoint.exists(src):
         out = quantize.quantize_checkpoint(src, a.out, bits=a.quantize, group_size=a.group_size, overwrite=a.overwrite)
     else:

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import backend, checkpoint
+from . import backend, checkpoint, rundir
 from .errors import UserError
 from .models.registry import build_model
 from .tokenizer import Tokenizer
@@ -102,17 +102,20 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     src, out = checkpoint.resolve(src), Path(out)
     if settings(src) is not None:
         raise UserError(f"{src} is already quantized")
-    check_out(out, overwrite)
-    model, tokenizer = checkpoint.load(src)
-    quantize(model, bits, group_size)
-    record = {"bits": bits, "group_size": group_size}
+    lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the checkpoint being quantized": src})
+    try:
+        model, tokenizer = checkpoint.load(src)
+        quantize(model, bits, group_size)
+        record = {"bits": bits, "group_size": group_size}
 
-    def add_section(directory: Path) -> None:  # config.json as save wrote it, plus the section
-        config = json.loads((directory / checkpoint.CONFIG).read_text())
-        (directory / checkpoint.CONFIG).write_text(json.dumps({**config, SECTION: record}, indent=2) + "\n")
+        def add_section(directory: Path) -> None:  # config.json as save wrote it, plus the section
+            config = json.loads((directory / checkpoint.CONFIG).read_text())
+            (directory / checkpoint.CONFIG).write_text(json.dumps({**config, SECTION: record}, indent=2) + "\n")
 
-    return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
-                           finish=add_section)
+        return checkpoint.save(out, model, tokenizer, train_config=checkpoint.read_config(src).get("train"),
+                               finish=add_section)
+    finally:
+        lock.release()
 
 
 def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
@@ -129,7 +132,8 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
     from .models.registry import model_type_of
 
     out = Path(out)
-    check_out_directory(out, overwrite)
+    rundir.check_claim(out, overwrite=overwrite, inputs={"the checkpoint being exported": checkpoint.resolve(src)},
+                       check=rundir.check_export, holds=Path.exists, what="a model")
     q = settings(src)
     model, tokenizer = checkpoint.load(src)
     if q is None:
@@ -141,32 +145,16 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
         raise UserError(f"{src} is not a GPT-2 (with biases), which mlx-lm's gpt2 expects")
     config = {**mlx_lm.config_dict(model.config, tokenizer.eot_id), "quantization": q}
     weights = {mlx_lm.PREFIX + name: a for name, a in tree_flatten(model.parameters())}
-    with replacing_directory(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        if hf_tokenizer.has_form(tokenizer):
-            hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
+    lock = rundir.claim_out(out, overwrite=overwrite, check=rundir.check_export, holds=Path.exists, what="a model")
+    try:
+        with replacing_directory(out) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+            if hf_tokenizer.has_form(tokenizer):
+                hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
+    finally:
+        lock.release()
     return out
-
-
-def check_out_directory(out: Path, overwrite: bool) -> None:
-    """An export's directory: absent, empty, or (with overwrite) one holding a config.json."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        if not (out / "config.json").is_file():
-            raise UserError(f"{out} exists and does not look like a model this tool writes; "
-                            "refusing to replace it even with --overwrite")
-
-
-def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to write over anything but a checkpoint, and over one only with overwrite."""
-    out = Path(out)
-    if out.exists() or checkpoint.exists(out):
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        if not checkpoint.exists(out) and (out.is_file() or any(out.iterdir())):
-            raise UserError(f"{out} exists and is not a checkpoint; refusing to replace it even with --overwrite")
 
 
 def size_bytes(model: Any) -> int:

@@ -38,13 +38,8 @@ def claim_out(out: Path, *, overwrite: bool = False, resume: bool = False,
     directory's); ``holds(out)`` says it already holds ``what``, which only ``overwrite`` (or
     ``resume``) may replace.
     """
-    (check or check_out)(out, flag)
-    for name, path in inputs.items():
-        if path is not None and _same(out, Path(path)):
-            raise UserError(f"{flag} {out} is {name}; a command never writes over what it reads: choose another "
-                            "folder")
-    if holds(out) and not (overwrite or resume):
-        raise UserError(f"{out} already holds {what}; {hint}")
+    check_claim(out, overwrite=overwrite, resume=resume, inputs=inputs, flag=flag, check=check, holds=holds,
+                what=what, hint=hint)
     lock = RunLock(out).acquire()
     try:
         clean_up(out)
@@ -52,6 +47,28 @@ def claim_out(out: Path, *, overwrite: bool = False, resume: bool = False,
         lock.release()
         raise
     return lock
+
+
+def check_claim(out: Path, *, overwrite: bool = False, resume: bool = False,
+                inputs: Mapping[str, str | os.PathLike | None] = {}, flag: str = "--out",
+                check: Callable[[Path, str], None] | None = None, holds: Callable[[Path], bool] = checkpoint.exists,
+                what: str = "a checkpoint", hint: str = "pass --overwrite to replace it") -> None:
+    """``claim_out``'s refusals alone, for a command that checks its output before long work."""
+    (check or check_out)(out, flag)
+    for name, path in inputs.items():
+        if path is not None and _same(out, Path(path)):
+            raise UserError(f"{flag} {out} is {name}; a command never writes over what it reads: choose another "
+                            "folder")
+    if holds(out) and not (overwrite or resume):
+        raise UserError(f"{out} already holds {what}; {hint}")
+
+
+def check_export(out: Path, flag: str) -> None:
+    """Another project's model directory (an export) replaces only an empty folder or a model
+    directory (its config.json)."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG).is_file())):
+        raise UserError(f"{out} exists and does not look like a model this tool writes; "
+                        "refusing to replace it even with --overwrite")
 
 
 def _same(a: Path, b: Path) -> bool:

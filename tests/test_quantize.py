@@ -61,8 +61,10 @@ def test_refusals_are_user_errors(float_ckpt, tmp_path):
         convert([str(float_ckpt), "--quantize", "8", "--to", "hf", "--out", str(tmp_path / "b")])
     out = tmp_path / "q"
     convert([str(float_ckpt), "--quantize", "4", "--out", str(out)])
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a checkpoint; pass --overwrite"):
         convert([str(float_ckpt), "--quantize", "4", "--out", str(out)])
+    with pytest.raises(UserError, match="never writes over what it reads"):
+        convert([str(out), "--quantize", "4", "--out", str(out), "--overwrite"])
     with pytest.raises(UserError, match="already quantized"):
         convert([str(out), "--quantize", "8", "--out", str(tmp_path / "qq")])
     convert([str(float_ckpt), "--quantize", "8", "--out", str(out), "--overwrite"])
