@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, assert_one_line_error
+from conftest import DATA, ROOT
+from test_faults import corpus_text, expect_error, expect_ok
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "4",
         "--eval-iters", "1", "--sample-tokens", "4", "--max-iters", "2", "--eval-interval", "2"]
@@ -35,22 +36,6 @@ def cli(module: str, *args, cwd: Path, extra_env: dict | None = None,
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
                                        proc.stderr.decode(errors="replace"))
-
-
-def expect_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert_one_line_error(proc, *fragments)
-
-
-def expect_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-
-
-def corpus_text() -> str:
-    rng = np.random.default_rng(0)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "to", "be", "or", "not"]
-    return "\n".join(" ".join(rng.choice(words, 9)) + "." for _ in range(300)) + "\n"
 
 
 class Base:
