@@ -42,6 +42,7 @@ VERSION = 1
 CONFIG, METRICS, PICTURE = "config.json", "metrics.jsonl", "loss.png"
 WEIGHTS, ADAPTERS = "model.safetensors", "adapters.safetensors"
 OPTIMIZER, STATE, SETTINGS = "optimizer.safetensors", "state.json", "train.toml"
+ALLOW_NON_FINITE = "MLX_GPT_ALLOW_NON_FINITE"  # set: load weights holding NaN or infinity (forensics)
 RUN_LOGS = (METRICS, PICTURE)  # kept from the previous save unless the caller writes the log itself
 # every file a checkpoint may hold (the tokenizers' files included)
 FILES = frozenset({CONFIG, WEIGHTS, ADAPTERS, OPTIMIZER, STATE, SETTINGS, METRICS, PICTURE, "tokenizer.json",
@@ -100,6 +101,10 @@ def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, tr
     try:
         assert (adapter is None) == (adapters is None), "adapters are saved with their record, and only then"
         weights = adapters if adapters is not None else dict(tree_flatten(model.parameters()))
+        bad = first_non_finite(weights)
+        if bad is not None:
+            raise UserError(f"saving checkpoint {path}: {bad} holds NaN or infinite values; nothing was written "
+                            "(the weights came from a run that diverged, or from a damaged source)")
         _check_room(path, weights, optimizer)
         _write(path, model, weights, adapter, tokenizer, train_config, optimizer, state, files or {}, finish)
     except OSError as e:
@@ -222,11 +227,26 @@ def derive(base: Any, changes: dict, source: str) -> Any:
 
 
 def load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
+    """Load ``weights`` strictly, refusing non-finite ones unless ALLOW_NON_FINITE is set (to
+    look at a damaged checkpoint): a model holding a NaN would generate garbage, or nothing."""
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise UserError(f"{path} does not fit its config: {str(e).splitlines()[0]}") from None
     mx.eval(model.parameters())
+    bad = None if os.environ.get(ALLOW_NON_FINITE) else first_non_finite(weights)
+    if bad is not None:
+        raise UserError(f"{path}: {bad} holds NaN or infinite values (a run that diverged, or a damaged file); "
+                        f"set {ALLOW_NON_FINITE}=1 to load it anyway")
+
+
+def first_non_finite(arrays: dict[str, Any]) -> str | None:
+    """The name of the first floating-point array holding a NaN or an infinity, else None (one read)."""
+    names = [k for k, a in arrays.items() if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.inexact)]
+    if not names:
+        return None
+    finite = mx.stack([mx.all(mx.isfinite(arrays[k])) for k in names]).tolist()
+    return next((k for k, ok in zip(names, finite) if not ok), None)
 
 
 def fingerprint(weights: Path) -> dict:

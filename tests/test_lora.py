@@ -397,6 +397,20 @@ def test_a_base_moved_together_with_its_adapters_is_found_beside_them(tmp_path, 
         checkpoint.load_model(adapter)
 
 
+def test_adapters_holding_a_nan_are_never_fused(tmp_path, lora_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run.out, run)
+    adapters = dict(mx.load(str(run / "adapters.safetensors")))
+    name = sorted(adapters)[0]
+    adapters[name] = adapters[name].at[0, 0].add(mx.array(mx.nan))
+    mx.save_safetensors(str(run / "adapters.safetensors"), adapters)
+    with pytest.raises(UserError, match=f"{name} holds NaN or infinite values"):
+        fuse(run, tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+
+
 def test_fuse_writes_only_where_a_checkpoint_belongs(tmp_path, lora_run, base_dir):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("mine")
