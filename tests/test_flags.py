@@ -120,3 +120,15 @@ def test_resume_takes_a_given_setting_even_when_it_equals_the_default(monkeypatc
         parse_args(["--resume", "--out", "run", "--learning-rate", "2e-3"])
     assert TrainConfig.of(resume=True, out="run", max_iters=600) == parse_args(["--resume", "--out", "run",
                                                                                  "--max-iters", "600"])
+
+
+@pytest.mark.parametrize("flag,value", [("tokenizer", "gpt2"), ("preset", "gpt2"), ("model", "gpt")])
+def test_a_setting_init_brings_is_refused_beside_it_by_name(flag, value):
+    """--init starts from the checkpoint's model and tokenizer: a flag choosing another is refused,
+    never ignored; a resumed run of a fine-tune keeps its settings as they were."""
+    with pytest.raises(UserError, match=f"--{flag} does not apply with --init"):
+        parse_args(["--init", "ckpt", f"--{flag}", value])
+    cfg = parse_args(["--init", "ckpt"])
+    assert (cfg.data.tokenizer, cfg.model.rung, cfg.model.preset) == (None, None, None)
+    assert (TrainConfig.of().data.tokenizer, TrainConfig.of().model.rung, TrainConfig.of().model.preset) == \
+        ("byte", "gpt", "tiny")

@@ -116,9 +116,11 @@ def test_post_layernorm_normalises_the_residual_stream():
         np.testing.assert_allclose(np.array(h.var(axis=-1)), 1, atol=1e-3)
 
 
-def small_run(tmp_path, data, model: str, **kw) -> TrainConfig:
-    return TrainConfig.of(data=str(data), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), model=model,
-                       block_size=16, batch_size=4, max_iters=3, eval_iters=1, log_interval=1, sample_tokens=8, **kw)
+def small_run(tmp_path, data, model: str | None, **kw) -> TrainConfig:
+    """A short run of ``model`` (None: --init's)."""
+    return TrainConfig.of(data=str(data), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                          **({"model": model} if model else {}), block_size=16, batch_size=4, max_iters=3,
+                          eval_iters=1, log_interval=1, sample_tokens=8, **kw)
 
 
 @pytest.mark.parametrize("model", ["lstm", "kneser-ney:3"])
@@ -131,7 +133,7 @@ def test_train_builds_the_chosen_rung(model, tmp_path, data_files):
     assert "val_loss" in metrics
     if parse(model).counted:
         with pytest.raises(UserError, match="fitted, not fine-tuned"):
-            train(small_run(tmp_path / "again", data_files / "the-verdict.txt", "gpt", init=str(run.out)),
+            train(small_run(tmp_path / "again", data_files / "the-verdict.txt", None, init=str(run.out)),
                   progress=False)
 
 

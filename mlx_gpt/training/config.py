@@ -51,8 +51,9 @@ def _texts(section: Any) -> None:
 class DataConfig:
     source: str = setting("pydoc", "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), "
                                    "'pydoc' or 'shakespeare'", flag="data")
-    tokenizer: str = setting("byte", "byte, sp:VOCAB for SentencePiece BPE trained on the data, or gpt2[:PATH] for "
-                                     "GPT-2's BPE from its files (see prepare --help)")
+    tokenizer: str | None = setting(None, "byte (the default), sp:VOCAB for SentencePiece BPE trained on the data, or "
+                                          "gpt2[:PATH] for GPT-2's BPE from its files (see prepare --help); with "
+                                          "--init, the checkpoint's own")
     data_dir: str = setting("data", "where prepared datasets are cached", resumable=True)
     val_fraction: float = setting(0.1, "tail of each document held out for evaluation")
     sampler: str = setting("random", "training batches: random windows, or sequential (the file in order, as "
@@ -69,9 +70,9 @@ class ModelSpec:
     """Which model trains: a rung of the ladder, for GPT a preset with any field overridden, or
     the weights of a checkpoint (fine-tuning)."""
 
-    rung: str = setting("gpt", f"ladder rung: {', '.join(rungs.RUNGS)}; ngram:N and kneser-ney:N set the order",
-                        flag="model")
-    preset: str = setting("tiny", f"model shape of --model gpt: {', '.join(PRESETS)}")
+    rung: str | None = setting(None, f"ladder rung: {', '.join(rungs.RUNGS)} (default: gpt; with --init, the "
+                                     "checkpoint's); ngram:N and kneser-ney:N set the order", flag="model")
+    preset: str | None = setting(None, f"model shape of --model gpt: {', '.join(PRESETS)} (default: tiny)")
     n_layer: int | None = setting(None, "transformer blocks (default: the preset's)")
     n_head: int | None = setting(None, "attention heads (default: the preset's)")
     n_embd: int | None = setting(None, "embedding width (default: the preset's)")
@@ -167,6 +168,8 @@ class RunConfig:
 DEFAULTS = dict(batch_size=32, grad_accum=1, max_iters=600, learning_rate=2e-3, min_lr=2e-4, eval_interval=200,
                 checkpoint_interval=200)
 WARMUP = 60
+# what a run without --init starts from (with --init, the checkpoint's model and tokenizer)
+STARTS = dict(tokenizer="byte", model="gpt", preset="tiny")
 # nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant
 # learning rate; applied with --init to every one of these the user does not set
 FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
@@ -189,7 +192,7 @@ class TrainConfig:
             if not self.model.init and not self.run.resume:
                 raise UserError("--lora-rank fine-tunes a checkpoint: give --init CKPT (the adapters are saved "
                                 "against it)")
-            if self.model.rung != "gpt":
+            if self.model.rung not in (None, "gpt"):
                 raise UserError(f"--lora-rank applies to GPT checkpoints, not --model {self.model.rung}")
 
     @classmethod
@@ -213,6 +216,13 @@ class TrainConfig:
         defaults = {**DEFAULTS, **(FINETUNE_DEFAULTS if self.fine_tuning else {}),
                     **(LORA_DEFAULTS if self.fine_tuning and self.lora.rank else {})}
         flat = self.flat()
+        if self.model.init is None:  # what a new model is and how the data is read
+            defaults.update(STARTS)
+        elif self.fine_tuning:  # --init brings its own
+            given = [name for name in STARTS if flat[name] is not None]
+            if given:
+                raise UserError(f"--{given[0]} does not apply with --init: the checkpoint's own "
+                                f"{'tokenizer' if given[0] == 'tokenizer' else 'model'} is used")
         unset = {k: v for k, v in defaults.items() if flat[k] is None}
         if flat["warmup_iters"] is None and "warmup_iters" not in unset:  # a short run still reaches its peak
             unset["warmup_iters"] = min(WARMUP, (flat["max_iters"] or defaults["max_iters"]) // 10)
