@@ -277,10 +277,31 @@ def load_optimizer_state(path: str | os.PathLike) -> dict:
 
 
 def load_state(path: str | os.PathLike) -> dict:
+    """state.json: where a run stopped (step, best val loss, the number of processes, the
+    sampler's position, float16's loss scale), each value checked before a resume trusts it."""
     p = resolve(path) / STATE
     try:
-        return json.loads(p.read_text())
+        state = json.loads(p.read_text())
     except FileNotFoundError:
         raise UserError(f"{p} is missing: this checkpoint cannot be resumed") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p} is corrupt: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{p} is corrupt: {str(e).splitlines()[0]}") from None
+
+    if not isinstance(state, dict):
+        raise UserError(f"{p} is corrupt: not a table")
+
+    def whole(v, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    scale = state.get("loss_scale", {})
+    fine = {"step": whole(state.get("step"), 0), "world_size": whole(state.get("world_size", 1), 1),
+            "best_val": number(state.get("best_val", 0.0)), "sampler": isinstance(state.get("sampler"), dict),
+            "loss_scale": isinstance(scale, dict) and all(number(scale.get(k, 0))
+                                                          for k in ("scale", "good_steps", "skipped"))}
+    wrong = [key for key, ok in fine.items() if not ok]
+    if wrong:
+        raise UserError(f"{p} is corrupt: its {wrong[0]} is {state.get(wrong[0])!r}")
+    return state

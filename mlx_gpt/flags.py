@@ -191,19 +191,27 @@ def read_toml(path: str | Path, cls: type) -> dict[str, Any]:
                 raise UserError(f"{path}: unknown setting {key!r}" + (f" in [{section}]" if section else ""))
             if name in out:
                 raise UserError(f"{path}: {key} is set twice")
-            kind = known[name].kind
-            if kind is tuple and isinstance(value, list):
-                value, kind = tuple(_toml_items(path, key, value, known[name].item)), tuple
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise UserError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):  # as the flags refuse them
-                raise UserError(f"{path}: {key} must be a finite number, got {value}")
-            if isinstance(value, str) and "\0" in value:  # no path, name or spec holds one (argv cannot)
-                raise UserError(f"{path}: {key} holds a NUL character")
-            out[name] = value
+            out[name] = checked(path, key, value, known[name])
     return out
+
+
+def checked(path: str | Path, key: str, value: Any, s: Setting) -> Any:
+    """``value`` of setting ``s`` as read from a file (a TOML file, a saved run's config): of the
+    setting's type (None where it may be unset), finite, without NUL; else one error naming both."""
+    kind = s.kind
+    if value is None and s.default is None:
+        return None
+    if kind is tuple and isinstance(value, list):
+        value, kind = tuple(_toml_items(path, key, value, s.item)), tuple
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # as the flags refuse them
+        raise UserError(f"{path}: {key} must be a finite number, got {value}")
+    if isinstance(value, str) and "\0" in value:  # no path, name or spec holds one (argv cannot)
+        raise UserError(f"{path}: {key} holds a NUL character")
+    return value
 
 
 def _toml_items(path: str | Path, key: str, values: list, item: type) -> list:
@@ -217,12 +225,16 @@ def _toml_items(path: str | Path, key: str, values: list, item: type) -> list:
     return out
 
 
-def merge_resumed(cls: type, saved: dict, given: dict, why: str, keep: Sequence[str] = ("resume", "out")) -> dict:
-    """The saved settings (name -> value), with only the ``given`` ones that a resumed run may
-    change (``resumable``) taken over; another given setting that differs is refused (``why``).
-    ``keep``: settings always taken from ``given`` (how to resume, not what)."""
+def merge_resumed(cls: type, saved: dict, given: dict, why: str, keep: Sequence[str] = ("resume", "out"),
+                  where: str = "the saved settings") -> dict:
+    """The saved settings (name -> value, read from ``where``), with only the ``given`` ones that a
+    resumed run may change (``resumable``) taken over; another given setting that differs is
+    refused (``why``). ``keep``: settings always taken from ``given`` (how to resume, not what)."""
     known = table(cls)
-    base = to_flat(from_flat(cls, {k: v for k, v in saved.items() if k in known and k not in keep}))
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: the saved settings are not a table")
+    base = to_flat(from_flat(cls, {k: checked(where, k, v, known[k]) for k, v in saved.items()
+                                   if k in known and k not in keep}))
     changes = {}
     for name in sorted(set(given) - set(keep)):
         if given[name] == base[name]:

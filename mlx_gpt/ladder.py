@@ -372,7 +372,8 @@ def config_from_args(given: dict) -> LadderConfig:
     if given.get("out") is None:
         raise UserError("--resume needs --out naming the study to continue")
     saved = read_report(given["out"])["study"]
-    return LadderConfig(**flags.merge_resumed(LadderConfig, saved, given, "a resumed study keeps its settings"))
+    return LadderConfig(**flags.merge_resumed(LadderConfig, saved, given, "a resumed study keeps its settings",
+                                              where=str(Path(given["out"]) / REPORT)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

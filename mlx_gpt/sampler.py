@@ -61,7 +61,10 @@ class BatchSampler:
     def set_state(self, state: dict) -> None:
         if state.get("sampler", "random") != "random":
             raise UserError(f"the run was saved with --sampler {state['sampler']}, not random")
-        self.rng.bit_generator.state = state
+        try:
+            self.rng.bit_generator.state = state
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise UserError(f"the saved state of the random sampler is corrupt ({e})") from None
 
 
 class SequentialSampler:
@@ -116,7 +119,10 @@ class SequentialSampler:
     def set_state(self, state: dict) -> None:
         if state.get("sampler") != "sequential":
             raise UserError(f"the run was saved with --sampler {state.get('sampler', 'random')}, not sequential")
-        self.position = int(state["position"])
+        position = state.get("position")
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise UserError(f"the saved position of the sequential sampler is not a whole number: {position!r}")
+        self.position = position
 
 
 def make_sampler(kind: str, path: str | os.PathLike, batch_size: int, block_size: int, seed: int,

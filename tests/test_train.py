@@ -315,3 +315,34 @@ def test_a_run_speaks_after_its_first_step_and_every_half_minute(tmp_path, shake
     assert "step 6: evaluating: 1/4 batches" in lines and "step 6: evaluating: 3/4 batches" in lines
     # the log lines are metrics as any other: the same losses as the quiet run's
     assert losses_of(tmp_path / "timed")[6] == losses_of(tmp_path / "run")[6]
+
+
+def test_damaged_run_files_and_impossible_resumes_are_one_error(tmp_path, shakespeare, capsys):
+    """What --resume reads is checked before it is trusted: state.json's values, the saved
+    settings' types; a resume behind the run's step is refused, and one at it says so."""
+    cfg = small_cfg(tmp_path, shakespeare, max_iters=2, eval_interval=2)
+    train(cfg, progress=False)
+    out = tmp_path / "run"
+    state, config = (out / "state.json").read_text(), (out / "config.json").read_text()
+    with pytest.raises(UserError, match="is at step 2, past --max-iters 1"):
+        train(TrainConfig.of(resume=True, out=str(out), max_iters=1), progress=False)
+    capsys.readouterr()
+    assert train(TrainConfig.of(resume=True, out=str(out)), progress=False).start_step == 2
+    assert "already at step 2 of --max-iters 2: nothing to train" in capsys.readouterr().err
+    for damage, message in [({"step": "x"}, "state.json is corrupt: its step is 'x'"),
+                            ({"sampler": [1, 2]}, "state.json is corrupt: its sampler"),
+                            ({"sampler": {"state": 3}}, "random sampler is corrupt"),
+                            ({"loss_scale": {"scale": "big"}}, "state.json is corrupt: its loss_scale")]:
+        (out / "state.json").write_text(json.dumps({**json.loads(state), **damage}))
+        with pytest.raises(UserError, match=message):
+            train(TrainConfig.of(resume=True, out=str(out), max_iters=4), progress=False)
+    (out / "state.json").write_text(state)
+    saved = json.loads(config)
+    saved["train"]["batch_size"] = "many"
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="config.json: batch_size must be int, got 'many'"):
+        TrainConfig.of(resume=True, out=str(out), max_iters=4)
+    (out / "config.json").write_text(config)
+    with pytest.raises(UserError, match="a step's batches .* needs at least"):
+        train(small_cfg(tmp_path, shakespeare, grad_accum=10**9, out=str(tmp_path / "huge")), progress=False)
+    assert not (tmp_path / "huge").exists()

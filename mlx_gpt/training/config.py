@@ -247,8 +247,7 @@ def _resumed(given: Mapping[str, Any]) -> TrainConfig:
     if given.get("overwrite"):
         raise UserError("--resume and --overwrite contradict each other; pick one")
     saved = checkpoint.read_config(given["out"]).get("train") or {}
-    if not isinstance(saved, dict):
-        raise UserError(f"{given['out']}/{checkpoint.CONFIG}: its training settings are not a table")
     merged = flags.merge_resumed(TrainConfig, saved, dict(given), "a resumed run keeps its model and optimisation "
-                                 "settings", keep=("resume", "overwrite", "out"))
+                                 "settings", keep=("resume", "overwrite", "out"),
+                                 where=f"{given['out']}/{checkpoint.CONFIG}")
     return flags.from_flat(TrainConfig, merged).resolved()

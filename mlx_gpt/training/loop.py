@@ -112,6 +112,10 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
         report.bar.close()
         report.note(f"done: checkpoint in {run.out} (val loss {run.best_val:.4f})")
         return run
+    if run.start_step == cfg.optim.max_iters:
+        report.note(f"{run.out} is already at step {run.start_step} of --max-iters {cfg.optim.max_iters}: nothing to "
+                    "train; give a larger --max-iters to train it further")
+        return run
     _steps(run, make_train_step(model, run.optimizer, cfg, group, run.scaler), report, evaluate, show_sample, on_step)
     report.bar.close()
     report.note(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})")

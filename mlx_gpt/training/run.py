@@ -22,6 +22,7 @@ from ..data import Dataset, prepare, tokenizer_digest
 from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
 from ..generate import generate
+from ..limits import check_bytes
 from ..memory import MemoryEstimate
 from ..models.base import eval_mode
 from ..optim import AdamW, make_optimizer
@@ -150,6 +151,8 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
                         f"({dataset.vocab_size})")
     rank, world = group.rank(), group.size()
     B, T, shard, seed = cfg.step.batch_size, model.config.block_size, dict(rank=rank, world=world), cfg.step.seed
+    check_bytes(2 * 8 * cfg.step.grad_accum * B * (T + 1),  # x and y, and the windows they are cut from
+                f"a step's batches (--grad-accum {cfg.step.grad_accum} x --batch-size {B} x block {T})")
     samplers = Samplers(make_sampler(cfg.data.sampler, dataset.train_file, B, T, seed=seed, accum=cfg.step.grad_accum,
                                      **shard),
                         BatchSampler(dataset.val_file, B, T, seed=seed + 1, **shard),
@@ -158,6 +161,9 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
     if cfg.run.resume:
         distributed.check_world_size(state.get("world_size", 1), group, str(out))
         samplers.train.set_state(state["sampler"])
+        if state["step"] > cfg.optim.max_iters:
+            raise UserError(f"{out} is at step {state['step']}, past --max-iters {cfg.optim.max_iters}; give a larger "
+                            "--max-iters to train it further")
     trains = bool(tree_flatten(model.trainable_parameters()))  # a count rung is fitted, not stepped
     if cfg.optim.max_seconds is not None and not cfg.run.resume and trains:
         cfg = fit_to_seconds(cfg, model, samplers.train, group)
