@@ -298,7 +298,7 @@ def load_state(path: str | os.PathLike) -> dict:
 
     scale = state.get("loss_scale", {})
     fine = {"step": whole(state.get("step"), 0), "world_size": whole(state.get("world_size", 1), 1),
-            "best_val": number(state.get("best_val", 0.0)), "sampler": isinstance(state.get("sampler"), dict),
+            "best_val": number(state.get("best_val", 0.0)), "sampler": isinstance(state.get("sampler", {}), dict),
             "loss_scale": isinstance(scale, dict) and all(number(scale.get(k, 0))
                                                           for k in ("scale", "good_steps", "skipped"))}
     wrong = [key for key, ok in fine.items() if not ok]

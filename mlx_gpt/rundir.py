@@ -80,7 +80,8 @@ def _same(a: Path, b: Path) -> bool:
 
 def check_out(out: Path, flag: str = "--out", known: frozenset[str] = checkpoint.FILES) -> None:
     """Refuse an output directory that a save must not replace: a file (or a path through one),
-    the working directory or a folder above it, a folder holding anything but a run's files."""
+    the working directory or a folder above it, a folder holding anything but a run's files, or
+    run-like files without the checkpoint that would make them ours."""
     for p in (out, *out.absolute().parents):
         if p.exists() and not p.is_dir():
             what = "is a file" if p == out else f"goes through the file {p}"
@@ -103,6 +104,13 @@ def check_out(out: Path, flag: str = "--out", known: frozenset[str] = checkpoint
     if CONFIG in names and not checkpoint.is_config(out / CONFIG):
         raise UserError(f"{flag} {out} holds a config.json that is not an mlx_gpt run's; refusing to replace it or "
                         "write into it, even with --overwrite: choose another folder")
+    # a folder is ours by what we wrote in it (a checkpoint's config, here or waiting in a cut-short
+    # swap's .NAME.old), never by the names of the files it holds (a user's own metrics.jsonl)
+    ours = (out / CONFIG).is_file() or checkpoint.is_config(previous_version(out) / CONFIG)
+    contents = [n for n in names if not _swap_leftover(n)]
+    if contents and not ours:
+        raise UserError(f"{flag} {out} holds files ({', '.join(contents[:3])}) but no mlx_gpt checkpoint; refusing to "
+                        "replace it or write into it, even with --overwrite: choose another folder")
 
 
 def _swap_leftover(name: str) -> bool:

@@ -484,13 +484,16 @@ def metrics_truncated_on_resume(t, b):
 
 
 @case
-def fresh_run_over_a_lone_metrics_file(t, b):
-    run = t / "run"
+def run_into_a_folder_of_run_like_files(t, b):
+    """A folder is ours by the checkpoint we wrote in it, not by its files' names: a user's own
+    metrics.jsonl and loss.png are kept, with --overwrite too."""
+    run = t / "results"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss": 9.0}) + "\n")
-    expect_ok(train_in(t, b, "--out", run))
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert 50 not in steps
+    (run / "loss.png").write_bytes(b"my picture")
+    for extra in ((), ("--overwrite",)):
+        expect_error(train_in(t, b, "--out", run, *extra), "but no mlx_gpt checkpoint")
+    assert (run / "loss.png").read_bytes() == b"my picture" and "50" in (run / "metrics.jsonl").read_text()
 
 
 @case

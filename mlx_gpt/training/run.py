@@ -160,6 +160,8 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
     state = checkpoint.load_state(out) if cfg.run.resume else {}
     if cfg.run.resume:
         distributed.check_world_size(state.get("world_size", 1), group, str(out))
+        if "sampler" not in state:
+            raise UserError(f"{out}/{checkpoint.STATE} has no sampler position: this checkpoint cannot be resumed")
         samplers.train.set_state(state["sampler"])
         if state["step"] > cfg.optim.max_iters:
             raise UserError(f"{out} is at step {state['step']}, past --max-iters {cfg.optim.max_iters}; give a larger "
