@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import replacing_file
+from . import rundir
 from .checkpoint import CONFIG, METRICS
 from .errors import UserError, run_cli
 
@@ -144,13 +145,26 @@ def figure(runs: list[Curves], title: str | None = None):
     return fig
 
 
+SOFTWARE = "mlx_gpt plot"  # written into each picture: how a later plot knows the file is its own
+
+
 def save(runs: list[Curves], out: str | Path, title: str | None = None) -> Path:
     """Write the picture of ``runs`` to ``out`` (PNG) atomically."""
     out = Path(out)
     fig = figure(runs, title)
     with replacing_file(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": SOFTWARE})
     return out
+
+
+def drawn_here(path: Path) -> bool:
+    """Whether ``path`` is a picture this module drew (its PNG names us as its software)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Software\x00" + SOFTWARE.encode() in head
 
 
 def _color(i: int) -> tuple:
@@ -166,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default="runs.png", help="PNG file to write (default: runs.png)")
     p.add_argument("--title", default=None, help="title (default: the runs' names)")
     a = p.parse_args(argv)
+    rundir.check_file_out(Path(a.out), drawn_here)
     runs = [read_run(r) for r in a.runs]
     if not any(r.train or r.eval_val for r in runs):
         raise UserError("the runs have no logged steps yet")

@@ -71,6 +71,20 @@ def check_export(out: Path, flag: str) -> None:
                         "refusing to replace it even with --overwrite")
 
 
+def check_file_out(out: Path, ours: Callable[[Path], bool], flag: str = "--out") -> None:
+    """A file output (a picture) replaces only a regular file we wrote (``ours``), or takes a new
+    path: never a folder, a device, what a link points to, a user's file, or a file inside a
+    checkpoint (checkpoints are written whole, by the command that owns them)."""
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UserError(f"{flag} {out} is not a regular file (a folder, a device or a link); choose a new file")
+    if checkpoint.exists(out.absolute().parent):
+        raise UserError(f"{flag} {out} is inside the checkpoint {out.absolute().parent}, which only its own command "
+                        "writes; choose a file outside it")
+    if out.exists() and not ours(out):
+        raise UserError(f"{flag} {out} exists and was not written by mlx_gpt; refusing to replace it: choose "
+                        "another file")
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))

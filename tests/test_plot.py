@@ -48,6 +48,33 @@ def test_cli_overlays_runs_into_a_png(tmp_path):
     assert_one_line_error(run_module("mlx_gpt.plot", str(tmp_path / "nothing"), cwd=tmp_path), "no metrics.jsonl")
 
 
+def test_the_picture_replaces_only_a_picture_it_drew(tmp_path):
+    """--out takes a new path or a PNG plot drew before; never a user's file, a folder, a device,
+    a link's target or a file inside a checkpoint (a run's weights)."""
+    import os
+
+    from mlx_gpt import checkpoint
+    from mlx_gpt.models.gpt import GPTConfig, build
+    from mlx_gpt.tokenizer import ByteTokenizer
+
+    run = fake_run(tmp_path / "run", [3.1, 2.5, 2.7])
+    ckpt = checkpoint.save(tmp_path / "ckpt", build(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1,
+                                                              n_embd=8)), ByteTokenizer())
+    weights = (ckpt / "model.safetensors").read_bytes()
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my own picture")
+    os.symlink(mine, tmp_path / "link.png")
+    (tmp_path / "folder").mkdir()
+    for out, message in [(ckpt / "model.safetensors", "inside the checkpoint"),
+                         (mine, "was not written by mlx_gpt"), (tmp_path / "link.png", "not a regular file"),
+                         (tmp_path / "folder", "not a regular file"), ("/dev/null", "not a regular file")]:
+        assert_one_line_error(run_module("mlx_gpt.plot", str(run), "--out", str(out), cwd=tmp_path), message)
+    assert (ckpt / "model.safetensors").read_bytes() == weights and mine.read_bytes() == b"my own picture"
+    for _ in range(2):  # a picture plot drew is its own to draw again
+        assert run_module("mlx_gpt.plot", str(run), "--out", "runs.png", cwd=tmp_path).returncode == 0
+    assert plot.drawn_here(tmp_path / "runs.png")
+
+
 @pytest.mark.slow
 def test_training_writes_loss_png_at_each_evaluation(tmp_path, shakespeare):
     out = tmp_path / "run"
