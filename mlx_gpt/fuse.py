@@ -26,10 +26,17 @@ def fuse(adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     base = config["lora"].get("base", {}).get("path") if isinstance(config["lora"], dict) else None
     lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the adapters' own run": checkpoint.resolve(adapter),
                                                             "their base": base})
-    try:  # no training run may write into out meanwhile
+    # no trainer may write into out, nor change the adapters or their base while they are read
+    pins = [rundir.RunLock(Path(p), shared=True) for p in (checkpoint.resolve(adapter), base)
+            if p is not None and checkpoint.exists(p)]
+    try:
+        for pin in pins:
+            pin.acquire()
         model, tokenizer = checkpoint.load(adapter)
         return checkpoint.save(out, model, tokenizer, train_config=config.get("train"))
     finally:
+        for pin in pins:
+            pin.release()
         lock.release()
 
 

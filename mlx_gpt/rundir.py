@@ -14,6 +14,7 @@ blocks the next writer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -137,23 +138,34 @@ def lock_path(out: Path) -> Path:
 
 
 class RunLock:
-    """An exclusive lock on a run directory for one training process (see the module doc)."""
+    """A lock on a run directory: exclusive for the one process that writes it, shared for those
+    that read it while they work (a LoRA run pins its base), so neither sees the other's half
+    (see the module doc)."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, shared: bool = False):
+        self.out, self.shared = out, shared
         self.path = lock_path(out)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            if not self.shared:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
             while self._fd is None:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except (PermissionError, OSError) as e:
+                    if self.shared and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                        return self  # a folder nobody here may write is pinned already
+                    raise
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
+                    if self.shared:
+                        raise UserError(f"{self.out} is being written by another mlx_gpt process (pid {holder}); "
+                                        "wait for it to finish") from None
                     raise UserError(f"{self.out} is in use by another mlx_gpt process (pid {holder}); wait for it "
                                     "to finish or choose another --out") from None
                 try:
@@ -163,8 +175,9 @@ class RunLock:
                 if not same:  # its holder removed it as we opened it: take the new one
                     os.close(fd)
                     continue
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                if not self.shared:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
                 self._fd = fd
         except OSError as e:
             raise filesystem_error(e, f"locking {self.out}") from None
@@ -172,10 +185,11 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError:
-                pass
+            if not self.shared:  # readers leave the file to the others reading
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    pass
             os.close(self._fd)
             self._fd = None
 

@@ -12,7 +12,7 @@ from . import flags
 from .errors import run_cli
 from .training.config import FINETUNE_DEFAULTS, LORA_DEFAULTS, TrainConfig, resolve
 from .training.loop import train_run
-from .training.run import Run, setup
+from .training.run import Run, release, setup
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None,
@@ -25,8 +25,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None,
     try:
         return train_run(run, progress=progress, on_step=on_step)
     finally:
-        if run.lock is not None:
-            run.lock.release()
+        release(run.locks)
 
 
 def _defaults(d: dict) -> str:

@@ -397,6 +397,32 @@ def test_a_base_moved_together_with_its_adapters_is_found_beside_them(tmp_path, 
         checkpoint.load_model(adapter)
 
 
+def test_a_lora_run_pins_its_base(tmp_path, text, base_dir):
+    """A base being trained cannot be adapted (its hash would go stale), and an adapted base, while
+    a LoRA run or a fuse reads it, cannot be trained."""
+    import shutil
+
+    from mlx_gpt import rundir
+
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    trainer = rundir.RunLock(base).acquire()
+    try:
+        with pytest.raises(UserError, match="is being written by another mlx_gpt process"):
+            train(lora_cfg(tmp_path, text, base), progress=False)
+    finally:
+        trainer.release()
+    reader = rundir.RunLock(base, shared=True).acquire()
+    try:
+        with pytest.raises(UserError, match="in use by another mlx_gpt process"):
+            rundir.claim_out(base, overwrite=True)
+        run = train(lora_cfg(tmp_path, text, base), progress=False)  # two readers share it
+    finally:
+        reader.release()
+    rundir.claim_out(base, overwrite=True).release()  # free again once the readers are done
+    assert run.adapter["base"]["path"] == str(base.absolute())
+
+
 def test_adapters_holding_a_nan_are_never_fused(tmp_path, lora_run):
     import shutil
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -56,7 +56,7 @@ class Run:
     memory: MemoryEstimate | None = None
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
     scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
-    lock: rundir.RunLock | None = None
+    locks: list[rundir.RunLock] = field(default_factory=list)  # out's (rank 0), and a LoRA run's pin on its base
     log: rundir.RunLog | None = None
     adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (lora.record)
 
@@ -84,17 +84,24 @@ def _check_resumed(cfg: TrainConfig, out: str) -> None:
                             "a resumed run keeps its model and optimisation settings")
 
 
-def _starting_point(cfg: TrainConfig):
-    """(model, tokenizer, adapter record) a run starts from: a resumed run's, --init's, or none yet."""
+def _starting_point(cfg: TrainConfig, locks: list):
+    """(model, tokenizer, adapter record) a run starts from: a resumed run's, --init's, or none yet.
+    A LoRA run pins its base (a shared lock, held to the end): the adapters apply only to the
+    weights they were trained on, so no trainer may change them meanwhile."""
     if cfg.run.resume:
         _check_resumed(cfg, cfg.run.out)
         out = cfg.run.out
-        return (checkpoint.load_model(out, fuse=False), load_tokenizer(checkpoint.resolve(out)),
-                checkpoint.read_config(out).get("lora"))
+        adapter = checkpoint.read_config(out).get("lora")
+        if isinstance(adapter, dict) and isinstance(adapter.get("base"), dict) and \
+                checkpoint.exists(adapter["base"].get("path", "")):
+            locks.append(rundir.RunLock(Path(adapter["base"]["path"]), shared=True).acquire())
+        return checkpoint.load_model(out, fuse=False), load_tokenizer(checkpoint.resolve(out)), adapter
     if cfg.model.init:
         if cfg.lora.rank and "lora" in checkpoint.read_config(cfg.model.init):
             raise UserError(f"--init {cfg.model.init} holds LoRA adapters; fuse them into a checkpoint first "
                             f"(python -m mlx_gpt.fuse --adapter {cfg.model.init} --out DIR) and train new ones on that")
+        if cfg.lora.rank:
+            locks.append(rundir.RunLock(checkpoint.resolve(cfg.model.init), shared=True).acquire())
         model, tokenizer = run_model.from_init(cfg)
         return model, tokenizer, lora.record(cfg.model.init, cfg.lora) if cfg.lora.rank else None
     return None, None, None
@@ -113,20 +120,26 @@ def setup(cfg: TrainConfig) -> Run:
     backend.configure(cfg.step.batch_size, cfg.step.streams)
     if cfg.run.out is not None:
         rundir.check_out(Path(cfg.run.out))
-    model, tokenizer, adapter = _starting_point(cfg)
-    dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
-    tokenizer = tokenizer or dataset.tokenizer
-    peak = run_model.memory_check(cfg, model, dataset)  # before anything is built or deleted
-    if cfg.run.out is None:
-        cfg = cfg.replace(out=_default_out(cfg, dataset))
-    out = Path(cfg.run.out)
-    lock = _claim(cfg, out, adapter) if group.rank() == 0 else None  # rank 0 writes: from here on, out is ours
+    locks: list[rundir.RunLock] = []
     try:
-        return _ready(cfg, out, group, dataset, model, tokenizer, adapter, peak, lock)
+        model, tokenizer, adapter = _starting_point(cfg, locks)
+        dataset = distributed.rank_zero_first(group, lambda: _dataset(cfg, tokenizer))
+        tokenizer = tokenizer or dataset.tokenizer
+        peak = run_model.memory_check(cfg, model, dataset)  # before anything is built or deleted
+        if cfg.run.out is None:
+            cfg = cfg.replace(out=_default_out(cfg, dataset))
+        out = Path(cfg.run.out)
+        if group.rank() == 0:  # rank 0 writes: from here on, out is ours
+            locks.append(_claim(cfg, out, adapter))
+        return _ready(cfg, out, group, dataset, model, tokenizer, adapter, peak, locks)
     except BaseException:
-        if lock is not None:
-            lock.release()
+        release(locks)
         raise
+
+
+def release(locks: list[rundir.RunLock]) -> None:
+    for lock in reversed(locks):
+        lock.release()
 
 
 def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
@@ -139,7 +152,7 @@ def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
                                  "for a new run")
 
 
-def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, lock) -> Run:
+def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, locks) -> Run:
     """The claimed run's model assembled, its samplers, its saved state restored when resuming, its
     budget in steps, and its optimizer."""
     if group.rank() != 0:
@@ -183,7 +196,7 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
         scaler.load_state_dict(state["loss_scale"])
     return Run(cfg, out, dataset, model, tokenizer, optimizer, samplers, start_step=state.get("step", 0),
                best_val=state.get("best_val", math.inf), rank=rank, world=world, memory=peak, scaler=scaler,
-               lock=lock, adapter=adapter,
+               locks=locks, adapter=adapter,
                log=rundir.RunLog(out, state["step"] if cfg.run.resume else None) if rank == 0 else None)
 
 
