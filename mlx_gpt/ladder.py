@@ -40,6 +40,7 @@ from .generate import generate
 from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, flops_per_token, parse
 from .models.rungs import build as build_rung
 from .train import train
+from .training.loop import Diverged
 from .training.budget import over_steps
 from .training.config import TrainConfig
 
@@ -191,7 +192,15 @@ def trial(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Pa
             return t
     say(f"{rung.spec}: search at {cfg.label(budget)}, batch {batch_size}, learning rate {learning_rate:g}")
     name = f"{cfg.label(budget).replace(' ', '')}-b{batch_size}-lr{learning_rate:g}"
-    t = run_neural(cfg, rung, budget, batch_size, learning_rate, out / "search" / name, record["flops_per_token"])
+    try:
+        t = run_neural(cfg, rung, budget, batch_size, learning_rate, out / "search" / name, record["flops_per_token"])
+    except Diverged as e:  # a setting that diverges loses the search; the study goes on
+        t = dict(budget=budget, batch_size=batch_size, learning_rate=learning_rate, checkpoint=str(out / "search" / name),
+                 search_loss=None, diverged=str(e))
+        record["search"].append(t)
+        save()
+        say(f"{rung.spec}: batch {batch_size}, lr {learning_rate:g} diverged; it loses the search")
+        return t
     loss = score(t.pop("model"), dataset, open_tokens(dataset.val_file)[: SEARCH_VAL_TOKENS + 1]).loss
     t["search_loss"] = loss if math.isfinite(loss) else None
     record["search"].append(t)
@@ -311,6 +320,9 @@ def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dic
                             what="a study", hint="pass --resume to continue it, or choose another --out")
     try:
         return _climb(cfg, ladder, dataset, out, say)
+    except KeyboardInterrupt:
+        say(f"interrupted: the study's finished trials and points are saved; continue with --resume --out {out}")
+        raise
     finally:
         lock.release()
 
@@ -378,11 +390,7 @@ def config_from_args(given: dict) -> LadderConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = config_from_args(flags.parse(build_parser(), LadderConfig, argv))
-    try:
-        report = climb(cfg)
-    except KeyboardInterrupt:
-        print("interrupted: finished points are saved; continue with --resume --out DIR", file=sys.stderr)
-        raise
+    report = climb(cfg)
     print(table(report))
     return report
 

@@ -214,3 +214,13 @@ def test_resume_keeps_a_point_moved_but_not_yet_saved(tmp_path, data_files):
     assert not any("search at" in m or "training for" in m for m in messages)  # nothing trained again
     again = resumed["rungs"][0]["points"][0]
     assert again["checkpoint"] == point["checkpoint"] and again["val_loss"] == done["rungs"][0]["points"][0]["val_loss"]
+
+
+def test_a_diverging_trial_loses_the_search_and_the_study_goes_on(tmp_path, data_files):
+    cfg = small(tmp_path, data_files, rungs=("gpt",), budgets=(2048.0,), batch_sizes=(4,), lr_scales=(1.0, 1e5))
+    report = climb(cfg, say=lambda s: None)
+    search = report["rungs"][0]["search"]
+    assert [t.get("diverged") is not None for t in search] == [False, True]
+    assert "training diverged" in search[1]["diverged"]
+    point = report["rungs"][0]["points"][0]
+    assert point["learning_rate"] == search[0]["learning_rate"] and math.isfinite(point["val_loss"])

@@ -242,8 +242,12 @@ class _DivergenceWatch:
     def stop(self, what: str) -> None:
         kept = (f"the last good checkpoint (step {self.saved}) is kept in {self.run.out}" if self.saved is not None
                 else "no checkpoint was written")
-        raise UserError(f"training diverged: {what}; {kept}. Lower --learning-rate "
-                        f"({self.run.cfg.optim.learning_rate:g}) or check the data")
+        raise Diverged(f"training diverged: {what}; {kept}. Lower --learning-rate "
+                       f"({self.run.cfg.optim.learning_rate:g}) or check the data")
+
+
+class Diverged(UserError):
+    """A run whose loss, gradients or weights stopped being finite (a search's trial just loses)."""
 
 
 def all_finite(*trees) -> bool:
