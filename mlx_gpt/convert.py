@@ -247,7 +247,7 @@ def _check_export_file(out: Path, flag: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python tools/convert.py",
+        prog="mlx-gpt convert",
         description="Import a GPT-2 checkpoint (a Hugging Face directory or llm.c's .bin) as an mlx_gpt "
                     "checkpoint, or export an mlx_gpt checkpoint with --to.")
     p.add_argument("src", help="import: a Hugging Face GPT-2 directory or an llm.c checkpoint file; "

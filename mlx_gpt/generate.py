@@ -242,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if prompt is not None:
             _run_prompt(decoder, tokenizer, prompt, args, seed)
-        if args.interactive:
-            _interact(decoder, tokenizer, args, seed + 1)
+        if args.interactive:  # the next seed after the --prompt's, or the first one
+            _interact(decoder, tokenizer, args, seed + 1 if prompt is not None else seed)
     except BrokenPipeError:  # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

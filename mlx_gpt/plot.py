@@ -128,7 +128,12 @@ def figure(runs: list[Curves], title: str | None = None):
             lr_ax.plot(s, v, color=c, linewidth=1.5, label=label)
     finite = [v for v in losses if math.isfinite(v) and v > 0]
     if finite and max(finite) / min(finite) > 3:  # a long run spans orders of loss: log scale shows both ends
+        from matplotlib.ticker import FuncFormatter
+
         loss_ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 0.5 rather than 2x10^0, 5x10^-1
+        loss_ax.yaxis.set_major_formatter(plain)
+        loss_ax.yaxis.set_minor_formatter(plain)
     loss_ax.set_ylabel("loss (nats per token)")
     loss_ax.grid(alpha=0.3, which="both")
     if finite:

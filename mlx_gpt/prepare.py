@@ -10,15 +10,16 @@ from .errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.prepare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.prepare",
+                                description="Tokenize a corpus into llm.c token files under data/.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a text file, a folder of .txt files, 'pydoc' or 'shakespeare'")
     p.add_argument("--tokenizer", default="byte",
                    help="byte; sp:VOCAB for SentencePiece BPE trained on the data; gpt2:PATH for GPT-2's BPE from a "
                         "directory with encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json "
                         "(gpt2 alone: from DATA_DIR/tokenizers/gpt2/)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--data-dir", default="data", help="where prepared datasets are kept")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each document held out for evaluation")
     p.add_argument("--force", action="store_true", help="prepare again even if a matching dataset exists")
     a = p.parse_args(argv)
     ds = prepare(a.source, a.tokenizer, data_dir=a.data_dir, val_fraction=a.val_fraction, force=a.force)

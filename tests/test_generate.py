@@ -300,6 +300,11 @@ def test_cli_samples_and_interactive(ckpt):
     r = cli("--checkpoint", str(ckpt), "--interactive", "--temperature", "0", "--max-new-tokens", "5", "--no-echo",
             stdin="one\n\ntwo\n")
     assert r.returncode == 0 and len(r.stdout.split("\n")) == 3 and r.stderr.count("| seed ") == 2
+    r = cli("--checkpoint", str(ckpt), "--interactive", "--seed", "3", "--max-new-tokens", "2", stdin="one\ntwo\n")
+    assert r.returncode == 0 and "| seed 3\n" in r.stderr and "| seed 4\n" in r.stderr  # the first prompt's is 3
+    r = cli("--checkpoint", str(ckpt), "--prompt", "x", "--interactive", "--seed", "3", "--max-new-tokens", "2",
+            stdin="one\n")
+    assert r.returncode == 0 and "| seed 3\n" in r.stderr and "| seed 4\n" in r.stderr  # --prompt's, then stdin's
 
 
 def corrupt_checkpoint(ckpt, tmp_path):

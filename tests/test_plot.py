@@ -91,3 +91,13 @@ def test_training_writes_loss_png_at_each_evaluation(tmp_path, shakespeare):
     assert TrainConfig.of(**flags.read_toml(out / "train.toml", TrainConfig)) == ran  # --config reproduces it
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     assert [plot.read_run(out).eval_val[i][1] for i in range(2)] == [e["val_loss"] for e in evals]
+
+
+def test_a_log_scale_reads_in_plain_numbers(tmp_path):
+    run = plot.read_run(fake_run(tmp_path / "a", [5.0, 1.2, 0.9], steps=(10, 20, 30)))
+    fig = plot.figure([run])
+    fig.canvas.draw()
+    loss_ax = fig.axes[0]
+    assert loss_ax.get_yscale() == "log"
+    labels = [t.get_text() for t in loss_ax.get_yticklabels(minor=True) + loss_ax.get_yticklabels()]
+    assert any(labels) and not any("10^" in t or "times" in t or "×" in t for t in labels), labels

@@ -652,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-tf32", action="store_true",
                    help="let PyTorch multiply float32 on a GPU's TF32 tensor cores (nanoGPT turns this on)")
     p.add_argument("--no-in-process", dest="in_process", action="store_false",
-                   help="skip timing PyTorch inside a process that imported mlx_gpt (config A)")
+                   help="skip timing PyTorch inside a process that imported mlx_gpt (config A), which runs unless "
+                        "this is given%(default).0s")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between two processes, so thread pools settle")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep the exports there (default: a temporary folder)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
