@@ -218,6 +218,15 @@ class Dataset:
     vocab_size: int
     tokenizer: Tokenizer | None
 
+    @property
+    def name(self) -> str:
+        """The text's own name (meta.json's, without the tokenizer's label), else the folder's."""
+        try:
+            name = json.loads((self.path / "meta.json").read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        return name if isinstance(name, str) and name else self.path.name
+
 
 GPT2_TOKENIZER_DIR = ("tokenizers", "gpt2")  # under --data-dir: where `--tokenizer gpt2` looks
 
@@ -283,16 +292,21 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
         out = Path(data_dir, f"{name}-{label}")
         fingerprint = _fingerprint(docs, tokenizer, val_fraction)
     else:
+        # a tokenizer given whole (a checkpoint's): the text may be prepared already, under any
+        # name (``prepare SOURCE --tokenizer gpt2`` made data/NAME-gpt2); else a name a person reads
         digest = tokenizer_digest(tokenizer)
-        out = Path(data_dir, f"{name}-{label or f'{tokenizer.kind}{tokenizer.vocab_size}-{digest[:8]}'}")
         fingerprint = _fingerprint(docs, digest, val_fraction)
-    meta_path = out / "meta.json"
-    if not force and meta_path.exists():
-        try:
-            if json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
-                return load_dataset(out)
-        except ValueError:
-            pass
+        found = None if force else next((d for d in sorted(Path(data_dir).glob(f"{name}-*"))
+                                         if _fingerprint_of(d) == fingerprint), None)
+        if found is not None:
+            return load_dataset(found)
+        label = label or {"byte": "byte", "sentencepiece": f"sp{tokenizer.vocab_size}"}.get(tokenizer.kind,
+                                                                                              tokenizer.kind)
+        out = Path(data_dir, f"{name}-{label}")
+        if _fingerprint_of(out) not in (None, fingerprint):  # that name holds this text under another tokenizer
+            out = Path(data_dir, f"{name}-{label}-{digest[:8]}")
+    if not force and _fingerprint_of(out) == fingerprint:
+        return load_dataset(out)
     train_docs, val_docs = split_documents(docs, val_fraction)
     if not isinstance(tokenizer, str):
         tok: Tokenizer = tokenizer
@@ -310,6 +324,15 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str |
                 "documents": len(docs)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return load_dataset(out)
+
+
+def _fingerprint_of(directory: Path) -> str | None:
+    """The fingerprint a prepared dataset's meta.json records (None: none readable)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
 
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:

@@ -294,3 +294,23 @@ def test_corrupted_download_is_refused_and_not_kept(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="wrong checksum"):
         read_source("shakespeare", tmp_path)
     assert not any((tmp_path / "downloads").iterdir())
+
+
+def test_a_checkpoints_tokenizer_reuses_the_text_prepared_with_it_and_names_read_plainly(tmp_path, data_files,
+                                                                                         sp_tokenizer):
+    """Fine-tuning encodes with the checkpoint's tokenizer: text already prepared with that
+    tokenizer (``prepare --tokenizer gpt2``) is reused, whatever its folder's name; new folders are
+    named by the tokenizer's kind (the-verdict-sp300), with its digest only where that name is taken."""
+    from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
+
+    verdict, data = str(data_files / "the-verdict.txt"), tmp_path / "data"
+    by_spec = prepare(verdict, f"gpt2:{data_files / 'gpt2'}", data_dir=data)
+    assert by_spec.path.name == "the-verdict-gpt2" and by_spec.name == "the-verdict"
+    again = prepare(verdict, GPT2Tokenizer.from_directory(data_files / "gpt2"), data_dir=data)
+    assert again.path == by_spec.path and again.train_file.stat().st_mtime_ns == by_spec.train_file.stat().st_mtime_ns
+    sp = prepare(verdict, sp_tokenizer, data_dir=data)
+    assert sp.path.name == f"the-verdict-sp{sp_tokenizer.vocab_size}"
+    other = prepare(verdict, ByteTokenizer(), data_dir=data, val_fraction=0.2)
+    assert other.path.name == "the-verdict-byte"
+    taken = prepare(verdict, ByteTokenizer(), data_dir=data, val_fraction=0.3)  # the same name, other text split
+    assert taken.path.name.startswith("the-verdict-byte-") and (data / "the-verdict-byte").is_dir()

@@ -108,8 +108,12 @@ def _starting_point(cfg: TrainConfig, locks: list):
 
 
 def _default_out(cfg: TrainConfig, dataset: Dataset) -> str:
+    """checkpoints/<data>-<tokenizer>-<preset or rung> (pydoc-byte-tiny), or for a fine-tune
+    checkpoints/<data>-<what it fine-tunes> (shakespeare-gpt2)."""
     m = cfg.model
-    name = Path(m.init).name if m.init else m.preset if m.rung == "gpt" else m.rung.replace(":", "")
+    if m.init:
+        return str(Path("checkpoints") / f"{dataset.name}-{Path(m.init).name}")
+    name = m.preset if m.rung == "gpt" else m.rung.replace(":", "")
     return str(Path("checkpoints") / f"{dataset.path.name}-{name}")
 
 
