@@ -31,8 +31,9 @@ class OptimConfig:
 
     max_iters: int | None = setting(None, "optimizer steps in the run (default: 600; 20 with --init)", resumable=True)
     max_seconds: float | None = setting(
-        None, "train for about this many seconds instead of --max-iters: a few steps are timed first and the "
-              "schedule laid over the steps that fit (warmup at most a tenth of them)")
+        None, "the whole run (data, compiling, training, evaluations, saves) in about this many seconds instead of "
+              "--max-iters: a few steps and evaluation batches are timed first and the schedule laid over the steps "
+              "that fit (warmup at most a tenth of them); a run 10%% and 2 s past it ends there, evaluated and saved")
     learning_rate: float | None = setting(None, "peak learning rate (default: 2e-3; 3e-5 with --init, 2e-4 with "
                                                 "--lora-rank)")
     min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: 2e-4; --init's "

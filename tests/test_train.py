@@ -269,7 +269,10 @@ def test_weights_that_turn_non_finite_between_log_lines_are_never_saved(tmp_path
     assert np.isfinite(np.array(model.wte.weight)).all()
 
 
-def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakespeare):
+def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakespeare, monkeypatch):
+    from mlx_gpt.training import run as run_module
+
+    monkeypatch.setattr(run_module, "OVERRUN", 1e9)  # the schedule is what is compared, whatever the machine's load
     common = dict(warmup_iters=30, log_interval=1, eval_interval=1000, checkpoint_interval=1000, sample_tokens=0)
     timed = train(small_cfg(tmp_path, shakespeare, max_seconds=3.0, out=str(tmp_path / "timed"), **common),
                   progress=False)
@@ -346,3 +349,42 @@ def test_damaged_run_files_and_impossible_resumes_are_one_error(tmp_path, shakes
     with pytest.raises(UserError, match="a step's batches .* needs at least"):
         train(small_cfg(tmp_path, shakespeare, grad_accum=10**9, out=str(tmp_path / "huge")), progress=False)
     assert not (tmp_path / "huge").exists()
+
+
+def test_max_seconds_is_a_budget_for_the_whole_run(tmp_path, shakespeare, capsys):
+    """Timing, stepping, every evaluation and the saves fit the budget; a run that passes it anyway
+    (the machine got busier than its timing) ends there, evaluated and saved."""
+    import time
+
+    from mlx_gpt.training import budget
+
+    cfg = small_cfg(tmp_path, shakespeare, max_seconds=8.0, eval_interval=20, eval_iters=10, sample_tokens=0,
+                    log_interval=1000, checkpoint_interval=1000)
+    start = time.perf_counter()
+    run = train(cfg, progress=False)
+    took = time.perf_counter() - start
+    assert 8.0 * 0.5 < took < 8.0 * budget.OVERRUN + budget.SLACK + 1.0, took
+    assert checkpoint.load_state(run.out)["step"] >= 1
+    evals = [json.loads(r) for r in (run.out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in r]
+    assert evals and evals[-1]["step"] == checkpoint.load_state(run.out)["step"]  # the last step is evaluated
+
+
+
+def test_a_run_past_its_budget_ends_evaluated_and_saved(tmp_path, shakespeare, monkeypatch, capsys):
+    """Whatever the timing foresaw (here: far too many steps), the run ends once it passes
+    OVERRUN x --max-seconds + SLACK, evaluated and saved at that step."""
+    import time
+
+    from mlx_gpt.training import budget
+    from mlx_gpt.training import run as run_module
+
+    monkeypatch.setattr(run_module, "fit_to_seconds", lambda cfg, *a, **kw: budget.over_steps(cfg, 10**6))
+    cfg = small_cfg(tmp_path, shakespeare, max_seconds=1.0, eval_interval=10**5, sample_tokens=0,
+                    log_interval=10**5, checkpoint_interval=10**5)
+    start = time.perf_counter()
+    run = train(cfg, progress=False)
+    assert time.perf_counter() - start < 1.0 * budget.OVERRUN + budget.SLACK + 15  # the final evaluation and save
+    step = checkpoint.load_state(run.out)["step"]
+    assert 1 <= step < 10**6 and f"the budget ran out at step {step} of 1000000" in capsys.readouterr().err
+    evals = [json.loads(r) for r in (run.out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in r]
+    assert evals[-1]["step"] == step

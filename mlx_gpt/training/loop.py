@@ -142,7 +142,13 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
             tokens_since += tokens_per_step
             if on_step is not None:
                 on_step(step, loss.item())
-            last = step == cfg.optim.max_iters
+            # alone, a run past its --max-seconds ends here (with several processes, the fitted steps rule:
+            # each rank's clock would decide on its own)
+            late = run.deadline is not None and run.world == 1 and time.perf_counter() > run.deadline
+            last = step == cfg.optim.max_iters or late
+            if late:
+                report.say(f"--max-seconds: the budget ran out at step {step} of {cfg.optim.max_iters}; "
+                           "evaluating and saving there")
             if (step % r.log_interval == 0 or last or step == run.start_step + 1
                     or time.perf_counter() - t_line >= LINE_SECONDS):
                 watch.check()
@@ -173,6 +179,8 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
                     save(run, step, sampler_state)
                 watch.saved = step
             run.train_seconds = clock.seconds
+            if late:
+                break
             if stopping:
                 report.bar.close()
                 distributed.barrier(group)  # the others wait for rank 0's checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..optim import AdamW, make_optimizer
 from ..scaler import LossScaler
 from ..tokenizer import Tokenizer, load_tokenizer
 from . import model as run_model
-from .budget import fit_to_seconds
+from .budget import OVERRUN, SLACK, fit_to_seconds
 from .config import TrainConfig
 
 
@@ -56,6 +57,7 @@ class Run:
     memory: MemoryEstimate | None = None
     train_seconds: float = 0.0  # spent stepping in this call: evaluation, sampling and checkpoints excluded
     scaler: LossScaler | None = None  # float16 runs' loss scale (saved with the checkpoint)
+    deadline: float | None = None  # --max-seconds: when (time.perf_counter) the loop must stop at the latest
     locks: list[rundir.RunLock] = field(default_factory=list)  # out's (rank 0), and a LoRA run's pin on its base
     log: rundir.RunLog | None = None
     adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (lora.record)
@@ -119,6 +121,7 @@ def _default_out(cfg: TrainConfig, dataset: Dataset) -> str:
 
 def setup(cfg: TrainConfig) -> Run:
     """Resolve data, model, optimizer and (when resuming) saved state for a run, and lock its directory."""
+    started = time.perf_counter()  # --max-seconds counts the whole run
     cfg = cfg.resolved()
     group = distributed.init()
     backend.configure(cfg.step.batch_size, cfg.step.streams)
@@ -135,7 +138,7 @@ def setup(cfg: TrainConfig) -> Run:
         out = Path(cfg.run.out)
         if group.rank() == 0:  # rank 0 writes: from here on, out is ours
             locks.append(_claim(cfg, out, adapter))
-        return _ready(cfg, out, group, dataset, model, tokenizer, adapter, peak, locks)
+        return _ready(cfg, out, group, dataset, model, tokenizer, adapter, peak, locks, started)
     except BaseException:
         release(locks)
         raise
@@ -156,7 +159,8 @@ def _claim(cfg: TrainConfig, out: Path, adapter: dict | None) -> rundir.RunLock:
                                  "for a new run")
 
 
-def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, locks) -> Run:
+def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenizer, adapter, peak, locks,
+           started: float) -> Run:
     """The claimed run's model assembled, its samplers, its saved state restored when resuming, its
     budget in steps, and its optimizer."""
     if group.rank() != 0:
@@ -184,10 +188,12 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
             raise UserError(f"{out} is at step {state['step']}, past --max-iters {cfg.optim.max_iters}; give a larger "
                             "--max-iters to train it further")
     trains = bool(tree_flatten(model.trainable_parameters()))  # a count rung is fitted, not stepped
+    deadline = None
     if cfg.optim.max_seconds is not None and not cfg.run.resume and trains:
-        cfg = fit_to_seconds(cfg, model, samplers.train, group)
+        deadline = started + OVERRUN * cfg.optim.max_seconds + SLACK
+        cfg = fit_to_seconds(cfg, model, samplers.train, group, spent=time.perf_counter() - started)
         if rank == 0:
-            print(f"--max-seconds: {cfg.optim.max_iters} steps fit", file=sys.stderr)
+            print(f"--max-seconds: {cfg.optim.max_iters} steps fit, with their evaluations", file=sys.stderr)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     if cfg.run.resume:
@@ -200,7 +206,7 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
         scaler.load_state_dict(state["loss_scale"])
     return Run(cfg, out, dataset, model, tokenizer, optimizer, samplers, start_step=state.get("step", 0),
                best_val=state.get("best_val", math.inf), rank=rank, world=world, memory=peak, scaler=scaler,
-               locks=locks, adapter=adapter,
+               locks=locks, adapter=adapter, deadline=deadline,
                log=rundir.RunLog(out, state["step"] if cfg.run.resume else None) if rank == 0 else None)
 
 
