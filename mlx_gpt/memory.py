@@ -13,7 +13,7 @@ tree per extra stream.
 With gradient accumulation the train step evaluates each micro-batch's gradients before it
 starts the next, so one micro-batch's activations and logits are alive at a time (ACCUM_HELD of
 every further one: none). The per-token factors were fitted to ``mx.get_peak_memory()`` of real
-steps and round up; the README gives measured ratios.
+steps and round up; docs/memory.md gives measured ratios.
 """
 
 from __future__ import annotations

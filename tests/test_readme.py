@@ -1,4 +1,4 @@
-"""Every command the README shows still parses: its module exists and takes those flags.
+"""Every command the README and the docs show still parses: its module exists and takes those flags.
 
 A README that drifts from the code is the first thing a new user meets. Each command line in a
 ```bash block that runs one of ours (python -m mlx_gpt.X, mlx-gpt X, python tools/X.py) is fed
@@ -19,7 +19,8 @@ from conftest import ROOT
 
 
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    """The commands of README.md and of every page under docs/."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
