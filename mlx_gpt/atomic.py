@@ -25,6 +25,9 @@ def _umask() -> int:
 
 def previous_version(path: Path) -> Path:
     """Where the version being replaced waits while a new one is swapped in."""
+    path = Path(path)
+    if not path.name:  # ".", "": the folder they name
+        path = path.absolute()
     return path.with_name(f".{path.name}.old")
 
 

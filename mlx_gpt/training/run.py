@@ -94,9 +94,10 @@ def _starting_point(cfg: TrainConfig, locks: list):
         _check_resumed(cfg, cfg.run.out)
         out = cfg.run.out
         adapter = checkpoint.read_config(out).get("lora")
-        if isinstance(adapter, dict) and isinstance(adapter.get("base"), dict) and \
-                checkpoint.exists(adapter["base"].get("path", "")):
-            locks.append(rundir.RunLock(Path(adapter["base"]["path"]), shared=True).acquire())
+        base = adapter.get("base") if isinstance(adapter, dict) else None
+        path = base.get("path") if isinstance(base, dict) else None
+        if isinstance(path, str) and path and checkpoint.exists(path):
+            locks.append(rundir.RunLock(Path(path), shared=True).acquire())
         return checkpoint.load_model(out, fuse=False), load_tokenizer(checkpoint.resolve(out)), adapter
     if cfg.model.init:
         if cfg.lora.rank and "lora" in checkpoint.read_config(cfg.model.init):

@@ -112,11 +112,14 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
         grads_of, stream_for = plan.gradients(model, loss, s.compile, state), plan.stream_for
     else:
         grads_of, stream_for = plain_gradients(model, loss, s.compile, state), None
-    place = (lambda a: mx.stream(stream_for(a))) if stream_for is not None else (lambda a: nullcontext())
+
+    def place(a: mx.array):
+        """A parameter's share of the work on its stream (a scalar, the loss, on the default one)."""
+        return mx.stream(stream_for(a)) if stream_for is not None and a.ndim else nullcontext()
 
     def mean(tree, n: int):
         def one(a: mx.array) -> mx.array:
-            with place(a) if a.ndim else nullcontext():
+            with place(a):
                 return a / n
         return tree_map(one, tree)
 
@@ -129,7 +132,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     def fold(total: tuple, part: tuple) -> tuple:
         """The running sums of the loss and gradients, one micro-batch further."""
         def add(a: mx.array, b: mx.array) -> mx.array:
-            with place(a) if a.ndim else nullcontext():
+            with place(a):
                 return a + b
         return tree_map(add, total, part)
 
