@@ -182,6 +182,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
     try:
         with replacing_directory(out) as tmp:
             write(tmp, cfg, weights, tok, progress=progress)
+            rundir.record_written(tmp)
     finally:
         lock.release()
     return Export([out], notes)
@@ -218,7 +219,10 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
             tok_bytes = None  # already there
         elif tok_path.exists() and not overwrite:
             raise UserError(f"{tok_path} exists and holds another tokenizer; pass --overwrite to replace it")
-    lock = rundir.claim_out(out, overwrite=overwrite, check=_check_export_file, holds=Path.exists, what="a model")
+        elif tok_path.exists():
+            rundir.check_export_file(tok_path)
+    lock = rundir.claim_out(out, overwrite=overwrite, check=rundir.check_export_file, holds=Path.exists,
+                            what="a model")
     written = []
     try:
         with replacing_file(out) as tmp:
@@ -226,20 +230,12 @@ def _export_llmc(out: Path, cfg: GPTConfig, weights: dict[str, LazyTensor], tok:
             if tok_bytes is not None:
                 with replacing_file(tok_path) as tmp_tok:
                     tmp_tok.write_bytes(tok_bytes)
+                rundir.record_written_file(tok_path)
                 written.append(tok_path)
+        rundir.record_written_file(out)
     finally:
         lock.release()
     return [out, *written]
-
-
-# ---------------------------------------------------------------------------- output safety
-
-
-def _check_export_file(out: Path, flag: str) -> None:
-    """An export file replaces only a regular file, never what a link points to or a device."""
-    if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise UserError(f"{out} exists and does not look like a model this tool writes; "
-                        "refusing to replace it even with --overwrite")
 
 
 # ---------------------------------------------------------------------------- CLI

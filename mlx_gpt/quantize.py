@@ -152,6 +152,7 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
             if hf_tokenizer.has_form(tokenizer):
                 hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
+            rundir.record_written(tmp)
     finally:
         lock.release()
     return out

@@ -64,12 +64,48 @@ def check_claim(out: Path, *, overwrite: bool = False, resume: bool = False,
         raise UserError(f"{out} already holds {what}; {hint}")
 
 
+# what mlx_gpt writes into a folder in another project's layout (an export), and beside a single
+# file it writes (an llm.c model): the record that it wrote them, which its files' names are not
+WRITTEN = ".mlx_gpt-written"
+
+
+def record_written(directory: Path) -> None:
+    """Into a folder about to be swapped in: the names of the files we wrote there."""
+    names = sorted(p.name for p in directory.iterdir() if p.name != WRITTEN)
+    (directory / WRITTEN).write_text(json.dumps({"files": names}) + "\n")
+
+
+def record_written_file(path: Path) -> None:
+    """Beside a file now in place: that we wrote it (``check_export_file`` reads it)."""
+    path.with_name(f".{path.name}{WRITTEN}").write_text("{}\n")
+
+
+def _written_here(out: Path) -> bool:
+    """Whether folder ``out`` holds our record and nothing it does not list."""
+    try:
+        record = json.loads((out / WRITTEN).read_text())
+        present = {p.name for p in out.iterdir()} - {WRITTEN}
+    except (OSError, ValueError):
+        return False
+    files = record.get("files") if isinstance(record, dict) else None
+    return isinstance(files, list) and present <= {f for f in files if isinstance(f, str)}
+
+
 def check_export(out: Path, flag: str) -> None:
-    """Another project's model directory (an export) replaces only an empty folder or a model
-    directory (its config.json)."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG).is_file())):
-        raise UserError(f"{out} exists and does not look like a model this tool writes; "
-                        "refusing to replace it even with --overwrite")
+    """An export's folder replaces only an empty folder, or one we wrote (our record, and no file
+    it does not list): a folder of the same layout that someone else made is theirs."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _written_here(out))):
+        raise UserError(f"{out} exists and was not written by mlx_gpt (no record of writing it, or files it does not "
+                        "list); refusing to replace it even with --overwrite")
+
+
+def check_export_file(out: Path, flag: str = "--out") -> None:
+    """An export's file replaces only a regular file we wrote (its record beside it): never a
+    user's file of the same name, what a link points to, or a device."""
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UserError(f"{out} exists and is not a regular file; refusing to replace it even with --overwrite")
+    if out.exists() and not out.with_name(f".{out.name}{WRITTEN}").is_file():
+        raise UserError(f"{out} exists and was not written by mlx_gpt; refusing to replace it even with --overwrite")
 
 
 def check_file_out(out: Path, ours: Callable[[Path], bool], flag: str = "--out") -> None:

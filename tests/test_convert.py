@@ -474,3 +474,27 @@ def test_124m_shapes(data_files, tok, tmp_path, fmt):
     assert model.num_params() == 124_439_808
     ids = tokenizer.encode(TEXT * 4)
     np.testing.assert_allclose(_logits(model, ids), _logits(hf_model, ids), atol=TOLERANCE, rtol=0)
+
+
+def test_an_export_replaces_only_what_it_wrote(imported, tmp_path, capsys):
+    """A folder or file of the export's own layout that mlx_gpt did not write (no record of it, or
+    a file the record does not list) is refused, with --overwrite too; our own is replaced."""
+    hf_dir, bin_path = tmp_path / "hf", tmp_path / "llmc" / "model.bin"
+    for argv in (["--to", "hf", "--out", str(hf_dir)], ["--to", "llmc", "--out", str(bin_path)]):
+        for _ in range(2):
+            code, _, err = _cli([str(imported), *argv, "--overwrite", "--quiet"], capsys)
+            assert code == 0, err
+    (hf_dir / "notes.txt").write_text("mine")  # a file our record does not list
+    code, _, err = _cli([str(imported), "--to", "hf", "--out", str(hf_dir), "--overwrite", "--quiet"], capsys)
+    assert code == 2 and "was not written by mlx_gpt" in err and (hf_dir / "notes.txt").read_text() == "mine"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")  # the layout of an export, someone else's
+    (theirs / "model.safetensors").write_bytes(b"their weights")
+    their_bin = tmp_path / "their.bin"
+    their_bin.write_bytes(b"their llm.c model")
+    for argv in (["--to", "hf", "--out", str(theirs)], ["--to", "llmc", "--out", str(their_bin)]):
+        code, _, err = _cli([str(imported), *argv, "--overwrite", "--quiet"], capsys)
+        assert code == 2 and "was not written by mlx_gpt" in err
+    assert (theirs / "model.safetensors").read_bytes() == b"their weights"
+    assert their_bin.read_bytes() == b"their llm.c model"
