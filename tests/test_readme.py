@@ -84,3 +84,39 @@ def test_readme_command_parses(command, monkeypatch):
         module = importlib.import_module(f"mlx_gpt.{name}")
     with pytest.raises(Parsed):
         module.main(argv)
+
+
+def python_blocks() -> dict[str, list[str]]:
+    """page -> its ```python blocks, README.md's and every docs/ page's."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return {p.relative_to(ROOT).as_posix(): re.findall(r"```python\n(.*?)```", p.read_text(), flags=re.S)
+            for p in pages}
+
+
+# blocks that need what a test cannot have: GPT-2's weights, a server running
+NOT_RUN = {"docs/converting.md": 1, "docs/serving.md": 1}
+
+
+def test_python_examples_run_as_written(tmp_path):
+    """The Python a newcomer copies runs as written, against the checkpoints it names (tiny ones)."""
+    import os
+    import subprocess
+
+    from mlx_gpt import checkpoint
+    from mlx_gpt.models.gpt import GPTConfig, build
+    from mlx_gpt.tokenizer import ByteTokenizer
+
+    model = build(GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=16), seed=0)
+    for name in ("pydoc-byte-tiny", "run"):
+        checkpoint.save(tmp_path / "checkpoints" / name, model, ByteTokenizer())
+    ran = 0
+    for page, blocks in python_blocks().items():
+        if page in NOT_RUN:
+            assert len(blocks) == NOT_RUN[page], f"{page}: a new block; run it here or say why not"
+            continue
+        for block in blocks:
+            proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert proc.returncode == 0, f"{page}:\n{block}\n{proc.stderr[-2000:]}"
+            ran += 1
+    assert ran >= 2
