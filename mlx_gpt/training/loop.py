@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import distributed, memory
+from .. import checkpoint, distributed, memory
 from ..errors import UserError
 from ..models.base import eval_mode
 from ..scaler import MIN_SCALE
@@ -259,9 +259,9 @@ class Diverged(UserError):
 
 
 def all_finite(*trees) -> bool:
-    """Whether every value in the arrays of ``trees`` is finite: one pass over them, one read."""
-    flags = [mx.all(mx.isfinite(a)) for tree in trees for _, a in tree_flatten(tree) if mx.issubdtype(a.dtype, mx.inexact)]
-    return bool(mx.all(mx.stack(flags)).item()) if flags else True
+    """Whether every value in the arrays of ``trees`` is finite (``checkpoint.first_non_finite``'s one read)."""
+    return checkpoint.first_non_finite({f"{i}.{k}": a for i, tree in enumerate(trees)
+                                        for k, a in tree_flatten(tree)}) is None
 
 
 def _bar_fits() -> bool:

@@ -79,9 +79,10 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
 def _check_resumed(cfg: TrainConfig, out: str) -> None:
     """A resumed run trains what it trained: its saved settings, but those it may change."""
     saved = checkpoint.read_config(out).get("train") or {}
+    known = flags.table(TrainConfig)
     for name, value in cfg.flat().items():
-        s = flags.table(TrainConfig)[name]
-        if name in saved and saved[name] != value and not s.resumable and name not in ("resume", "overwrite", "out"):
+        if name in saved and saved[name] != value and not known[name].resumable and \
+                name not in ("resume", "overwrite", "out"):
             raise UserError(f"--{name.replace('_', '-')} {value} differs from the run's {saved[name]}; "
                             "a resumed run keeps its model and optimisation settings")
 
