@@ -5,7 +5,7 @@
 - ``ops``: GELU, softmax, layer norm, cross-entropy, linear layers and AdamW built for the CPU;
   ``attention``: attention on top of them.
 - ``extension``: builds and loads ``ext/``, those ops' C++ kernels as MLX primitives, which
-  ``ops`` uses where they load (its pure-MLX formulations are the fallback).
+  ``ops`` uses where they load (MLX's own operations are the fallback).
 - ``layers``: ``accelerate(model)`` swaps a model's plain MLX layers for ones computed by ``ops``.
 - ``parallel``: the train step's gradients, and evaluations, split over one MLX stream per core.
 

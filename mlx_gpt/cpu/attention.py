@@ -1,5 +1,5 @@
-"""Attention on MLX's CPU backend: the C++ kernels' primitives where they load, else batched
-matmuls around ``ops.softmax`` by blocks of queries; MLX's fused attention on other devices."""
+"""Attention on MLX's CPU backend: the C++ kernels' primitives where they load, MLX's own
+attention elsewhere and without them."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from typing import Callable
 import mlx.core as mx
 
 from ..models.cache import PrefixMask
-from .ops import _cut, _kernels, fast_ops_enabled, softmax
+from .ops import _kernels, fast_ops_enabled, softmax
 
 
 def causal_mask(t: int, s: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     """Additive (t, s) mask: query i sees keys up to i + s - t (the last query sees them all)."""
     rows = mx.arange(s - t, s)[:, None]
-    # written out on its own: built inside the kernel that adds it to the scores, the select
-    # on broadcast indices would leave that kernel unvectorized
-    return _cut(mx.where(mx.arange(s)[None] > rows, mx.array(-mx.inf, dtype), mx.array(0, dtype)))
+    return mx.contiguous(mx.where(mx.arange(s)[None] > rows, mx.array(-mx.inf, dtype), mx.array(0, dtype)))
 
 
 # causal attention on the CPU takes queries in blocks of about this many: a block skips the keys
@@ -38,16 +36,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
     positions needs. On the CPU it is one C++ primitive per pass where the kernels load (the
     heads read in place from the projection's views, the weights recomputed in the backward
     pass); with ``dropout`` (applied to the attention weights, which must then be written out)
-    or without the kernels, it is batched matmuls around ``softmax``, by blocks of queries when
-    causal. On other devices it is ``mx.fast.scaled_dot_product_attention``.
+    it is batched matmuls around ``softmax``, by blocks of queries when causal. Elsewhere, and
+    without the kernels, it is ``mx.fast.scaled_dot_product_attention``.
     """
-    if not fast_ops_enabled(q.dtype) and dropout is None:
-        mask = "causal" if causal else None
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    T, S = q.shape[2], k.shape[2]
     kernels = _kernels() if fast_ops_enabled(q.dtype) else None
-    if kernels is not None and dropout is None:
-        return kernels.attention(q, k, v, scale, causal)
+    if dropout is None:
+        if kernels is not None:
+            return kernels.attention(q, k, v, scale, causal)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    T, S = q.shape[2], k.shape[2]
     if kernels is None:
         q = q * scale
     n_blocks = -(-T // QUERY_BLOCK) if causal else 1

@@ -19,7 +19,7 @@ A library that does not match is rebuilt; if the rebuild fails, one warning says
 
 Whenever it cannot be built or loaded (no compiler or CMake, no nanobind, a nanobind whose ABI
 differs from MLX's, a GPU build of MLX) or ``MLX_GPT_NO_EXT=1`` is set, ``load()`` returns None
-and ``mlx_gpt.cpu.ops`` keeps its pure-MLX kernels; ``status()`` says which path runs and why. A
+and ``mlx_gpt.cpu.ops`` runs MLX's own operations; ``status()`` says which path runs and why. A
 failed build is remembered (with its log) so that later processes do not retry it until something
 in the key changes.
 """
@@ -139,7 +139,7 @@ def _locked_build(target: Path) -> str | None:
             failed.write_text(f"{type(e).__name__}: {e}\n")
             if damaged:
                 target.unlink(missing_ok=True)  # never to be loaded
-                warn(f"rebuilding the C++ CPU kernels failed (log: {log}); the pure-MLX kernels run instead")
+                warn(f"rebuilding the C++ CPU kernels failed (log: {log}); MLX's own operations run instead")
             return f"the build failed (log: {log})"
     return None
 
@@ -190,7 +190,7 @@ def _load() -> tuple[ModuleType | None, str]:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _smoke_test(module)
-    except Exception as e:  # any failure to load leaves the pure-MLX kernels in place
+    except Exception as e:  # any failure to load leaves MLX's own operations in place
         return None, f"pure MLX (the C++ kernels at {target} did not load: {type(e).__name__}: {e})"
     return module, f"C++ extension ({target})"
 
