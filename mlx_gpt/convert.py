@@ -29,7 +29,7 @@ from .formats.tensors import LazyTensor, progress_bar
 from .gpt2_tokenizer import GPT2Tokenizer
 from .models.gpt import GPT, GPTConfig
 from .models.registry import model_type_of
-from .tokenizer import META_FILE, Tokenizer, load_tokenizer
+from .tokenizer import META_FILE, Tokenizer, load_tokenizer, with_chat_template
 
 EXPORTS = ("hf", "llmc", "mlx-lm")
 LLMC_TOKENIZER = "gpt2_tokenizer.bin"
@@ -56,6 +56,9 @@ def _import(src: Path, out: Path, tokenizer: str | os.PathLike | None, progress:
     if tok is None:
         raise UserError(f"{src} comes with no tokenizer; pass --tokenizer (llm.c's {LLMC_TOKENIZER}, Hugging Face's "
                         "tokenizer.json, or a directory with vocab.json + merges.txt or encoder.json + vocab.bpe)")
+    beside = Path(tokenizer) if tokenizer is not None else src  # a chat template comes with Hugging Face's files
+    if beside.is_dir():
+        tok = with_chat_template(tok, hf_tokenizer.read_chat_template(beside))
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size} embeddings")
     check_layer_count(cfg, weights, src)

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Protocol
 from .errors import UserError
 
 META_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # beside it: the chat template the tokenizer carries (chat.py)
 
 
 class Tokenizer(Protocol):
@@ -202,8 +203,33 @@ def is_plain_file_name(name: object) -> bool:
     return True
 
 
+def with_chat_template(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
+    """``tokenizer`` carrying a chat template (``chat.py``): saved beside its files as
+    chat_template.jinja (Hugging Face's name for it) and read back with it by ``load_tokenizer``."""
+    if not template:
+        return tokenizer
+    save = type(tokenizer).save
+
+    def save_with_template(directory: str | os.PathLike) -> None:
+        save(tokenizer, directory)
+        Path(directory, CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+
+    tokenizer.chat_template, tokenizer.save = template, save_with_template
+    return tokenizer
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Read the tokenizer a checkpoint (or prepared dataset) directory was saved with."""
+    """Read the tokenizer a checkpoint (or prepared dataset) directory was saved with, and its chat template."""
+    tokenizer = _load_tokenizer(directory)
+    path = Path(directory, CHAT_TEMPLATE_FILE)
+    try:
+        template = path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {str(e)[:100]}") from None
+    return with_chat_template(tokenizer, template)
+
+
+def _load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     meta_path = Path(directory, META_FILE)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
 from ..gpt2_tokenizer import EOT, GPT2Tokenizer
-from ..tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from ..tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space
 # text that reaches the corners of the conversion: runs of spaces, tabs, newlines, digits,
@@ -43,7 +44,7 @@ def write_tokenizer(directory: Path, tokenizer: Tokenizer, block_size: int) -> N
         config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "model_max_length": block_size}
         if tokenizer.eot_id is not None:
             config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
-        _write_config(directory, config)
+        _write_config(directory, config, tokenizer)
         return
     fast = to_tokenizers(tokenizer)
     if fast is None:
@@ -56,7 +57,7 @@ def write_tokenizer(directory: Path, tokenizer: Tokenizer, block_size: int) -> N
         config.update(bos_token=eot, eos_token=eot)
     if isinstance(tokenizer, SentencePieceTokenizer):
         config["unk_token"] = fast.id_to_token(0)
-    _write_config(directory, config)
+    _write_config(directory, config, tokenizer)
 
 
 def to_tokenizers(tokenizer: Tokenizer):
@@ -101,5 +102,28 @@ def _sentencepiece(tokenizer: SentencePieceTokenizer):
     return fast
 
 
-def _write_config(directory: Path, config: dict) -> None:
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template a Hugging Face tokenizer folder carries: chat_template.jinja, else
+    tokenizer_config.json's ``chat_template`` (a string, or named templates of which "default")."""
+    jinja = directory / CHAT_TEMPLATE_FILE
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        path = directory / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read the chat template in {directory}: {' '.join(str(e).split())[:100]}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{directory}/tokenizer_config.json: chat_template is not a string")
+    return template
+
+
+def _write_config(directory: Path, config: dict, tokenizer: Tokenizer) -> None:
+    template = getattr(tokenizer, "chat_template", None)
+    if template:  # where transformers and mlx-lm read it
+        config["chat_template"] = template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
