@@ -4,6 +4,12 @@
 without ever holding the (positions x vocabulary) logits: with GPT-2's 50,257-token vocabulary
 they are the largest activation of a train step (1.6 GB in float32 at batch 8, block 1024), and
 the plain loss holds them several times over (logits, their exponentials, their gradient).
+
+A target of ``IGNORE`` counts for nothing: a prompt's tokens under ``--mask-prompt``, a row's
+padding. The per-position losses come back weighted so that their plain mean, the one every
+caller takes (the train step, evaluation), is the mean over the kept positions: each kept one
+is scaled by (positions / kept positions), each ignored one is zero and gets no gradient. A
+batch without ignored targets is scaled by exactly 1, so running text trains as before.
 """
 
 from __future__ import annotations
@@ -15,11 +21,27 @@ import mlx.core as mx
 
 from . import kernels
 
+IGNORE = -1  # a target that is not trained on or counted (see the module's docstring)
+
 
 def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 0.0) -> mx.array:
     """Per-position cross-entropy (...,) of ``logits`` (..., V) against ``targets`` (...), in float32
-    whatever the model's dtype; ``nn.losses.cross_entropy``'s values (``kernels``: faster on the CPU)."""
-    return kernels.cross_entropy(logits.astype(mx.float32), targets, label_smoothing=label_smoothing)
+    whatever the model's dtype; ``nn.losses.cross_entropy``'s values (``kernels``: faster on the CPU),
+    weighted for ``IGNORE`` targets so that their mean is the mean over the kept positions."""
+    losses = kernels.cross_entropy(logits.astype(mx.float32), kept_targets(targets), label_smoothing=label_smoothing)
+    return losses * kept_weights(targets)
+
+
+def kept_targets(targets: mx.array) -> mx.array:
+    """``targets`` with IGNORE replaced by a valid id (0): its loss is computed, then weighted to zero."""
+    return mx.where(targets == IGNORE, 0, targets)
+
+
+def kept_weights(targets: mx.array) -> mx.array:
+    """Per-position weights (...,): 0 at IGNORE targets, else (positions / kept positions), so that
+    a plain mean of weighted losses is the mean over the kept positions (0 when none is kept)."""
+    keep = targets != IGNORE
+    return keep.astype(mx.float32) * (keep.size / mx.maximum(keep.sum(), 1).astype(mx.float32))
 
 
 def _chunk_loss(label_smoothing: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
@@ -83,5 +105,5 @@ def chunked_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, chun
     """
     lead = targets.shape
     flat = _chunked(int(chunk), float(label_smoothing), bool(weight_grad))(
-        h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
-    return flat.reshape(lead)
+        h.reshape(-1, h.shape[-1]), weight, kept_targets(targets).reshape(-1))
+    return flat.reshape(lead) * kept_weights(targets)
