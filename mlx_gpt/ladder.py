@@ -1,7 +1,7 @@
 """``python -m mlx_gpt.ladder``: which language model wins at which training budget.
 
 Every rung — unigram, bigram, n-gram, Kneser-Ney, Bengio's feed-forward net, Elman RNN, LSTM,
-the original Transformer, GPT-1, GPT-2 — gets the same data and tokenizer. Count rungs are
+the original Transformer, GPT-1, GPT-2, today's modern GPT — gets the same data and tokenizer. Count rungs are
 fitted once, by counting the train split: one point each, at its small cost. Neural rungs are
 trained at every budget of ``--budgets`` (seconds, tokens or FLOPs of training) by
 ``mlx_gpt.train`` itself: the same compiled step, AdamW and warmup-plus-cosine schedule, the

@@ -127,8 +127,9 @@ def is_adapter(name: str) -> bool:
 
 def _targets(model: nn.Module, config: LoRAConfig) -> list[nn.Linear]:
     from .models.gpt import GPT
+    from .models.modern import ModernGPT
 
-    if type(model) is not GPT:
+    if type(model) not in (GPT, ModernGPT):
         raise UserError(f"LoRA applies to GPT models; this one is a {type(model).__name__}")
     layers = []
     for block in model.h:

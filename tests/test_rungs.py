@@ -25,6 +25,7 @@ TINY = {
     "transformer": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
     "gpt1": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
     "gpt": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
+    "modern": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
 }
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 4
 
@@ -39,7 +40,7 @@ def tiny(name: str, seed: int = 0):
 def test_specs_name_a_rung_and_an_order():
     assert parse("ngram:4").order == 4 and parse("ngram").order == 3 and parse("kneser-ney").order == 5
     assert parse("unigram").order == 1 and parse("bigram").order == 2 and parse("lstm").order is None
-    assert [parse(r).counted for r in RUNGS] == [True] * 4 + [False] * 6
+    assert [parse(r).counted for r in RUNGS] == [True] * 4 + [False] * 7
     for spec, message in [("ngram:0", "n must be at least 1"), ("kneser-ney:-2", "n must be at least 1"),
                           ("lstm:3", "takes no order"), ("ngram:x", "whole number"), ("gpt3", "unknown rung")]:
         with pytest.raises(UserError, match=message):

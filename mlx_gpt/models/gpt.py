@@ -16,6 +16,8 @@ from ..errors import UserError
 from .base import LanguageModel, ModelConfig
 from .cache import KVCache, PrefixMask
 
+ROPE_BASE = 10000.0  # rotary positions' base wavelength (Su et al.; nanochat and Llama use it too)
+
 
 @dataclass(frozen=True)
 class GPTConfig(ModelConfig):
@@ -57,6 +59,10 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """GPT-2's attention. A config with ``qk_norm`` or ``rope`` set (``modern.ModernConfig``) also
+    RMS-normalises each head's queries and keys, then rotates them by their positions: the one
+    attention module serves both models, and every backend's version of it."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
@@ -65,12 +71,31 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = cfg.dropout
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rope = getattr(cfg, "rope", False)
+        if getattr(cfg, "qk_norm", False):
+            self.q_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=cfg.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=cfg.layer_norm_eps)
+
+    def position(self, q: mx.array, k: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        """Queries and keys (B, nh, T, hs) normalised and rotated where the config says so; the
+        first of the T is at position ``offset`` (an int, or an array: one, or one per row)."""
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            if isinstance(offset, mx.array) and offset.ndim:
+                offset = offset.reshape(-1)  # (B, 1) -> (B,): each row's own position
+            hs = q.shape[-1]
+            q = mx.fast.rope(q, hs, traditional=False, base=ROPE_BASE, scale=1.0, offset=offset)
+            k = mx.fast.rope(k, hs, traditional=False, base=ROPE_BASE, scale=1.0, offset=offset)
+        return q, k
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        if self.rope or "q_norm" in self:
+            q, k = self.position(q, k, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             mask = cache.attention_mask(T)
@@ -167,12 +192,17 @@ def init_weights(model: GPT, seed: int) -> None:
     keys = mx.random.split(key, len(params))
     new = []
     for (name, p), k in zip(params, keys):
-        if name.startswith("ln") or ".ln_" in name or name.endswith(".bias"):
-            new.append((name, mx.ones_like(p) if name.endswith("weight") and "ln" in name else mx.zeros_like(p)))
+        if _is_norm(name) or name.endswith(".bias"):
+            new.append((name, mx.ones_like(p) if name.endswith("weight") and _is_norm(name) else mx.zeros_like(p)))
         else:
             std = resid_std if name.endswith("c_proj.weight") else 0.02
             new.append((name, std * mx.random.normal(p.shape, key=k)))
     model.load_weights(new)
+
+
+def _is_norm(name: str) -> bool:
+    """Whether a parameter belongs to a norm (``ln_1``, ``ln_f``, ``attn.q_norm``)."""
+    return name.startswith("ln") or ".ln_" in name or "_norm." in name
 
 
 def build(cfg: GPTConfig, seed: int = 0) -> GPT:

@@ -11,13 +11,15 @@ def model_types() -> dict[str, tuple[type, type]]:
     """name -> (config class, model class). Imports lazily to keep start-up light."""
     from .feedforward import FeedForwardConfig, FeedForwardLM
     from .gpt import GPT, GPTConfig
+    from .modern import ModernConfig, ModernGPT
     from .ngram import NGram, NGramConfig
     from .recurrent import LSTM, ElmanRNN, RecurrentConfig
     from .transformer import GPT1, TransformerLM
 
     return {"gpt": (GPTConfig, GPT), "ngram": (NGramConfig, NGram), "bengio": (FeedForwardConfig, FeedForwardLM),
             "rnn": (RecurrentConfig, ElmanRNN), "lstm": (RecurrentConfig, LSTM),
-            "transformer": (GPTConfig, TransformerLM), "gpt1": (GPTConfig, GPT1)}
+            "transformer": (GPTConfig, TransformerLM), "gpt1": (GPTConfig, GPT1),
+            "modern": (ModernConfig, ModernGPT)}
 
 
 def build_model(model_type: str, config: dict) -> Any:

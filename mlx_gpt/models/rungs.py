@@ -2,7 +2,7 @@
 build each one.
 
 A rung spec is a name — unigram, bigram, ngram, kneser-ney, bengio, rnn, lstm, transformer,
-gpt1, gpt — and, for ``ngram`` and ``kneser-ney``, optionally the order n: ``ngram:4``,
+gpt1, gpt, modern — and, for ``ngram`` and ``kneser-ney``, optionally the order n: ``ngram:4``,
 ``kneser-ney:6``. Count rungs are fitted on the training tokens when built; neural rungs come
 back initialised, to be trained by ``train.py``'s compiled step. The neural defaults (0.3-0.9M
 parameters) are sized to take a few optimizer steps a second on two CPU cores at the ladder's
@@ -32,10 +32,12 @@ NEURAL = {
     "transformer": ("transformer", dict(n_layer=4, n_head=4, n_embd=128)),
     "gpt1": ("gpt1", dict(n_layer=4, n_head=4, n_embd=128)),
     "gpt": ("gpt", dict(n_layer=4, n_head=4, n_embd=128)),  # the "tiny" preset
+    "modern": ("modern", dict(n_layer=4, n_head=4, n_embd=128)),  # the same shape, today's recipe
 }
 RUNGS = tuple(COUNT) + tuple(NEURAL)
 # the centre of the ladder's learning-rate search for each neural rung (AdamW, warmup, cosine decay)
-LEARNING_RATE = {"bengio": 2e-3, "rnn": 3e-3, "lstm": 5e-3, "transformer": 1e-3, "gpt1": 1e-3, "gpt": 2e-3}
+LEARNING_RATE = {"bengio": 2e-3, "rnn": 3e-3, "lstm": 5e-3, "transformer": 1e-3, "gpt1": 1e-3, "gpt": 2e-3,
+                 "modern": 2e-3}
 BLOCK_SIZE = 64  # nanoGPT's CPU recipe's context: on two cores a longer one costs the attention rungs steps
 ADD_K = 0.01
 TIED_HEAD = {"gpt", "transformer"}  # model types whose output layer is wte itself
@@ -85,8 +87,14 @@ def model_config(rung: Rung, vocab_size: int, overrides: dict | None = None) -> 
     else:
         base = dict(NEURAL[rung.name][1])
     config = {**base, "vocab_size": vocab_size, "block_size": BLOCK_SIZE}
+    overrides = dict(overrides or {})
+    if rung.model_type == "modern" and overrides.get("changes") is not None:  # the switches, by name
+        from .modern import CHANGES, ModernConfig
+
+        switches = ModernConfig.with_changes(overrides.pop("changes")).to_dict()
+        config.update({k: switches[k] for k in CHANGES})
     known = {f.name for f in fields(model_types()[rung.model_type][0])}
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if key not in known or key in ("sizes", "fanout"):
             raise UserError(f"--{key.replace('_', '-')} does not apply to the {rung.name} rung")
         config[key] = value
@@ -99,8 +107,7 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
     count rungs, freshly initialised otherwise."""
     from . import ngram
     from ..data import open_tokens
-    from .gpt import GPTConfig
-    from .gpt import build as build_gpt
+    from . import gpt, modern
     from .registry import build_model
 
     rung = parse(rung) if isinstance(rung, str) else rung
@@ -112,7 +119,9 @@ def build(rung: Rung | str, vocab_size: int, *, tokens: np.ndarray | str | os.Pa
             tokens = open_tokens(tokens)
         return ngram.fit(tokens, ngram.NGramConfig(**config))
     if rung.model_type == "gpt":
-        return build_gpt(GPTConfig(**config), seed=seed)
+        return gpt.build(gpt.GPTConfig(**config), seed=seed)
+    if rung.model_type == "modern":
+        return modern.build(modern.ModernConfig(**config), seed=seed)
     mx.random.seed(seed)  # MLX's default initialisers draw from the global generator
     model = build_model(rung.model_type, config)
     mx.eval(model.parameters())

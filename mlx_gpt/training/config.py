@@ -83,14 +83,19 @@ class ModelSpec:
     bias: bool | None = setting(None, "biases in linear layers and layer norms (default: the preset's)")
     init: str | None = setting(None, "start from this checkpoint's weights and tokenizer (fine-tuning; unset "
                                      "settings then take its defaults, see the end of --help)")
+    changes: str | None = setting(None, "--model modern's changes from GPT-2, comma-separated: rope, rms_norm, "
+                                        "qk_norm, relu2, untied, no_bias, softcap, zero_init (default: all; none "
+                                        "is GPT-2)")
 
     def __post_init__(self) -> None:
         _texts(self)
+        if self.changes is not None and self.rung != "modern":
+            raise UserError("--changes applies to --model modern")
 
     @property
     def overrides(self) -> dict:
         """The model fields set here, over the preset's (or --init's)."""
-        names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+        names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "changes")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -151,6 +156,9 @@ class RunConfig:
                                                     "(default: 200; 10 with --init)", resumable=True)
     rank_timeout: float = setting(600.0, "with several processes (mlx.launch): seconds a process waits on the others "
                                          "before it gives up (0: forever)", resumable=True)
+    stop_at_val_loss: float | None = setting(None, "end the run at its first evaluation whose val loss is at or "
+                                                   "below this (evaluated and saved as at its last step)",
+                                             resumable=True)
     resume: bool = setting(False, "continue the run in --out exactly where it stopped")
     overwrite: bool = setting(False, "replace an existing run in --out")
 

@@ -89,7 +89,7 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
     _introduce(run, report)
     eval_loss = make_eval_loss(model, cfg)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> float:
         ticker = Ticker(report, f"step {step}: evaluating", 2 * cfg.run.eval_iters)
         with eval_mode(model):
             losses = [estimate_loss(eval_loss, sampler, cfg.run.eval_iters, cfg.step.seed + k, group, ticker.tick)
@@ -97,6 +97,7 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
         run.best_val = min(run.best_val, losses[1])
         _log(run, {"step": step, "train_loss": losses[0], "val_loss": losses[1]})
         report.say(f"step {step}: train loss {losses[0]:.4f}, val loss {losses[1]:.4f}")
+        return losses[1]
 
     def show_sample(step: int, label: str) -> None:
         text = sample(run, step)
@@ -165,10 +166,17 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
                 t_last = t_line = time.perf_counter()
                 tokens_since = 0
             report.bar.update(1)
+            reached = False
             if step % r.eval_interval == 0 or last:
                 watch.check()
                 with clock.paused(model.parameters()):
-                    evaluate(step)
+                    val = evaluate(step)
+                # --stop-at-val-loss: this step becomes the last (every rank has the same val loss)
+                reached = r.stop_at_val_loss is not None and val <= r.stop_at_val_loss and not last
+                if reached:
+                    last = True
+                    report.say(f"--stop-at-val-loss: val loss {val:.4f} <= {r.stop_at_val_loss:g} at step {step}; "
+                               "saving there")
             if step % sample_interval == 0 or last:
                 with clock.paused(model.parameters()):
                     show_sample(step, f"sample at step {step}")
@@ -179,7 +187,7 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
                     save(run, step, sampler_state)
                 watch.saved = step
             run.train_seconds = clock.seconds
-            if late:
+            if late or reached:
                 break
             if stopping:
                 report.bar.close()
