@@ -58,10 +58,21 @@ class DataConfig:
     val_fraction: float = setting(0.1, "tail of each document held out for evaluation")
     sampler: str = setting("random", "training batches: random windows, or sequential (the file in order, as "
                                      "llm.c's DataLoader)")
+    # example sets (--data DIR with train.jsonl/valid.jsonl, or FILE.jsonl; see mlx_gpt/examples.py)
+    format: str | None = setting(None, "shape of the .jsonl examples: text, completions (prompt/completion) or chat "
+                                       "(messages); default: each file's first line says")
+    mask_prompt: bool = setting(False, "train (and evaluate) on the completions and assistant turns only, not on "
+                                       "the prompts")
+    truncate: bool = setting(True, "cut an example longer than the block to fit (counted); --no-truncate refuses it")
+    text_field: str = setting("text", "the key of a text example's text")
+    prompt_field: str = setting("prompt", "the key of a completion example's prompt")
+    completion_field: str = setting("completion", "the key of a completion example's completion")
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.format not in (None, "text", "completions", "chat"):
+            raise UserError(f"--format must be text, completions or chat, got {self.format!r}")
         _texts(self)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backend, checkpoint, distributed, flags, lora, plot, rundir
+from .. import backend, checkpoint, distributed, examples, flags, lora, plot, rundir
 from ..data import Dataset, prepare, tokenizer_digest
 from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
@@ -66,6 +66,12 @@ class Run:
 def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
     """The run's data, encoded with ``tokenizer`` when the model already has one."""
     d = cfg.data
+    if examples.is_examples(d.source):  # prompt/completion or chat examples, one a row
+        if cfg.model.rung not in (None, "gpt"):
+            raise UserError(f"--model {cfg.model.rung} trains on running text, not on examples")
+        fields = examples.Fields(d.text_field, d.prompt_field, d.completion_field)
+        return examples.prepare_examples(d.source, tokenizer or d.tokenizer, fmt=d.format, fields=fields,
+                                         data_dir=d.data_dir)
     kw = dict(data_dir=d.data_dir, val_fraction=d.val_fraction)
     if tokenizer is None:
         return prepare(d.source, d.tokenizer, **kw)
@@ -176,10 +182,13 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
     B, T, shard, seed = cfg.step.batch_size, model.config.block_size, dict(rank=rank, world=world), cfg.step.seed
     check_bytes(2 * 8 * cfg.step.grad_accum * B * (T + 1),  # x and y, and the windows they are cut from
                 f"a step's batches (--grad-accum {cfg.step.grad_accum} x --batch-size {B} x block {T})")
-    samplers = Samplers(make_sampler(cfg.data.sampler, dataset.train_file, B, T, seed=seed, accum=cfg.step.grad_accum,
-                                     **shard),
-                        BatchSampler(dataset.val_file, B, T, seed=seed + 1, **shard),
-                        BatchSampler(dataset.train_file, B, T, seed=seed + 2, **shard))
+    if isinstance(dataset, examples.ExampleSet):
+        samplers = Samplers(*examples.samplers(dataset, B, T, seed, cfg.step.grad_accum, cfg.data, **shard))
+    else:
+        samplers = Samplers(make_sampler(cfg.data.sampler, dataset.train_files, B, T, seed=seed,
+                                         accum=cfg.step.grad_accum, **shard),
+                            BatchSampler(dataset.val_files, B, T, seed=seed + 1, **shard),
+                            BatchSampler(dataset.train_files, B, T, seed=seed + 2, **shard))
     state = checkpoint.load_state(out) if cfg.run.resume else {}
     if cfg.run.resume:
         distributed.check_world_size(state.get("world_size", 1), group, str(out))

@@ -1,0 +1,178 @@
+"""Example datasets: three shapes tokenized once with their masks, batches one example a row,
+training on the completions only, and one error line for every kind of bad input."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_module
+from mlx_gpt import chat, examples
+from mlx_gpt.errors import UserError, run_cli
+from mlx_gpt.loss import IGNORE
+from mlx_gpt.tokenizer import ByteTokenizer, load_tokenizer
+from mlx_gpt.train import main as train_main, train
+from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.step import estimate_loss, make_eval_loss
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=48, batch_size=4, eval_iters=2, sample_tokens=0)
+CHATS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": "4"}]},
+         {"messages": [{"role": "user", "content": "name?"}, {"role": "assistant", "content": "gpt"}]}]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"prompt": f"{a}+{b}=", "completion": f"{a + b}\n"} for a, b in rng.integers(0, 50, (n, 2))]
+
+
+class EotBytes(ByteTokenizer):
+    """Bytes and an end-of-text id (256), to see where examples end."""
+
+    vocab_size, eot_id = 257, 256
+
+    def decode(self, ids):
+        return super().decode(i for i in ids if i != 256)
+
+
+def test_completions_are_prompt_then_trained_completion(tmp_path):
+    source = write_jsonl(tmp_path / "train.jsonl", pairs(30))
+    ds = examples.prepare_examples(str(source), data_dir=tmp_path / "data")
+    assert len(ds.splits["train"]) == 27 and len(ds.splits["val"]) == 3  # every tenth held out
+    ids, mask = ds.splits["train"].example(0)
+    want = pairs(30)[0]
+    assert bytes(ids.tolist()).decode() == want["prompt"] + want["completion"]
+    assert bytes(ids[mask == 1].tolist()).decode() == want["completion"]
+    assert int(ds.splits["val"].lines[0]) == 10  # the line it came from
+    again = examples.prepare_examples(str(source), data_dir=tmp_path / "data")  # reused, not redone
+    assert (again.path / "train.tokens").stat().st_mtime_ns == (ds.path / "train.tokens").stat().st_mtime_ns
+
+
+def test_chat_examples_train_on_assistant_turns_and_end_of_text(tmp_path):
+    for split in ("train", "valid"):
+        write_jsonl(tmp_path / f"{split}.jsonl", CHATS)
+    tok = EotBytes()
+    ds = examples.prepare_examples(str(tmp_path), tok, data_dir=tmp_path / "data")
+    ids, mask = ds.splits["train"].example(0)
+    text = chat.render(chat.DEFAULT_TEMPLATE, CHATS[0]["messages"])
+    assert tok.decode(ids.tolist()) == text and ids[-1] == tok.eot_id and mask[-1] == 1
+    trained = [tok.decode(ids[a:b].tolist()) for a, b in _runs(mask)]
+    assert trained == ["hello<|im_end|>\n", "4<|im_end|>\n"]
+
+
+def _runs(mask):
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_text_examples_and_renamed_fields(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [{"body": f"line {i}"} for i in range(10)])
+    ds = examples.prepare_examples(str(tmp_path / "t.jsonl"), fields=examples.Fields(text="body"),
+                                   data_dir=tmp_path / "data")
+    ids, mask = ds.splits["train"].example(1)
+    assert bytes(ids.tolist()).decode() == "line 1" and mask.all()
+    write_jsonl(tmp_path / "q.jsonl", [{"q": "a", "a": "b"}] * 10)
+    ds = examples.prepare_examples(str(tmp_path / "q.jsonl"), fields=examples.Fields(prompt="q", completion="a"),
+                                   data_dir=tmp_path / "data")
+    assert ds.splits["train"].example(0)[1].tolist() == [0, 1]
+
+
+def test_rows_pad_cut_and_mask(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "abc", "completion": "de"}, {"prompt": "x" * 20, "completion": "yz"}] * 5)
+    split = examples.prepare_examples(str(tmp_path / "train.jsonl"), data_dir=tmp_path / "data").splits["train"]
+    x, y = examples.rows(split, np.array([0, 1]), 8, mask_prompt=True)
+    assert x[0].tolist() == list(b"abcd") + [0] * 4
+    assert y[0].tolist() == [IGNORE, IGNORE, ord("d"), ord("e")] + [IGNORE] * 4  # targets: b c d e; b, c are prompt
+    assert x[1].tolist() == list(b"x" * 8) and (y[1] == IGNORE).all()  # cut inside the prompt: nothing to learn
+    _, y = examples.rows(split, np.array([0]), 8, mask_prompt=False)
+    assert y[0].tolist() == list(b"bcde") + [IGNORE] * 4
+    assert examples.check_lengths(split, 8, truncate=True) == 4
+    with pytest.raises(UserError, match=r"train.jsonl:2: an example of 22 tokens is longer than the block of 8"):
+        examples.check_lengths(split, 8, truncate=False)
+
+
+def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
+    """A run with --mask-prompt learns the completions; its val loss is the masked mean a direct
+    computation gives on the same batches."""
+    write_jsonl(tmp_path / "train.jsonl", pairs(200))
+    write_jsonl(tmp_path / "valid.jsonl", pairs(20, seed=1))
+    run = train(TrainConfig.of(data=str(tmp_path), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                               mask_prompt=True, max_iters=30, eval_interval=30, learning_rate=3e-3, **TINY),
+                progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in logged if "val_loss" in r][-1]
+    sampler = run.samplers.val
+    got = estimate_loss(make_eval_loss(run.model, run.cfg), sampler, 2, run.cfg.step.seed + 1)
+    assert got == pytest.approx(val, abs=1e-6)
+    sampler.set_state(np.random.Generator(np.random.PCG64(run.cfg.step.seed + 1)).bit_generator.state)
+    direct = []
+    for _ in range(2):
+        x, y = (a[0] for a in sampler.next())
+        logp = np.array(mx.log(mx.softmax(run.model(mx.array(x)).astype(mx.float32), axis=-1)))
+        keep = y != IGNORE
+        direct.append(-np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean())
+    assert val == pytest.approx(float(np.mean(direct)), abs=1e-5)
+    assert load_tokenizer(tmp_path / "run").kind == "byte"
+
+
+def cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+BAD = {
+    "not json": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', "bad.jsonl:2: not JSON"),
+    "missing field": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "bad.jsonl:2: no 'completion' field"),
+    "empty completion": ('{"prompt": "a", "completion": ""}\n', "bad.jsonl:1: 'completion' is empty"),
+    "no shape": ('{"question": "a"}\n', "bad.jsonl:1: no 'text'"),
+    "mixed shapes": ('{"text": "a"}\n\n{"prompt": "a", "completion": "b"}\n',
+                     "bad.jsonl:3: a completions example in a file of text examples (line 1)"),
+    "roles out of order": ('{"messages": [{"role": "assistant", "content": "a"}]}\n',
+                           "bad.jsonl:1: roles out of order"),
+    "not an object": ('[1, 2]\n', "bad.jsonl:1: not a JSON object"),
+    "not utf-8": (b'{"text": "\xff"}\n', "bad.jsonl:1: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_naming_file_and_line(tmp_path, capsys, case):
+    content, expected = BAD[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = cli_error(["--data", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")], capsys)
+    assert expected in line
+    assert not (tmp_path / "run").exists() and not any((tmp_path / "data").glob("*"))  # nothing half-written
+    assert path.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+def test_a_template_that_fails_and_a_too_long_example(tmp_path, capsys):
+    from mlx_gpt.tokenizer import with_chat_template
+
+    write_jsonl(tmp_path / "c.jsonl", CHATS)
+    tok = with_chat_template(ByteTokenizer(), "{{ raise_exception('no system messages') }}")
+    with pytest.raises(UserError, match=r"c.jsonl:1: the chat template fails to render: no system messages"):
+        examples.prepare_examples(str(tmp_path / "c.jsonl"), tok, data_dir=tmp_path / "data")
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "c" * 60}] + pairs(20))
+    line = cli_error(["--data", str(tmp_path / "long.jsonl"), "--data-dir", str(tmp_path / "data"), "--no-truncate",
+                      "--out", str(tmp_path / "run"), "--block-size", "32"], capsys)
+    assert "long.jsonl:1: an example of 61 tokens is longer than the block of 32" in line
+
+
+def test_a_folder_without_valid_jsonl_from_the_command_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "train.jsonl", pairs(5))
+    proc = run_module("mlx_gpt.train", "--data", "d", "--max-iters", "1", cwd=tmp_path)
+    assert_one_line_error(proc, "has no valid.jsonl")
+    assert proc.returncode == 2
