@@ -29,19 +29,26 @@ def cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 
     whatever the model's dtype; ``nn.losses.cross_entropy``'s values (``kernels``: faster on the CPU),
     weighted for ``IGNORE`` targets so that their mean is the mean over the kept positions."""
     losses = kernels.cross_entropy(logits.astype(mx.float32), kept_targets(targets), label_smoothing=label_smoothing)
-    return losses * kept_weights(targets)
+    return _weighted(losses, targets)
+
+
+def _signed(targets: mx.array) -> bool:
+    """Whether targets can hold IGNORE (an unsigned array, such as argmax's, cannot)."""
+    return not mx.issubdtype(targets.dtype, mx.unsignedinteger)
 
 
 def kept_targets(targets: mx.array) -> mx.array:
     """``targets`` with IGNORE replaced by a valid id (0): its loss is computed, then weighted to zero."""
-    return mx.where(targets == IGNORE, 0, targets)
+    return mx.where(targets == IGNORE, 0, targets) if _signed(targets) else targets
 
 
-def kept_weights(targets: mx.array) -> mx.array:
-    """Per-position weights (...,): 0 at IGNORE targets, else (positions / kept positions), so that
-    a plain mean of weighted losses is the mean over the kept positions (0 when none is kept)."""
+def _weighted(losses: mx.array, targets: mx.array) -> mx.array:
+    """``losses`` weighted 0 at IGNORE targets, else (positions / kept positions), so that their
+    plain mean is the mean over the kept positions (0 when none is kept)."""
+    if not _signed(targets):
+        return losses
     keep = targets != IGNORE
-    return keep.astype(mx.float32) * (keep.size / mx.maximum(keep.sum(), 1).astype(mx.float32))
+    return losses * (keep.astype(mx.float32) * (keep.size / mx.maximum(keep.sum(), 1).astype(mx.float32)))
 
 
 def _chunk_loss(label_smoothing: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
@@ -106,4 +113,4 @@ def chunked_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, chun
     lead = targets.shape
     flat = _chunked(int(chunk), float(label_smoothing), bool(weight_grad))(
         h.reshape(-1, h.shape[-1]), weight, kept_targets(targets).reshape(-1))
-    return flat.reshape(lead) * kept_weights(targets)
+    return _weighted(flat.reshape(lead), targets)
