@@ -179,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="continuations to draw, as one batch")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a continuation where this text appears, without printing it (repeatable)")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line, until EOF")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation: each line from stdin is your turn, rendered with the checkpoint's chat "
+                        "template (or the default, see docs/finetuning.md); the reply ends with the assistant's turn. "
+                        "--prompt or --prompt-file is the first turn")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: the system message the conversation starts with")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
                    help="print the prompt before its continuation")
     return p
@@ -227,9 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.prompt is None and not args.interactive:
-        raise UserError("give --prompt TEXT (or --interactive)")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _prompt(args)
     if prompt is not None:
         check_text(prompt, "the prompt")
 
@@ -240,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     decoder = Decoder(model, sampling)
     seed = random_seed() if args.seed is None else args.seed
     try:
+        if args.chat:
+            return _chat(decoder, tokenizer, args, prompt, seed)
         if prompt is not None:
             _run_prompt(decoder, tokenizer, prompt, args, seed)
         if args.interactive:  # the next seed after the --prompt's, or the first one
@@ -247,6 +253,73 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def _prompt(args: argparse.Namespace) -> str | None:
+    """The prompt --prompt, --prompt - (stdin) or --prompt-file gives (None: none given)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.system is not None and not args.chat:
+        raise UserError("--system is the system message of a --chat conversation")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise UserError(f"cannot read {args.prompt_file}: {e.strerror}") from None
+    if args.prompt is None and not (args.interactive or args.chat):
+        raise UserError("give --prompt TEXT, --prompt-file PATH, --interactive or --chat")
+    if args.prompt == "-" and args.chat:
+        raise UserError("with --chat, stdin holds the conversation: give the first turn as --prompt TEXT")
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict], max_new_tokens: int, *, seed: int,
+               stop: Sequence[str] = (), timing: Timing | None = None) -> Iterator[str]:
+    """Yield the assistant's reply to ``messages`` piece by piece: the conversation rendered with the
+    tokenizer's chat template (``chat.py``), continued until the assistant's turn ends."""
+    from . import chat
+
+    template, tokens = chat.template_of(tokenizer), chat.special_tokens(tokenizer)
+    text = chat.render(template, messages, add_generation_prompt=True, **tokens)
+    stops = [*stop, chat.end_of_turn(template, **tokens)]
+    for pieces in stream_batch(decoder, tokenizer, text, max_new_tokens, seed=seed, stop=stops, timing=timing):
+        if pieces[0]:
+            yield pieces[0]
+
+
+def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, first: str | None, seed: int) -> None:
+    """A conversation at the terminal: your turns from stdin, one a line, the replies on stdout."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        if first is None:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                sys.stderr.write("\n")
+                return
+        turn, first = (first if first is not None else line.rstrip("\n")), None
+        if not turn.strip():
+            continue
+        reply, timing = "", Timing()
+        try:
+            check_text(turn, "this turn")
+            for piece in chat_reply(decoder, tokenizer, [*messages, {"role": "user", "content": turn}],
+                                    args.max_new_tokens, seed=seed, stop=args.stop, timing=timing):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": reply.strip()}]
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        seed += 1
 
 
 def _interact(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, seed: int) -> None:

@@ -362,3 +362,51 @@ def test_decoder_chooses_blas_threads_at_its_first_generation_and_restores_them(
     assert setting[0] == 3  # the process's setting is back for training
     list(decoder.tokens([1, 2], 2))
     assert len(measured) == 1  # measured once per Decoder
+
+
+# ------------------------------------------------------------------ chat
+
+
+def test_chat_reply_ends_with_the_assistants_turn(model):
+    from mlx_gpt import chat
+    from mlx_gpt.generate import chat_reply
+    from mlx_gpt.tokenizer import with_chat_template
+
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}END{% endif %}\n"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = chat.render(template, messages, add_generation_prompt=True)
+    free = generate(model, ByteTokenizer(), prompt, 12, temperature=0)
+    # the end of the turn: a character the model writes, for the first time, after a few others
+    k = next(i for i in range(2, len(free)) if free[i].strip() and free[i] not in free[:i])
+    tok = with_chat_template(ByteTokenizer(), template.replace("END", free[k]))
+    reply = "".join(chat_reply(Decoder(model, GREEDY), tok, messages, 12, seed=0))
+    assert reply == free[:k]
+
+
+def test_cli_chat_is_multi_turn_with_the_template_and_system(ckpt, model):
+    from mlx_gpt import chat
+
+    r = cli("--checkpoint", str(ckpt), "--chat", "--system", "sys", "--temperature", "0", "--max-new-tokens", "10",
+            stdin="one\n\ntwo\n")
+    assert r.returncode == 0, r.stderr
+    messages, want = [{"role": "system", "content": "sys"}], ""
+    for turn in ("one", "two"):
+        messages.append({"role": "user", "content": turn})
+        prompt = chat.render(chat.DEFAULT_TEMPLATE, messages, add_generation_prompt=True)
+        reply = generate(model, ByteTokenizer(), prompt, 10, temperature=0, stop=["<|im_end|>"])
+        messages.append({"role": "assistant", "content": reply.strip()})
+        want += reply + "\n"
+    assert r.stdout == want
+
+
+def test_cli_prompt_file(ckpt, tmp_path):
+    (tmp_path / "p.txt").write_text("héllo\nworld ")
+    args = ("--checkpoint", str(ckpt), "--temperature", "0", "--max-new-tokens", "8")
+    r = cli(*args, "--prompt-file", str(tmp_path / "p.txt"))
+    assert r.returncode == 0 and r.stdout == cli(*args, "--prompt", "héllo\nworld ").stdout
+    r = cli(*args, "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "not both" in r.stderr
+    (tmp_path / "bad.txt").write_bytes(b"\xff")
+    r = cli(*args, "--prompt-file", str(tmp_path / "bad.txt"))
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and r.stderr.count("\n") == 1
