@@ -4,6 +4,8 @@
 nanoGPT and llm.c do (MLX's own default leaves the first updates several times larger), and
 decays 2-D weights only (matmuls and embeddings; never biases or norms), as nanoGPT and llm.c
 do. The learning-rate schedule lives inside the optimizer, so it is part of the compiled step.
+``--optimizer muon`` trains the transformer blocks' matrices with Muon instead (``muon.py``), on
+the same schedule and through the same ``apply_gradients``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import UserError
 from .flags import setting
 
 EPS = 1e-8
+OPTIMIZERS = ("adamw", "muon")
 StreamFor = Callable[[mx.array], mx.Stream]  # a parameter -> the stream its share of the work runs on
 
 
@@ -45,6 +48,10 @@ class OptimConfig:
     beta1: float = setting(0.9, "AdamW's beta1")
     beta2: float = setting(0.99, "AdamW's beta2")
     grad_clip: float = setting(1.0, "clip the gradients' global norm to this (0: off)")
+    optimizer: str = setting("adamw", "adamw, or muon: Newton-Schulz-orthogonalised momentum for the transformer "
+                                      "blocks' 2-D weights, AdamW for embeddings, head, norms and biases")
+    muon_lr: float = setting(0.02, "--optimizer muon: Muon's peak learning rate (the schedule's shape is shared)")
+    muon_momentum: float = setting(0.95, "--optimizer muon: Muon's momentum (Nesterov)")
 
     def __post_init__(self) -> None:
         def need(name: str, ok: Callable[[float], bool], what: str) -> None:
@@ -59,6 +66,10 @@ class OptimConfig:
         need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
         need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
         need("max_seconds", lambda v: v > 0, "a positive number of seconds")
+        need("muon_lr", lambda v: v > 0, "a positive number")
+        need("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
             value = getattr(self, name)
             if value is not None and value < (1 if name == "max_iters" else 0):
@@ -111,8 +122,14 @@ def lr_schedule(cfg: OptimConfig) -> Callable[[mx.array], mx.array]:
 
 
 def make_optimizer(cfg: OptimConfig) -> AdamW:
-    return AdamW(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=EPS,
-                 weight_decay=cfg.weight_decay, bias_correction=True)
+    """AdamW, or Muon (``muon.Muon``: AdamW for what Muon does not take) on the same schedule."""
+    kw = dict(learning_rate=lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], eps=EPS, weight_decay=cfg.weight_decay,
+              bias_correction=True)
+    if cfg.optimizer == "muon":
+        from .muon import Muon
+
+        return Muon(**kw, lr_ratio=cfg.muon_lr / cfg.learning_rate, momentum=cfg.muon_momentum)
+    return AdamW(**kw)
 
 
 def clip_and_update(model, optimizer: AdamW, grads: dict, max_norm: float, stream_for: StreamFor | None = None
