@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 
-from .. import checkpoint, flags, limits
+from .. import checkpoint, flags, limits, tracking
 from ..sampler import SAMPLERS
 from ..errors import UserError
 from ..flags import setting
@@ -170,6 +170,10 @@ class RunConfig:
     stop_at_val_loss: float | None = setting(None, "end the run at its first evaluation whose val loss is at or "
                                                    "below this (evaluated and saved as at its last step)",
                                              resumable=True)
+    report_to: str = setting("", "also log metrics.jsonl's records and the settings to these trackers, comma-"
+                                 "separated: tensorboard, wandb, trackio (the track extra)", resumable=True)
+    report_dir: str = setting("runs", "where --report-to's tensorboard and wandb write, a folder a run",
+                              resumable=True)
     resume: bool = setting(False, "continue the run in --out exactly where it stopped")
     overwrite: bool = setting(False, "replace an existing run in --out")
 
@@ -180,6 +184,7 @@ class RunConfig:
             raise UserError(f"--rank-timeout must be 0 (none) or more seconds, got {self.rank_timeout}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        tracking.parse(self.report_to)
         _texts(self)
 
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import checkpoint, distributed, memory
+from .. import checkpoint, distributed, memory, tracking
 from ..errors import UserError
 from ..models.base import eval_mode
 from ..scaler import MIN_SCALE
@@ -87,6 +87,8 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
     group = distributed.init()
     report = Reporter(run, progress)
     _introduce(run, report)
+    if run.rank == 0:
+        run.trackers = tracking.start(cfg.run.report_to, cfg.run.report_dir, run.out.name, cfg.flat())
     eval_loss = make_eval_loss(model, cfg)
 
     def evaluate(step: int) -> float:
@@ -112,6 +114,7 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
         save(run, run.start_step, run.samplers.train.state())
         report.bar.close()
         report.note(f"done: checkpoint in {run.out} (val loss {run.best_val:.4f})")
+        _close(run)
         return run
     if run.start_step == cfg.optim.max_iters:
         report.note(f"{run.out} is already at step {run.start_step} of --max-iters {cfg.optim.max_iters}: nothing to "
@@ -120,6 +123,7 @@ def train_run(run: Run, *, progress: bool | None = None, on_step: Callable[[int,
     _steps(run, make_train_step(model, run.optimizer, cfg, group, run.scaler), report, evaluate, show_sample, on_step)
     report.bar.close()
     report.note(f"done: checkpoint in {run.out} (best val loss {run.best_val:.4f})")
+    _close(run)
     return run
 
 
@@ -217,6 +221,13 @@ class Ticker:
 def _log(run: Run, record: dict) -> None:
     if run.rank == 0:
         run.log.write(record)
+        if run.trackers is not None:
+            run.trackers.log(record)
+
+
+def _close(run: Run) -> None:
+    if run.trackers is not None:
+        run.trackers.close()
 
 
 class _DivergenceWatch:

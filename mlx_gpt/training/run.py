@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backend, checkpoint, distributed, examples, flags, lora, plot, rundir
+from .. import backend, checkpoint, distributed, examples, flags, lora, plot, rundir, tracking
 from ..data import Dataset, prepare, tokenizer_digest
 from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
@@ -61,6 +61,7 @@ class Run:
     locks: list[rundir.RunLock] = field(default_factory=list)  # out's (rank 0), and a LoRA run's pin on its base
     log: rundir.RunLog | None = None
     adapter: dict | None = None  # a LoRA run's: its adapters' settings and base (lora.record)
+    trackers: tracking.Trackers | None = None  # rank 0's --report-to, started by the loop
 
 
 def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
