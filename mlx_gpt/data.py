@@ -4,8 +4,9 @@ Token file format (llm.c's ``dev/data/data_common.py``): a header of 256 little-
 magic, version, token count, then 253 zeros — then the tokens. GPT-2 files are magic 20240520
 version 1 with uint16 tokens; LLaMA-3 files are magic 20240801 version 7 with uint32 tokens.
 We write the first whenever every id fits in 16 bits (llm.c's C loader reads only those), the
-second otherwise. A prepared dataset is a directory ``data/<name>/`` holding ``train.bin``, ``val.bin``,
-``meta.json`` and the tokenizer; llm.c's own ``*_train.bin`` / ``*_val.bin`` are read as they are.
+second otherwise. A prepared dataset is a directory ``data/<name>/`` holding each split as shards
+(``shards.py``), ``meta.json`` and the tokenizer (earlier versions wrote ``train.bin`` + ``val.bin``,
+still read); llm.c's own ``*_train.bin`` / ``*_val.bin`` and shards are read as they are.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replacing_directory
 from .errors import UserError
-from .tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -34,9 +34,6 @@ MAGIC = GPT2_HEADER[0]
 MAX_TOKENS = 2**31 - 1  # the count is an int32
 SCAN_CHUNK = 1 << 24  # tokens per read when checking ids
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-BUILTIN_SOURCES = ("pydoc", "shakespeare")
 
 
 # ---------------------------------------------------------------------------- token files
@@ -47,19 +44,25 @@ def header_for(vocab_size: int) -> tuple[int, int]:
     return GPT2_HEADER if vocab_size <= 1 << 16 else LLAMA3_HEADER
 
 
+def header_bytes(count: int, vocab_size: int) -> bytes:
+    """The 256-int32 header llm.c writes before ``count`` tokens of this vocabulary."""
+    if count > MAX_TOKENS:
+        raise UserError(f"{count:,} tokens is more than a token file holds ({MAX_TOKENS:,})")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (*header_for(vocab_size), count)
+    return header.tobytes()
+
+
 def write_tokens(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
     """Write tokens as llm.c does: GPT-2's uint16 file when every id fits, else LLaMA-3's uint32."""
-    magic, version = header_for(vocab_size)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError("token id outside the vocabulary")
     if tokens.size > MAX_TOKENS:
         raise UserError(f"{path}: {tokens.size:,} tokens is more than a token file holds ({MAX_TOKENS:,})")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (magic, version, tokens.size)
     with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(HEADER_DTYPE[magic, version]).tobytes())
+        f.write(header_bytes(tokens.size, vocab_size))
+        f.write(tokens.astype(HEADER_DTYPE[header_for(vocab_size)]).tobytes())
 
 
 @dataclass(frozen=True)
@@ -132,91 +135,34 @@ def _largest_id(path: str, size: int, mtime_ns: int) -> int:
     return largest
 
 
-# ---------------------------------------------------------------------------- sources
-
-
-def read_source(source: str, cache_dir: str | os.PathLike = "data") -> tuple[str, list[str]]:
-    """Resolve a source to (dataset name, list of documents).
-
-    A source is a text file, a folder of .txt files (one document each), ``pydoc`` (the
-    Python reference manual that CPython ships, so a first run needs no download) or
-    ``shakespeare`` (tiny-shakespeare, downloaded once and checked by SHA-256).
-    """
-    if source == "pydoc":
-        import pydoc_data.topics
-
-        topics = pydoc_data.topics.topics
-        return "pydoc", [topics[k] for k in sorted(topics)]
-    if source == "shakespeare":
-        path = Path(cache_dir, "downloads", "tinyshakespeare.txt")
-        if not path.exists():
-            download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
-        return "shakespeare", [_read_text(path)]
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UserError(f"folder {path} holds no .txt files")
-        docs = [_read_text(p) for p in files]
-        docs = [d for d in docs if d]
-        if not docs:
-            raise UserError(f"every .txt file in {path} is empty")
-        return path.name, docs
-    if not path.exists():
-        raise UserError(f"corpus {source!r} not found (give a text file, a folder of .txt files, or one of {', '.join(BUILTIN_SOURCES)})")
-    text = _read_text(path)
-    if not text:
-        raise UserError(f"corpus {path} is empty")
-    return path.stem, [text]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def download(url: str, dest: Path, sha256: str) -> None:
-    """Fetch url to dest with a progress bar; keep it only if the checksum matches."""
-    import urllib.request  # imported here: the network stack costs every run's startup otherwise
-
-    from tqdm import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"download of {url} failed: {e}; offline, put the file at {dest} yourself") from None
-    if digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"download of {url} has the wrong checksum; try again")
-    tmp.replace(dest)
-
-
 # ---------------------------------------------------------------------------- preparing
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A prepared dataset: where its token files are and how to read them."""
+    """A prepared dataset: where its token files (one per split, or shards) are and how to read them."""
 
     path: Path
-    train_file: Path
-    val_file: Path
+    train_files: tuple[Path, ...]
+    val_files: tuple[Path, ...]
     vocab_size: int
     tokenizer: Tokenizer | None
+
+    @property
+    def train_file(self) -> Path:
+        """The first train shard (the whole split when it is one file)."""
+        return self.train_files[0]
+
+    @property
+    def val_file(self) -> Path:
+        """The first val shard (the whole split when it is one file)."""
+        return self.val_files[0]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """A split's tokens: memory-mapped when one file, else its shards read into one array."""
+        files = self.train_files if split == "train" else self.val_files
+        parts = [open_tokens(f) for f in files]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     @property
     def name(self) -> str:
@@ -266,64 +212,12 @@ def gpt2_tokenizer(path: str | None, data_dir: str | os.PathLike = "data") -> To
     return GPT2Tokenizer.from_directory(default)
 
 
-def prepare(source: str, tokenizer: str | Tokenizer = "byte", *, data_dir: str | os.PathLike = "data",
-            val_fraction: float = 0.1, force: bool = False) -> Dataset:
-    """Tokenize a source into data/<name>-<tokenizer>/ (reused when already prepared).
+def prepare(source: str, tokenizer: str | Tokenizer = "byte", **settings) -> Dataset:
+    """Tokenize a source into data/<name>-<tokenizer>/ (reused when already prepared): see
+    ``mlx_gpt.prepare.prepare_dataset``, where the streaming pipeline lives."""
+    from .prepare import prepare_dataset
 
-    ``tokenizer`` is a spec (``byte``; ``sp:4096``, trained here on the train split; ``gpt2`` or
-    ``gpt2:PATH``, GPT-2's BPE read from files) or an existing Tokenizer (fine-tuning a
-    checkpoint encodes new text with its own tokenizer).
-    """
-    existing = _as_prepared(source)
-    if existing is not None:
-        if isinstance(tokenizer, str) or existing.tokenizer is None or tokenizer_digest(existing.tokenizer) == tokenizer_digest(tokenizer):
-            return existing
-        raise UserError(f"{source} was tokenized with another tokenizer than the checkpoint's")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val fraction must be in (0, 1), got {val_fraction}")
-    name, docs = read_source(source, data_dir)
-    label = None  # the output's suffix when the tokenizer is named by a spec
-    if isinstance(tokenizer, str):
-        kind, arg = parse_tokenizer_spec(tokenizer)
-        label = {"byte": "byte", "sp": f"sp{arg}", "gpt2": "gpt2"}[kind]
-        if kind == "gpt2":  # GPT-2's BPE is not trained here: read its files, then as any given tokenizer
-            tokenizer = gpt2_tokenizer(arg, data_dir)
-    if isinstance(tokenizer, str):
-        out = Path(data_dir, f"{name}-{label}")
-        fingerprint = _fingerprint(docs, tokenizer, val_fraction)
-    else:
-        # a tokenizer given whole (a checkpoint's): the text may be prepared already, under any
-        # name (``prepare SOURCE --tokenizer gpt2`` made data/NAME-gpt2); else a name a person reads
-        digest = tokenizer_digest(tokenizer)
-        fingerprint = _fingerprint(docs, digest, val_fraction)
-        found = None if force else next((d for d in sorted(Path(data_dir).glob(f"{name}-*"))
-                                         if _fingerprint_of(d) == fingerprint), None)
-        if found is not None:
-            return load_dataset(found)
-        label = label or {"byte": "byte", "sentencepiece": f"sp{tokenizer.vocab_size}"}.get(tokenizer.kind,
-                                                                                              tokenizer.kind)
-        out = Path(data_dir, f"{name}-{label}")
-        if _fingerprint_of(out) not in (None, fingerprint):  # that name holds this text under another tokenizer
-            out = Path(data_dir, f"{name}-{label}-{digest[:8]}")
-    if not force and _fingerprint_of(out) == fingerprint:
-        return load_dataset(out)
-    train_docs, val_docs = split_documents(docs, val_fraction)
-    if not isinstance(tokenizer, str):
-        tok: Tokenizer = tokenizer
-    elif kind == "byte":
-        tok = ByteTokenizer()
-    else:
-        lines = (line for d in train_docs for line in d.splitlines(keepends=True))
-        tok = SentencePieceTokenizer.train(lines, arg)
-    with replacing_directory(out) as tmp:
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            write_tokens(tmp / f"{split}.bin", encode_documents(tok, split_docs), tok.vocab_size)
-        tok.save(tmp)
-        meta = {"source": source, "name": name, "tokenizer": tokenizer if isinstance(tokenizer, str) else tok.kind,
-                "vocab_size": tok.vocab_size, "val_fraction": val_fraction, "fingerprint": fingerprint,
-                "documents": len(docs)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return load_dataset(out)
+    return prepare_dataset(source, tokenizer, **settings)
 
 
 def _fingerprint_of(directory: Path) -> str | None:
@@ -351,13 +245,6 @@ def tokenizer_digest(tok: Tokenizer) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(docs: list[str], tokenizer: str, val_fraction: float) -> str:
-    h = hashlib.sha256(f"{tokenizer}|{val_fraction}|{len(docs)}".encode())
-    for d in docs:
-        h.update(hashlib.sha256(d.encode()).digest())
-    return h.hexdigest()
-
-
 def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
     """Tokens of every document, each followed by end-of-text when the tokenizer has one."""
     parts = []
@@ -369,31 +256,33 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _as_prepared(source: str) -> Dataset | None:
-    """A source that already is a prepared directory (ours or llm.c's), else None."""
-    p = Path(source)
-    if not p.is_dir():
-        return None
-    if (p / "train.bin").exists() or any(p.glob("*_train.bin")):
-        return load_dataset(p)
-    return None
+def is_prepared(path: str | os.PathLike) -> bool:
+    """Whether a path is a prepared folder (ours or llm.c's): token files, not a corpus."""
+    from .shards import find_splits
+
+    p = Path(path)
+    return p.is_dir() and find_splits(p) is not None
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Open a prepared directory: ours (train.bin, val.bin, meta.json) or llm.c's (*_train.bin)."""
+    """Open a prepared folder: ours (shards or train.bin + val.bin, meta.json and the tokenizer) or
+    llm.c's (``*_train.bin`` + ``*_val.bin``, or FineWeb-style shards), every id checked once."""
+    from .shards import check_series, find_splits
+
     p = Path(path)
-    if (p / "train.bin").exists():
-        train, val = p / "train.bin", p / "val.bin"
-    else:
-        trains, vals = sorted(p.glob("*_train.bin")), sorted(p.glob("*_val.bin"))
-        if len(trains) != 1 or len(vals) != 1:
-            raise UserError(f"{p} must hold one *_train.bin and one *_val.bin token file")
-        train, val = trains[0], vals[0]
-    if not val.exists():
-        raise UserError(f"{val} is missing")
+    splits = find_splits(p)
+    if splits is None:
+        raise UserError(f"{p} holds no token files (train.bin, *_train.bin or NAME_train_000001.bin ...)")
+    train, val = splits
+    if not val:
+        raise UserError(f"{p} has train shards but no val shard (NAME_val_000000.bin)")
+    missing = next((f for f in train + val if not f.exists()), None)
+    if missing is not None:
+        raise UserError(f"{missing} is missing")
+    check_series(train + val)
     tokenizer = load_tokenizer(p) if (p / "tokenizer.json").exists() else None
     # llm.c's files say by their header whether they hold GPT-2's or LLaMA-3's tokens
-    vocab = tokenizer.vocab_size if tokenizer is not None else read_header(train).llmc_vocab_size
-    for f in (train, val):
+    vocab = tokenizer.vocab_size if tokenizer is not None else read_header(train[0]).llmc_vocab_size
+    for f in train + val:
         check_token_ids(f, vocab)
-    return Dataset(p, train, val, vocab, tokenizer)
+    return Dataset(p, tuple(train), tuple(val), vocab, tokenizer)

@@ -31,12 +31,12 @@ import mlx.nn as nn
 import numpy as np
 
 from . import checkpoint
-from .data import (encode_documents, load_dataset, open_tokens, read_source, split_documents,
-                   tokenizer_digest)
+from .data import encode_documents, is_prepared, load_dataset, split_documents, tokenizer_digest
 from .errors import UserError, run_cli
 from .limits import check_text
 from .loss import cross_entropy
 from .perplexity import Score, score
+from .sources import read_source
 from .tokenizer import Tokenizer
 
 SPLITS = ("all", "train", "val")
@@ -55,16 +55,16 @@ def text_tokens(source: str, tokenizer: Tokenizer, *, split: str | None = None, 
     if split not in (None, *SPLITS):
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     p = Path(source)
-    if p.is_dir() and ((p / "train.bin").exists() or any(p.glob("*_train.bin"))):
+    if is_prepared(p):
         ds = load_dataset(p)  # checks every id against the data's vocabulary
         if ds.tokenizer is not None and tokenizer_digest(ds.tokenizer) != tokenizer_digest(tokenizer):
             raise UserError(f"{p} was tokenized with another tokenizer than the checkpoint's")
         if ds.tokenizer is None and (tokenizer.kind != "gpt2" or tokenizer.vocab_size != ds.vocab_size):
             raise UserError(f"{p} holds llm.c's tokens of a {ds.vocab_size}-token vocabulary; the checkpoint's "
                             f"tokenizer is {tokenizer.kind} with {tokenizer.vocab_size}")
-        files = {"val": [ds.val_file], "train": [ds.train_file], "all": [ds.train_file, ds.val_file]}[split or "val"]
-        parts = [open_tokens(f) for f in files]
-        tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        files = {"val": ds.val_files, "train": ds.train_files, "all": ds.train_files + ds.val_files}[split or "val"]
+        tokens = ds.tokens(split) if split in ("train", "val") else ds.tokens("val") if split is None else \
+            np.concatenate([ds.tokens("train"), ds.tokens("val")])
         return " + ".join(str(f) for f in files), tokens
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")

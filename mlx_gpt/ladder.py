@@ -31,7 +31,7 @@ import numpy as np
 
 from . import checkpoint, flags, perplexity, rundir
 from .atomic import replacing_file
-from .data import Dataset, open_tokens, prepare
+from .data import Dataset, prepare
 from .ladder_report import UNITS, label, plot, table
 from .limits import check_seed
 from .errors import UserError, run_cli
@@ -151,7 +151,7 @@ def run_neural(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, le
 
 
 def score(model, dataset: Dataset, tokens: np.ndarray | None = None) -> perplexity.Score:
-    return perplexity.score(model, open_tokens(dataset.val_file) if tokens is None else tokens, dataset.tokenizer)
+    return perplexity.score(model, dataset.tokens("val") if tokens is None else tokens, dataset.tokenizer)
 
 
 def finish_point(cfg: LadderConfig, record: dict, dataset: Dataset) -> dict:
@@ -171,7 +171,7 @@ def finish_point(cfg: LadderConfig, record: dict, dataset: Dataset) -> dict:
 
 def count_rung(cfg: LadderConfig, rung: Rung, dataset: Dataset, out: Path) -> dict:
     """Fit a count rung by counting the train split; one point, at its cost."""
-    train_tokens = open_tokens(dataset.train_file)
+    train_tokens = dataset.tokens("train")
     start = time.perf_counter()
     model = build_rung(rung, dataset.vocab_size, tokens=train_tokens, overrides={"block_size": cfg.block_size})
     seconds = time.perf_counter() - start
@@ -201,7 +201,7 @@ def trial(cfg: LadderConfig, rung: Rung, record: dict, dataset: Dataset, out: Pa
         save()
         say(f"{rung.spec}: batch {batch_size}, lr {learning_rate:g} diverged; it loses the search")
         return t
-    loss = score(t.pop("model"), dataset, open_tokens(dataset.val_file)[: SEARCH_VAL_TOKENS + 1]).loss
+    loss = score(t.pop("model"), dataset, dataset.tokens("val")[: SEARCH_VAL_TOKENS + 1]).loss
     t["search_loss"] = loss if math.isfinite(loss) else None
     record["search"].append(t)
     save()
@@ -268,7 +268,7 @@ def rung_dir(rung: Rung) -> str:
 
 def check_fits(cfg: LadderConfig, ladder: list[Rung], dataset: Dataset) -> None:
     """Refuse, before training anything, a rung whose context is longer than the data."""
-    n_train, n_val = len(open_tokens(dataset.train_file)), len(open_tokens(dataset.val_file))
+    n_train, n_val = len(dataset.tokens("train")), len(dataset.tokens("val"))
     if n_val < 2:
         raise UserError(f"the val split of {dataset.path} holds {n_val} tokens; it needs at least 2")
     for rung in ladder:

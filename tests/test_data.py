@@ -5,7 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from mlx_gpt.data import HEADER_BYTES, MAGIC, TokenFile, load_dataset, open_tokens, prepare, read_header, read_source, write_tokens
+from mlx_gpt.data import HEADER_BYTES, MAGIC, TokenFile, load_dataset, open_tokens, prepare, read_header, write_tokens
+from mlx_gpt.sources import read_source
 from mlx_gpt.sampler import BatchSampler, SequentialSampler, make_sampler
 from conftest import assert_one_line_error, run_module
 from mlx_gpt.errors import UserError
@@ -78,7 +79,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_on_opening(tmp_path, monke
         load_dataset(tmp_path)
     ds = prepare(str(_corpus(tmp_path)), data_dir=tmp_path / "d")
     write_tokens(ds.val_file, np.array([0, 300, 2]), vocab_size=301)  # a byte dataset holding id 300
-    with pytest.raises(UserError, match="val.bin holds token id 300, outside the vocabulary of 256"):
+    with pytest.raises(UserError, match="val_000000.bin holds token id 300, outside the vocabulary of 256"):
         load_dataset(ds.path)
 
 

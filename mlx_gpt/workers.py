@@ -1,0 +1,87 @@
+"""Tokenizing a stream of text pieces on a pool of worker processes, results in order.
+
+Each task is a list of (text, is val, ends a document) pieces; a worker returns the task's train
+and val tokens, end-of-text after each document's last piece. Only a few tasks are in flight at
+once, so memory stays flat however long the stream. A worker that dies (killed, out of memory)
+breaks the pool, which is reported as an error instead of waiting on it for ever.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .tokenizer import Tokenizer, load_tokenizer
+
+Task = Sequence[tuple[str, bool, bool]]
+IN_FLIGHT = 3  # tasks queued per worker: enough to keep each busy, few enough to bound memory
+_worker: dict = {}
+
+
+def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens, val tokens) of a task's pieces, in order."""
+    out: tuple[list, list] = ([], [])
+    eot = [] if tok.eot_id is None else [tok.eot_id]
+    for text, val, last in task:
+        if tok.kind == "byte":  # the ids are the bytes: no list of Python ints needed
+            ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        else:
+            ids = np.asarray(tok.encode(text), dtype=np.int64)
+        out[val].append(ids)
+        if last and eot:
+            out[val].append(np.asarray(eot))
+    return tuple(np.concatenate(p).astype(dtype) if p else np.zeros(0, dtype) for p in out)
+
+
+def _start(tokenizer_dir: str, dtype: str) -> None:
+    _worker["tok"], _worker["dtype"] = load_tokenizer(tokenizer_dir), np.dtype(dtype)
+
+
+def _encode(task: Task) -> tuple[np.ndarray, np.ndarray]:
+    return encode_pieces(_worker["tok"], task, _worker["dtype"])
+
+
+def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype,
+            workers: int) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
+    """Each task's (train, val) tokens in task order; a None task (one to skip) gives None.
+
+    ``workers`` 1 encodes here, in this process; more start that many processes (spawned, so
+    that nothing of this process's threads is inherited).
+    """
+    if workers <= 1:
+        tok = load_tokenizer(tokenizer_dir)
+        for task in tasks:
+            yield None if task is None else encode_pieces(tok, task, dtype)
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                               initargs=(str(tokenizer_dir), np.dtype(dtype).str))
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(None if task is None else pool.submit(_encode, task))
+            while len(pending) > IN_FLIGHT * workers:
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
+    finally:
+        for f in pending:
+            if f is not None:
+                f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future):
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise UserError("a tokenizing worker process died (killed, or out of memory); the shards written so far "
+                        "are kept: run the same prepare again to go on") from None
