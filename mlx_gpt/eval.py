@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, examples
 from .data import encode_documents, is_prepared, load_dataset, split_documents, tokenizer_digest
 from .errors import UserError, run_cli
 from .limits import check_text
@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the checkpoint (run directory) to evaluate")
     p.add_argument("--data", help="a text file, a folder of .txt files, 'pydoc', 'shakespeare', or a prepared data "
                                   "directory (ours or llm.c's)")
-    p.add_argument("--split", choices=SPLITS, help="part of --data to score (default: val of a prepared directory, "
-                                                   "all of a text)")
+    p.add_argument("--split", choices=(*SPLITS, "test"), help="part of --data to score (default: val of a prepared "
+                                                              "directory or an example set, all of a text)")
+    p.add_argument("--mask-prompt", action="store_true", help="an example set's loss on the answers only")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out tail of each document for --split of a text")
     p.add_argument("--data-dir", default="data", help="where 'shakespeare' is downloaded")
@@ -234,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError("--batch-size and --limit must be at least 1")
     model, tokenizer = checkpoint.load(a.checkpoint)
     results: dict = {"checkpoint": str(a.checkpoint)}
+    if a.data is not None and examples.is_examples(a.data):  # train.jsonl/valid.jsonl/test.jsonl, or FILE.jsonl
+        a.data, results["loss"] = None, _evaluate_examples(model, tokenizer, a)
     if a.data is not None:
         what, tokens = text_tokens(a.data, tokenizer, split=a.split, data_dir=a.data_dir, val_fraction=a.val_fraction)
         s = evaluate_text(model, tokenizer, tokens, batch_size=a.batch_size)
@@ -248,6 +251,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{c.correct_norm}/{c.examples} of {a.hellaswag})")
         results.update(acc=c.acc, acc_norm=c.acc_norm, examples=c.examples)
     return results
+
+
+def _evaluate_examples(model, tokenizer: Tokenizer, a: argparse.Namespace) -> float:
+    """An example set's mean loss per scored token (mlx_gpt/examples.py), as a run's evaluation computes it."""
+    split = a.split or "val"
+    dataset = examples.prepare_examples(a.data, tokenizer, data_dir=a.data_dir)
+    if split not in dataset.splits:
+        raise UserError(f"{a.data} has no {split} split (example sets have train, val and, with test.jsonl, test)")
+    loss, count = examples.evaluate(model, dataset.splits[split], a.mask_prompt, a.batch_size)
+    print(f"loss {loss:.4f} ({count:,} {'answer ' if a.mask_prompt else ''}tokens of the {split} examples of {a.data})")
+    return loss
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from . import chat
 from .atomic import replacing_directory
 from .data import gpt2_tokenizer, parse_tokenizer_spec, tokenizer_digest
 from .errors import UserError
+from .sources import jsonl_records
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 SHAPES = ("text", "completions", "chat")
@@ -138,26 +139,13 @@ def encode(parts: list[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[list[in
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line, read one at a time."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                raise UserError(f"{path}:{number}: not JSON ({' '.join(str(e).split())[:80]})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: not a JSON object")
-            yield number, record
+    """(line number, object) of each non-blank line, read one at a time (``sources.jsonl_records``)."""
+    if not path.is_file():
+        raise UserError(f"cannot read {path}: not a file")
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: not a JSON object")
+        yield number, record
 
 
 def examples_of(path: Path, tokenizer: Tokenizer, fmt: str | None, fields: Fields) -> Iterator[tuple[int, list, list]]:
@@ -452,3 +440,23 @@ def samplers(dataset: ExampleSet, batch_size: int, block_size: int, seed: int, a
     return (ExampleSampler(train, batch_size, block_size, seed, accum, **kw),
             ExampleSampler(val, batch_size, block_size, seed + 1, **kw),
             ExampleSampler(train, batch_size, block_size, seed + 2, **kw))
+
+
+def evaluate(model, split: ExampleSplit, mask_prompt: bool, batch_size: int = 16) -> tuple[float, int]:
+    """(mean loss, tokens counted) over every example of ``split``, one a row cut to the model's block:
+    the loss of a run's evaluation, over the whole split, answers only with ``mask_prompt``."""
+    import mlx.core as mx
+
+    from .loss import IGNORE, cross_entropy
+    from .models.base import eval_mode
+
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(split), batch_size):
+            x, y = rows(split, np.arange(start, min(start + batch_size, len(split))), model.block_size, mask_prompt)
+            kept = int((y != IGNORE).sum())
+            total += mx.mean(cross_entropy(model(mx.array(x)), mx.array(y))).item() * kept  # the batch's masked mean
+            count += kept
+    if not count:
+        raise UserError(f"{split.source}: no token to score (every answer falls outside the block)")
+    return total / count, count

@@ -294,14 +294,9 @@ def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, firs
     """A conversation at the terminal: your turns from stdin, one a line, the replies on stdout."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
-        if first is None:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-            line = sys.stdin.readline()
-            if not line:
-                sys.stderr.write("\n")
-                return
-        turn, first = (first if first is not None else line.rstrip("\n")), None
+        turn, first = (first if first is not None else _read_line()), None
+        if turn is None:
+            return
         if not turn.strip():
             continue
         reply, timing = "", Timing()
@@ -322,16 +317,23 @@ def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, firs
         seed += 1
 
 
+def _read_line() -> str | None:
+    """The next line from stdin after a "> " on stderr, without its newline (None: end of input)."""
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        sys.stderr.write("\n")
+        return None
+    return line.rstrip("\n")
+
+
 def _interact(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, seed: int) -> None:
     """Prompts from stdin until EOF; Ctrl-C ends the current continuation, not the session."""
     while True:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            sys.stderr.write("\n")
+        prompt = _read_line()
+        if prompt is None:
             return
-        prompt = line.rstrip("\n")
         if not prompt.strip():
             continue
         try:

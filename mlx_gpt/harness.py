@@ -102,11 +102,11 @@ class MLXGPT(TemplateLM):
         return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """lm_eval's command line, with ``--model mlx_gpt`` known to it."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv[0] = "python -m mlx_gpt.harness"
+    sys.argv = ["python -m mlx_gpt.harness", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_module
-from mlx_gpt import chat, examples
+from mlx_gpt import chat, eval as ev, examples
 from mlx_gpt.errors import UserError, run_cli
 from mlx_gpt.loss import IGNORE
 from mlx_gpt.tokenizer import ByteTokenizer, load_tokenizer
@@ -112,14 +112,23 @@ def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
     got = estimate_loss(make_eval_loss(run.model, run.cfg), sampler, 2, run.cfg.step.seed + 1)
     assert got == pytest.approx(val, abs=1e-6)
     sampler.set_state(np.random.Generator(np.random.PCG64(run.cfg.step.seed + 1)).bit_generator.state)
-    direct = []
-    for _ in range(2):
-        x, y = (a[0] for a in sampler.next())
-        logp = np.array(mx.log(mx.softmax(run.model(mx.array(x)).astype(mx.float32), axis=-1)))
-        keep = y != IGNORE
-        direct.append(-np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean())
-    assert val == pytest.approx(float(np.mean(direct)), abs=1e-5)
+    batches = [[a[0] for a in sampler.next()] for _ in range(2)]
+    assert val == pytest.approx(float(np.mean([direct_loss(run.model, x, y)[0] for x, y in batches])), abs=1e-5)
     assert load_tokenizer(tmp_path / "run").kind == "byte"
+    # eval's loss of the whole val split: the mean over every answer token of its 20 examples
+    got = ev.main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path), "--mask-prompt",
+                   "--data-dir", str(tmp_path / "data"), "--batch-size", "7"])["loss"]
+    split = run.dataset.splits["val"]
+    sums = [direct_loss(run.model, *examples.rows(split, np.array([i]), 48, True)) for i in range(len(split))]
+    assert got == pytest.approx(sum(m * n for m, n in sums) / sum(n for _, n in sums), abs=1e-5)
+
+
+def direct_loss(model, x, y) -> tuple[float, int]:
+    """(mean negative log-likelihood of the kept targets, their count), from the softmax in numpy."""
+    logits = np.array(model(mx.array(x)).astype(mx.float32), dtype=np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    keep = y != IGNORE
+    return float(-np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean()), int(keep.sum())
 
 
 def cli_error(argv, capsys) -> str:
