@@ -185,3 +185,20 @@ def test_a_folder_without_valid_jsonl_from_the_command_line(tmp_path):
     proc = run_module("mlx_gpt.train", "--data", "d", "--max-iters", "1", cwd=tmp_path)
     assert_one_line_error(proc, "has no valid.jsonl")
     assert proc.returncode == 2
+
+
+def test_a_resumed_example_run_equals_the_uninterrupted_one(tmp_path):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_gpt import checkpoint
+
+    write_jsonl(tmp_path / "train.jsonl", pairs(60))
+    common = dict(data=str(tmp_path / "train.jsonl"), data_dir=str(tmp_path / "data"), mask_prompt=True,
+                  lr_decay_iters=6, warmup_iters=2, eval_interval=3, checkpoint_interval=100, dropout=0.1, **TINY)
+    train(TrainConfig.of(out=str(tmp_path / "whole"), max_iters=6, **common), progress=False)
+    first = TrainConfig.of(out=str(tmp_path / "split"), max_iters=3, **common)
+    train(first, progress=False)
+    train(first.replace(max_iters=6, resume=True), progress=False)
+    whole, split = (dict(tree_flatten(checkpoint.load_model(tmp_path / d).parameters())) for d in ("whole", "split"))
+    assert all(mx.array_equal(whole[k], split[k]).item() for k in whole)  # bit for bit
