@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_module
-from mlx_gpt import chat, eval as ev, examples
+from mlx_gpt import chat, eval as ev, example_sampler, examples
 from mlx_gpt.errors import UserError, run_cli
 from mlx_gpt.loss import IGNORE
 from mlx_gpt.tokenizer import ByteTokenizer, load_tokenizer
@@ -87,15 +87,15 @@ def test_text_examples_and_renamed_fields(tmp_path):
 def test_rows_pad_cut_and_mask(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "abc", "completion": "de"}, {"prompt": "x" * 20, "completion": "yz"}] * 5)
     split = examples.prepare_examples(str(tmp_path / "train.jsonl"), data_dir=tmp_path / "data").splits["train"]
-    x, y = examples.rows(split, np.array([0, 1]), 8, mask_prompt=True)
+    x, y = example_sampler.rows(split, np.array([0, 1]), 8, mask_prompt=True)
     assert x[0].tolist() == list(b"abcd") + [0] * 4
     assert y[0].tolist() == [IGNORE, IGNORE, ord("d"), ord("e")] + [IGNORE] * 4  # targets: b c d e; b, c are prompt
     assert x[1].tolist() == list(b"x" * 8) and (y[1] == IGNORE).all()  # cut inside the prompt: nothing to learn
-    _, y = examples.rows(split, np.array([0]), 8, mask_prompt=False)
+    _, y = example_sampler.rows(split, np.array([0]), 8, mask_prompt=False)
     assert y[0].tolist() == list(b"bcde") + [IGNORE] * 4
-    assert examples.check_lengths(split, 8, truncate=True) == 4
+    assert example_sampler.check_lengths(split, 8, truncate=True) == 4
     with pytest.raises(UserError, match=r"train.jsonl:2: an example of 22 tokens is longer than the block of 8"):
-        examples.check_lengths(split, 8, truncate=False)
+        example_sampler.check_lengths(split, 8, truncate=False)
 
 
 def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
@@ -119,7 +119,7 @@ def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
     got = ev.main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path), "--mask-prompt",
                    "--data-dir", str(tmp_path / "data"), "--batch-size", "7"])["loss"]
     split = run.dataset.splits["val"]
-    sums = [direct_loss(run.model, *examples.rows(split, np.array([i]), 48, True)) for i in range(len(split))]
+    sums = [direct_loss(run.model, *example_sampler.rows(split, np.array([i]), 48, True)) for i in range(len(split))]
     assert got == pytest.approx(sum(m * n for m, n in sums) / sum(n for _, n in sums), abs=1e-5)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backend, checkpoint, distributed, examples, flags, lora, plot, rundir, tracking
+from .. import backend, checkpoint, distributed, example_sampler, examples, flags, lora, plot, rundir, tracking
 from ..data import Dataset, prepare, tokenizer_digest
 from ..sampler import BatchSampler, make_sampler
 from ..errors import UserError
@@ -184,7 +184,7 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
     check_bytes(2 * 8 * cfg.step.grad_accum * B * (T + 1),  # x and y, and the windows they are cut from
                 f"a step's batches (--grad-accum {cfg.step.grad_accum} x --batch-size {B} x block {T})")
     if isinstance(dataset, examples.ExampleSet):
-        samplers = Samplers(*examples.samplers(dataset, B, T, seed, cfg.step.grad_accum, cfg.data, **shard))
+        samplers = Samplers(*example_sampler.samplers(dataset, B, T, seed, cfg.step.grad_accum, cfg.data, **shard))
     else:
         samplers = Samplers(make_sampler(cfg.data.sampler, dataset.train_files, B, T, seed=seed,
                                          accum=cfg.step.grad_accum, **shard),
