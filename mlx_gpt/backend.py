@@ -107,6 +107,12 @@ def set_blas_threads(n: int) -> None:
     set_threads(n)
 
 
+def orthogonalise_dtype() -> mx.Dtype:
+    """The dtype Muon's Newton-Schulz products run in: bfloat16 as the references do where the
+    hardware multiplies it fast, float32 on the CPU, where only float32 products reach BLAS."""
+    return mx.float32 if on_cpu() else mx.bfloat16
+
+
 def attention_weights_kept(dtype: mx.Dtype, dropout: float) -> bool:
     """Whether a train step keeps each layer's attention weights for its backward pass."""
     if not on_cpu():

@@ -5,7 +5,8 @@ one (Jordan et al., "Muon: an optimizer for hidden layers"), so no direction of 
 dominates the step; the embeddings, the head, norms, biases and scalars keep AdamW, as the
 references prescribe. The rule is ``torch.optim.Muon``'s, step for step: the momentum an
 exponential average (``buf += (1 - mu) (g - buf)``), the Nesterov blend ``g + mu (buf - g)``,
-five quintic iterations in bfloat16 on the matrix scaled to unit Frobenius norm (its wide
+five quintic iterations (in bfloat16 as the references, or float32 on the CPU:
+``backend.orthogonalise_dtype``) on the matrix scaled to unit Frobenius norm (its wide
 orientation), weight decay ``lr * wd`` and the step scaled by sqrt(max(1, rows / cols)).
 
 Which parameters Muon takes is decided once, by name, when the state is made: theirs holds a
@@ -21,6 +22,7 @@ import math
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import backend
 from .optim import AdamW
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c), as torch.optim.Muon
@@ -56,11 +58,10 @@ class Muon(AdamW):
     one schedule drives both and the whole update stays inside the compiled step.
     """
 
-    ns_dtype = mx.bfloat16  # the Newton-Schulz iteration's
-
     def __init__(self, *args, lr_ratio: float, momentum: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lr_ratio, self.momentum = lr_ratio, momentum
+        self.ns_dtype = backend.orthogonalise_dtype()  # the Newton-Schulz iteration's
 
     def init(self, parameters: dict) -> None:
         """AdamW's state for every parameter, then a momentum buffer in place of it for Muon's; a

@@ -54,8 +54,8 @@ def test_muon_and_adamw_update_as_torch_for_six_steps(torch, monkeypatch, model_
                         for k, v in tree_flatten(model.parameters())])
     opt = make_optimizer(optim_cfg().optim)
     opt.init(model.trainable_parameters())
+    opt.ns_dtype = getattr(mx, ns_dtype)
     if ns_dtype == "float32":
-        opt.ns_dtype = mx.float32
         monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t.float())
     tensors, torch_opts = torch_optimizers(torch, params(model))
     grad_fn = nn.value_and_grad(model, loss_fn)
@@ -92,7 +92,7 @@ def test_accumulated_micro_batches_step_as_the_whole_batch():
         model = modern.build(modern.ModernConfig(**SHAPE), seed=0)
         cfg = optim_cfg(grad_accum=accum, batch_size=3 * 2 // accum, streams=1)
         opt = make_optimizer(cfg.optim)
-        opt.ns_dtype = mx.float32  # in bfloat16 the sums' order (micro-batches or one batch) shows
+        opt.ns_dtype = mx.float32  # as on the CPU: in bfloat16 the sums' order (micro-batches or one) shows
         step = make_train_step(model, opt, cfg)
         for _ in range(3):
             step(x, y) if accum == 2 else step(x.reshape(1, 6, 16), y.reshape(1, 6, 16))

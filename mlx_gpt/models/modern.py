@@ -79,10 +79,13 @@ class ModernConfig(ModelConfig):
 
 
 class ReLU2MLP(MLP):
-    """GPT-2's MLP with relu(x)^2 (So et al., Primer) in place of GELU."""
+    """GPT-2's MLP with relu(x)^2 (So et al., Primer) in place of GELU, written h * relu(h): the
+    same values and gradient, and on MLX's CPU backend one fused pass several times faster than
+    squaring."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(mx.square(nn.relu(self.c_fc(x)))))
+        h = self.c_fc(x)
+        return self.dropout(self.c_proj(h * nn.relu(h)))
 
 
 def norm(cfg: ModernConfig, dims: int) -> nn.Module:
