@@ -202,3 +202,28 @@ def test_a_resumed_example_run_equals_the_uninterrupted_one(tmp_path):
     train(first.replace(max_iters=6, resume=True), progress=False)
     whole, split = (dict(tree_flatten(checkpoint.load_model(tmp_path / d).parameters())) for d in ("whole", "split"))
     assert all(mx.array_equal(whole[k], split[k]).item() for k in whole)  # bit for bit
+
+
+def test_the_demonstrations_instruction_set(tmp_path):
+    """tools/finetune_demo.py's tasks: right answers, and held-out prompts no training line repeats."""
+    import datetime
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("finetune_demo", ROOT / "tools" / "finetune_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    tests = demo.write_sets(tmp_path, 50, 10, seed=0)
+    seen = {json.loads(line)["prompt"] for split in ("train", "valid")
+            for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()}
+    assert len(seen) > 100 and not seen & {r["prompt"] for rows in tests.values() for r in rows}
+    for r in tests["date"]:
+        day = datetime.date.fromisoformat(r["prompt"].split()[-1].rstrip(":"))
+        assert r["completion"] == day.strftime("%d/%m/%Y") + "\n"
+    for r in tests["reverse"]:
+        assert r["completion"] == r["prompt"].split()[-1].rstrip(":")[::-1] + "\n"
+    for r in tests["add"]:
+        a, b = (int(w.rstrip(":")) for w in r["prompt"].split()[1::2])
+        assert r["completion"] == f"{a + b}\n"
+    assert examples.prepare_examples(str(tmp_path), data_dir=tmp_path / "data").splits.keys() == {"train", "val", "test"}

@@ -46,7 +46,9 @@ def tasks(d):
 def evaluated(tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
-    import mlx_gpt.harness  # noqa: F401  (registers the model)
+    from mlx_gpt.harness import MLXGPT
+
+    assert lm_eval.api.registry.get_model("mlx_gpt") is MLXGPT  # importing the module registers it
 
     d = tmp_path_factory.mktemp("harness")
     cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
