@@ -78,8 +78,10 @@ def is_config(path: Path) -> bool:
 
 
 def exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a checkpoint of ours (or the previous version a crash left): by the
+    config we write, never by a file's name (a Hugging Face folder has a config.json too)."""
     p = Path(path)
-    return (p / CONFIG).exists() or (previous_version(p) / CONFIG).exists()
+    return is_config(p / CONFIG) or is_config(previous_version(p) / CONFIG)
 
 
 def save(path: str | os.PathLike, model: Any, tokenizer: Tokenizer | None, *, train_config: dict | None = None,

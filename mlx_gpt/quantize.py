@@ -48,8 +48,10 @@ def check(model: Any, bits: int, group_size: int) -> None:
     widths = {m.weight.shape[-1] for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     bad = sorted(w for w in widths if w % group_size)
     if bad:
+        fits = [str(g) for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
         raise UserError(f"--group-size {group_size} must divide every layer's input width; {bad[0]} is not a "
-                        f"multiple (try {', '.join(str(g) for g in GROUP_SIZES if all(w % g == 0 for w in widths))})")
+                        "multiple " + (f"(try {', '.join(fits)})" if fits else
+                                       f"and no group size MLX takes ({', '.join(map(str, GROUP_SIZES))}) divides all"))
 
 
 def quantize(model: Any, bits: int = 8, group_size: int = 64) -> Any:

@@ -9,13 +9,22 @@ what CI itself runs. The behaviour behind the flags is tested module by module.
 import argparse
 import importlib
 import importlib.util
+import json
+import os
 import re
 import shlex
+import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import DATA, ROOT
 
 
 def readme_commands() -> list[str]:
@@ -99,9 +108,6 @@ NOT_RUN = {"docs/converting.md": 1, "docs/serving.md": 1}
 
 def test_python_examples_run_as_written(tmp_path):
     """The Python a newcomer copies runs as written, against the checkpoints it names (tiny ones)."""
-    import os
-    import subprocess
-
     from mlx_gpt import checkpoint
     from mlx_gpt.models.gpt import GPTConfig, build
     from mlx_gpt.tokenizer import ByteTokenizer
@@ -120,3 +126,181 @@ def test_python_examples_run_as_written(tmp_path):
             assert proc.returncode == 0, f"{page}:\n{block}\n{proc.stderr[-2000:]}"
             ran += 1
     assert ran >= 2
+
+
+# ---------------------------------------------------------------------------- the shell examples, run
+
+# commands shown but not run here, each with why (a new command fails the test until it is run or listed)
+SHELL_NOT_RUN = {
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu,dev]"': "the set-up CI itself runs",
+    "python -m pytest -q": "the test command CI itself runs",
+    'pip install -e ".[cpu,serve]"': "an install, which the set-up above covers",
+    "mlx.launch --hosts mac1,mac2 -- python -m mlx_gpt.train --data shakespeare": "needs two Macs",
+    "mlx.launch --hostfile hosts.json -- python -m mlx_gpt.train --data shakespeare": "needs the hosts it names",
+    "mlx.launch -n 4 --backend nccl -- python -m mlx_gpt.train --data shakespeare": "needs four NVIDIA GPUs",
+    "python tools/bench.py": "a benchmark of an hour; tests/test_bench.py runs its parts at tiny sizes",
+    "python tools/bench.py --vs-torch --json bench.json": "a benchmark of hours, against other tools",
+    "python tools/bench.py --vs-torch --configs A,decode --rounds 2": "a benchmark of many minutes",
+    "python tools/bench_distributed.py": "GPT-2 124M in two processes: a benchmark of many minutes",
+}
+
+# what makes a command tiny: flags appended to it (later flags win), by entry point
+SHRINK = {
+    "mlx_gpt.train": ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2"],
+    "mlx_gpt.generate": ["--max-new-tokens", "8"],
+    "mlx_gpt.ladder": ["--batch-sizes", "4", "--lr-scales", "1", "--sample-tokens", "8"],
+}
+
+
+def shell_pages() -> list[tuple[str, list[str]]]:
+    """(page, its shell commands) in a newcomer's order: the README first, then docs/ pages."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    out = []
+    for p in pages:
+        lines = []
+        for block in re.findall(r"```bash\n(.*?)```", p.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+                if line:
+                    lines.append(" ".join(line.split()))
+        out.append((p.relative_to(ROOT).as_posix(), lines))
+    return out
+
+
+def newcomer_workspace(root: Path) -> None:
+    """What a newcomer's commands read and this machine cannot download: tiny stand-ins at the
+    paths the docs name (GPT-2 as Hugging Face and llm.c save it, a few text files, HellaSwag's
+    format, llm.c's token files), the repository's tools/ and configs/, and a trained run."""
+    from test_llmc import _llmc_file, _params
+
+    from mlx_gpt import checkpoint, data
+    from mlx_gpt.formats import llmc
+    from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
+    from mlx_gpt.models.gpt import GPTConfig, build
+    from mlx_gpt.tokenizer import ByteTokenizer
+
+    for name in ("tools", "configs"):
+        (root / name).symlink_to(ROOT / name)
+    (root / "data" / "downloads").mkdir(parents=True)
+    shutil.copy(DATA / "tinyshakespeare.txt", root / "data" / "downloads" / "tinyshakespeare.txt")
+    verdict = (DATA / "the-verdict.txt").read_text()
+    (root / "my_notes").mkdir()
+    (root / "my_notes" / "a.txt").write_text(verdict[: len(verdict) // 2])
+    (root / "my_notes" / "b.txt").write_text(verdict[len(verdict) // 2:])
+    (root / "my.txt").write_text(verdict)
+    cfg = GPTConfig(vocab_size=50257, block_size=256, n_layer=1, n_head=2, n_embd=64)
+    params = _params(cfg)
+    _llmc_file(root / "gpt2_124M.bin", cfg, params)
+    _llmc_file(root / "gpt2_124M_bf16.bin", cfg, params, version=5)
+    llmc.write_tokenizer(root / "gpt2_tokenizer.bin", GPT2Tokenizer.from_directory(DATA / "gpt2"))
+    for where, names in (("path/to/gpt2", ("encoder.json", "vocab.bpe")), ("path/to/hf-gpt2", ("vocab.json", "merges.txt"))):
+        d = root / where
+        d.mkdir(parents=True)
+        for src, dst in zip(("encoder.json", "vocab.bpe"), names):
+            shutil.copy(DATA / "gpt2" / src, d / dst)
+        write_hf_gpt2(d, cfg, params)
+    tokens = np.random.default_rng(0).integers(0, 50256, 5000, dtype=np.uint16)
+    (root / "data" / "fineweb10B").mkdir()
+    for shard in ("val_000000", "train_000001"):  # as llm.c's fineweb.py names them
+        data.write_tokens(root / "data" / "fineweb10B" / f"fineweb_{shard}.bin", tokens, 50257)
+    questions = [{"ind": i, "ctx": "The cat sat on the", "endings": ["mat.", "sky.", "moon.", "sea."], "label": 0,
+                  "split": "val"} for i in range(4)]
+    (root / "hellaswag_val.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    model = build(GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=64), seed=0)
+    checkpoint.save(root / "checkpoints" / "run", model, ByteTokenizer())  # wide enough to quantize
+
+
+def write_hf_gpt2(directory: Path, cfg, params: dict) -> None:
+    """A GPT-2 as transformers' save_pretrained writes it (config.json and model.safetensors)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd))
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            value = torch.from_numpy(params[name].copy())
+            p.copy_(value.T if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else value)
+    model.save_pretrained(directory)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(port: int, server: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stderr.read()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("the server did not come up")
+
+
+def as_run(command: str, port: int) -> tuple[str, bool]:
+    """(the command made tiny, whether it serves until stopped)."""
+    words = shlex.split(command)
+    target = entry_point(words)
+    name = target[0] if target else None
+    if name == "mlx_gpt.__main__":
+        name = "mlx_gpt." + target[1][0]
+    extra = list(SHRINK.get(name, []))
+    if name == "mlx_gpt.ladder" and "--resume" not in words:
+        extra += ["--budgets", "2000" if "tokens" in words else "1"]
+        if "--rungs" not in words:
+            extra += ["--rungs", "unigram,bigram,gpt"]
+    if name == "mlx_gpt.serve":
+        extra += ["--port", str(port)]
+    command = command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    return (command + " " + shlex.join(extra)).strip(), name == "mlx_gpt.serve"
+
+
+@pytest.mark.slow
+def test_shell_examples_run_as_written(tmp_path):
+    """Every shell command of the README and the docs runs, in a newcomer's order, as written (made
+    tiny by flags appended to it), against stand-ins for what this machine cannot download. A
+    command whose --out an earlier command made (another page's, or an alternative shown just
+    before it) runs after that folder is moved aside."""
+    newcomer_workspace(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "MLX_GPT_CACHE_DIR": os.environ.get("MLX_GPT_CACHE_DIR", "")}
+    env = {k: v for k, v in env.items() if v}
+    shown, moved, failed = set(), [], []
+    for page, commands in shell_pages():
+        servers, serving = [], None
+        try:
+            for command in commands:
+                shown.add(command)
+                if command in SHELL_NOT_RUN:
+                    continue
+                words = shlex.split(command)
+                out = next((w for a, w in zip(words, words[1:]) if a == "--out"), None)
+                if out and "--resume" not in words and (tmp_path / out).exists():  # made by an earlier page, or an alternative shown before
+                    (tmp_path / out).rename(tmp_path / f"{out}.before-{len(moved)}")
+                    moved.append(out)
+                port = free_port()
+                line, serves = as_run(command, port)
+                if serves:
+                    servers.append(subprocess.Popen(["bash", "-c", "exec " + line], cwd=tmp_path, env=env,
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                    wait_until_up(port, servers[-1])
+                    serving = port
+                    continue
+                if serving is not None:  # a client of the server started above
+                    line = line.replace(f"127.0.0.1:{port}", f"127.0.0.1:{serving}")
+                proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                      timeout=300)
+                if proc.returncode != 0 or "Traceback" in proc.stderr:
+                    failed.append(f"{page}: {line}\n{proc.stdout[-1000:]}\n{proc.stderr[-2000:]}")
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(timeout=30)
+    assert not failed, "\n\n".join(failed)
+    stale = set(SHELL_NOT_RUN) - shown
+    assert not stale, f"listed as not run but no longer in the docs: {stale}"
