@@ -53,6 +53,11 @@ def test_completions_are_prompt_then_trained_completion(tmp_path):
     assert int(ds.splits["val"].lines[0]) == 10  # the line it came from
     again = examples.prepare_examples(str(source), data_dir=tmp_path / "data")  # reused, not redone
     assert (again.path / "train.tokens").stat().st_mtime_ns == (ds.path / "train.tokens").stat().st_mtime_ns
+    assert examples.is_examples(str(ds.path)) and examples.prepare_examples(str(ds.path)).path == ds.path  # --data it
+    with open(ds.path / "train.mask", "r+b") as f:  # a damaged file is refused, not read short
+        f.truncate(5)
+    with pytest.raises(UserError, match="the train split's files are damaged"):
+        examples.load_examples(ds.path)
 
 
 def test_chat_examples_train_on_assistant_turns_and_end_of_text(tmp_path):
