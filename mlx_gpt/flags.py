@@ -266,6 +266,21 @@ def to_toml(cfg: Any, leave_out: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that ends each flag's text with its default, where there is one to show: not for a
+    flag with no default (None) or one whose text already says it; a switch's as on or off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default in (None, argparse.SUPPRESS) or action.required \
+                or not action.option_strings or isinstance(action, (argparse._StoreTrueAction, argparse._AppendAction)):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if default else 'off'})"
+        return f"{text} (default: {_shown(default)})"
+
+
 def build(cls: type, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser with ``--config FILE`` and one flag per setting of ``cls``."""
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)

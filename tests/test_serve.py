@@ -32,7 +32,8 @@ import pytest
 from mlx_gpt import checkpoint
 from mlx_gpt.generate import generate
 from mlx_gpt.models.gpt import GPTConfig, build
-from mlx_gpt.serve.openai_api import CHAT_STOPS, render_chat
+from mlx_gpt import chat
+from mlx_gpt.serve.openai_api import APIError, render_chat
 from mlx_gpt.tokenizer import ByteTokenizer
 
 openai = pytest.importorskip("openai")
@@ -192,18 +193,34 @@ def test_streaming_matches_the_whole_answer(server):
     assert chunks[-1].usage.completion_tokens == 30
 
 
-def test_chat_uses_the_default_format(server, model):
+def test_chat_uses_the_checkpoints_template_else_the_default(server, model):
     client = server.client()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
-    prompt = render_chat(messages)
-    assert prompt == "System: Be brief.\n\nUser: Hi there\n\nAssistant:"
+    prompt, stops = render_chat(messages, model[1])  # the tiny checkpoint has no template
+    assert prompt == chat.render(chat.DEFAULT_TEMPLATE, messages, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and stops == ("<|im_end|>",)
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == solo(model, prompt, 20, stop=CHAT_STOPS)
+    assert r.choices[0].message.content == solo(model, prompt, 20, stop=stops)
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
                                                  stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+
+
+def test_a_checkpoints_own_chat_template_lays_out_the_prompt_and_ends_the_turn():
+    from mlx_gpt.tokenizer import ByteTokenizer, with_chat_template
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token if m['role'] == "
+                "'assistant' else '' }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    tok = with_chat_template(ByteTokenizer(), template)
+    prompt, stops = render_chat([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}], tok)
+    assert prompt == "[system] a\n[user] b\n[assistant] "
+    assert stops == ()  # nothing after an assistant's words but end-of-text, which ends it anyway
+    bad = with_chat_template(ByteTokenizer(), "{{ raise_exception('no system role') }}")
+    with pytest.raises(APIError) as e:
+        render_chat([{"role": "user", "content": "b"}], bad)
+    assert e.value.status == 400 and "no system role" in e.value.message
 
 
 def test_logprobs_and_echo_are_the_models(server, model):

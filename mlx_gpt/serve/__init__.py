@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .. import flags
 from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gpt.serve",
                                 description="Serve a checkpoint with OpenAI's HTTP API.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=flags.DefaultsShown)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (float or quantized)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one, printed)")

@@ -16,17 +16,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import chat
+from ..errors import UserError
 from .batcher import Event, Job, Sampling, TokenInfo
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**64
 
-# The default chat format, for models without a chat template of their own: each message a
-# paragraph "Role: text", and the prompt ends with "Assistant:" for the model to continue.
-# The assistant's turn ends where the model starts another speaker's line.
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOPS = ("\nUser:", "\nSystem:")
+# OpenAI's roles, as the chat template names them (its "developer" is the template's system)
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class APIError(Exception):
@@ -70,12 +69,16 @@ class Parsed:
         return self.jobs[0].n
 
 
-def render_chat(messages: list[dict]) -> str:
-    """The prompt for a chat: ``System: ...`` / ``User: ...`` / ``Assistant: ...`` paragraphs, then
-    ``Assistant:`` for the model to continue. The one place a chat becomes text, so a model's
-    own template can replace it."""
-    turns = [f"{CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
-    return "\n\n".join(turns + ["Assistant:"])
+def render_chat(messages: list[dict], tokenizer) -> tuple[str, tuple[str, ...]]:
+    """(the prompt for a chat, the stop strings that end the assistant's turn): the checkpoint's
+    chat template (``chat.template_of``: its own, else the default), as ``generate --chat`` uses."""
+    template, tokens = chat.template_of(tokenizer), chat.special_tokens(tokenizer)
+    try:
+        text = chat.render(template, messages, add_generation_prompt=True, **tokens)
+        end = chat.end_of_turn(template, **tokens)
+    except UserError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return text, (end,) if end else ()
 
 
 def max_token_chars(tokenizer, vocab_size: int) -> int:
@@ -118,7 +121,7 @@ def parse_chat(body: Any, info: ModelInfo) -> Parsed:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    text = render_chat([_message(m, i) for i, m in enumerate(messages)])
+    text, stops = render_chat([_message(m, i) for i, m in enumerate(messages)], info.tokenizer)
     ((ids, text),) = _prompts(text, info)
     if "logprobs" in body and body["logprobs"] is not None and not isinstance(body["logprobs"], bool):
         raise APIError(400, "logprobs must be true or false", param="logprobs")
@@ -133,7 +136,7 @@ def parse_chat(body: Any, info: ModelInfo) -> Parsed:
         _check_context(len(ids), 0, info, "messages")
         max_tokens = info.block_size - len(ids)
     _check_context(len(ids), max_tokens, info, "messages")
-    job = _job(body, info, ids, max_tokens, n, logprobs, echo_logprobs=False, extra_stops=CHAT_STOPS)
+    job = _job(body, info, ids, max_tokens, n, logprobs, echo_logprobs=False, extra_stops=stops)
     return Parsed(True, [job], [text], *_stream_options(body), logprobs=logprobs)
 
 
@@ -164,7 +167,7 @@ def _message(m: Any, i: int) -> dict:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise APIError(400, f"{param}.content must be a string", param=f"{param}.content")
-    return {"role": m["role"], "content": content}
+    return {"role": CHAT_ROLES[m["role"]], "content": content}
 
 
 def _prompts(prompt: Any, info: ModelInfo) -> list[tuple[list[int], str]]:
