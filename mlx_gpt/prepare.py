@@ -145,7 +145,7 @@ def _write(out: Path, name: str, stream, tokenizer, fingerprint: str, settings: 
         _save_journal(work, journal)
     for stale in work.glob(".*.partial"):
         stale.unlink()
-    tok = load_tokenizer(work)
+    tok = load_tokenizer(work) if isinstance(tokenizer, int) else tokenizer  # SentencePiece: trained, saved, read
     writers = {s: ShardWriter(work, name, s, tok.vocab_size, settings["shard_tokens"], settings["part"],
                               done=len(journal[s]["shards"])) for s in SPLITS}
     try:
@@ -210,7 +210,7 @@ def _run(stream, work: Path, journal: dict, writers: dict, tok: Tokenizer, worke
     dtype = HEADER_DTYPE[header_for(tok.vocab_size)]
     progress = Progress(total_bytes)
     journal["documents"] = 0
-    for index, result in enumerate(encoded(_tasks(stream(), start, sizes), str(work), dtype, workers)):
+    for index, result in enumerate(encoded(_tasks(stream(), start, sizes), str(work), dtype, workers, tok)):
         docs, chars = sizes.pop(0)
         journal["documents"] += docs
         if result is None:

@@ -12,27 +12,37 @@ import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import UserError
+from .gpt2_bulk import BulkEncoder
 from .tokenizer import Tokenizer, load_tokenizer
 
 Task = Sequence[tuple[str, bool, bool]]
 IN_FLIGHT = 3  # tasks queued per worker: enough to keep each busy, few enough to bound memory
 _worker: dict = {}
+DIED = ("a tokenizing worker process died (killed, or out of memory); the shards written so far are kept: "
+        "run the same prepare again to go on")
 
 
-def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def bulk_encode(tok: Tokenizer) -> Callable[[str], np.ndarray]:
+    """The fastest way to a tokenizer's ids for text in bulk (the same ids as its ``encode``)."""
+    if tok.kind == "byte":  # the ids are the bytes: no list of Python ints needed
+        return lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    encode = BulkEncoder(tok).encode if tok.kind == "gpt2" else tok.encode
+    return lambda text: np.asarray(encode(text), dtype=np.int64)
+
+
+def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype,
+                  encode: Callable[[str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train tokens, val tokens) of a task's pieces, in order."""
     out: tuple[list, list] = ([], [])
     eot = [] if tok.eot_id is None else [tok.eot_id]
+    encode = encode or bulk_encode(tok)
     for text, val, last in task:
-        if tok.kind == "byte":  # the ids are the bytes: no list of Python ints needed
-            ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        else:
-            ids = np.asarray(tok.encode(text), dtype=np.int64)
+        ids = encode(text)
         out[val].append(ids)
         if last and eot:
             out[val].append(np.asarray(eot))
@@ -41,23 +51,25 @@ def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype) -> tuple[np.ndarr
 
 def _start(tokenizer_dir: str, dtype: str) -> None:
     _worker["tok"], _worker["dtype"] = load_tokenizer(tokenizer_dir), np.dtype(dtype)
+    _worker["encode"] = bulk_encode(_worker["tok"])
 
 
 def _encode(task: Task) -> tuple[np.ndarray, np.ndarray]:
-    return encode_pieces(_worker["tok"], task, _worker["dtype"])
+    return encode_pieces(_worker["tok"], task, _worker["dtype"], _worker["encode"])
 
 
-def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype,
-            workers: int) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
+def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, workers: int,
+            tok: Tokenizer | None = None) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
     """Each task's (train, val) tokens in task order; a None task (one to skip) gives None.
 
-    ``workers`` 1 encodes here, in this process; more start that many processes (spawned, so
-    that nothing of this process's threads is inherited).
+    ``workers`` 1 encodes here, in this process, with ``tok`` (else the saved one); more start
+    that many processes (spawned, so that nothing of this process's threads is inherited).
     """
     if workers <= 1:
-        tok = load_tokenizer(tokenizer_dir)
+        tok = tok or load_tokenizer(tokenizer_dir)
+        encode = bulk_encode(tok)
         for task in tasks:
-            yield None if task is None else encode_pieces(tok, task, dtype)
+            yield None if task is None else encode_pieces(tok, task, dtype, encode)
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
@@ -70,6 +82,8 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype,
                 yield _result(pending.popleft())
         while pending:
             yield _result(pending.popleft())
+    except BrokenProcessPool:  # submitting to a pool a dead worker broke
+        raise UserError(DIED) from None
     finally:
         for f in pending:
             if f is not None:
@@ -83,5 +97,4 @@ def _result(future):
     try:
         return future.result()
     except BrokenProcessPool:
-        raise UserError("a tokenizing worker process died (killed, or out of memory); the shards written so far "
-                        "are kept: run the same prepare again to go on") from None
+        raise UserError(DIED) from None
