@@ -232,3 +232,27 @@ def test_the_demonstrations_instruction_set(tmp_path):
         a, b = (int(w.rstrip(":")) for w in r["prompt"].split()[1::2])
         assert r["completion"] == f"{a + b}\n"
     assert examples.prepare_examples(str(tmp_path), data_dir=tmp_path / "data").splits.keys() == {"train", "val", "test"}
+
+
+def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path):
+    """--init with LoRA adapters, --grad-accum and bfloat16 train on masked examples: the loss falls
+    and the base's weights stay as they were (in the compute dtype)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gpt import checkpoint
+    from mlx_gpt.models.gpt import GPTConfig, build
+
+    base = build(GPTConfig(vocab_size=256, block_size=48, n_layer=1, n_head=2, n_embd=32), seed=0)
+    checkpoint.save(tmp_path / "base", base, ByteTokenizer())
+    write_jsonl(tmp_path / "train.jsonl", pairs(100))
+    losses = []
+    run = train(TrainConfig.of(data=str(tmp_path / "train.jsonl"), data_dir=str(tmp_path / "data"),
+                               init=str(tmp_path / "base"), lora_rank=4, mask_prompt=True, grad_accum=2, batch_size=4,
+                               dtype="bfloat16", learning_rate=1e-2, max_iters=12, eval_interval=12, eval_iters=1,
+                               sample_tokens=0, out=str(tmp_path / "lora")), progress=False,
+                on_step=lambda step, loss: losses.append(loss))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
+    frozen = {k: v for k, v in tree_flatten(run.model.parameters()) if "lora" not in k}
+    for k, v in tree_flatten(base.parameters()):  # frozen, and held in bfloat16 (lora.cast_frozen)
+        got = frozen[k] if k in frozen else frozen[k.replace(".weight", ".linear.weight")]
+        assert mx.array_equal(got, v.astype(got.dtype)).item(), k
