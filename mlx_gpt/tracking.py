@@ -132,5 +132,14 @@ def start(spec: str, directory: str | Path, name: str, config: dict[str, Any]) -
     names = parse(spec)
     if not names:
         return None
-    directory = Path(directory)
-    return Trackers([KINDS[n](directory, name, config) for n in names])
+    directory, started = Path(directory), []
+    for n in names:
+        try:
+            started.append(KINDS[n](directory, name, config))
+        except UserError:
+            raise
+        except Exception as e:  # the tracker's own refusal (not logged in, no network): the user's to fix
+            Trackers(started).close()
+            raise UserError(f"--report-to {n} could not start: {' '.join(str(e).split())[:200]} (wandb without an "
+                            "account or network: WANDB_MODE=offline)") from None
+    return Trackers(started)

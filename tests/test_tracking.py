@@ -120,3 +120,12 @@ def test_a_missing_tracker_is_one_error(tmp_path, shakespeare, monkeypatch):
     with pytest.raises(UserError, match=r'--report-to wandb needs the wandb package: pip install "mlx_gpt\[track\]"'):
         train(TrainConfig.of(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
                              report_to="wandb", **TINY), progress=False)
+
+
+def test_a_tracker_that_refuses_to_start_is_one_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\ncall wandb.login()")
+
+    monkeypatch.setattr(tracking.Wandb, "__init__", refuse)
+    with pytest.raises(UserError, match=r"--report-to wandb could not start: api_key not configured \(no-tty\) call"):
+        tracking.start("tensorboard,wandb", tmp_path, "run", {})
