@@ -153,3 +153,16 @@ def test_train_stops_at_its_first_evaluation_at_the_target(tmp_path, shakespeare
 def test_changes_belong_to_the_modern_model(tmp_path):
     proc = run_module("mlx_gpt.train", "--changes", "rope", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert_one_line_error(proc, "--changes applies to --model modern")
+
+
+def test_the_speedrun_config_trains_nanogpts_example_shape_within_a_tenth_of_its_parameters():
+    from conftest import ROOT
+    from mlx_gpt import flags
+
+    given = flags.read_toml(ROOT / "configs" / "shakespeare-char-speedrun.toml", TrainConfig)
+    cfg = TrainConfig.of(**given)
+    assert cfg.model.rung == "modern" and cfg.optim.optimizer == "muon"
+    ours = rungs.build("modern", 65, overrides=cfg.model.overrides).num_params()  # 65: its characters
+    c = gpt.GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+    theirs = gpt.GPT(c).num_params()  # nanoGPT's model: no biases, tied head
+    assert abs(ours / theirs - 1) < 0.1, (ours, theirs)

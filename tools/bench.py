@@ -23,6 +23,14 @@ and prints one JSON object; this process only starts them, alternates them and d
 - race: nanoGPT's CPU example end to end (character-level Shakespeare, 4 layers, 4 heads, 128
   wide, block 64, batch 12, 2000 iterations), ``python -m mlx_gpt.train`` against
   tests/reference/nanogpt_train.py, one after the other: wall time and final val loss.
+- speedrun: the same race to a target: nanoGPT's run gives its final val loss V and wall time,
+  then ``python -m mlx_gpt.train --config configs/shakespeare-char-speedrun.toml
+  --stop-at-val-loss V`` (the modern GPT with Muon, about as many parameters) runs until an
+  evaluation reaches V; the evaluations' time counts. Then the same config runs for nanoGPT's
+  wall time (``--max-seconds``): the val loss it reaches there.
+- ablation: at a fixed token budget (nanoGPT's example, ``--ablation-iters`` steps), GPT-2's
+  recipe (``--model modern --changes none``: GPT-2 exactly), each change of the modern GPT
+  alone, all of them, and all with Muon: final val loss and wall time of each process.
 - startup: ``python -m mlx_gpt.train --max-iters 1`` wall time, and from the first import to
   the first loss, with MLX's compile cache (and mlx_gpt's) empty and then warm.
 
@@ -110,14 +118,42 @@ class RaceBench:
     log_interval: int = 1
 
 
+@dataclass(frozen=True)
+class SpeedrunBench:
+    """nanoGPT's CPU example's val loss as the target of our best recipe."""
+
+    name: str = "speedrun"
+    note: str = "time to nanoGPT's val loss on its CPU example"
+    config: str = "configs/shakespeare-char-speedrun.toml"
+
+
+@dataclass(frozen=True)
+class AblationBench:
+    """Each change of the modern GPT alone at nanoGPT's CPU example's shape and a fixed budget."""
+
+    name: str = "ablation"
+    note: str = "GPT-2's recipe, each change alone, all, all + Muon, at a fixed token budget"
+    max_iters: int = 1000
+    eval_iters: int = 50  # the one evaluation, at the end: 50 batches of 12 x 64
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("GPT-2 recipe", ("--changes", "none")),
+        *((f"+ {c}", ("--changes", c)) for c in ("rope", "rms_norm", "qk_norm", "relu2", "untied", "no_bias",
+                                                  "softcap", "zero_init")),
+        ("all (modern)", ("--changes", "all")),
+        ("all + Muon", ("--changes", "all", "--optimizer", "muon")),
+    )
+
+
 GPT2_124M = Shape(50257, 12, 12, 768, 1024)
-CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | None] = {
+CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | SpeedrunBench | AblationBench | None] = {
     "A": TrainBench("A", "nanoGPT's CPU example", Shape(65, 4, 4, 128, 64), 12, 64, steps=40, warmup=10,
                      chunk=5),
     "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256, steps=8, warmup=2),
     "C": TrainBench("C", "GPT-2 124M, llm.c's CPU demo", GPT2_124M, 4, 64, steps=8, warmup=2),
     "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", GPT2_124M, 16, 128),
     "race": RaceBench(),
+    "speedrun": SpeedrunBench(),
+    "ablation": AblationBench(),
     "startup": None,
     # not in the default list: a GPU's config (a step takes tens of seconds on two CPU cores)
     "D": TrainBench("D", "GPT-2 124M, nanoGPT's GPU shapes", GPT2_124M, 12, 1024, steps=5, warmup=2),
@@ -282,50 +318,95 @@ def race_text(args: argparse.Namespace) -> Path:
                      "`python -m mlx_gpt.prepare shakespeare` once to download it into data/downloads")
 
 
-def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path) -> dict:
+def race_setup(bench: RaceBench, args: argparse.Namespace, work: Path, iters: int
+               ) -> tuple[RaceBench, Path, Path, list[str], dict]:
+    """(the race as run for ``iters`` steps, its folder, the text, the flags both sides take, nanoGPT's
+    data); both sides' data are prepared first, untimed: characters for nanoGPT, bytes (the same ids'
+    worth) for mlx_gpt."""
     d = work / "race"
     d.mkdir(parents=True, exist_ok=True)
     text = race_text(args)
-    iters = args.race_iters or bench.max_iters
     # a shorter race keeps the schedule's proportions (nanoGPT's cosine needs warm-up < decay steps)
     bench = replace(bench, max_iters=iters, eval_interval=min(bench.eval_interval, iters),
                     warmup_iters=min(bench.warmup_iters, iters // 20))
-    env = {"PYTHONPATH": str(ROOT)}
-    # both sides tokenize first, untimed: characters for nanoGPT, bytes (the same ids' worth) for mlx_gpt
     prep, _ = run_json([sys.executable, str(REFERENCE / "nanogpt_train.py"), "prepare", "--input", str(text),
                         "--out", str(d / "nanogpt-data")])
     subprocess.run([sys.executable, "-m", "mlx_gpt.prepare", str(text), "--data-dir", str(d / "data")], cwd=d,
-                   env={**os.environ, **env}, check=True, capture_output=True)
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
     shared = {"n-layer": bench.n_layer, "n-head": bench.n_head, "n-embd": bench.n_embd,
               "block-size": bench.block_size, "batch-size": bench.batch_size, "max-iters": iters,
               "lr-decay-iters": iters, "learning-rate": bench.learning_rate, "min-lr": bench.min_lr,
               "warmup-iters": bench.warmup_iters, "beta2": bench.beta2, "eval-interval": bench.eval_interval,
               "eval-iters": bench.eval_iters, "log-interval": bench.log_interval}
-    flags = [x for k, v in shared.items() for x in (f"--{k}", str(v))]
-    mlx_cmd = [sys.executable, "-m", "mlx_gpt.train", "--data", str(text), "--data-dir", str(d / "data"),
-               "--tokenizer", "byte", "--no-bias", "--dropout", "0", "--weight-decay", "0.1", "--grad-clip", "1.0",
-               "--checkpoint-interval", str(bench.eval_interval), "--sample-tokens", "0", "--out",
-               str(d / "mlx-run"), "--overwrite", *flags]
-    torch_cmd = [sys.executable, str(REFERENCE / "nanogpt_train.py"), "train", "--data", str(d / "nanogpt-data"),
-                 "--out", str(d / "torch-run"), "--threads", str(args.torch_threads or cores()), *flags]
-    result: dict = {"config": asdict(bench), "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
+    return bench, d, text, [x for k, v in shared.items() for x in (f"--{k}", str(v))], prep
+
+
+def run_nanogpt(d: Path, flags: list[str], args: argparse.Namespace) -> dict:
+    """nanoGPT's train.py (tests/reference/nanogpt_train.py) on the race, in its own process."""
+    cmd = [sys.executable, str(REFERENCE / "nanogpt_train.py"), "train", "--data", str(d / "nanogpt-data"),
+           "--out", str(d / "torch-run"), "--threads", str(args.torch_threads or cores()), *flags]
+    pause(args.pause)
+    out, wall = run_json(cmd, cwd=d)
+    print(f"  [race] nanoGPT (PyTorch) {wall:.1f} s, val loss {out['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return {"wall_s": wall, "steps": out["steps"], "train_loss": out["train_loss"], "val_loss": out["val_loss"],
+            "loop_s": out["loop_s"], "threads": out["threads"]}
+
+
+def run_train(args: argparse.Namespace, d: Path, *flags: str) -> dict:
+    """``python -m mlx_gpt.train`` in its own process: wall time, and its last evaluation."""
     pause(args.pause)
     t0 = time.perf_counter()
-    proc = subprocess.run(mlx_cmd, cwd=d, env={**os.environ, **env}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.train", "--sample-tokens", "0", "--overwrite", *flags],
+                          cwd=d, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"mlx_gpt.train failed:\n{proc.stderr[-2000:]}")
     vals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stderr)
-    result["mlx"] = {"wall_s": wall, "steps": int(vals[-1][0]), "train_loss": float(vals[-1][1]),
-                     "val_loss": float(vals[-1][2])}
-    print(f"  [race] mlx_gpt {wall:.1f} s, val loss {result['mlx']['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return {"wall_s": wall, "steps": int(vals[-1][0]), "train_loss": float(vals[-1][1]), "val_loss": float(vals[-1][2])}
+
+
+def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path) -> dict:
+    bench, d, text, flags, prep = race_setup(bench, args, work, args.race_iters or bench.max_iters)
+    result: dict = {"config": asdict(bench), "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
+    result["mlx"] = run_train(args, d, "--data", str(text), "--data-dir", str(d / "data"), "--tokenizer", "byte",
+                              "--no-bias", "--dropout", "0", "--weight-decay", "0.1", "--grad-clip", "1.0",
+                              "--checkpoint-interval", str(bench.eval_interval), "--out", str(d / "mlx-run"), *flags)
+    print(f"  [race] mlx_gpt {result['mlx']['wall_s']:.1f} s, val loss {result['mlx']['val_loss']:.4f}",
+          file=sys.stderr, flush=True)
     if args.vs_torch:
-        pause(args.pause)
-        out, wall = run_json(torch_cmd, cwd=d)
-        result["torch"] = {"wall_s": wall, "steps": out["steps"], "train_loss": out["train_loss"],
-                           "val_loss": out["val_loss"], "loop_s": out["loop_s"], "threads": out["threads"]}
+        result["torch"] = run_nanogpt(d, flags, args)
         result["mlx_vs_torch"] = result["torch"]["wall_s"] / result["mlx"]["wall_s"]
-        print(f"  [race] nanoGPT (PyTorch) {wall:.1f} s, val loss {out['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return result
+
+
+def bench_speedrun(bench: SpeedrunBench, args: argparse.Namespace, work: Path) -> dict:
+    """nanoGPT's run sets the target V and the time; the recipe runs to V, then for that time."""
+    race = CONFIGS["race"]
+    race, d, text, flags, prep = race_setup(race, args, work, args.race_iters or race.max_iters)
+    result: dict = {"config": {**asdict(bench), "race": asdict(race)}}
+    result["torch"] = target = run_nanogpt(d, flags, args)
+    ours = ("--config", str(ROOT / bench.config), "--data", str(text), "--data-dir", str(d / "data"))
+    result["mlx"] = run_train(args, d, *ours, "--stop-at-val-loss", f"{target['val_loss']:.4f}",
+                              "--out", str(d / "speedrun"))
+    result["speedup"] = target["wall_s"] / result["mlx"]["wall_s"]
+    print(f"  [speedrun] {result['mlx']['wall_s']:.1f} s to val {result['mlx']['val_loss']:.4f} at step "
+          f"{result['mlx']['steps']}: {result['speedup']:.2f}x", file=sys.stderr, flush=True)
+    result["mlx_in_torch_time"] = run_train(args, d, *ours, "--max-seconds", f"{target['wall_s']:.1f}",
+                                            "--out", str(d / "speedrun-timed"))
+    return result
+
+
+def bench_ablation(bench: AblationBench, args: argparse.Namespace, work: Path) -> dict:
+    """Each variant in its own process, one after the other, on nanoGPT's example's shape and data."""
+    iters = args.ablation_iters or bench.max_iters
+    race, d, text, flags, _ = race_setup(replace(CONFIGS["race"], eval_interval=iters, eval_iters=bench.eval_iters),
+                                         args, work, iters)
+    result: dict = {"config": {**asdict(bench), "max_iters": iters, "race": asdict(race)}, "variants": {}}
+    for label, extra in bench.variants:
+        result["variants"][label] = e = run_train(args, d, "--data", str(text), "--data-dir", str(d / "data"),
+                                                  "--model", "modern", "--checkpoint-interval", str(iters),
+                                                  "--out", str(d / "ablation"), *flags, *extra)
+        print(f"  [ablation] {label}: val {e['val_loss']:.4f} in {e['wall_s']:.1f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -445,6 +526,7 @@ def format_table(report: dict) -> str:
                 lines.append(f"{'':<4}{label:<30}{e['wall_s']:>7.1f} s   val loss {e['val_loss']:.4f}")
         if "mlx_vs_torch" in r:
             lines.append(f"{'':<4}mlx_gpt / nanoGPT: {r['mlx_vs_torch']:.2f}x")
+    lines += recipe_lines(report)
     if "startup" in report:
         lines += ["", "startup: python -m mlx_gpt.train --max-iters 1"]
         for label, e in report["startup"].items():
@@ -453,6 +535,27 @@ def format_table(report: dict) -> str:
     for name, error in report.get("errors", {}).items():
         lines += ["", f"{name} failed: {error.splitlines()[0]}"]
     return "\n".join(lines)
+
+
+def recipe_lines(report: dict) -> list[str]:
+    """The speedrun's and the ablation's tables."""
+    lines = []
+    if "speedrun" in report:
+        r = report["speedrun"]
+        t, m, timed = r["torch"], r["mlx"], r["mlx_in_torch_time"]
+        lines += ["", f"speedrun ({r['config']['note']}): wall time of the whole process",
+                  f"{'':<4}{'nanoGPT train.py, ' + str(t['steps']) + ' steps':<36}{t['wall_s']:>7.1f} s   val loss "
+                  f"{t['val_loss']:.4f} (the target)",
+                  f"{'':<4}{r['config']['config'] + ', to the target':<36}{m['wall_s']:>7.1f} s   val loss "
+                  f"{m['val_loss']:.4f} at step {m['steps']}: {r['speedup']:.2f}x less time",
+                  f"{'':<4}{'the same in nanoGPT' + chr(39) + 's time':<36}{timed['wall_s']:>7.1f} s   val loss "
+                  f"{timed['val_loss']:.4f} at step {timed['steps']}"]
+    if "ablation" in report:
+        r = report["ablation"]
+        lines += ["", f"ablation ({r['config']['note']}: {r['config']['max_iters']} steps of 12 x 64 tokens)",
+                  f"{'':<4}{'variant':<16}{'val loss':>9}{'wall s':>9}"]
+        lines += [f"{'':<4}{k:<16}{e['val_loss']:>9.4f}{e['wall_s']:>9.1f}" for k, e in r["variants"].items()]
+    return lines
 
 
 # ---------------------------------------------------------------------------- workers (one framework each)
@@ -646,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-runs", type=int, default=2, help="decode: timed generations per process")
     p.add_argument("--decode-tokens", type=int, default=None, help="decode: new tokens (default: 128)")
     p.add_argument("--race-iters", type=int, default=None, help="race: iterations (default: nanoGPT's 2000)")
-    p.add_argument("--race-text", default=None, help="race: tiny-shakespeare's text file")
+    p.add_argument("--race-text", default=None, help="race, speedrun, ablation: tiny-shakespeare's text file")
+    p.add_argument("--ablation-iters", type=int, default=None, help="ablation: steps of every variant (default: 1000)")
     p.add_argument("--streams", type=int, default=0, help="mlx_gpt.train's --streams for the train configs")
     p.add_argument("--torch-threads", type=int, default=None, help="PyTorch's intra-op threads (default: one per core)")
     p.add_argument("--torch-tf32", action="store_true",
@@ -671,10 +775,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         p.error(f"unknown config {', '.join(unknown) or '(none)'}; choose from {', '.join(CONFIGS)}")
-    if min(args.rounds, args.decode_rounds, args.decode_runs, args.steps or 1, args.race_iters or 1,
-           args.decode_tokens or 2) < 1 or (args.decode_tokens or 2) < 2:
-        p.error("--rounds, --steps, --decode-rounds, --decode-runs and --race-iters must be at least 1, "
-                "--decode-tokens at least 2")
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    if min(args.rounds, args.decode_rounds, args.decode_runs, given(args.steps, 1), given(args.race_iters, 1),
+           given(args.ablation_iters, 1), given(args.decode_tokens, 2)) < 1 or (args.decode_tokens or 2) < 2:
+        p.error("--rounds, --steps, --decode-rounds, --decode-runs, --race-iters and --ablation-iters must be at "
+                "least 1, --decode-tokens at least 2")
+    if "speedrun" in names and not _importable("torch"):
+        p.error("the speedrun's target comes from nanoGPT's train.py, which needs torch: pip install -e '.[dev]'")
     if args.streams < 0:
         p.error("--streams must be 0 (one per core) or more")
     if args.vs_torch:
@@ -701,6 +808,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     report["decode"] = bench_decode(bench, args, work)
                 elif isinstance(bench, RaceBench):
                     report["race"] = bench_race(bench, args, work)
+                elif isinstance(bench, SpeedrunBench):
+                    report["speedrun"] = bench_speedrun(bench, args, work)
+                elif isinstance(bench, AblationBench):
+                    report["ablation"] = bench_ablation(bench, args, work)
                 else:
                     report["startup"] = bench_startup(args, work)
             except (RuntimeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
