@@ -149,6 +149,26 @@ def test_layer_norm_values_and_gradients_match_float64(rng, shape):
         within_ulps(db, g.reshape(-1, c).sum(0), 4 * rows, scale=np.abs(g).reshape(-1, c).max(0))
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 131), (4, 64, 768)])
+def test_rms_norm_values_and_gradients_match_float64(rng, shape):
+    c = shape[-1]
+    x, arrays = views(rng, shape)
+    w = rng.normal(1, 0.3, c).astype(np.float32)
+    g = rng.normal(0, 1, shape).astype(np.float32)
+    x64 = np.asarray(x, np.float64)
+    rstd = 1 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
+    xhat = x64 * rstd
+    gw = g * w
+    dx64 = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdims=True))
+    rows = int(np.prod(shape[:-1]))
+    for a in arrays:
+        y, (dx, dw) = mx.vjp(lambda a, w: kernels.rms_norm(a, w, 1e-5), [a, mx.array(w)], [mx.array(g)])
+        within_ulps(y[0], xhat * w, 16, scale=np.abs(w))
+        within_ulps(dx, dx64, 64, scale=np.abs(gw).max(-1, keepdims=True) * rstd)
+        within_ulps(dw, (g * xhat).reshape(-1, c).sum(0), 4 * rows, scale=np.abs(g * xhat).reshape(-1, c).max(0))
+
+
 # ---------------------------------------------------------------------------- softmax
 
 

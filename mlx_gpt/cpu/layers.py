@@ -1,7 +1,7 @@
 """``accelerate(model)``: the one place where a model meets the CPU's kernels.
 
-Models are written with MLX's plain layers (``nn.Linear``, ``nn.LayerNorm``, ``nn.GELU``,
-``nn.Embedding``) and ``mx.fast.scaled_dot_product_attention``, which is what Metal and CUDA
+Models are written with MLX's plain layers (``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.GELU``, ``nn.Embedding``) and ``mx.fast.scaled_dot_product_attention``, which is what Metal and CUDA
 run best. On the CPU, each such layer is given a subclass computed by ``ops`` instead: its class
 is swapped in place, so parameters, names and checkpoints stay exactly what they were.
 """
@@ -32,6 +32,13 @@ class LayerNorm(nn.LayerNorm):
                               self.eps)
 
 
+class RMSNorm(nn.RMSNorm):
+    """Row statistics in one vectorized pass (see ``ops.rms_norm``)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
 class GELU(nn.GELU):
     """The tanh approximation built from fused, vectorized operations (see ``ops.gelu_approx``)."""
 
@@ -58,7 +65,7 @@ class Attention(CausalSelfAttention):
         return attn.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
 
 
-SWAPS = {nn.Linear: Linear, nn.LayerNorm: LayerNorm, nn.GELU: GELU, nn.Embedding: Embedding,
+SWAPS = {nn.Linear: Linear, nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GELU: GELU, nn.Embedding: Embedding,
          CausalSelfAttention: Attention}
 
 

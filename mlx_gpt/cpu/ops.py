@@ -1,7 +1,7 @@
 """The model's elementwise and row operations on MLX's CPU backend: the C++ kernels where they load.
 
 On Linux, MLX's CPU backend evaluates ``exp``, ``tanh`` and ``erf`` one element at a time and
-its reductions are scalar loops, so GELU, softmax, layer norm and cross-entropy cost more than
+its reductions are scalar loops, so GELU, softmax, layer and RMS norm and cross-entropy cost more than
 the matmuls around them. Where the C++ kernels of ``mlx_gpt.cpu.extension`` are built, each of
 these (and the AdamW update) is one multithreaded, vectorized primitive with its own VJP. Where
 they are not (no compiler or cmake, ``MLX_GPT_NO_EXT=1``, a failed build, or ``pure_mlx_ops()``
@@ -126,6 +126,13 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
             or (bias is not None and bias.dtype != x.dtype)):  # e.g. a LoRA base kept in bfloat16
         return mx.fast.layer_norm(x, weight, bias, eps)
     return kernels.layer_norm(x, weight, mx.zeros_like(weight) if bias is None else bias, float(eps))
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """RMS normalization over the last axis, as ``mx.fast.rms_norm`` computes it (the C++ kernel on
+    the CPU for float32)."""
+    kernels = _kernels() if fast_ops_enabled(x.dtype) and weight.dtype == x.dtype else None
+    return mx.fast.rms_norm(x, weight, eps) if kernels is None else kernels.rms_norm(x, weight, float(eps))
 
 
 def squared_norm(x: mx.array) -> mx.array:

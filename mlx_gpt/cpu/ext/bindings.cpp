@@ -13,6 +13,7 @@ NB_MODULE(_mlx_gpt_ext, m) {
   m.def("gelu_approx", &mlx_gpt::gelu_approx, "x"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("layer_norm", &mlx_gpt::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("rms_norm", &mlx_gpt::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("softmax", &mlx_gpt::softmax, "x"_a, "scale"_a = 1.0f, "causal"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("attention", &mlx_gpt::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true, nb::kw_only(),

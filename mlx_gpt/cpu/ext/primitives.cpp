@@ -84,6 +84,39 @@ void layer_norm_grad_rows(const float* x, const float* w, const float* g, const 
   }
 }
 
+// --------------------------------------------------------------------------------- RMS norm
+
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t c, float* y, float* rstd, int64_t begin,
+                   int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = x + r * c;
+    float* yr = y + r * c;
+    float s = 1.0f / std::sqrt(dot(xr, xr, c) / c + eps);
+    for (int64_t j = 0; j < c; ++j) yr[j] = (xr[j] * s) * w[j];
+    rstd[r] = s;
+  }
+}
+
+// dx = rstd (g w - xhat mean(g w xhat)); the weight's gradient is the column sums of g xhat,
+// accumulated per share in `dw`
+void rms_norm_grad_rows(const float* x, const float* w, const float* g, const float* rstd, int64_t c, float* dx,
+                        float* dw, int64_t begin, int64_t end) {
+  std::vector<float> xhat(c);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = x + r * c;
+    const float* gr = g + r * c;
+    float* dxr = dx + r * c;
+    float s = rstd[r];
+    for (int64_t j = 0; j < c; ++j) {
+      xhat[j] = xr[j] * s;
+      dxr[j] = gr[j] * w[j];  // g w, overwritten below
+      dw[j] += gr[j] * xhat[j];
+    }
+    float bb = dot(dxr, xhat.data(), c) / c;
+    for (int64_t j = 0; j < c; ++j) dxr[j] = s * (dxr[j] - xhat[j] * bb);
+  }
+}
+
 // ---------------------------------------------------------------------------------- softmax
 
 // keys row `r` of a (rows, s) softmax sees: all of them, or the causal prefix
@@ -211,6 +244,18 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
   auto outs = mx::array::make_arrays(
       {x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNorm>(stream, eps),
       {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream), mx::contiguous(bias, false, stream)});
+  return outs[0];
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  require_float32(x, "rms_norm: x");
+  require_float32(weight, "rms_norm: weight");
+  if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("rms_norm: weight must be a vector as long as x's last axis");
+  auto stream = mx::to_stream(s);
+  auto outs = mx::array::make_arrays({x.shape(), leading_shape(x)}, {mx::float32, mx::float32},
+                                     std::make_shared<RMSNorm>(stream, eps),
+                                     {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
   return outs[0];
 }
 
@@ -347,6 +392,60 @@ void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
 }
 
 void LayerNormGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
+
+void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  int64_t c = last_dim(inputs[0]);
+  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
+  float* y = allocate(outputs[0]);
+  float* rstd = allocate(outputs[1]);
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1]},
+           [x = inputs[0].data<float>(), w = inputs[1].data<float>(), eps = eps_, c, rows, y, rstd] {
+             Pool::instance().run(rows, rows_per_share(c), [&](int, int64_t lo, int64_t hi) {
+               rms_norm_rows(x, w, eps, c, y, rstd, lo, hi);
+             });
+           });
+}
+
+void RMSNorm::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
+
+std::vector<mx::array> RMSNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  auto& x = primals[0];
+  auto& w = primals[1];
+  auto g = mx::contiguous(cotangents[0], false, stream());
+  auto grads = mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
+                                      std::make_shared<RMSNormGrad>(stream()), {x, w, g, outputs[1]});
+  std::vector<mx::array> out;
+  for (int a : argnums) out.push_back(grads[a]);
+  return out;
+}
+
+void RMSNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  int64_t c = last_dim(inputs[0]);
+  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
+  float* dx = allocate(outputs[0]);
+  float* dw = allocate(outputs[1]);
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1]},
+           [x = inputs[0].data<float>(), w = inputs[1].data<float>(), g = inputs[2].data<float>(),
+            rstd = inputs[3].data<float>(), c, rows, dx, dw] {
+             auto& pool = Pool::instance();
+             // per-share column sums, added up after the loop
+             std::vector<float> partial(static_cast<size_t>(pool.max_parts()) * c, 0.0f);
+             std::vector<char> used(pool.max_parts(), 0);
+             pool.run(rows, rows_per_share(c), [&](int part, int64_t lo, int64_t hi) {
+               used[part] = 1;
+               rms_norm_grad_rows(x, w, g, rstd, c, dx, partial.data() + part * c, lo, hi);
+             });
+             for (int64_t j = 0; j < c; ++j) dw[j] = 0.0f;
+             for (int part = 0; part < pool.max_parts(); ++part) {
+               if (!used[part]) continue;
+               const float* pw = partial.data() + part * c;
+               for (int64_t j = 0; j < c; ++j) dw[j] += pw[j];
+             }
+           });
+}
+
+void RMSNormGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
 
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& x = inputs[0];

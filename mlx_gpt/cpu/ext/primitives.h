@@ -1,4 +1,4 @@
-// MLX primitives for the CPU hot paths of a GPT step: tanh-GELU, layer norm, softmax (causal
+// MLX primitives for the CPU hot paths of a GPT step: tanh-GELU, layer and RMS norm, softmax (causal
 // masking fused), attention, and cross-entropy, each with the primitive of its backward pass,
 // and the AdamW update.
 //
@@ -20,6 +20,9 @@ mx::array gelu_approx(const mx::array& x, mx::StreamOrDevice s = {});
 // (x - mean) / sqrt(var + eps) * weight + bias over the last axis
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps,
                      mx::StreamOrDevice s = {});
+
+// x / sqrt(mean(x**2) + eps) * weight over the last axis
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
 
 // softmax(scale * x) over the last axis (scale > 0); with `causal`, row i of each (T, S) matrix sees only the
 // keys j <= i + S - T (the mask aligned to the last query) and is 0 elsewhere
@@ -102,6 +105,33 @@ class LayerNormGrad : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxGptLayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+// inputs (x, weight) -> (y, rstd); rstd (one per row) feeds the backward pass
+class RMSNorm : public mx::Primitive {
+ public:
+  RMSNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RMSNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+// inputs (x, weight, cotangent, rstd) -> (dx, dweight)
+class RMSNormGrad : public mx::Primitive {
+ public:
+  explicit RMSNormGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxGptRMSNormGrad"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
