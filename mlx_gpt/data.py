@@ -220,15 +220,6 @@ def prepare(source: str, tokenizer: str | Tokenizer = "byte", **settings) -> Dat
     return prepare_dataset(source, tokenizer, **settings)
 
 
-def _fingerprint_of(directory: Path) -> str | None:
-    """The fingerprint a prepared dataset's meta.json records (None: none readable)."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta.get("fingerprint") if isinstance(meta, dict) else None
-
-
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """(train, val): the tail of every document is held out, so val is unseen text even for one document."""
     cuts = [int(len(d) * (1 - val_fraction)) for d in docs]

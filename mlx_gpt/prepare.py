@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .atomic import replacing_directory, replacing_file
-from .data import (HEADER_DTYPE, Dataset, _fingerprint_of, gpt2_tokenizer, header_for, is_prepared, load_dataset,
+from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, load_dataset,
                    parse_tokenizer_spec, read_header, tokenizer_digest)
 from .errors import UserError, run_cli
 from .shards import ShardWriter
@@ -83,14 +83,14 @@ def prepare_dataset(source: str, tokenizer: str | Tokenizer = "byte", *, data_di
         # a tokenizer given whole (a checkpoint's): the text may be prepared already, under any
         # name (``prepare SOURCE --tokenizer gpt2`` made data/NAME-gpt2); else a name a person reads
         found = None if force else next((d for d in sorted(Path(data_dir).glob(f"{name}-*"))
-                                         if _fingerprint_of(d) == fingerprint), None)
+                                         if fingerprint_of(d) == fingerprint), None)
         if found is not None:
             return load_dataset(found)
         label = {"byte": "byte", "sentencepiece": f"sp{tokenizer.vocab_size}"}.get(tokenizer.kind, tokenizer.kind)
     out = Path(data_dir, f"{name}-{label}{suffix}")
-    if spec is None and _fingerprint_of(out) not in (None, fingerprint):  # that name holds another tokenizer's
+    if spec is None and fingerprint_of(out) not in (None, fingerprint):  # that name holds another tokenizer's
         out = Path(data_dir, f"{name}-{label}-{identity[:8]}{suffix}")
-    if not force and _fingerprint_of(out) == fingerprint:
+    if not force and fingerprint_of(out) == fingerprint:
         return load_dataset(out)
     stream = (lambda: builtin_pieces(builtin_documents(source, data_dir), val_fraction)) if files is None else \
         (lambda: pieces(files, text_field=text_field, val_fraction=val_fraction, val_documents=val_documents))
@@ -124,6 +124,15 @@ def _fingerprint(files: list[Path] | None, source: str, data_dir, tokenizer: str
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def fingerprint_of(directory: Path) -> str | None:
+    """The fingerprint a prepared dataset's meta.json records (None: none readable)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
 
 
 # ---------------------------------------------------------------------------- writing

@@ -265,13 +265,12 @@ def is_val(index: int, val_fraction: float, val_documents: int | None) -> bool:
 
 
 def pieces(files: list[Path], *, text_field: str = "text", val_fraction: float = 0.1,
-           val_documents: int | None = None, progress=None) -> Iterator[Piece]:
+           val_documents: int | None = None) -> Iterator[Piece]:
     """Every document of the files as pieces, each marked train or val.
 
     Records (jsonl, Parquet) are whole documents, a deterministic share of them val. A text file
     (often one long work) gives both splits: its tail ``val_fraction`` is val; with
-    ``val_documents``, the first that many files are val whole. ``progress(path, done)`` is told
-    when a file is done.
+    ``val_documents``, the first that many files are val whole.
     """
     index = 0
     for path in files:
@@ -285,8 +284,6 @@ def pieces(files: list[Path], *, text_field: str = "text", val_fraction: float =
                 if text:
                     yield from _document(text, is_val(index, val_fraction, val_documents))
                     index += 1
-        if progress is not None:
-            progress(path)
 
 
 def _document(text: str, val: bool) -> Iterator[Piece]:

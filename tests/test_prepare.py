@@ -275,3 +275,27 @@ def test_a_worker_that_dies_is_reported(tmp_path):
     with pytest.raises(UserError, match="worker process died"):
         for _ in encoded(tasks(), str(tmp_path), np.dtype("<u2"), workers=2):
             pass
+
+
+@pytest.mark.parametrize("sampler", ["random", "sequential"])
+def test_training_on_shards_resumes_exactly(tmp_path, data_files, sampler):
+    """A run over a folder of small shards, stopped and resumed, logs the uninterrupted run's losses
+    (the sampler's shard and position travel with the checkpoint)."""
+    from test_train import losses_of, small_cfg
+
+    from mlx_gpt.checkpoint import load_state
+    from mlx_gpt.train import train
+
+    text = (data_files / "tinyshakespeare.txt").read_text()[:60_000]
+    _write_jsonl(tmp_path / "c.jsonl.gz", [text[i:i + 3000] for i in range(0, len(text), 3000)])
+    ds = prepare(str(tmp_path / "c.jsonl.gz"), "byte", data_dir=tmp_path / "data", shard_tokens=600)
+    assert len(ds.train_files) >= 8
+    common = dict(max_iters=10, lr_decay_iters=10, warmup_iters=2, eval_interval=5, checkpoint_interval=100,
+                  sample_interval=100, sampler=sampler, batch_size=4)
+    train(small_cfg(tmp_path, ds.path, **common, out=str(tmp_path / "whole")), progress=False)
+    first = small_cfg(tmp_path, ds.path, **{**common, "max_iters": 6}, out=str(tmp_path / "split"))
+    train(first, progress=False)
+    if sampler == "sequential":
+        assert load_state(tmp_path / "split")["sampler"]["shard"] > 0  # 4 windows a shard: past one's end
+    train(first.replace(max_iters=10, resume=True), progress=False)
+    assert losses_of(tmp_path / "whole") == losses_of(tmp_path / "split")

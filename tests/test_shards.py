@@ -66,3 +66,25 @@ def test_a_missing_shard_or_mixed_widths_are_refused(tmp_path):
     with pytest.raises(UserError, match="fineweb_train_000002.bin is truncated"):
         load_dataset(d)
     assert shard_name("web", "val", 3, (2, 16)) == "web_val_p002of016_000003.bin"
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_shard(tmp_path, monkeypatch):
+    import errno
+
+    w = ShardWriter(tmp_path, "web", "train", 256, shard_tokens=100)
+    w.write(np.arange(60))
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    w._file = Full(w._file)
+    with pytest.raises(UserError, match="writing .*web_train_000001.bin failed: No space left on device"):
+        w.write(np.arange(60))
+    assert not list(tmp_path.iterdir())

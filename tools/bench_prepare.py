@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         tmp = Path(tmp)
@@ -128,9 +129,10 @@ def main() -> None:
                     "--workers", str(a.workers), "--data-dir", str(tmp / "data")]
         ref_cmd = [sys.executable, str(tmp / "reference.py"), str(corpus), str(tmp / "ref"), str(GPT2),
                    str(ROOT / "tests"), str(a.workers)]
-        for name, cmd in (("mlx_gpt prepare", ours_cmd), ("reference (tiktoken + Pool)", ref_cmd)):
-            wall, rss = timed(cmd, ROOT)
-            rows.append((name, wall, rss))
+        for _ in range(a.repeat):
+            for name, cmd in (("mlx_gpt prepare", [*ours_cmd, "--force"]), ("reference (tiktoken + Pool)", ref_cmd)):
+                wall, rss = timed(cmd, ROOT)
+                rows.append((name, wall, rss))
         ours_dir = tmp / "data" / "corpus-gpt2"
         n = len(tokens_of(sorted((tmp / "ref").glob("ref_*.bin"))))
         ok = same_ids(ours_dir, tmp / "ref", 0.1)
