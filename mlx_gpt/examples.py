@@ -357,7 +357,8 @@ def load_examples(directory: str | os.PathLike) -> ExampleSet:
         splits = {s: _open_split(p, s, meta) for s in meta["splits"]}
         vocab = int(meta["vocab_size"])
     except (KeyError, TypeError, ValueError, OSError) as e:
-        raise UserError(f"{p} is not a whole prepared example set ({str(e)[:80]}); delete it to prepare it again") from None
+        raise UserError(f"{p} is not a whole prepared example set ({str(e)[:80]}); delete it to prepare it "
+                        "again") from None
     return ExampleSet(p, splits, vocab, load_tokenizer(p))
 
 

@@ -69,8 +69,10 @@ def test_render_is_byte_identical_to_transformers(hf_tokenizer, template, add_ge
 
 def test_default_template_layout_and_end_of_turn():
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert chat.render(chat.DEFAULT_TEMPLATE, messages) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
-    assert chat.render(chat.DEFAULT_TEMPLATE, messages[:1], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert chat.render(chat.DEFAULT_TEMPLATE, messages) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    prompt = chat.render(chat.DEFAULT_TEMPLATE, messages[:1], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
     assert chat.end_of_turn(chat.DEFAULT_TEMPLATE) == "<|im_end|>"
     assert chat.end_of_turn(ZEPHYR, eos_token="</s>") == "</s>"
     assert chat.end_of_turn("{% for m in messages %}{{ m.content }}{% endfor %}") == ""

@@ -90,7 +90,8 @@ def test_text_examples_and_renamed_fields(tmp_path):
 
 
 def test_rows_pad_cut_and_mask(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "abc", "completion": "de"}, {"prompt": "x" * 20, "completion": "yz"}] * 5)
+    write_jsonl(tmp_path / "train.jsonl",
+                [{"prompt": "abc", "completion": "de"}, {"prompt": "x" * 20, "completion": "yz"}] * 5)
     split = examples.prepare_examples(str(tmp_path / "train.jsonl"), data_dir=tmp_path / "data").splits["train"]
     x, y = example_sampler.rows(split, np.array([0, 1]), 8, mask_prompt=True)
     assert x[0].tolist() == list(b"abcd") + [0] * 4
@@ -131,7 +132,8 @@ def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
 def direct_loss(model, x, y) -> tuple[float, int]:
     """(mean negative log-likelihood of the kept targets, their count), from the softmax in numpy."""
     logits = np.array(model(mx.array(x)).astype(mx.float32), dtype=np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     keep = y != IGNORE
     return float(-np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean()), int(keep.sum())
 
@@ -165,7 +167,8 @@ def test_bad_input_is_one_error_line_naming_file_and_line(tmp_path, capsys, case
     content, expected = BAD[case]
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    line = cli_error(["--data", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")], capsys)
+    line = cli_error(["--data", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
+                     capsys)
     assert expected in line
     assert not (tmp_path / "run").exists() and not any((tmp_path / "data").glob("*"))  # nothing half-written
     assert path.read_bytes() == (content if isinstance(content, bytes) else content.encode())
@@ -231,7 +234,8 @@ def test_the_demonstrations_instruction_set(tmp_path):
     for r in tests["add"]:
         a, b = (int(w.rstrip(":")) for w in r["prompt"].split()[1::2])
         assert r["completion"] == f"{a + b}\n"
-    assert examples.prepare_examples(str(tmp_path), data_dir=tmp_path / "data").splits.keys() == {"train", "val", "test"}
+    prepared = examples.prepare_examples(str(tmp_path), data_dir=tmp_path / "data")
+    assert prepared.splits.keys() == {"train", "val", "test"}
 
 
 def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path):
