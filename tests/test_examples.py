@@ -260,3 +260,15 @@ def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path):
     for k, v in tree_flatten(base.parameters()):  # frozen, and held in bfloat16 (lora.cast_frozen)
         got = frozen[k] if k in frozen else frozen[k.replace(".weight", ".linear.weight")]
         assert mx.array_equal(got, v.astype(got.dtype)).item(), k
+
+
+def test_ranks_draw_the_rows_of_one_batch_and_format_is_obeyed(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", pairs(40))
+    split = examples.prepare_examples(str(tmp_path / "t.jsonl"), data_dir=tmp_path / "data").splits["train"]
+    one = example_sampler.ExampleSampler(split, 6, 16, seed=3, accum=2, mask_prompt=True).next()
+    ranks = [example_sampler.ExampleSampler(split, 3, 16, seed=3, accum=2, rank=r, world=2, mask_prompt=True).next()
+             for r in range(2)]
+    for k in range(2):  # x, then y: rank 0's rows, then rank 1's, are the one process's batch
+        assert np.array_equal(np.concatenate([r[k] for r in ranks], axis=1), one[k])
+    with pytest.raises(UserError, match=r"t.jsonl:1: no 'text' field"):
+        examples.prepare_examples(str(tmp_path / "t.jsonl"), fmt="text", data_dir=tmp_path / "data2")
