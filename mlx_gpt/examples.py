@@ -38,6 +38,7 @@ from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 SHAPES = ("text", "completions", "chat")
 FILES = {"train": "train.jsonl", "val": "valid.jsonl", "test": "test.jsonl"}
+COMPRESSED = ("", ".gz", ".zst")  # train.jsonl, train.jsonl.gz, train.jsonl.zst (sources.jsonl_records reads them)
 VAL_EVERY = 10  # one .jsonl: every tenth example is held out for evaluation
 ARRAYS = ("tokens", "mask", "offsets", "lines")
 KIND = "examples"
@@ -58,8 +59,13 @@ def is_examples(source: str) -> bool:
     prepared here."""
     p = Path(source)
     if p.is_file():
-        return p.suffix == ".jsonl"
-    return p.is_dir() and ((p / FILES["train"]).is_file() or _meta(p).get("kind") == KIND)
+        return any(p.name.endswith(".jsonl" + c) for c in COMPRESSED)
+    return p.is_dir() and (_file(p, FILES["train"]) is not None or _meta(p).get("kind") == KIND)
+
+
+def _file(folder: Path, name: str) -> Path | None:
+    """``folder/name``, or its .gz or .zst, whichever is there."""
+    return next((folder / (name + c) for c in COMPRESSED if (folder / (name + c)).is_file()), None)
 
 
 # ---------------------------------------------------------------------------- one example
@@ -199,7 +205,7 @@ def sources(source: str) -> dict[str, Path]:
     p = Path(source)
     if p.is_file():
         return {"train": p}
-    found = {split: p / name for split, name in FILES.items() if (p / name).is_file()}
+    found = {split: _file(p, name) for split, name in FILES.items() if _file(p, name) is not None}
     for split in ("train", "val"):
         if split not in found:
             raise UserError(f"{p} has no {FILES[split]} (an example folder holds train.jsonl and valid.jsonl, "
@@ -251,7 +257,7 @@ def prepare_examples(source: str, tokenizer: str | Tokenizer | None = None, *, f
     files = sources(source)
     fingerprint = _fingerprint(files, tokenizer_digest(tok), fmt, fields)
     label = tok.kind if tok.kind != "sentencepiece" else f"sp{tok.vocab_size}"
-    out = Path(data_dir, f"{p.stem if p.is_file() else p.name}-{label}-{KIND}")
+    out = Path(data_dir, f"{p.name.split('.jsonl')[0] if p.is_file() else p.name}-{label}-{KIND}")
     if _meta(out).get("fingerprint") == fingerprint:
         return load_examples(out)
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")

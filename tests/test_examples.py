@@ -77,6 +77,20 @@ def _runs(mask):
     return list(zip(edges[::2], edges[1::2]))
 
 
+def test_compressed_example_files(tmp_path):
+    import gzip
+
+    (tmp_path / "d").mkdir()
+    for name, rows in (("train.jsonl.gz", pairs(12)), ("valid.jsonl.gz", pairs(3, seed=1))):
+        with gzip.open(tmp_path / "d" / name, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert examples.is_examples(str(tmp_path / "d")) and examples.is_examples(str(tmp_path / "d" / "train.jsonl.gz"))
+    ds = examples.prepare_examples(str(tmp_path / "d"), data_dir=tmp_path / "data")
+    assert [len(ds.splits[s]) for s in ("train", "val")] == [12, 3]
+    ids, mask = ds.splits["val"].example(2)
+    assert bytes(ids[mask == 1].tolist()).decode() == pairs(3, seed=1)[2]["completion"]
+
+
 def test_text_examples_and_renamed_fields(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"body": f"line {i}"} for i in range(10)])
     ds = examples.prepare_examples(str(tmp_path / "t.jsonl"), fields=examples.Fields(text="body"),
