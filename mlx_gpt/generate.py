@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 from .decoding import Decoder, Timing
 from .detokenizer import StreamingDetokenizer
 from .errors import UserError, run_cli
+from .flags import DefaultsShown
 from .limits import check_bytes, check_seed, check_text
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -165,7 +166,7 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_gpt.generate", description="Generate text from a checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsShown)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (trained, fine-tuned or converted)")
     p.add_argument("--prompt", help="text to continue ('-' reads it from stdin); required unless --interactive")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
