@@ -104,8 +104,9 @@ def same_ids(ours: Path, ref: Path, val_fraction: float) -> bool:
 
     ds = load_dataset(ours)
     stream = tokens_of(sorted(ref.glob("ref_*.bin")))
-    doc = np.concatenate([[0], np.cumsum(stream == EOT)[:-1]])  # the document each token belongs to
-    val = (doc * 0.6180339887498949) % 1.0 < val_fraction  # sources.is_val, for every token at once
+    ends = stream == EOT
+    doc = np.cumsum(ends, dtype=np.int32) - ends  # the document each token belongs to
+    val = ((np.arange(int(ends.sum()) + 1) * 0.6180339887498949) % 1.0 < val_fraction)[doc]  # sources.is_val
     return np.array_equal(stream[~val], tokens_of(list(ds.train_files))) and \
         np.array_equal(stream[val], tokens_of(list(ds.val_files)))
 
