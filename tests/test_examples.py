@@ -33,6 +33,12 @@ def pairs(n, seed=0):
     return [{"prompt": f"{a}+{b}=", "completion": f"{a + b}\n"} for a, b in rng.integers(0, 50, (n, 2))]
 
 
+def products(n, seed=0):
+    """Answers of 2 to 5 tokens."""
+    rng = np.random.default_rng(seed)
+    return [{"prompt": f"{a}*{b}=", "completion": f"{a * b}\n"} for a, b in rng.integers(0, 100, (n, 2))]
+
+
 class EotBytes(ByteTokenizer):
     """Bytes and an end-of-text id (256), to see where examples end."""
 
@@ -120,12 +126,13 @@ def test_rows_pad_cut_and_mask(tmp_path):
 
 def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
     """A run with --mask-prompt learns the completions; its val loss is the masked mean a direct
-    computation gives on the same batches."""
-    write_jsonl(tmp_path / "train.jsonl", pairs(200))
-    write_jsonl(tmp_path / "valid.jsonl", pairs(20, seed=1))
+    computation gives on the same batches (one stream: with several, each stream's rows are a mean
+    of their own), and eval's is the mean over every answer token of the split."""
+    write_jsonl(tmp_path / "train.jsonl", products(200))
+    write_jsonl(tmp_path / "valid.jsonl", products(20, seed=1))
     run = train(TrainConfig.of(data=str(tmp_path), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
-                               mask_prompt=True, max_iters=30, eval_interval=30, learning_rate=3e-3, **TINY),
-                progress=False)
+                               mask_prompt=True, max_iters=30, eval_interval=30, learning_rate=3e-3, streams=1,
+                               **TINY), progress=False)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in logged if "val_loss" in r][-1]
     sampler = run.samplers.val
@@ -133,6 +140,7 @@ def test_masked_val_loss_is_the_mean_over_completion_tokens(tmp_path):
     assert got == pytest.approx(val, abs=1e-6)
     sampler.set_state(np.random.Generator(np.random.PCG64(run.cfg.step.seed + 1)).bit_generator.state)
     batches = [[a[0] for a in sampler.next()] for _ in range(2)]
+    assert len({int(n) for x, y in batches for n in (y != IGNORE).sum(1)}) > 1  # rows of unequal answers
     assert val == pytest.approx(float(np.mean([direct_loss(run.model, x, y)[0] for x, y in batches])), abs=1e-5)
     assert load_tokenizer(tmp_path / "run").kind == "byte"
     # eval's loss of the whole val split: the mean over every answer token of its 20 examples
