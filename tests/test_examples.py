@@ -294,3 +294,24 @@ def test_ranks_draw_the_rows_of_one_batch_and_format_is_obeyed(tmp_path):
         assert np.array_equal(np.concatenate([r[k] for r in ranks], axis=1), one[k])
     with pytest.raises(UserError, match=r"t.jsonl:1: no 'text' field"):
         examples.prepare_examples(str(tmp_path / "t.jsonl"), fmt="text", data_dir=tmp_path / "data2")
+
+
+def test_a_checkpoints_template_lays_out_pairs_and_is_kept_by_fine_tuning(tmp_path):
+    from mlx_gpt import checkpoint
+    from mlx_gpt.models.gpt import GPTConfig, build
+    from mlx_gpt.tokenizer import with_chat_template
+
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    tok = with_chat_template(ByteTokenizer(), template)
+    checkpoint.save(tmp_path / "base", build(GPTConfig(vocab_size=256, block_size=48, n_layer=1, n_head=2,
+                                                       n_embd=16), seed=0), tok)
+    write_jsonl(tmp_path / "train.jsonl", pairs(20))
+    run = train(TrainConfig.of(data=str(tmp_path / "train.jsonl"), data_dir=str(tmp_path / "data"),
+                               init=str(tmp_path / "base"), mask_prompt=True, max_iters=2, eval_iters=1,
+                               sample_tokens=0, out=str(tmp_path / "tuned")), progress=False)
+    ids, mask = run.dataset.splits["train"].example(0)
+    first = pairs(20)[0]
+    assert bytes(ids.tolist()).decode() == f"[user] {first['prompt']}\n[assistant] {first['completion']}\n"
+    assert bytes(ids[mask == 1].tolist()).decode() == first["completion"] + "\n"  # with the turn's end
+    assert load_tokenizer(tmp_path / "tuned").chat_template == template
