@@ -299,3 +299,18 @@ def test_training_on_shards_resumes_exactly(tmp_path, data_files, sampler):
         assert load_state(tmp_path / "split")["sampler"]["shard"] > 0  # 4 windows a shard: past one's end
     train(first.replace(max_iters=10, resume=True), progress=False)
     assert losses_of(tmp_path / "whole") == losses_of(tmp_path / "split")
+
+
+def test_train_prepares_a_folder_of_records_through_the_stream(tmp_path, data_files):
+    from test_train import small_cfg
+
+    from mlx_gpt.train import train
+
+    (tmp_path / "dump").mkdir()
+    text = (data_files / "the-verdict.txt").read_text()
+    _write_jsonl(tmp_path / "dump" / "a.jsonl.zst", [text[i:i + 900] for i in range(0, len(text), 900)], field="body")
+    run = train(small_cfg(tmp_path, tmp_path / "dump", text_field="body", max_iters=2, eval_interval=2,
+                          sample_interval=100), progress=False)
+    assert [f.name for f in run.dataset.train_files] == ["dump_train_000001.bin"]
+    held = [d for i, d in enumerate(text[i:i + 900] for i in range(0, len(text), 900)) if sources.is_val(i, 0.1, None)]
+    assert bytes(_split(run.dataset, "val")).decode() == "".join(held)

@@ -73,7 +73,7 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
         fields = examples.Fields(d.text_field, d.prompt_field, d.completion_field)
         return examples.prepare_examples(d.source, tokenizer or d.tokenizer, fmt=d.format, fields=fields,
                                          data_dir=d.data_dir)
-    kw = dict(data_dir=d.data_dir, val_fraction=d.val_fraction)
+    kw = dict(data_dir=d.data_dir, val_fraction=d.val_fraction, text_field=d.text_field)
     if tokenizer is None:
         return prepare(d.source, d.tokenizer, **kw)
     if not cfg.model.init:  # a resumed run: its own data cache, if it still matches the run's tokenizer
