@@ -247,6 +247,24 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _check_listed(directory: Path, files: list[Path]) -> None:
+    """Our meta.json lists every shard and its count: one missing (the last, which numbering alone
+    cannot tell) or of another length is refused."""
+    try:
+        listed = json.loads((directory / "meta.json").read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(listed, dict):
+        return
+    found = {f.name: f for f in files}
+    for split in ("train", "val"):
+        for name, count in listed.get(split, ()):
+            if name not in found:
+                raise UserError(f"shard {directory / name} is missing (meta.json lists it)")
+            if read_header(found[name]).count != count:
+                raise UserError(f"{found[name]} holds {read_header(found[name]).count} tokens; meta.json says {count}")
+
+
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether a path is a prepared folder (ours or llm.c's): token files, not a corpus."""
     from .shards import find_splits
@@ -271,6 +289,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if missing is not None:
         raise UserError(f"{missing} is missing")
     check_series(train + val)
+    _check_listed(p, train + val)
     tokenizer = load_tokenizer(p) if (p / "tokenizer.json").exists() else None
     # llm.c's files say by their header whether they hold GPT-2's or LLaMA-3's tokens
     vocab = tokenizer.vocab_size if tokenizer is not None else read_header(train[0]).llmc_vocab_size

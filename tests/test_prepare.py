@@ -314,3 +314,11 @@ def test_train_prepares_a_folder_of_records_through_the_stream(tmp_path, data_fi
     assert [f.name for f in run.dataset.train_files] == ["dump_train_000001.bin"]
     held = [d for i, d in enumerate(text[i:i + 900] for i in range(0, len(text), 900)) if sources.is_val(i, 0.1, None)]
     assert bytes(_split(run.dataset, "val")).decode() == "".join(held)
+
+
+def test_a_prepared_folder_missing_its_last_shard_is_refused(tmp_path, data_files):
+    _write_jsonl(tmp_path / "c.jsonl", _docs(data_files, 40))
+    ds = prepare(str(tmp_path / "c.jsonl"), "byte", data_dir=tmp_path / "data", shard_tokens=500)
+    ds.train_files[-1].unlink()
+    with pytest.raises(UserError, match=f"shard .*{ds.train_files[-1].name} is missing"):
+        load_dataset(ds.path)
