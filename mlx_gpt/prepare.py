@@ -300,6 +300,44 @@ class Progress:
             self.bar.close()
 
 
+def merge_parts(out: str | os.PathLike, parts: Sequence[str | os.PathLike]) -> Dataset:
+    """One folder serving the shards of all N parts of a corpus prepared with ``--part I/N``.
+
+    Every part must be there once, all with the same tokenizer; the shards are hard-linked
+    (copied across file systems) beside one copy of the tokenizer and a meta.json listing them all.
+    """
+    sets = [load_dataset(p) for p in parts]
+    metas = [json.loads((d.path / "meta.json").read_text()) for d in sets]
+    slices = [tuple(m.get("part") or ()) for m in metas]
+    whole = next((d for d, s in zip(sets, slices) if len(s) != 2), None)
+    if whole is not None:
+        raise UserError(f"{whole.path} is not a part (prepare it with --part I/N)")
+    n = slices[0][1]
+    if sorted(slices) != [(i, n) for i in range(1, n + 1)]:
+        missing = sorted({(i, n) for i in range(1, n + 1)} - set(slices))
+        raise UserError(f"the parts given are {', '.join(f'{i}/{m}' for i, m in slices)}: "
+                        + (f"part {missing[0][0]}/{n} is missing" if missing else "each part is needed exactly once"))
+    digests = [tokenizer_digest(d.tokenizer) for d in sets]
+    other = next((d for d, g in zip(sets, digests) if g != digests[0]), None)
+    if other is not None:
+        raise UserError(f"{other.path} was tokenized with another tokenizer than {sets[0].path}")
+    order = sorted(range(n), key=lambda k: slices[k])
+    with replacing_directory(out) as tmp:
+        for d in sets:
+            for f in d.train_files + d.val_files:
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        sets[0].tokenizer.save(tmp)
+        meta = {**{k: metas[0][k] for k in ("source", "name", "tokenizer", "vocab_size") if k in metas[0]},
+                "part": None, "parts": n, "documents": sum(m.get("documents", 0) for m in metas),
+                "fingerprint": hashlib.sha256("".join(str(metas[k].get("fingerprint")) for k in order).encode()).hexdigest(),
+                "shards": {s: [x for k in order for x in metas[k]["shards"][s]] for s in SPLITS}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return load_dataset(out)
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -316,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gpt.prepare",
                                 description="Tokenize a corpus into llm.c token shards under data/.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("source", help="a text, .jsonl(.gz/.zst) or .parquet file, a folder of them, 'pydoc' or "
-                                  "'shakespeare'")
+    p.add_argument("source", nargs="+", help="a text, .jsonl(.gz/.zst) or .parquet file, a folder of them, 'pydoc' "
+                                             "or 'shakespeare' (with --merge: the parts' folders)")
     p.add_argument("--tokenizer", default="byte",
                    help="byte; sp:VOCAB for SentencePiece BPE trained on the data; gpt2:PATH for GPT-2's BPE from a "
                         "directory with encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json "
@@ -334,10 +372,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sp-sample-bytes", type=int, default=100_000_000,
                    help="sp: train SentencePiece on a seeded sample of at most this much text")
     p.add_argument("--force", action="store_true", help="prepare again even if a matching dataset exists")
+    p.add_argument("--merge", metavar="OUT", default=None,
+                   help="serve the parts (folders made with --part I/N, given as sources) as one dataset in OUT")
     a = p.parse_args(argv)
-    ds = prepare_dataset(a.source, a.tokenizer, data_dir=a.data_dir, val_fraction=a.val_fraction,
-                         val_documents=a.val_documents, text_field=a.text_field, shard_tokens=a.shard_tokens,
-                         workers=a.workers, part=a.part, sp_sample_bytes=a.sp_sample_bytes, force=a.force)
+    if a.merge is None and len(a.source) > 1:
+        p.error("give one source (several only with --merge OUT)")
+    if a.merge is not None:
+        ds = merge_parts(a.merge, a.source)
+    else:
+        ds = prepare_dataset(a.source[0], a.tokenizer, data_dir=a.data_dir, val_fraction=a.val_fraction,
+                             val_documents=a.val_documents, text_field=a.text_field, shard_tokens=a.shard_tokens,
+                             workers=a.workers, part=a.part, sp_sample_bytes=a.sp_sample_bytes, force=a.force)
     counts = {s: sum(read_header(f).count for f in files) for s, files in (("train", ds.train_files),
                                                                            ("val", ds.val_files))}
     print(f"{ds.path}: {counts['train']:,} train and {counts['val']:,} val tokens in "

@@ -78,7 +78,9 @@ def test_token_ids_outside_the_vocabulary_are_refused_on_opening(tmp_path, monke
     with pytest.raises(UserError, match=r"x_train.bin holds token id 65535, outside the vocabulary of 50257"):
         load_dataset(tmp_path)
     ds = prepare(str(_corpus(tmp_path)), data_dir=tmp_path / "d")
-    write_tokens(ds.val_file, np.array([0, 300, 2]), vocab_size=301)  # a byte dataset holding id 300
+    val = open_tokens(ds.val_file).astype(np.int64)
+    val[len(val) // 2] = 300
+    write_tokens(ds.val_file, val, vocab_size=301)  # a byte dataset holding id 300
     with pytest.raises(UserError, match="val_000000.bin holds token id 300, outside the vocabulary of 256"):
         load_dataset(ds.path)
 

@@ -190,12 +190,19 @@ def test_parts_prepare_disjoint_slices_that_together_are_the_whole(tmp_path, dat
              for i in (1, 2, 3)]
     assert [p.path.name for p in parts] == [f"books-byte-p00{i}of003" for i in (1, 2, 3)]
     assert sum((_split(p, "train") for p in parts), []) == _split(whole, "train")
-    merged = tmp_path / "merged"
+    merged = tmp_path / "merged"  # by hand: one part's folder, the others' shards
     shutil.copytree(parts[0].path, merged)
     for p in parts[1:]:
         for f in p.train_files + p.val_files:
             shutil.copy(f, merged)
-    ds = load_dataset(merged)
+    assert [f.name for f in load_dataset(merged).train_files] == \
+        [f.name for f in prep.merge_parts(tmp_path / "m2", [p.path for p in parts[::-1]]).train_files]
+    with pytest.raises(UserError, match="part 2/3 is missing"):
+        prep.merge_parts(tmp_path / "m3", [parts[0].path, parts[2].path])
+    with pytest.raises(UserError, match="is not a part"):
+        prep.merge_parts(tmp_path / "m3", [whole.path])
+    ds = load_dataset(tmp_path / "m2")
+    assert json.loads((ds.path / "meta.json").read_text())["documents"] == 5
     names = [f.name for f in ds.train_files]
     assert len(set(names)) == len(names) == sum(len(p.train_files) for p in parts)
     assert names[0] == "books_train_p001of003_000001.bin" and _split(ds, "train") == _split(whole, "train")

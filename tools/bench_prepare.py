@@ -111,14 +111,14 @@ def same_ids(ours: Path, ref: Path, val_fraction: float) -> bool:
         np.array_equal(stream[val], tokens_of(list(ds.val_files)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=100, help="corpus size in megabytes")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.jsonl"
