@@ -15,6 +15,7 @@ The API other modules use::
 
     template = template_of(tokenizer)                    # its own, else DEFAULT_TEMPLATE
     text = render(template, messages, add_generation_prompt=True, **special_tokens(tokenizer))
+    ids = encode(tokenizer, text)                        # its special tokens as their ids
     stop = end_of_turn(template, **special_tokens(tokenizer))   # where an assistant's turn ends
 """
 
@@ -103,6 +104,19 @@ def special_tokens(tokenizer) -> dict[str, str]:
         return {}
     text = tokenizer.decode([eot])
     return {"bos_token": text, "eos_token": text}
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """The ids of rendered text, its end-of-text token's text (a template's ``eos_token``, GPT-2's
+    ``<|endoftext|>``) read as that one token, as Hugging Face's tokenizers read a special token."""
+    eot = getattr(tokenizer, "eot_id", None)
+    marker = tokenizer.decode([eot]) if eot is not None else ""
+    if not marker:
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    for i, part in enumerate(text.split(marker)):
+        ids += ([eot] if i else []) + (tokenizer.encode(part) if part else [])
+    return ids
 
 
 def end_of_turn(template: str, **tokens: Any) -> str:

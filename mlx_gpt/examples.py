@@ -131,7 +131,7 @@ def encode(parts: list[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[list[in
     example ends with trained text)."""
     ids, mask = [], []
     for text, trained in parts:
-        piece = tokenizer.encode(text) if text else []
+        piece = chat.encode(tokenizer, text) if text else []
         ids += piece
         mask += [int(trained)] * len(piece)
     if tokenizer.eot_id is not None:

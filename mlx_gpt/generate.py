@@ -100,15 +100,16 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def stream_batch(decoder: Decoder, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *, seed: int,
+def stream_batch(decoder: Decoder, tokenizer: Tokenizer, prompt: str | list[int], max_new_tokens: int, *, seed: int,
                  num_samples: int = 1, stop: Sequence[str] = (), timing: Timing | None = None
                  ) -> Iterator[list[str]]:
     """Yield, step by step, the new text of each of num_samples continuations ("" where none).
 
-    Stops when every continuation has ended: max_new_tokens, end-of-text or a stop string
-    (which is not part of the text).
+    ``prompt``: text, or its ids already encoded (a chat's). Stops when every continuation has
+    ended: max_new_tokens, end-of-text or a stop string (which is not part of the text).
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)  # errors now, not at the first next()
+    # errors now, not at the first next()
+    prompt_ids = list(prompt) if not isinstance(prompt, str) and len(prompt) else encode_prompt(tokenizer, prompt or "")
     steps = decoder.tokens(prompt_ids, max_new_tokens, seed=seed, num_samples=num_samples, timing=timing)
     return _stream_rows(steps, [_Continuation(tokenizer, prompt_ids, stop) for _ in range(num_samples)])
 
@@ -284,9 +285,9 @@ def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict],
     from . import chat
 
     template, tokens = chat.template_of(tokenizer), chat.special_tokens(tokenizer)
-    text = chat.render(template, messages, add_generation_prompt=True, **tokens)
+    ids = chat.encode(tokenizer, chat.render(template, messages, add_generation_prompt=True, **tokens))
     stops = [*stop, chat.end_of_turn(template, **tokens)]
-    for pieces in stream_batch(decoder, tokenizer, text, max_new_tokens, seed=seed, stop=stops, timing=timing):
+    for pieces in stream_batch(decoder, tokenizer, ids, max_new_tokens, seed=seed, stop=stops, timing=timing):
         if pieces[0]:
             yield pieces[0]
 

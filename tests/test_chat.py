@@ -122,3 +122,21 @@ def test_template_is_imported_kept_and_exported(tmp_path, data_files):
     for messages in CONVERSATIONS:
         assert back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
             chat.render(chat.template_of(tok), messages, True, **chat.special_tokens(tok))
+
+
+def test_encode_reads_end_of_text_as_its_token_as_transformers_does(data_files, tmp_path):
+    import shutil
+
+    import transformers
+
+    from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
+
+    ours = GPT2Tokenizer.from_directory(data_files / "gpt2")
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):  # Hugging Face's names
+        shutil.copy(data_files / "gpt2" / src, tmp_path / dst)
+    theirs = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    for messages in CONVERSATIONS:
+        text = chat.render(ZEPHYR, messages, True, **chat.special_tokens(ours))
+        assert text.count("<|endoftext|>") == len(messages)
+        assert chat.encode(ours, text) == theirs(text)["input_ids"]
+    assert chat.encode(ByteTokenizer(), "a<|endoftext|>") == list(b"a<|endoftext|>")  # no such token: text
