@@ -95,9 +95,16 @@ def prepare_dataset(source: str, tokenizer: str | Tokenizer = "byte", *, data_di
     stream = (lambda: builtin_pieces(builtin_documents(source, data_dir), val_fraction)) if files is None else \
         (lambda: pieces(files, text_field=text_field, val_fraction=val_fraction, val_documents=val_documents))
     _write(out, name, stream, tokenizer, fingerprint, settings, workers or os.cpu_count() or 1, force,
-           total_bytes=sum(f.stat().st_size for f in files) if files else None,
+           total_bytes=_plain_size(files),
            label=spec if isinstance(tokenizer, int) or spec == "byte" else tokenizer.kind)
     return load_dataset(out)
+
+
+def _plain_size(files: list[Path] | None) -> int | None:
+    """The source's size, which the characters read approach, for the ETA: only of plain files
+    (a compressed or columnar file's size says little of its text)."""
+    plain = files and all(f.name.lower().endswith((".txt", ".jsonl")) for f in files)
+    return sum(f.stat().st_size for f in files) if plain else None
 
 
 def _check_settings(val_fraction, val_documents, shard_tokens, part, sp_sample_bytes) -> None:

@@ -29,6 +29,7 @@ BUILTIN_SOURCES = ("pydoc", "shakespeare")
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)  # Hugging Face datasets' save_to_disk: Arrow streams
 READ_BLOCK = 1 << 20  # bytes read from a file at a time
 PIECE_CHARS = 1 << 20  # a text file is handed on in pieces of about this many characters
 MAX_PIECE_CHARS = 1 << 26  # ... or, where no space allows a clean cut, at most this many
@@ -37,9 +38,10 @@ GOLDEN = 0.6180339887498949  # document i is val when frac(i * GOLDEN) < val fra
 
 
 def kind_of(path: Path) -> str | None:
-    """'text', 'jsonl' or 'parquet' by the file's name; None for a file no source holds."""
+    """'text', 'jsonl', 'parquet' or 'arrow' by the file's name; None for a file no source holds."""
     name = path.name.lower()
-    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("text", TEXT_SUFFIXES)):
+    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("arrow", ARROW_SUFFIXES),
+                           ("text", TEXT_SUFFIXES)):
         if name.endswith(suffixes):
             return kind
     return None
@@ -51,7 +53,8 @@ def source_files(source: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and kind_of(p) and not p.name.startswith("."))
         if not files:
-            raise UserError(f"folder {path} holds no corpus files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)")
+            raise UserError(f"folder {path} holds no corpus files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, "
+                            ".arrow)")
         return files
     if not path.exists():
         raise UserError(f"corpus {source!r} not found (give a text, .jsonl or .parquet file, a folder of them, "
@@ -65,7 +68,7 @@ def source_name(source: str) -> str:
         return source
     path = Path(source)
     name = path.name
-    for suffix in (*JSONL_SUFFIXES, *PARQUET_SUFFIXES, *TEXT_SUFFIXES):
+    for suffix in (*JSONL_SUFFIXES, *PARQUET_SUFFIXES, *ARROW_SUFFIXES, *TEXT_SUFFIXES):
         if not path.is_dir() and name.lower().endswith(suffix):
             return name[: -len(suffix)] or name
     return path.stem if path.is_file() else name
@@ -166,26 +169,33 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
         yield text
 
 
-def _parquet_texts(path: Path, field: str) -> Iterator[str]:
-    """The ``field`` column of a Parquet file, batch by batch."""
+def _table_texts(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` column of a Parquet file or an Arrow stream (a saved Hugging Face dataset's
+    files), batch by batch."""
     try:
+        import pyarrow.ipc
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow: pip install 'mlx_gpt[data]'") from None
-    row = 0
+    row, what = 0, "Parquet" if kind_of(path) == "parquet" else "Arrow"
     try:
-        f = pq.ParquetFile(path)
-        if field not in f.schema_arrow.names:
-            raise UserError(f"{path} has no {field!r} column (it has {', '.join(f.schema_arrow.names)}; "
+        if what == "Parquet":
+            f = pq.ParquetFile(path)
+            names, batches = f.schema_arrow.names, lambda: f.iter_batches(columns=[field], batch_size=1024)
+        else:
+            f = pyarrow.ipc.open_stream(pyarrow.memory_map(str(path)))
+            names, batches = f.schema.names, lambda: (b.select([field]) for b in f)
+        if field not in names:
+            raise UserError(f"{path} has no {field!r} column (it has {', '.join(names)}; "
                             "choose one with --text-field)")
-        for batch in f.iter_batches(columns=[field], batch_size=1024):
+        for batch in batches():
             for text in batch.column(0).to_pylist():
                 row += 1
                 if not isinstance(text, str):
                     raise UserError(f"{path}: row {row}: {field!r} is not a string")
                 yield text
     except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{path}: row {row + 1}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: row {row + 1}: cannot read {what} ({str(e).splitlines()[0]})") from None
 
 
 def _text_blocks(path: Path, start: int, end: int) -> Iterator[str]:
@@ -279,7 +289,7 @@ def pieces(files: list[Path], *, text_field: str = "text", val_fraction: float =
             yield from _text_file_pieces(path, index, val_fraction, val_documents)
             index += 1
         else:
-            texts = _jsonl_texts(path, text_field) if kind == "jsonl" else _parquet_texts(path, text_field)
+            texts = _jsonl_texts(path, text_field) if kind == "jsonl" else _table_texts(path, text_field)
             for text in texts:
                 if text:
                     yield from _document(text, is_val(index, val_fraction, val_documents))
@@ -379,7 +389,7 @@ def read_source(source: str, cache_dir: str | os.PathLike = "data", text_field: 
         if kind == "text":
             docs.append(read_text(path))
         else:
-            docs.extend(_jsonl_texts(path, text_field) if kind == "jsonl" else _parquet_texts(path, text_field))
+            docs.extend(_jsonl_texts(path, text_field) if kind == "jsonl" else _table_texts(path, text_field))
     docs = [d for d in docs if d]
     if not docs:
         raise UserError(f"corpus {source} is empty")

@@ -234,6 +234,7 @@ def _no_shard_to_read(data):
     ("x.jsonl.gz", lambda p: p.write_bytes(p.read_bytes()[:-30]), "truncated or not gzip"),
     ("x.jsonl.zst", lambda p: p.write_bytes(p.read_bytes()[:-9]), "truncated"),
     ("x.parquet", lambda p: p.write_bytes(p.read_bytes()[:200] + b"\0" * 50 + p.read_bytes()[250:]), "Parquet"),
+    ("x.arrow", lambda p: p.write_bytes(p.read_bytes()[:-3000]), "cannot read Arrow"),
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"text": "unclosed\n'), "x.jsonl:61: not JSON"),
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"body": "x"}\n'), "x.jsonl:61: no 'text' field"),
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"text": 3}\n'), "x.jsonl:61: a non-string 'text'"),
@@ -245,6 +246,13 @@ def test_bad_input_is_one_error_line_and_no_shard(tmp_path, data_files, capsys, 
     docs = _docs(data_files, 60) * 3
     if name.endswith(".parquet"):
         _write_parquet(path, docs)
+    elif name.endswith(".arrow"):  # as Hugging Face datasets' save_to_disk writes them: an Arrow stream
+        import pyarrow as pa
+
+        table = pa.table({"text": docs})
+        with pa.ipc.new_stream(str(path), table.schema) as w:
+            for batch in table.to_batches(max_chunksize=10):
+                w.write_batch(batch)
     elif name.endswith(".txt"):
         path.write_text("")
     else:
@@ -329,3 +337,12 @@ def test_a_prepared_folder_missing_its_last_shard_is_refused(tmp_path, data_file
     ds.train_files[-1].unlink()
     with pytest.raises(UserError, match=f"shard .*{ds.train_files[-1].name} is missing"):
         load_dataset(ds.path)
+
+
+def test_a_saved_hugging_face_dataset_is_a_corpus(tmp_path, data_files):
+    datasets = pytest.importorskip("datasets")
+    docs = _docs(data_files, 25)
+    datasets.Dataset.from_dict({"content": docs, "n": list(range(25))}).save_to_disk(str(tmp_path / "saved"))
+    ds = prepare(str(tmp_path / "saved"), "byte", data_dir=tmp_path / "data", text_field="content", val_documents=5)
+    assert bytes(_split(ds, "val")).decode() == "".join(docs[:5])
+    assert bytes(_split(ds, "train")).decode() == "".join(docs[5:])
