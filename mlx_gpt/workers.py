@@ -9,6 +9,7 @@ breaks the pool, which is reported as an error instead of waiting on it for ever
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -63,7 +64,9 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
     """Each task's (train, val) tokens in task order; a None task (one to skip) gives None.
 
     ``workers`` 1 encodes here, in this process, with ``tok`` (else the saved one); more start
-    that many processes (spawned, so that nothing of this process's threads is inherited).
+    that many processes: forked on Linux, as llm.c's fineweb.py's pool is (a script that calls
+    this needs no ``__main__`` guard, and the workers touch nothing of MLX's), spawned elsewhere
+    (macOS's frameworks do not survive a fork).
     """
     if workers <= 1:
         tok = tok or load_tokenizer(tokenizer_dir)
@@ -71,7 +74,7 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
         for task in tasks:
             yield None if task is None else encode_pieces(tok, task, dtype, encode)
         return
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
                                initargs=(str(tokenizer_dir), np.dtype(dtype).str))
     pending: deque = deque()
