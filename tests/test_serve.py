@@ -120,7 +120,7 @@ def solo(model, prompt: str, n: int, **kw) -> str:
 
 
 def test_choose_draws_from_the_processed_distribution():
-    from mlx_gpt.serve.batcher import Sampling, choose
+    from mlx_gpt.serve.requests import Sampling, choose
     from mlx_gpt.sampling import apply_repetition_penalty
 
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batcher import Engine, Event, Handle, QueueFull
+from .batcher import Engine
+from .requests import Event, Handle, QueueFull
 from .openai_api import APIError, Choice, ModelInfo, Parsed, Shaper, parse_chat, parse_completion
 
 

@@ -13,11 +13,8 @@ packed (a leaving row is replaced by the last one) and the buffers are sized in 
 rows (powers of two) and positions (steps of ``capacity_step``), so the step is traced once per
 bucket, not once per batch.
 
-Sampling runs on the host, per sequence, in numpy: each request has its own temperature,
-penalties, logit bias and random generator (seeded from the request's seed and the choice's
-index), so a sequence draws the same tokens whatever else is in the batch. The model's
-logits cross to the host once per step; the log-probabilities reported are the model's own
-(before penalties, bias and temperature).
+Sampling runs on the host, per sequence (``requests.Sequence``); the model's logits cross to
+the host once per step.
 """
 
 from __future__ import annotations
@@ -29,216 +26,13 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import mlx.core as mx
 import numpy as np
 
 from .. import backend
-from ..detokenizer import StreamingDetokenizer
-from ..generate import StopStrings
 from ..models.cache import SlotKVCache
-
-
-class QueueFull(Exception):
-    """The waiting queue is at ``max_queue``: the request is refused, not queued."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one request picks its tokens (OpenAI's parameters, plus ``top_k`` and
-    ``repetition_penalty``); ``logprobs`` None reports none, k >= 0 the chosen token's and
-    the k most likely alternatives."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class Job:
-    """One prompt to continue ``n`` times; ``echo_logprobs`` also scores the prompt's own tokens."""
-
-    prompt: tuple[int, ...]
-    max_tokens: int
-    sampling: Sampling = Sampling()
-    seed: int = 0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    echo_logprobs: bool = False
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """A token, its log-probability under the model (None for a prompt's first token) and the
-    most likely alternatives at its position, as (id, logprob)."""
-
-    id: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Event:
-    """What one choice produced since its last event. ``text`` is whole characters, cut before
-    any stop string; ``finish_reason`` ("stop", "length") ends the choice; ``error`` ends it
-    for a reason of the server's (shutting down, a fault), ``prompt`` carries the prompt's
-    scored tokens (echo), once, before any other event of the choice."""
-
-    index: int
-    text: str = ""
-    tokens: list[TokenInfo] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt: list[TokenInfo] | None = None
-    error: str | None = None
-
-
-class Handle:
-    """A submitted job as the HTTP side sees it: its events arrive on the event loop that submitted it."""
-
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, engine: "Engine", deadline: float) -> None:
-        self.job = job
-        self.loop = loop
-        self.engine = engine
-        self.deadline = deadline
-        self.cancelled = False
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(self, event: Event) -> None:
-        """Called by the engine's thread; a loop already closed (the server stopped) has no reader left."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:
-            pass
-
-    def cancel(self) -> None:
-        """The client is gone: free the job's rows at the engine's next step."""
-        self.cancelled = True
-        self.engine.wake()
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event until each of the job's choices has ended."""
-        open_choices = self.job.n
-        while open_choices:
-            event = await self.queue.get()
-            if event.finish_reason is not None or event.error is not None:
-                open_choices -= 1
-            yield event
-
-
-class _Sequence:
-    """One choice being generated: its random generator, text stream and stopping rules."""
-
-    def __init__(self, handle: Handle, index: int, tokenizer, vocab: int) -> None:
-        job = handle.job
-        self.handle, self.index, self.job = handle, index, job
-        self.rng = np.random.default_rng([job.seed, index])
-        self.length = len(job.prompt)  # positions in the cache
-        self.generated: list[int] = []
-        self.next_token = -1  # drawn, not yet fed to the model
-        self.eot = tokenizer.eot_id
-        self.detok = StreamingDetokenizer(tokenizer, context=job.prompt)
-        self.stops = StopStrings(job.stop)
-        s = job.sampling
-        self.counts = np.zeros(vocab, np.float32) if (s.presence_penalty or s.frequency_penalty) else None
-        self.seen = None
-        if s.repetition_penalty != 1.0:
-            self.seen = np.zeros(vocab, bool)
-            self.seen[list(job.prompt)] = True
-        self.bias = None
-        if s.logit_bias:
-            self.bias = np.zeros(vocab, np.float32)
-            for token, value in s.logit_bias:
-                self.bias[token] = value
-
-    def draw(self, logits: np.ndarray) -> TokenInfo:
-        """Pick the next token from this step's logits (vocab,) and note it as drawn."""
-        s = self.job.sampling
-        token = choose(logits, s, self.rng, self.counts, self.seen, self.bias)
-        info = TokenInfo(token, *_logprobs(logits, token, s.logprobs)) if s.logprobs is not None \
-            else TokenInfo(token, None)
-        if self.counts is not None:
-            self.counts[token] += 1
-        if self.seen is not None:
-            self.seen[token] = True
-        self.next_token = token
-        return info
-
-    def advance(self, info: TokenInfo) -> Event:
-        """The event for a drawn token; its finish_reason is set when the sequence ends with it."""
-        event = Event(self.index, tokens=[info])
-        if info.id == self.eot:
-            event.text, event.finish_reason = self.tail(), "stop"
-            return event
-        self.generated.append(info.id)
-        event.text = self.stops.feed(self.detok.add(info.id))
-        if self.stops.stopped:
-            event.finish_reason = "stop"
-        elif len(self.generated) >= self.job.max_tokens:
-            event.text += self.tail()
-            event.finish_reason = "length"
-        return event
-
-    def tail(self) -> str:
-        """The text still held back (an unfinished character, a possible stop string's start)."""
-        return self.stops.feed(self.detok.flush()) + self.stops.flush()
-
-
-def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator, counts: np.ndarray | None = None,
-           seen: np.ndarray | None = None, bias: np.ndarray | None = None) -> int:
-    """The next token for logits (vocab,): bias and penalties, then greedy or a draw.
-
-    OpenAI's penalties subtract ``presence`` from the logit of every token generated so far
-    and ``frequency`` times its count; the repetition penalty divides positive (multiplies
-    negative) logits of tokens in the prompt or the text, as ``sampling.apply_repetition_penalty``.
-    A draw applies the temperature, top-k and top-p, and inverts the cumulative distribution at
-    one uniform number, so a request's tokens depend only on its own generator.
-    """
-    x = logits.astype(np.float64)
-    if bias is not None:
-        x = x + bias
-    if counts is not None:
-        x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
-    if seen is not None:
-        x = np.where(seen, np.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
-    if s.greedy:
-        return int(np.argmax(x))
-    x = x / s.temperature
-    if 0 < s.top_k < x.size:
-        x = np.where(x >= np.partition(x, -s.top_k)[-s.top_k], x, -np.inf)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if s.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        above = np.cumsum(p[order]) - p[order]  # mass ranked above each token
-        keep = np.zeros(p.size, bool)
-        keep[order[above < s.top_p]] = True
-        p = np.where(keep, p, 0.0)
-    cdf = np.cumsum(p)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), p.size - 1))
-
-
-def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """The model's log-probability of token and its k most likely tokens, from logits (vocab,)."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    lsm = x - (m + np.log(np.exp(x - m).sum()))
-    top: tuple[tuple[int, float], ...] = ()
-    if k > 0:
-        ids = np.argpartition(-lsm, k - 1)[:k]
-        ids = ids[np.argsort(-lsm[ids], kind="stable")]
-        top = tuple((int(i), float(lsm[i])) for i in ids)
-    return float(lsm[token]), top
+from .requests import Event, Handle, Job, QueueFull, Sequence, TokenInfo
 
 
 class BlasThreads:
@@ -316,7 +110,7 @@ class Engine:
         self._lock = threading.Condition(threading.RLock())  # reentrant: a signal handler may call shutdown
         self._waiting: collections.deque[Handle] = collections.deque()
         self._prefills: list[_Prefill] = []
-        self._rows: list[_Sequence] = []
+        self._rows: list[Sequence] = []
         self._keys: list[mx.array] = []
         self._values: list[mx.array] = []
         self._shape = (0, 0)  # (rows, capacity) of the buffers
@@ -481,7 +275,7 @@ class Engine:
             return end - start
         self._prefills.remove(p)
         logits = np.array(last.astype(mx.float32))
-        seqs = [_Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
+        seqs = [Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
         joining = []
         for seq in seqs:
             event = Event(seq.index, prompt=p.scored if job.echo_logprobs else None)
@@ -553,7 +347,7 @@ class Engine:
         c = self.model.config
         return c.n_head, c.n_embd // c.n_head
 
-    def _insert(self, seqs: list[_Sequence], caches) -> None:
+    def _insert(self, seqs: list[Sequence], caches) -> None:
         """New rows at the end of the batch, each with a copy of the prefilled keys and values."""
         first = len(self._rows)
         self._rows += seqs

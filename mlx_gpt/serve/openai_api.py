@@ -2,7 +2,7 @@
 stream chunks shaped as OpenAI's, errors as OpenAI's error object.
 
 Nothing here runs the model or touches HTTP: ``parse_completion`` and ``parse_chat`` turn a
-request body into ``batcher.Job``s (or raise ``APIError`` with the status and parameter to
+request body into ``requests.Job``s (or raise ``APIError`` with the status and parameter to
 blame), and the ``*_response``/``*_chunk`` functions turn the engine's events back into JSON.
 The parameters follow OpenAI's legacy completions and chat completions; ``top_k`` and
 ``repetition_penalty`` are accepted as extras, as vLLM and mlx-lm accept them.
@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import chat
 from ..errors import UserError
-from .batcher import Event, Job, Sampling, TokenInfo
+from .requests import Event, Job, Sampling, TokenInfo
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
