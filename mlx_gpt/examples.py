@@ -54,13 +54,22 @@ class Fields:
     messages: str = "messages"
 
 
-def is_examples(source: str) -> bool:
-    """Whether ``--data`` names an example set: a .jsonl file, a folder holding train.jsonl, or one
-    prepared here."""
+def is_examples(source: str, fmt: str | None = None, fields: Fields = Fields()) -> bool:
+    """Whether ``--data`` names an example set: a folder holding train.jsonl (mlx-lm's layout) or
+    one prepared here, or a .jsonl file of prompt/completion or chat examples. A .jsonl file of
+    text records is a corpus of documents (``prepare``), unless ``fmt`` is "text"."""
     p = Path(source)
-    if p.is_file():
-        return any(p.name.endswith(".jsonl" + c) for c in COMPRESSED)
-    return p.is_dir() and (_file(p, FILES["train"]) is not None or _meta(p).get("kind") == KIND)
+    if p.is_dir():
+        return _file(p, FILES["train"]) is not None or _meta(p).get("kind") == KIND
+    if not (p.is_file() and any(p.name.endswith(".jsonl" + c) for c in COMPRESSED)):
+        return False
+    if fmt is not None:
+        return True
+    try:
+        first = next(read_lines(p), (0, {}))[1]
+    except UserError:  # a bad first line: said as an example file says it
+        return True
+    return shape_of(first, fields) != "text"
 
 
 def _file(folder: Path, name: str) -> Path | None:

@@ -294,6 +294,9 @@ def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict],
 
 def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, first: str | None, seed: int) -> None:
     """A conversation at the terminal: your turns from stdin, one a line, the replies on stdout."""
+    from . import chat
+
+    chat.end_of_turn(chat.template_of(tokenizer), **chat.special_tokens(tokenizer))  # a broken template: now, once
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         turn, first = (first if first is not None else _read_line()), None

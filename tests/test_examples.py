@@ -99,6 +99,10 @@ def test_compressed_example_files(tmp_path):
 
 def test_text_examples_and_renamed_fields(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"body": f"line {i}"} for i in range(10)])
+    # one file of text records is a corpus of documents (prepare's), unless --format text says examples
+    fields = examples.Fields(text="body")
+    assert not examples.is_examples(str(tmp_path / "t.jsonl"), fields=fields)
+    assert examples.is_examples(str(tmp_path / "t.jsonl"), "text", fields)
     ds = examples.prepare_examples(str(tmp_path / "t.jsonl"), fields=examples.Fields(text="body"),
                                    data_dir=tmp_path / "data")
     ids, mask = ds.splits["train"].example(1)
@@ -175,8 +179,8 @@ BAD = {
     "missing field": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "bad.jsonl:2: no 'completion' field"),
     "empty completion": ('{"prompt": "a", "completion": ""}\n', "bad.jsonl:1: 'completion' is empty"),
     "no shape": ('{"question": "a"}\n', "bad.jsonl:1: no 'text'"),
-    "mixed shapes": ('{"text": "a"}\n\n{"prompt": "a", "completion": "b"}\n',
-                     "bad.jsonl:3: a completions example in a file of text examples (line 1)"),
+    "mixed shapes": ('{"prompt": "a", "completion": "b"}\n\n{"text": "a"}\n',
+                     "bad.jsonl:3: a text example in a file of completions examples (line 1)"),
     "roles out of order": ('{"messages": [{"role": "assistant", "content": "a"}]}\n',
                            "bad.jsonl:1: roles out of order"),
     "not an object": ('[1, 2]\n', "bad.jsonl:1: not a JSON object"),

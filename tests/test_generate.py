@@ -410,3 +410,13 @@ def test_cli_prompt_file(ckpt, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff")
     r = cli(*args, "--prompt-file", str(tmp_path / "bad.txt"))
     assert r.returncode == 2 and "not UTF-8" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cli_chat_with_a_broken_template_is_one_error(ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    r = cli("--checkpoint", str(broken), "--chat", "--max-new-tokens", "2", stdin="hello\n")
+    assert r.returncode == 2 and r.stderr.startswith("error: the chat template does not parse") and r.stdout == ""

@@ -67,10 +67,10 @@ class Run:
 def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
     """The run's data, encoded with ``tokenizer`` when the model already has one."""
     d = cfg.data
-    if examples.is_examples(d.source):  # prompt/completion or chat examples, one a row
+    fields = examples.Fields(d.text_field, d.prompt_field, d.completion_field)
+    if examples.is_examples(d.source, d.format, fields):  # prompt/completion or chat examples, one a row
         if cfg.model.rung not in (None, "gpt"):
             raise UserError(f"--model {cfg.model.rung} trains on running text, not on examples")
-        fields = examples.Fields(d.text_field, d.prompt_field, d.completion_field)
         return examples.prepare_examples(d.source, tokenizer or d.tokenizer, fmt=d.format, fields=fields,
                                          data_dir=d.data_dir)
     kw = dict(data_dir=d.data_dir, val_fraction=d.val_fraction, text_field=d.text_field)
