@@ -25,7 +25,8 @@ from starlette.routing import Route
 
 from .batcher import Engine
 from .requests import Event, Handle, QueueFull
-from .openai_api import APIError, Choice, ModelInfo, Parsed, Shaper, parse_chat, parse_completion
+from .answers import Choice, Shaper
+from .openai_api import APIError, ModelInfo, Parsed, parse_chat, parse_completion
 
 
 def create_app(engine: Engine, info: ModelInfo, *, max_body: int = 32 << 20) -> Starlette:

@@ -1,24 +1,23 @@
-"""OpenAI's HTTP API as this server speaks it: request bodies checked into jobs, results and
-stream chunks shaped as OpenAI's, errors as OpenAI's error object.
+"""OpenAI's HTTP API as this server reads it: request bodies checked into jobs, errors as OpenAI's
+error object (``answers.py`` shapes what goes back).
 
 Nothing here runs the model or touches HTTP: ``parse_completion`` and ``parse_chat`` turn a
 request body into ``requests.Job``s (or raise ``APIError`` with the status and parameter to
-blame), and the ``*_response``/``*_chunk`` functions turn the engine's events back into JSON.
+blame).
 The parameters follow OpenAI's legacy completions and chat completions; ``top_k`` and
 ``repetition_penalty`` are accepted as extras, as vLLM and mlx-lm accept them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import chat
 from ..errors import UserError
-from .requests import Event, Job, Sampling, TokenInfo
+from .requests import Job, Sampling
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
@@ -294,131 +293,3 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise APIError(400, f"{name} must be true or false", param=name)
     return value
-
-
-# ------------------------------------------------------------------------ shaping answers
-
-
-@dataclass
-class Choice:
-    """One choice's events, added up."""
-
-    text: str = ""
-    tokens: list[TokenInfo] = field(default_factory=list)
-    prompt: list[TokenInfo] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-    def add(self, event: Event) -> None:
-        self.text += event.text
-        self.tokens += event.tokens
-        if event.prompt is not None:
-            self.prompt = event.prompt
-        self.finish_reason = event.finish_reason or self.finish_reason
-        self.error = event.error or self.error
-
-
-class Shaper:
-    """Builds the JSON of one request's answer: whole, or as stream chunks."""
-
-    def __init__(self, parsed: Parsed, info: ModelInfo, request_id: str, created: int) -> None:
-        self.p, self.info, self.id, self.created = parsed, info, request_id, created
-        self._token_bytes = _token_bytes(info.tokenizer)
-        self._token_text = functools.lru_cache(maxsize=65536)(self._text_of)
-
-    def _text_of(self, token: int) -> str:
-        """A token as text; a token that is part of a character is "bytes:\\xNN...", as OpenAI writes it."""
-        text = self.info.tokenizer.decode([token])
-        raw = self._token_bytes(token)
-        if raw is not None and "\ufffd" in text:
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        return text
-        if "\ufffd" in text and raw is not None:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        return text
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.info.name}
-
-    def usage(self, choices: list[Choice]) -> dict:
-        prompt = sum(len(j.prompt) for j in self.p.jobs)
-        completion = sum(len(c.tokens) for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def response(self, choices: list[Choice]) -> dict:
-        """The whole answer (``stream: false``)."""
-        n = self.p.n
-        if self.p.chat:
-            out = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.tokens), "finish_reason": c.finish_reason}
-                   for i, c in enumerate(choices)]
-            return {**self._head("chat.completion"), "choices": out, "usage": self.usage(choices)}
-        out = []
-        for i, c in enumerate(choices):
-            prompt_text = self.p.prompt_texts[i // n] if self.p.echo else ""
-            tokens = (c.prompt or []) + c.tokens if self.p.echo else c.tokens
-            out.append({"index": i, "text": prompt_text + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self._completion_logprobs(tokens)})
-        return {**self._head("text_completion"), "choices": out, "usage": self.usage(choices)}
-
-    def chunk(self, index: int, event: Event, echo_text: str = "") -> dict | None:
-        """One stream chunk for an event; None when it carries nothing to show."""
-        if not (event.text or event.finish_reason or echo_text or (self.p.logprobs is not None and event.tokens)):
-            return None
-        if self.p.chat:
-            choice = {"index": index, "delta": {"content": event.text} if event.text else {},
-                      "logprobs": self._chat_logprobs(event.tokens), "finish_reason": event.finish_reason}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        tokens = (event.prompt or []) + event.tokens if self.p.echo else event.tokens
-        choice = {"index": index, "text": echo_text + event.text, "finish_reason": event.finish_reason,
-                  "logprobs": self._completion_logprobs(tokens)}
-        return {**self._head("text_completion"), "choices": [choice]}
-
-    def role_chunk(self, index: int) -> dict:
-        """A chat stream's first chunk for a choice: who speaks."""
-        return {**self._head("chat.completion.chunk"),
-                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]}
-
-    def usage_chunk(self, choices: list[Choice]) -> dict:
-        obj = "chat.completion.chunk" if self.p.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": self.usage(choices)}
-
-    def _completion_logprobs(self, tokens: list[TokenInfo]) -> dict | None:
-        if self.p.logprobs is None:
-            return None
-        texts = [self._token_text(t.id) for t in tokens]
-        offsets, at = [], 0
-        for s in texts:
-            offsets.append(at)
-            at += len(s)
-        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [None if t.logprob is None else {self._token_text(i): lp for i, lp in t.top}
-                                 for t in tokens],
-                "text_offset": offsets}
-
-    def _chat_logprobs(self, tokens: list[TokenInfo]) -> dict | None:
-        if self.p.logprobs is None:
-            return None
-
-        def entry(i: int, lp: float) -> dict:
-            raw = self._token_bytes(i)
-            text = self.info.tokenizer.decode([i])
-            return {"token": self._token_text(i), "logprob": lp,
-                    "bytes": list(raw if raw is not None else text.encode("utf-8"))}
-
-        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                            for t in tokens]}
-
-
-def _token_bytes(tokenizer) -> Any:
-    """token id -> its bytes, where the tokenizer can say (byte-level, GPT-2's BPE); else None."""
-    if getattr(tokenizer, "kind", None) == "byte":
-        return lambda i: bytes([i])
-    if hasattr(tokenizer, "token_bytes"):
-        table = tokenizer.token_bytes()
-        return lambda i: table[i] if 0 <= i < len(table) else None
-    return lambda i: None
