@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError
-from .formats import llmc
+from .formats import gpt2_files, llmc
 from .tokenizer import is_plain_file_name
 
 EOT = "<|endoftext|>"
@@ -149,7 +149,7 @@ class GPT2Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> "GPT2Tokenizer":
-        return cls(_read_vocab(Path(vocab_path)), _read_merges(Path(merges_path)),
+        return cls(gpt2_files.read_vocab(Path(vocab_path)), gpt2_files.read_merges(Path(merges_path)),
                    files=(str(vocab_path), str(merges_path)))
 
     @classmethod
@@ -164,7 +164,7 @@ class GPT2Tokenizer:
     @classmethod
     def found_in(cls, directory: str | os.PathLike) -> bool:
         """Whether from_directory would find GPT-2 tokenizer files in directory."""
-        return cls.find_files(directory) is not None or is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE))
+        return cls.find_files(directory) is not None or gpt2_files.is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE))
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
@@ -172,7 +172,7 @@ class GPT2Tokenizer:
         found = cls.find_files(directory)
         if found is not None:
             return cls.from_files(*found)
-        if is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE)):
+        if gpt2_files.is_hf_tokenizer_json(Path(directory, HF_TOKENIZER_FILE)):
             return cls.from_tokenizer_json(Path(directory, HF_TOKENIZER_FILE))
         raise UserError(f"{directory} has no GPT-2 tokenizer files ({WHERE})")
 
@@ -184,7 +184,7 @@ class GPT2Tokenizer:
             p = p.parent  # one of a pair was named: read both
         if p.is_dir():
             return cls.from_directory(p)
-        if is_hf_tokenizer_json(p):
+        if gpt2_files.is_hf_tokenizer_json(p):
             return cls.from_tokenizer_json(p)
         if p.is_file():
             return cls.from_llmc(p)
@@ -200,43 +200,10 @@ class GPT2Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
-        """From Hugging Face's tokenizer.json, when it describes a GPT-2-style byte-level BPE.
-
-        Anything that would make its ids differ from ours (a normalizer, a prefix space, a
-        non-byte-level pre-tokenizer, subword prefixes) is refused rather than ignored.
-        """
-        path = Path(path)
-        data = _read_json(path)
-        model = data.get("model") if isinstance(data, dict) else None
-        steps = [data.get(key) for key in ("normalizer", "pre_tokenizer")] if isinstance(model, dict) else []
-        if any(step is not None and not isinstance(step, dict) for step in steps):
-            raise UserError(f"{path}: its normalizer and pre_tokenizer must be objects or null")
-        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
-            raise UserError(f"{path} is not a Hugging Face BPE tokenizer.json")
-        problem = _not_gpt2_pipeline(data, model)
-        if problem:
-            raise UserError(f"{path}: {problem}; only GPT-2's byte-level BPE pipeline is read")
-        vocab = model.get("vocab")
-        if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
-            raise UserError(f"{path}: model.vocab must map token strings to integer ids")
-        vocab = dict(vocab)
-        added_tokens = data.get("added_tokens") or []
-        if not isinstance(added_tokens, list):
-            raise UserError(f"{path}: added_tokens must be a list")
-        for added in added_tokens:  # e.g. <|endoftext|>, sometimes only listed here
-            content, i = (added.get("content"), added.get("id")) if isinstance(added, dict) else (None, None)
-            if not isinstance(content, str) or type(i) is not int or vocab.get(content, i) != i:
-                raise UserError(f"{path}: added token {added!r:.60} conflicts with the vocabulary")
-            vocab[content] = i
-        merges = []
-        if not isinstance(model["merges"], list):
-            raise UserError(f"{path}: model.merges must be a list")
-        for m in model["merges"]:  # "a b" strings (older files) or [a, b] pairs (tokenizers >= 0.20)
-            pair = m.split(" ") if isinstance(m, str) else m
-            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
-                raise UserError(f"{path}: a merge is two tokens, got {m!r:.40}")
-            merges.append((pair[0], pair[1]))
-        return cls(vocab, merges, special=[a["content"] for a in added_tokens], files=(str(path), str(path)))
+        """From Hugging Face's tokenizer.json, when it describes a GPT-2-style byte-level BPE
+        (``gpt2_files.read_tokenizer_json``: anything that would change the ids is refused)."""
+        vocab, merges, special = gpt2_files.read_tokenizer_json(Path(path))
+        return cls(vocab, merges, special=special, files=(str(path), str(path)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
@@ -358,58 +325,6 @@ def check_bpe(vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, speci
     return None
 
 
-def is_hf_tokenizer_json(path: Path) -> bool:
-    """Whether path is Hugging Face's tokenizer.json (a "model" inside), not our meta file."""
-    if not path.is_file():
-        return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("model"), dict)
-
-
-def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
-    """What in a tokenizer.json would encode differently from GPT-2's pipeline, or None."""
-    if data.get("normalizer") is not None:
-        return f"it normalizes text ({data['normalizer'].get('type')!r:.40})"
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or len(steps) != 1 or not isinstance(steps[0], dict) \
-            or steps[0].get("type") != "ByteLevel":
-        return f"its pre-tokenizer is {pre.get('type')!r:.40}, not ByteLevel"
-    if steps[0].get("add_prefix_space") or not steps[0].get("use_regex", True):
-        return "its ByteLevel pre-tokenizer adds a prefix space or skips GPT-2's split"
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "ignore_merges"):
-        if model.get(key):
-            return f"its BPE sets {key}"
-    if model.get("byte_fallback"):
-        return "its BPE falls back to bytes"
-    return None
-
-
-def _read_json(path: Path):
-    """A JSON file's value; an object that names a key twice is refused (JSON would keep the last)."""
-    try:
-        # utf-8-sig: a byte-order mark, as some editors save, is not part of the text
-        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
-    except RecursionError:
-        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
-
-
-def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"key {twice!r:.60} appears twice in one object")
-    return out
-
-
 def _bpe(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
     """Byte-pair-encode piece, merging the best-ranked adjacent pair first, ranks < below only."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
@@ -436,29 +351,3 @@ def _build(vocab: dict[str, int], merges: list[tuple[str, str]]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return tok
-
-
-def _read_vocab(path: Path) -> dict[str, int]:
-    vocab = _read_json(path)
-    if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
-        raise UserError(f"{path} must map token strings to integer ids")
-    return vocab
-
-
-def _read_merges(path: Path) -> list[tuple[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is unreadable: {e}") from None
-    merges = []
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line or (n == 1 and line.startswith("#version")):
-            continue
-        pair = line.split(" ")
-        if len(pair) != 2 or not all(pair):
-            raise UserError(f"{path}:{n}: a merge is two tokens separated by one space, got {line[:40]!r}")
-        merges.append((pair[0], pair[1]))
-    return merges
