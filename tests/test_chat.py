@@ -122,6 +122,8 @@ def test_template_is_imported_kept_and_exported(tmp_path, data_files):
     for messages in CONVERSATIONS:
         assert back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
             chat.render(chat.template_of(tok), messages, True, **chat.special_tokens(tok))
+    convert.export_checkpoint(tmp_path / "ckpt", tmp_path / "mlx-lm", to="mlx-lm", progress=False)
+    assert json.loads((tmp_path / "mlx-lm" / "tokenizer_config.json").read_text())["chat_template"] == ZEPHYR
 
 
 def test_encode_reads_end_of_text_as_its_token_as_transformers_does(data_files, tmp_path):
