@@ -80,13 +80,14 @@ def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
     return None
 
 
-def read_json(path: Path):
-    """A JSON file's value; an object that names a key twice is refused (JSON would keep the last)."""
+def read_json(path: Path, missing: str = ""):
+    """A JSON file's value; an object that names a key twice is refused (JSON would keep the last).
+    ``missing``: what the error for a missing file adds (why it is needed)."""
     try:
         # utf-8-sig: a byte-order mark, as some editors save, is not part of the text
         return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
     except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
+        raise UserError(f"{path} is missing{missing}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
     except RecursionError:

@@ -18,6 +18,7 @@ from typing import Mapping
 from ..errors import UserError
 from ..tokenizer import Tokenizer, is_plain_file_name
 from . import hf_tokenizer
+from .gpt2_files import read_json
 from ..models.gpt import GPTConfig
 from .safetensors_file import read_safetensors, write_safetensors
 from .tensors import LazyTensor
@@ -44,14 +45,7 @@ def is_conv1d(name: str) -> bool:
 def read_config(directory: Path) -> GPTConfig:
     """GPTConfig from a GPT-2 config.json, refusing settings our model does not compute."""
     path = directory / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: a Hugging Face model directory needs its config.json") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
-    except RecursionError:
-        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
+    raw = read_json(path, missing=": a Hugging Face model directory needs its config.json")
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a JSON object")
     if raw.get("format") == "mlx_gpt":
