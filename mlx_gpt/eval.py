@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import checkpoint, examples
+from . import checkpoint, examples, flags
 from .data import encode_documents, is_prepared, load_dataset, split_documents, tokenizer_digest
 from .errors import UserError, run_cli
 from .limits import check_text
@@ -209,7 +209,7 @@ def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gpt.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m mlx_gpt.eval", formatter_class=flags.DefaultsShown,
                                 description="Loss, perplexity and bits per byte of a checkpoint on any text, and "
                                             "multiple-choice accuracy in HellaSwag's format.")
     p.add_argument("--checkpoint", required=True, help="the checkpoint (run directory) to evaluate")
