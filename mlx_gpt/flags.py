@@ -154,9 +154,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
     for s in settings(cls):
         flag = "--" + s.name.replace("_", "-")
         if s.kind is bool:
-            on = "on" if s.default else "off"
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{s.help} (default: {on})")
+            shown = s.help if "(default" in s.help else f"{s.help} (default: {'on' if s.default else 'off'})"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
         elif s.kind is tuple:
             parser.add_argument(flag, type=_items(s.item), nargs="+", action=_Flatten, default=argparse.SUPPRESS,
                                 help=_help(s), metavar=s.name.upper())
