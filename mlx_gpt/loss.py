@@ -9,7 +9,9 @@ A target of ``IGNORE`` counts for nothing: a prompt's tokens under ``--mask-prom
 padding. The per-position losses come back weighted so that their plain mean, the one every
 caller takes (the train step, evaluation), is the mean over the kept positions: each kept one
 is scaled by (positions / kept positions), each ignored one is zero and gets no gradient. A
-batch without ignored targets is scaled by exactly 1, so running text trains as before.
+batch without ignored targets is scaled by exactly 1, so running text trains as before. Where a
+batch is computed in parts (micro-batches, CPU streams, ranks), each part's mean is weighted by
+its share of the kept targets (``kept_counts``), so the step's loss is still the batch's mean.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from functools import lru_cache
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from . import kernels
 
@@ -49,6 +52,16 @@ def _weighted(losses: mx.array, targets: mx.array) -> mx.array:
         return losses
     keep = targets != IGNORE
     return losses * (keep.astype(mx.float32) * (keep.size / mx.maximum(keep.sum(), 1).astype(mx.float32)))
+
+
+def kept_counts(targets: mx.array) -> np.ndarray:
+    """The kept (not IGNORE) targets of each leading row of ``targets``, counted on the host: where a
+    batch is split (micro-batches, streams, ranks), each part's mean is weighted by its count, so
+    that the whole is the mean over every kept target of the batch, not a mean of means."""
+    rows = targets.shape[0]
+    if not _signed(targets):
+        return np.full(rows, targets.size // max(rows, 1), np.int64)
+    return np.asarray((targets != IGNORE).reshape(rows, -1).sum(axis=1)).astype(np.int64)
 
 
 def _chunk_loss(label_smoothing: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:

@@ -1,5 +1,6 @@
 import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -9,6 +10,7 @@ from mlx_gpt.backend import cpu_cores
 from mlx_gpt.cpu.blas import set_blas_threads
 from mlx_gpt.cpu import parallel
 from mlx_gpt.errors import UserError
+from mlx_gpt.loss import IGNORE
 from mlx_gpt.models.gpt import GPTConfig, build
 from mlx_gpt.optim import make_optimizer
 from mlx_gpt.training.config import TrainConfig
@@ -118,3 +120,48 @@ def test_split_steps_keep_the_parameters_dtype(monkeypatch):
     mx.eval(loss, norm, model.parameters())
     assert model.wte.weight.dtype == mx.bfloat16 and np.isfinite(loss.item())
     set_blas_threads(cpu_cores())
+
+
+def masked_run(monkeypatch, streams: int, batch: int, accum: int, batches: list) -> tuple[list, dict]:
+    """Losses and final weights of steps over ``batches`` (x, y of (accum * batch, T)), cut into
+    ``accum`` micro-batches of ``batch`` rows, each split over ``streams``."""
+    monkeypatch.setattr(backend, "cpu_cores", lambda: streams)
+    model = build(CFG, seed=0)
+    tc = TrainConfig.of(batch_size=batch, grad_accum=accum, max_iters=100, warmup_iters=2, dropout=0.0)
+    opt = make_optimizer(tc.optim)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, opt, tc)
+    losses = []
+    for x, y in batches:
+        loss, _ = step(mx.array(x.reshape(accum, batch, -1)), mx.array(y.reshape(accum, batch, -1)))
+        mx.eval(loss, model.parameters(), opt.state)
+        losses.append(loss.item())
+    set_blas_threads(cpu_cores())
+    return losses, dict(tree_flatten(model.parameters()))
+
+
+def test_ignored_targets_weigh_every_part_by_its_kept_targets(monkeypatch):
+    """A batch whose rows keep different numbers of targets (--mask-prompt, padding) trains to the
+    mean over every kept target however it is cut: micro-batches, streams, or both."""
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(3):
+        x = rng.integers(0, 65, (8, 16))
+        y = rng.integers(0, 65, (8, 16))
+        for row, keep in enumerate([16, 2, 9, 0, 16, 5, 1, 12]):  # a prompt, then the answer kept
+            y[row, : 16 - keep] = IGNORE
+        batches.append((x, y))
+    whole, w_whole = masked_run(monkeypatch, 1, 8, 1, batches)
+    direct = build(CFG, seed=0)
+    x, y = (mx.array(a) for a in batches[0])
+    logits = direct(x)
+    want = nn.losses.cross_entropy(logits, mx.maximum(y, 0), reduction="none")
+    assert whole[0] == pytest.approx((mx.sum(want * (y != IGNORE)) / mx.sum(y != IGNORE)).item(), rel=1e-6)
+    for streams, batch, accum in [(2, 8, 1), (1, 4, 2), (2, 2, 4)]:
+        losses, weights = masked_run(monkeypatch, streams, batch, accum, batches)
+        np.testing.assert_allclose(losses, whole, rtol=2e-6)
+        for k in w_whole:
+            a, b = np.array(w_whole[k]), np.array(weights[k])
+            if k.endswith("attn.c_attn.bias"):  # zero true gradient: rounding noise only (as above)
+                a, b = np.delete(a, np.s_[CFG.n_embd:2 * CFG.n_embd]), np.delete(b, np.s_[CFG.n_embd:2 * CFG.n_embd])
+            np.testing.assert_allclose(a, b, atol=3e-6, err_msg=(streams, batch, accum, k))

@@ -5,8 +5,8 @@ BLAS library inside a matmul uses more cores. Between matmuls (layer norms, GELU
 loss, the optimizer) one core works and the others wait, and a BLAS pool spinning between calls
 stalls as soon as another process wants a core. A step built here splits each micro-batch into
 one slice per core, runs the forward and backward pass of each slice on a stream (a thread) of
-its own with single-threaded BLAS, and sums the slices' gradients weighted by their sizes
-(exactly the full batch's mean-loss gradient): a gradient source for ``training.step``'s one
+its own with single-threaded BLAS, and sums the slices' gradients weighted by their sizes (or
+their kept targets', where some are ignored): exactly the full batch's mean-loss gradient: a gradient source for ``training.step``'s one
 step, which spreads the gradient sums, the clipping norms and the optimizer's updates over the
 same streams (``StreamPlan.stream_for``).
 
@@ -27,11 +27,25 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..loss import kept_counts
+
 
 def slices(batch: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices of ``range(batch)``, as equal as possible."""
     bounds = [batch * i // parts for i in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def shares(y: mx.array, parts: list[slice]) -> list[float]:
+    """Each slice's weight in the batch's mean loss: its share of the rows, or, where targets are
+    ignored (``loss.IGNORE``), its share of the kept targets, so that the slices' weighted means
+    are the mean over every kept target of the batch."""
+    batch = y.shape[0]
+    kept = kept_counts(y)
+    if kept.sum() == y.size:
+        return [(p.stop - p.start) / batch for p in parts]
+    total = max(int(kept.sum()), 1)
+    return [int(kept[p].sum()) / total for p in parts]
 
 
 def balance(sizes: dict[str, int], bins: int) -> dict[str, int]:
@@ -95,7 +109,7 @@ def split_loss(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True
     """loss(x, y) -> the mean loss of a batch x, y (B, T), its rows split over the plan's streams.
 
     ``loss_fn(model, x, y)`` is the mean loss of one slice; the slices' losses are weighted by
-    their share of the batch. An evaluation is forward passes only, and on one stream every
+    their share of the batch (``shares``). An evaluation is forward passes only, and on one stream every
     operation between the matmuls runs on one core.
     """
 
@@ -106,11 +120,11 @@ def split_loss(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True
         slice_loss = mx.compile(slice_loss, inputs=model.state)
 
     def evaluate(x: mx.array, y: mx.array) -> mx.array:
-        batch = x.shape[0]
+        parts = slices(x.shape[0], len(plan))
         total = mx.array(0.0)
-        for stream, part in zip(plan.streams, slices(batch, len(plan))):
+        for stream, part, share in zip(plan.streams, parts, shares(y, parts)):
             with mx.stream(stream):
-                total = total + slice_loss(x[part], y[part]) * ((part.stop - part.start) / batch)
+                total = total + slice_loss(x[part], y[part]) * share
         return total
 
     return evaluate
@@ -152,14 +166,14 @@ def split_gradients(model, loss_fn: Callable, plan: StreamPlan, compile: bool = 
 
     def grads(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
         params = model.trainable_parameters()
-        weights, losses, grads_list = [], [], []
-        batch = x.shape[0]
-        for stream, part in zip(plan.streams, slices(batch, len(plan))):
+        losses, grads_list = [], []
+        parts = slices(x.shape[0], len(plan))
+        for stream, part in zip(plan.streams, parts):
             with mx.stream(stream):
                 loss, g = slice_grads(params, x[part], y[part])
-            weights.append((part.stop - part.start) / batch)
             losses.append(loss)
             grads_list.append(g)
+        weights = shares(y, parts)
         model.update(params)  # tracing a slice left its placeholders in the model
         return weighted_sum(mx.array(weights, dtype=mx.float32), losses, grads_list)
 

@@ -2,7 +2,8 @@
 
 A step takes x, y of shape (accum, B, T): for each micro-batch a *gradient source* gives its
 mean loss and gradients, the sums are kept, and ``finish`` takes their mean over the
-micro-batches and over the ranks (``distributed.all_mean``), clips them, and applies AdamW;
+micro-batches and over the ranks (``distributed.all_mean``), clips them, and applies AdamW
+(where targets are ignored, each micro-batch is first weighted by its kept targets, ``shares``);
 float16 runs unscale first and skip a step whose gradients overflow (``scaler``). Only the
 gradient source varies: ``nn.value_and_grad`` of the loss, or on the CPU the split of each
 micro-batch over MLX streams (``cpu/parallel.py``), whose plan also places each parameter's
@@ -27,7 +28,7 @@ from mlx.utils import tree_map
 
 from .. import backend, distributed
 from ..sampler import BatchSampler
-from ..loss import chunked_cross_entropy, cross_entropy
+from ..loss import chunked_cross_entropy, cross_entropy, kept_counts
 from ..optim import AdamW, clip_and_update
 from ..scaler import LossScaler
 from .config import StepConfig, TrainConfig
@@ -129,6 +130,13 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
         loss, grads = distributed.all_mean((loss, grads), group)
         return loss, update(model, optimizer, grads, stream_for=stream_for)
 
+    def weigh(tree, factor: mx.array):
+        """A micro-batch's loss and gradients times its weight in the step's mean (``shares``)."""
+        def one(a: mx.array) -> mx.array:
+            with place(a):
+                return (a * factor).astype(a.dtype)
+        return tree_map(one, tree)
+
     def fold(total: tuple, part: tuple) -> tuple:
         """The running sums of the loss and gradients, one micro-batch further."""
         def add(a: mx.array, b: mx.array) -> mx.array:
@@ -138,17 +146,37 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
 
     if s.compile:
         held = [model.state, optimizer.state, *state]
-        finish, fold = mx.compile(finish, inputs=held, outputs=held), mx.compile(fold)
+        finish, fold, weigh = mx.compile(finish, inputs=held, outputs=held), mx.compile(fold), mx.compile(weigh)
+
+    def part(i: int, x: mx.array, y: mx.array, factors: list[float] | None) -> tuple:
+        out = grads_of(x[i], y[i])
+        return out if factors is None else weigh(out, mx.array(factors[i], mx.float32))
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
         assert x.shape[0] == accum, f"a step takes {accum} micro-batches, got {x.shape[0]}"
-        total = grads_of(x[0], y[0])
+        factors = shares(y, group)
+        total = part(0, x, y, factors)
         for i in range(1, accum):
             mx.eval(total)
-            total = fold(total, grads_of(x[i], y[i]))
+            total = fold(total, part(i, x, y, factors))
         return finish(*total)
 
     return step
+
+
+def shares(y: mx.array, group: mx.distributed.Group) -> list[float] | None:
+    """Where targets are ignored (``loss.IGNORE``): each micro-batch's factor so that the mean over
+    micro-batches and ranks that ``finish`` takes is the mean over every kept target of the step
+    (its kept targets' share of the step's, times the micro-batches and ranks); None where every
+    target counts, and the plain means are already that."""
+    counts = kept_counts(y)  # per micro-batch
+    kept, positions = int(counts.sum()), y.size
+    if group.size() > 1:  # every rank takes the same branch, and divides by the same total
+        kept, positions = (int(v) for v in
+                           mx.distributed.all_sum(mx.array([kept, positions], mx.int32), group=group).tolist())
+    if kept == positions or len(counts) * group.size() == 1:
+        return None
+    return [len(counts) * group.size() * int(c) / max(kept, 1) for c in counts]
 
 
 def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable[[mx.array, mx.array], mx.array]:
