@@ -148,14 +148,16 @@ def fingerprint_of(directory: Path) -> str | None:
 def _write(out: Path, name: str, stream, tokenizer, fingerprint: str, settings: dict, workers: int, force: bool,
            total_bytes: int | None, label: str) -> None:
     """Tokenize the stream into ``out``'s shards, going on from an interrupted run's journal."""
+    if out.exists() and fingerprint_of(out) is None:  # a folder of the same name that prepare did not write
+        raise UserError(f"{out} exists and is not a dataset prepared here; move it, or give another --data-dir")
     work = out.with_name(f".{out.name}.partial")
     journal = _journal(work, fingerprint, force)
     if journal is None:
+        tok = _sp_train(stream, tokenizer, settings["sp_sample_bytes"], settings["seed"]) \
+            if isinstance(tokenizer, int) else tokenizer
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        tok = _sp_train(stream, tokenizer, settings["sp_sample_bytes"], settings["seed"]) \
-            if isinstance(tokenizer, int) else tokenizer
         tok.save(work)
         journal = {"fingerprint": fingerprint, **{s: {"shards": [], "task": 0, "skip": 0} for s in SPLITS}}
         _save_journal(work, journal)
@@ -169,6 +171,8 @@ def _write(out: Path, name: str, stream, tokenizer, fingerprint: str, settings: 
     except BaseException:
         for w in writers.values():
             w.abandon()
+        if not any(journal[s]["shards"] for s in SPLITS):  # nothing worth going on from
+            shutil.rmtree(work, ignore_errors=True)
         raise
     if not journal["documents"]:
         raise UserError(f"corpus {settings['source']} is empty")

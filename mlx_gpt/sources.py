@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,8 +54,8 @@ def source_files(source: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and kind_of(p) and not p.name.startswith("."))
         if not files:
-            raise UserError(f"folder {path} holds no corpus files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, "
-                            ".arrow)")
+            raise UserError(f"folder {path} holds no .txt files, nor any other corpus file (.jsonl, .jsonl.gz, "
+                            ".jsonl.zst, .parquet, .arrow)")
         return files
     if not path.exists():
         raise UserError(f"corpus {source!r} not found (give a text, .jsonl or .parquet file, a folder of them, "
@@ -102,7 +103,7 @@ def _blocks(path: Path) -> Iterator[bytes]:
             else:
                 while block := raw.read(READ_BLOCK):
                     yield block
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
         raise UserError(f"{path} is truncated or not gzip ({e})") from None
@@ -155,9 +156,12 @@ def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            record = json.loads(line)
         except ValueError as e:
             raise UserError(f"{path}:{number}: not JSON ({e})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply to read") from None
+        yield number, record
 
 
 def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
@@ -169,7 +173,7 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
         yield text
 
 
-def _table_texts(path: Path, field: str) -> Iterator[str]:
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
     """The ``field`` column of a Parquet file or an Arrow stream (a saved Hugging Face dataset's
     files), batch by batch."""
     try:
@@ -289,7 +293,7 @@ def pieces(files: list[Path], *, text_field: str = "text", val_fraction: float =
             yield from _text_file_pieces(path, index, val_fraction, val_documents)
             index += 1
         else:
-            texts = _jsonl_texts(path, text_field) if kind == "jsonl" else _table_texts(path, text_field)
+            texts = _jsonl_texts(path, text_field) if kind == "jsonl" else _parquet_texts(path, text_field)
             for text in texts:
                 if text:
                     yield from _document(text, is_val(index, val_fraction, val_documents))
@@ -389,7 +393,7 @@ def read_source(source: str, cache_dir: str | os.PathLike = "data", text_field: 
         if kind == "text":
             docs.append(read_text(path))
         else:
-            docs.extend(_jsonl_texts(path, text_field) if kind == "jsonl" else _table_texts(path, text_field))
+            docs.extend(_jsonl_texts(path, text_field) if kind == "jsonl" else _parquet_texts(path, text_field))
     docs = [d for d in docs if d]
     if not docs:
         raise UserError(f"corpus {source} is empty")

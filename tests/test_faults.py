@@ -350,9 +350,10 @@ def write_token_file(path: Path, tokens: list[int], magic: int = 20240520, versi
 def token_ids_past_byte_vocab(t, b):
     data = t / "bad"
     shutil.copytree(b.dataset, data)
-    tokens = np.frombuffer((data / "train.bin").read_bytes()[1024:], dtype="<u2").copy()
+    train = sorted(data.glob("*_train_*.bin"))[0]
+    tokens = np.frombuffer(train.read_bytes()[1024:], dtype="<u2").copy()
     tokens[100] = 300
-    write_token_file(data / "train.bin", tokens.tolist())
+    write_token_file(train, tokens.tolist())
     expect_error(cli("train", "--data", data, *TINY, "--out", t / "run", cwd=t), "300")
     assert not (t / "run").exists()
 
@@ -375,9 +376,10 @@ def token_ids_bad_on_resume(t, b):
     data = t / "data"
     shutil.copytree(b.data_dir, data)
     ds = next(data.iterdir())
-    tokens = np.frombuffer((ds / "val.bin").read_bytes()[1024:], dtype="<u2").copy()
+    val = sorted(ds.glob("*_val_*.bin"))[0]
+    tokens = np.frombuffer(val.read_bytes()[1024:], dtype="<u2").copy()
     tokens[3] = 5000
-    write_token_file(ds / "val.bin", tokens.tolist())
+    write_token_file(val, tokens.tolist())
     with untouched(run):
         expect_error(cli("train", "--resume", "--out", run, "--data-dir", data, "--max-iters", "4", cwd=t), "5000")
 
@@ -592,7 +594,7 @@ def disk_full_writing_config(t, b):
 
 @case
 def disk_full_prepare(t, b):
-    proc = cli("prepare", b.corpus, "--data-dir", t / "data", fault=("ENOSPC", "train.bin"), cwd=t)
+    proc = cli("prepare", b.corpus, "--data-dir", t / "data", fault=("ENOSPC", "_train_"), cwd=t)
     expect_error(proc, "No space left")
     assert not [p for p in (t / "data").rglob("*.bin")] if (t / "data").exists() else True
 
@@ -916,10 +918,11 @@ def safetensors_huge_shape(t, b):
 def token_file_header_huge_count(t, b):
     data = t / "bad"
     shutil.copytree(b.dataset, data)
-    raw = bytearray((data / "train.bin").read_bytes())
+    train = sorted(data.glob("*_train_*.bin"))[0]
+    raw = bytearray(train.read_bytes())
     raw[8:12] = struct.pack("<i", 2**31 - 1)
-    (data / "train.bin").write_bytes(bytes(raw))
-    expect_error(cli("train", "--data", data, *TINY, "--out", t / "run", cwd=t), "train.bin")
+    train.write_bytes(bytes(raw))
+    expect_error(cli("train", "--data", data, *TINY, "--out", t / "run", cwd=t), train.name)
 
 
 # ---------------------------------------------------------------------------- SentencePiece

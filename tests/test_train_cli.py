@@ -104,8 +104,9 @@ def test_truncated_token_file(tmp_path, base_run):
 
     data = tmp_path / "prepared"
     shutil.copytree(base_run / "data" / "tinyshakespeare-byte", data)
-    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:5000])
-    assert_one_line_error(train_cli(tmp_path, "--data", str(data)), "val.bin", "truncated")
+    val = sorted(data.glob("*_val_*.bin"))[0]
+    val.write_bytes(val.read_bytes()[:5000])
+    assert_one_line_error(train_cli(tmp_path, "--data", str(data)), val.name, "truncated")
 
 
 def test_bad_flags_and_values(tmp_path, shakespeare):
