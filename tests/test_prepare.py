@@ -346,3 +346,14 @@ def test_a_saved_hugging_face_dataset_is_a_corpus(tmp_path, data_files):
     ds = prepare(str(tmp_path / "saved"), "byte", data_dir=tmp_path / "data", text_field="content", val_documents=5)
     assert bytes(_split(ds, "val")).decode() == "".join(docs[:5])
     assert bytes(_split(ds, "train")).decode() == "".join(docs[5:])
+
+
+def test_progress_lines_where_there_is_no_terminal(tmp_path, data_files, monkeypatch, capsys):
+    monkeypatch.setattr(prep, "REPORT_EVERY", 0.0)
+    monkeypatch.setattr(prep, "TASK_CHARS", 2000)
+    (tmp_path / "a.txt").write_text((data_files / "the-verdict.txt").read_text())
+    prepare(str(tmp_path / "a.txt"), "byte", data_dir=tmp_path / "data")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 3 and all(line.startswith("prepare: 1 documents, ") or line.startswith("prepare: 0 documents")
+                                  for line in lines), lines
+    assert "tokens/s" in lines[-1] and "% of the source, ETA" in lines[-1]

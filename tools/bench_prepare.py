@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating")
+    p.add_argument("--sp", action="store_true", help="also time ours with SentencePiece (sp:4096, trained here)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         tmp = Path(tmp)
@@ -139,12 +140,18 @@ def main(argv: list[str] | None = None) -> None:
         ok = same_ids(ours_dir, tmp / "ref", 0.1)
         wall, rss = timed([*ours_cmd[:5], "byte", *ours_cmd[6:]], ROOT)
         n_bytes = corpus.stat().st_size
+        if a.sp:  # SentencePiece: trained on a 10 MB sample, then the corpus encoded (both timed)
+            sp_wall, sp_rss = timed([*ours_cmd[:5], "sp:4096", *ours_cmd[6:], "--sp-sample-bytes", "10000000"], ROOT)
+            sp_tokens = sum(int(np.fromfile(f, dtype=np.int32, count=3)[2])
+                            for f in (tmp / "data" / "corpus-sp4096").glob("*.bin"))
         print(f"corpus: {a.mb} MB .jsonl, {docs:,} documents, {n:,} GPT-2 tokens, {a.workers} workers; "
               f"ids identical to tiktoken's: {ok}\n")
         print("| side | tokenizer | wall s | tokens/s | peak RSS MB |\n|---|---|---:|---:|---:|")
         for name, w, r in rows:
             print(f"| {name} | gpt2 | {w:.1f} | {n / w:,.0f} | {r:,.0f} |")
         print(f"| mlx_gpt prepare | byte | {wall:.1f} | {n_bytes / wall:,.0f} | {rss:,.0f} |")
+        if a.sp:
+            print(f"| mlx_gpt prepare | sp:4096 | {sp_wall:.1f} | {sp_tokens / sp_wall:,.0f} | {sp_rss:,.0f} |")
         if not ok:
             sys.exit("the ids differ")
 
