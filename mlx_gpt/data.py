@@ -126,7 +126,7 @@ def check_token_ids(path: str | os.PathLike, vocab_size: int) -> None:
         raise UserError(f"{path} holds token id {largest}, outside the vocabulary of {vocab_size} tokens")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1 << 14)  # one small entry a shard: a corpus of thousands of shards is scanned once
 def _largest_id(path: str, size: int, mtime_ns: int) -> int:
     tokens = open_tokens(path)
     largest = -1
