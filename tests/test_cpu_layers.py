@@ -20,17 +20,21 @@ def loss_and_grads(model, x, y):
     return nn.value_and_grad(model, loss)(model)
 
 
-def test_accelerated_gpt_has_the_same_parameters_outputs_and_gradients():
-    plain, fast = build(CFG, seed=1), accelerate(build(CFG, seed=1))
-    assert [k for k, _ in tree_flatten(plain.parameters())] == [k for k, _ in tree_flatten(fast.parameters())]
-    assert type(fast.h[0].attn) is layers.Attention and type(fast.h[0].ln_1) is layers.LayerNorm
-    assert type(fast.h[0].mlp.c_fc) is layers.Linear and type(fast.h[0].mlp.gelu) is layers.GELU
+def assert_same_loss_and_gradients(plain, fast):
     rng = np.random.default_rng(0)
     x, y = (mx.array(rng.integers(0, 97, (3, 32))) for _ in range(2))
     (l1, g1), (l2, g2) = loss_and_grads(plain, x, y), loss_and_grads(fast, x, y)
     np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-6)
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         np.testing.assert_allclose(np.array(b), np.array(a), atol=2e-6, rtol=1e-4, err_msg=k)
+
+
+def test_accelerated_gpt_has_the_same_parameters_outputs_and_gradients():
+    plain, fast = build(CFG, seed=1), accelerate(build(CFG, seed=1))
+    assert [k for k, _ in tree_flatten(plain.parameters())] == [k for k, _ in tree_flatten(fast.parameters())]
+    assert type(fast.h[0].attn) is layers.Attention and type(fast.h[0].ln_1) is layers.LayerNorm
+    assert type(fast.h[0].mlp.c_fc) is layers.Linear and type(fast.h[0].mlp.gelu) is layers.GELU
+    assert_same_loss_and_gradients(plain, fast)
 
 
 def test_accelerated_modern_gpt_has_the_same_outputs_and_gradients():
@@ -40,12 +44,7 @@ def test_accelerated_modern_gpt_has_the_same_outputs_and_gradients():
     plain, fast = modern.build(cfg, seed=1), accelerate(modern.build(cfg, seed=1))
     assert type(fast.h[0].ln_1) is type(fast.h[0].attn.q_norm) is layers.RMSNorm
     assert type(fast.h[0].attn) is layers.Attention
-    rng = np.random.default_rng(0)
-    x, y = (mx.array(rng.integers(0, 97, (3, 32))) for _ in range(2))
-    (l1, g1), (l2, g2) = loss_and_grads(plain, x, y), loss_and_grads(fast, x, y)
-    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-6)
-    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
-        np.testing.assert_allclose(np.array(b), np.array(a), atol=2e-6, rtol=1e-4, err_msg=k)
+    assert_same_loss_and_gradients(plain, fast)
 
 
 def test_accelerate_is_a_no_op_off_the_cpu(monkeypatch):

@@ -544,11 +544,11 @@ def recipe_lines(report: dict) -> list[str]:
         r = report["speedrun"]
         t, m, timed = r["torch"], r["mlx"], r["mlx_in_torch_time"]
         lines += ["", f"speedrun ({r['config']['note']}): wall time of the whole process",
-                  f"{'':<4}{'nanoGPT train.py, ' + str(t['steps']) + ' steps':<36}{t['wall_s']:>7.1f} s   val loss "
+                  f"{'':<4}{'nanoGPT train.py, ' + str(t['steps']) + ' steps':<56}{t['wall_s']:>7.1f} s   val loss "
                   f"{t['val_loss']:.4f} (the target)",
-                  f"{'':<4}{r['config']['config'] + ', to the target':<36}{m['wall_s']:>7.1f} s   val loss "
+                  f"{'':<4}{r['config']['config'] + ', to the target':<56}{m['wall_s']:>7.1f} s   val loss "
                   f"{m['val_loss']:.4f} at step {m['steps']}: {r['speedup']:.2f}x less time",
-                  f"{'':<4}{'the same in nanoGPT' + chr(39) + 's time':<36}{timed['wall_s']:>7.1f} s   val loss "
+                  f"{'':<4}{'the same in nanoGPT' + chr(39) + 's time':<56}{timed['wall_s']:>7.1f} s   val loss "
                   f"{timed['val_loss']:.4f} at step {timed['steps']}"]
     if "ablation" in report:
         r = report["ablation"]
