@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from . import flags
 from .atomic import replacing_directory, replacing_file
 from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, load_dataset,
                    parse_tokenizer_spec, read_header, tokenizer_digest)
@@ -364,7 +365,7 @@ def parse_part(text: str) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_gpt.prepare",
                                 description="Tokenize a corpus into llm.c token shards under data/.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=flags.DefaultsShown)
     p.add_argument("source", nargs="+", help="a text, .jsonl(.gz/.zst) or .parquet file, a folder of them, 'pydoc' "
                                              "or 'shakespeare' (with --merge: the parts' folders)")
     p.add_argument("--tokenizer", default="byte",

@@ -132,3 +132,18 @@ def test_a_setting_init_brings_is_refused_beside_it_by_name(flag, value):
     assert (cfg.data.tokenizer, cfg.model.rung, cfg.model.preset) == (None, None, None)
     assert (TrainConfig.of().data.tokenizer, TrainConfig.of().model.rung, TrainConfig.of().model.preset) == \
         ("byte", "gpt", "tiny")
+
+
+def test_every_command_help_shows_each_default_once_and_none_that_is_not_one(tmp_path):
+    """No flag's help says "(default: None)", a switch's "(default: True)", or its default twice."""
+    import re
+
+    from mlx_gpt.__main__ import available
+
+    for name in available():
+        out = subprocess.run([sys.executable, "-m", "mlx_gpt", name, "--help"], capture_output=True, text=True,
+                             cwd=tmp_path, env={"COLUMNS": "1000", "PATH": ""})
+        assert out.returncode == 0, (name, out.stderr)
+        for line in out.stdout.splitlines():
+            assert not re.search(r"\(default: (None|True|False)\)", line), (name, line)
+            assert line.count("(default") <= 1, (name, line)
