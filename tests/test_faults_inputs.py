@@ -694,6 +694,206 @@ def matvec_library_bytes_flipped(t, b):
     assert proc.stdout == reference_output(t, b)
 
 
+# ---------------------------------------------------------------------------- corpora, shards and example sets
+
+
+def documents(n: int = 40) -> list[str]:
+    lines = corpus_text().splitlines()
+    return ["\n".join(lines[i::n]) for i in range(n)]
+
+
+def jsonl(records: list) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def prepare(t: Path, source, *args) -> subprocess.CompletedProcess:
+    return cli("mlx_gpt.prepare", source, "--data-dir", t / "data", "--workers", "1", *args, cwd=t)
+
+
+def corpus_dir(t: Path) -> Path:
+    d = t / "books"
+    d.mkdir()
+    for i, doc in enumerate(documents()):
+        (d / f"book{i:02d}.txt").write_text(doc)
+    return d
+
+
+@case
+def corpus_jsonl_line_not_json(t, b):
+    records = [{"text": d} for d in documents()]
+    records[7] = '{"text": "cut short'
+    (t / "dump.jsonl").write_text(jsonl(records))
+    expect_error(prepare(t, t / "dump.jsonl"), "dump.jsonl", "8")
+
+
+@case
+def corpus_jsonl_line_without_the_field(t, b):
+    records = [{"text": d} for d in documents()]
+    records[3] = {"body": "no text here"}
+    (t / "dump.jsonl").write_text(jsonl(records))
+    expect_error(prepare(t, t / "dump.jsonl"), "dump.jsonl", "4")
+
+
+@case
+def corpus_jsonl_gz_cut_short(t, b):
+    import gzip
+
+    raw = gzip.compress(jsonl([{"text": d} for d in documents()]).encode())
+    (t / "dump.jsonl.gz").write_bytes(raw[: len(raw) // 2])
+    expect_error(prepare(t, t / "dump.jsonl.gz"), "dump.jsonl.gz")
+    assert not list((t / "data").glob("*/*.bin")), "a shard of a failed prepare was left where a reader looks"
+
+
+@case
+def corpus_jsonl_zst_not_zstd(t, b):
+    (t / "dump.jsonl.zst").write_bytes(jsonl([{"text": d} for d in documents()]).encode())
+    expect_error(prepare(t, t / "dump.jsonl.zst"), "dump.jsonl.zst")
+
+
+@case
+def corpus_parquet_cut_short(t, b):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": documents()}), t / "part.parquet")
+    raw = (t / "part.parquet").read_bytes()
+    (t / "part.parquet").write_bytes(raw[: len(raw) - 40])
+    expect_error(prepare(t, t / "part.parquet"), "part.parquet")
+
+
+@case
+def corpus_parquet_without_the_column(t, b):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"content": documents()}), t / "part.parquet")
+    expect_error(prepare(t, t / "part.parquet"), "part.parquet", "text")
+
+
+@case
+def corpus_folder_with_a_file_not_utf8(t, b):
+    d = corpus_dir(t)
+    (d / "book05.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8\n")
+    expect_error(prepare(t, d), "book05.txt")
+
+
+@case
+def corpus_folder_empty_of_corpus_files(t, b):
+    (t / "books").mkdir()
+    (t / "books" / "notes.md").write_text("not a corpus file\n")
+    expect_error(prepare(t, t / "books"), "books")
+
+
+def sharded(t: Path, b: Base) -> Path:
+    """A corpus prepared into several small shards a split."""
+    proc = prepare(t, corpus_dir(t), "--shard-tokens", "2000")
+    expect_ok(proc)
+    (out,) = [d for d in (t / "data").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert len(list(out.glob("*_train_*.bin"))) >= 3, sorted(p.name for p in out.iterdir())
+    return out
+
+
+def train_on(t: Path, data: Path) -> subprocess.CompletedProcess:
+    return cli("mlx_gpt.train", "--data", data, "--out", t / "out", *TINY, cwd=t)
+
+
+@case
+def shards_one_missing_in_the_middle(t, b):
+    out = sharded(t, b)
+    sorted(out.glob("*_train_*.bin"))[1].unlink()
+    expect_error(train_on(t, out), "shard")
+    assert not (t / "out").exists()
+
+
+@case
+def shards_one_cut_short(t, b):
+    out = sharded(t, b)
+    victim = sorted(out.glob("*_train_*.bin"))[1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) - 100])
+    expect_error(train_on(t, out), victim.name)
+
+
+@case
+def shards_of_two_vocabularies(t, b):
+    from mlx_gpt import data
+
+    out = sharded(t, b)
+    victim = sorted(out.glob("*_train_*.bin"))[1]
+    tokens = np.frombuffer(victim.read_bytes()[1024:], dtype=np.uint16)
+    data.write_tokens(victim, tokens.astype(np.uint32), 70_000)  # uint32: another vocabulary's file
+    expect_error(train_on(t, out), victim.name)
+
+
+@case
+def prepare_into_a_users_folder_of_the_same_name(t, b):
+    d = corpus_dir(t)
+    mine = t / "data" / "books-byte"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own notes, not a dataset\n")
+    expect_error(prepare(t, d), "books-byte")
+    assert (mine / "notes.txt").read_text() == "my own notes, not a dataset\n"
+
+
+def examples(t: Path, records: list, name: str = "train.jsonl") -> Path:
+    d = t / "examples"
+    d.mkdir(exist_ok=True)
+    (d / name).write_text(jsonl(records))
+    if name == "train.jsonl":
+        (d / "valid.jsonl").write_text(jsonl(records[:4]))
+    return d
+
+
+PAIRS = [{"prompt": f"Add {i} and {i + 1}:", "completion": f" {2 * i + 1}"} for i in range(20)]
+
+
+def train_examples(t: Path, d: Path, *args) -> subprocess.CompletedProcess:
+    return cli("mlx_gpt.train", "--data", d, "--data-dir", t / "data", "--out", t / "out", "--mask-prompt", *TINY,
+               *args, cwd=t)
+
+
+@case
+def examples_a_line_not_json(t, b):
+    records = list(PAIRS)
+    records[5] = '{"prompt": "Add 5 and 6:", "completion"'
+    expect_error(train_examples(t, examples(t, records)), "train.jsonl", "6")
+
+
+@case
+def examples_two_shapes_in_one_file(t, b):
+    records = list(PAIRS)
+    records[9] = {"text": "running text among prompt/completion pairs"}
+    expect_error(train_examples(t, examples(t, records)), "train.jsonl", "10")
+
+
+@case
+def examples_chat_roles_out_of_order(t, b):
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+             for i in range(20)]
+    chats[4] = {"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "?"}]}
+    expect_error(train_examples(t, examples(t, chats)), "train.jsonl", "5")
+
+
+@case
+def examples_an_empty_completion(t, b):
+    records = list(PAIRS)
+    records[2] = {"prompt": "Add 2 and 3:", "completion": ""}
+    expect_error(train_examples(t, examples(t, records)), "train.jsonl", "3")
+
+
+@case
+def examples_longer_than_the_block_with_no_truncate(t, b):
+    records = list(PAIRS)
+    records[6] = {"prompt": "Repeat: " + "la " * 200, "completion": " done"}
+    expect_error(train_examples(t, examples(t, records), "--no-truncate"), "train.jsonl", "7")
+
+
+@case
+def chat_template_that_does_not_parse(t, b):
+    run = b.copy(b.run, t / "run")
+    (run / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")  # as a checkpoint carries one
+    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.generate", "--checkpoint", str(run), "--chat",
+                           "--max-new-tokens", "4"], input="hello\n", capture_output=True, text=True, cwd=t,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    expect_error(proc, "template")
+
+
 # ---------------------------------------------------------------------------- the table
 
 

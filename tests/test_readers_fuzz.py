@@ -670,3 +670,99 @@ def test_hf_shard_index(tmp_path_factory, index):
     got = clean(lambda: {k: t.load() for k, t in hf.read_weights(d).items()})
     if got is not None:
         assert set(index["weight_map"]) <= set(got) and all(np.array_equal(got[k], arrays[k]) for k in got)
+
+
+# ---------------------------------------------------------------------------- corpora and example sets
+
+GOOD_RECORDS = [{"text": "first document\nwith two lines"}, {"text": "second \u00e9\u65e5"}, {"text": ""}]
+
+
+def _compress(raw: bytes, suffix: str) -> bytes:
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.compress(raw)
+    if suffix == ".zst":
+        zstd = pytest.importorskip("zstandard")
+        return zstd.ZstdCompressor(write_checksum=True).compress(raw)
+    return raw
+
+
+@FUZZ
+@given(data=st.data(), suffix=st.sampled_from(["", ".gz", ".zst"]))
+@example(data=None, suffix="")  # a line of JSON nested deeper than Python recurses
+def test_jsonl_corpus_files(tmp_path_factory, data, suffix):
+    from mlx_gpt.sources import jsonl_records
+
+    d = fresh(tmp_path_factory, "jsonl")
+    raw = "".join(json.dumps(r) + "\n" for r in GOOD_RECORDS).encode()
+    if data is None:
+        raw += DEEP.encode() + b"\n"
+    elif suffix == "":
+        raw = _lines(data, GOOD_RECORDS[0])
+    packed = _compress(raw, suffix)
+    if data is not None and suffix:
+        packed = data.draw(st.one_of(st.just(packed), damaged(packed)))
+    path = d / f"c.jsonl{suffix}"
+    path.write_bytes(packed)
+    got = clean(lambda: list(jsonl_records(path)))
+    if got is not None and packed == _compress(raw, suffix):  # undamaged: exactly the file's records
+        lines = [ln for ln in raw.decode("utf-8").split("\n")]
+        assert got == [(n, json.loads(ln)) for n, ln in enumerate(lines, 1) if ln.strip()]
+
+
+@FEW
+@given(data=st.data())
+def test_parquet_corpus_files(tmp_path_factory, data):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from mlx_gpt.sources import _parquet_texts
+
+    d = fresh(tmp_path_factory, "pq")
+    texts = [r["text"] for r in GOOD_RECORDS] * 3
+    pq.write_table(pa.table({"text": texts}), d / "ok.parquet")
+    raw = (d / "ok.parquet").read_bytes()
+    choice = data.draw(damaged(raw))
+    (d / "x.parquet").write_bytes(choice)
+    got = clean(lambda: list(_parquet_texts(d / "x.parquet", "text")))
+    if got is not None:
+        assert all(isinstance(t, str) for t in got) and len(got) <= len(texts) * 2
+
+
+GOOD_EXAMPLES = [{"prompt": "Add 2 and 3:", "completion": " 5"}, {"prompt": "Reverse ab:", "completion": " ba"}]
+GOOD_CHATS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "hello"}]}]
+
+
+@FUZZ
+@given(data=st.data(), good=st.sampled_from([GOOD_EXAMPLES, GOOD_CHATS, GOOD_RECORDS]))
+def test_example_files(tmp_path_factory, data, good):
+    from mlx_gpt.examples import Fields, examples_of
+    from mlx_gpt.tokenizer import ByteTokenizer
+
+    d = fresh(tmp_path_factory, "ex")
+    raw = "".join(json.dumps(r) + "\n" for r in good).encode() + _lines(data, good[0])
+    (d / "train.jsonl").write_bytes(raw)
+    got = clean(lambda: list(examples_of(d / "train.jsonl", ByteTokenizer(), None, Fields())))
+    if got is not None:
+        for number, ids, mask in got:
+            assert len(ids) == len(mask) and all(0 <= i < 256 for i in ids) and set(mask) <= {0, 1}
+
+
+@FEW
+@given(data=st.data())
+def test_shard_directories(tmp_path_factory, data):
+    from mlx_gpt import data as tokens_module
+
+    d = fresh(tmp_path_factory, "shards")
+    rng = np.random.default_rng(0)
+    for split, k in (("val", 0), ("train", 1), ("train", 2), ("train", 3)):
+        tokens_module.write_tokens(d / f"c_{split}_{k:06d}.bin", rng.integers(0, 300, 500), 300)
+    victim = d / f"c_train_{data.draw(st.integers(1, 3)):06d}.bin"
+    raw = victim.read_bytes()
+    victim.write_bytes(data.draw(st.one_of(damaged(raw), st.just(b""))))
+    ds = clean(lambda: tokens_module.load_dataset(d))
+    if ds is not None:
+        for f in ds.train_files:
+            info = tokens_module.read_header(f)
+            assert f.stat().st_size == tokens_module.HEADER_BYTES + info.count * np.dtype(info.dtype).itemsize
