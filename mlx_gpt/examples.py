@@ -33,6 +33,7 @@ from . import chat
 from .atomic import replacing_directory
 from .data import gpt2_tokenizer, parse_tokenizer_spec, tokenizer_digest
 from .errors import UserError
+from .rundir import RunLock
 from .sources import jsonl_records
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -269,8 +270,10 @@ def prepare_examples(source: str, tokenizer: str | Tokenizer | None = None, *, f
     out = Path(data_dir, f"{p.name.split('.jsonl')[0] if p.is_file() else p.name}-{label}-{KIND}")
     if _meta(out).get("fingerprint") == fingerprint:
         return load_examples(out)
+    if out.exists() and _meta(out).get("kind") != KIND:  # a folder of that name we did not write
+        raise UserError(f"{out} exists and is not an example set prepared here; move it, or give another --data-dir")
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
-    with replacing_directory(out) as tmp:
+    with RunLock(out, hint="wait for it to finish"), replacing_directory(out) as tmp:
         splits = _write_splits(tmp, files, tok, fmt, fields, dtype)
         tok.save(tmp)
         meta = {"kind": KIND, "name": out.name, "source": source, "fingerprint": fingerprint, "dtype": dtype.str,

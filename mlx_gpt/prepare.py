@@ -28,6 +28,7 @@ from .atomic import replacing_directory, replacing_file
 from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, load_dataset,
                    parse_tokenizer_spec, read_header, tokenizer_digest)
 from .errors import UserError, run_cli
+from .rundir import RunLock
 from .shards import ShardWriter
 from .sources import (BUILTIN_SOURCES, Piece, builtin_documents, builtin_pieces, part_of, pieces, source_files,
                       source_name)
@@ -95,9 +96,10 @@ def prepare_dataset(source: str, tokenizer: str | Tokenizer = "byte", *, data_di
         return load_dataset(out)
     stream = (lambda: builtin_pieces(builtin_documents(source, data_dir), val_fraction)) if files is None else \
         (lambda: pieces(files, text_field=text_field, val_fraction=val_fraction, val_documents=val_documents))
-    _write(out, name, stream, tokenizer, fingerprint, settings, workers or os.cpu_count() or 1, force,
-           total_bytes=_plain_size(files),
-           label=spec if isinstance(tokenizer, int) or spec == "byte" else tokenizer.kind)
+    with RunLock(out, hint="wait for it to finish"):  # a second prepare of it is refused, not interleaved
+        _write(out, name, stream, tokenizer, fingerprint, settings, workers or os.cpu_count() or 1, force,
+               total_bytes=_plain_size(files),
+               label=spec if isinstance(tokenizer, int) or spec == "byte" else tokenizer.kind)
     return load_dataset(out)
 
 

@@ -178,8 +178,8 @@ class RunLock:
     that read it while they work (a LoRA run pins its base), so neither sees the other's half
     (see the module doc)."""
 
-    def __init__(self, out: Path, shared: bool = False):
-        self.out, self.shared = out, shared
+    def __init__(self, out: Path, shared: bool = False, hint: str = "wait for it to finish or choose another --out"):
+        self.out, self.shared, self.hint = out, shared, hint
         self.path = lock_path(out)
         self._fd: int | None = None
 
@@ -202,8 +202,8 @@ class RunLock:
                     if self.shared:
                         raise UserError(f"{self.out} is being written by another mlx_gpt process (pid {holder}); "
                                         "wait for it to finish") from None
-                    raise UserError(f"{self.out} is in use by another mlx_gpt process (pid {holder}); wait for it "
-                                    "to finish or choose another --out") from None
+                    raise UserError(f"{self.out} is in use by another mlx_gpt process (pid {holder}); "
+                                    f"{self.hint}") from None
                 try:
                     same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
@@ -230,6 +230,12 @@ class RunLock:
             self._fd = None
 
     def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
         self.release()
 
 

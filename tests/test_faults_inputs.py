@@ -831,6 +831,17 @@ def prepare_into_a_users_folder_of_the_same_name(t, b):
     assert (mine / "notes.txt").read_text() == "my own notes, not a dataset\n"
 
 
+@case
+def prepare_while_another_prepares_it(t, b):
+    from mlx_gpt.rundir import RunLock
+
+    d = corpus_dir(t)
+    with RunLock(t / "data" / "books-byte"):  # another prepare of the same corpus, still at work
+        expect_error(prepare(t, d), "books-byte", "in use")
+    assert not (t / "data" / "books-byte").exists()
+    expect_ok(prepare(t, d))
+
+
 def examples(t: Path, records: list, name: str = "train.jsonl") -> Path:
     d = t / "examples"
     d.mkdir(exist_ok=True)
@@ -846,6 +857,15 @@ PAIRS = [{"prompt": f"Add {i} and {i + 1}:", "completion": f" {2 * i + 1}"} for 
 def train_examples(t: Path, d: Path, *args) -> subprocess.CompletedProcess:
     return cli("mlx_gpt.train", "--data", d, "--data-dir", t / "data", "--out", t / "out", "--mask-prompt", *TINY,
                *args, cwd=t)
+
+
+@case
+def examples_into_a_users_folder_of_the_same_name(t, b):
+    mine = t / "data" / "examples-byte-examples"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    expect_error(train_examples(t, examples(t, PAIRS), "--tokenizer", "byte"), "examples-byte-examples")
+    assert (mine / "notes.txt").read_text() == "mine\n"
 
 
 @case
