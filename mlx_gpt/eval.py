@@ -6,7 +6,7 @@ text, and its accuracy on multiple-choice questions in HellaSwag's format.
 
 Language modelling: SRC is a text file, a folder of .txt files, ``pydoc``/``shakespeare``
 (encoded with the checkpoint's tokenizer, one end-of-text after each document, as prepare
-does), or a prepared data directory, ours or llm.c's (its val.bin unless --split says
+does), or a prepared data directory, ours or llm.c's (its val shards unless --split says
 otherwise). Every token after the first is predicted exactly once (perplexity.score).
 
 Multiple choice: one JSON object a line with ``ctx``, ``endings`` and ``label`` (the index of
