@@ -75,7 +75,7 @@ class LadderConfig:
                                                             "multiples of each rung's own; a larger budget tries the "
                                                             "previous winner's and half of it")
     out: str | None = setting(None, "output directory (default: checkpoints/ladder-<data>-<tokenizer>, e.g. "
-                                    "checkpoints/ladder-tinyshakespeare-byte)")
+                                    "checkpoints/ladder-shakespeare-byte)")
     data_dir: str = setting("data", "where prepared datasets live")
     val_fraction: float = setting(0.1, "tail of the text held out for scoring")
     block_size: int = setting(BLOCK_SIZE, "tokens per training sequence, every rung")
