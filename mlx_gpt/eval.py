@@ -20,7 +20,6 @@ ending token is. A context longer than the model's block keeps its last tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from .errors import UserError, run_cli
 from .limits import check_text
 from .loss import cross_entropy
 from .perplexity import Score, score
-from .sources import read_source
+from .sources import jsonl_records, read_source
 from .tokenizer import Tokenizer
 
 SPLITS = ("all", "train", "val")
@@ -113,26 +112,13 @@ class ChoiceScore:
 def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int | None = None) -> list[Question]:
     """HellaSwag-style questions from a jsonl file, encoded; one line a question, blank lines skipped."""
     path = Path(path)
-    try:
-        # lines end at "\n" only: JSON strings may hold U+2028 and other breaks splitlines() would cut at
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    if not path.is_file():
+        raise UserError(f"{path} not found")
     questions = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, item in jsonl_records(path):
         if limit is not None and len(questions) >= limit:
             break
         where = f"{path}:{n}"
-        try:
-            item = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{where}: not JSON ({str(e).splitlines()[0]})") from None
-        except RecursionError:
-            raise UserError(f"{where}: not JSON (nested too deeply)") from None
         if not isinstance(item, dict):
             raise UserError(f"{where}: expected an object with ctx, endings and label")
         ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")

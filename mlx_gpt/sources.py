@@ -153,14 +153,16 @@ def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors save, is not part of it
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{path}:{number}: not JSON ({e})") from None
+            raise UserError(f"{path}:{number}: not JSON ({str(e).splitlines()[0]})") from None
         except RecursionError:
-            raise UserError(f"{path}:{number}: JSON nested too deeply to read") from None
+            raise UserError(f"{path}:{number}: not JSON (nested too deeply)") from None
         yield number, record
 
 
