@@ -149,6 +149,7 @@ SHRINK = {
     "mlx_gpt.train": ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2"],
     "mlx_gpt.generate": ["--max-new-tokens", "8"],
     "mlx_gpt.ladder": ["--batch-sizes", "4", "--lr-scales", "1", "--sample-tokens", "8"],
+    "tools/bench_prepare.py": ["--mb", "1", "--repeat", "1"],
 }
 
 
@@ -188,11 +189,13 @@ def newcomer_workspace(root: Path) -> None:
     (root / "my_notes" / "a.txt").write_text(verdict[: len(verdict) // 2])
     (root / "my_notes" / "b.txt").write_text(verdict[len(verdict) // 2:])
     (root / "my.txt").write_text(verdict)
+    corpora(root)
     cfg = GPTConfig(vocab_size=50257, block_size=256, n_layer=1, n_head=2, n_embd=64)
     params = _params(cfg)
     _llmc_file(root / "gpt2_124M.bin", cfg, params)
     _llmc_file(root / "gpt2_124M_bf16.bin", cfg, params, version=5)
     llmc.write_tokenizer(root / "gpt2_tokenizer.bin", GPT2Tokenizer.from_directory(DATA / "gpt2"))
+    shutil.copytree(DATA / "gpt2", root / "data" / "tokenizers" / "gpt2")  # where training.md puts them
     for where, names in (("path/to/gpt2", ("encoder.json", "vocab.bpe")), ("path/to/hf-gpt2", ("vocab.json", "merges.txt"))):
         d = root / where
         d.mkdir(parents=True)
@@ -210,6 +213,30 @@ def newcomer_workspace(root: Path) -> None:
     checkpoint.save(root / "checkpoints" / "run", model, ByteTokenizer())  # wide enough to quantize
 
 
+def corpora(root: Path) -> None:
+    """The corpora docs/data.md names, small: a folder of books, a zstd-compressed jsonl dump with
+    its text under "content", a FineWeb-like folder of Parquet files, and a corpus in four parts."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    zstd = pytest.importorskip("zstandard")
+    plays = (DATA / "tinyshakespeare.txt").read_text().split("\n\n")
+    documents = ["\n\n".join(plays[i:i + 40]) for i in range(0, len(plays), 40)]
+    for i, doc in enumerate(documents[:24]):
+        shelf = root / "books" / f"shelf{i % 3}"
+        shelf.mkdir(parents=True, exist_ok=True)
+        (shelf / f"book{i}.txt").write_text(doc)
+    lines = "".join(json.dumps({"id": i, "content": d}) + "\n" for i, d in enumerate(documents))
+    (root / "dump.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(lines.encode()))
+    (root / "fineweb" / "sample").mkdir(parents=True)
+    for k in range(2):
+        part = documents[k::2]
+        pq.write_table(pa.table({"text": part, "id": [str(i) for i in range(len(part))]}),
+                       root / "fineweb" / "sample" / f"00{k}_00000.parquet")
+    (root / "corpus").mkdir()
+    for i, doc in enumerate(documents[:16]):
+        (root / "corpus" / f"doc{i:02d}.txt").write_text(doc)
+
+
 def write_hf_gpt2(directory: Path, cfg, params: dict) -> None:
     """A GPT-2 as transformers' save_pretrained writes it (config.json and model.safetensors)."""
     torch = pytest.importorskip("torch")
@@ -222,6 +249,21 @@ def write_hf_gpt2(directory: Path, cfg, params: dict) -> None:
             value = torch.from_numpy(params[name].copy())
             p.copy_(value.T if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else value)
     model.save_pretrained(directory)
+
+
+def other_machines(command: str, root: Path, env: dict) -> None:
+    """Before ``prepare --merge OUT PARTS...``: the parts the page leaves to other machines
+    (data/NAME-TOKENIZER-pIIIofNNN, prepared from NAME/ with --part I/N), prepared here."""
+    words = shlex.split(command)
+    if "--merge" not in words:
+        return
+    for part in words[words.index("--merge") + 2:]:
+        found = re.fullmatch(r"data/(.+)-(\w+)-p(\d{3})of(\d{3})", part)
+        if found and not (root / part).exists():
+            name, tokenizer, i, n = found.groups()
+            proc = subprocess.run([sys.executable, "-m", "mlx_gpt.prepare", f"{name}/", "--tokenizer", tokenizer,
+                                   "--part", f"{int(i)}/{int(n)}"], cwd=root, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
 
 
 def free_port() -> int:
@@ -283,6 +325,7 @@ def test_shell_examples_run_as_written(tmp_path):
                 if out and "--resume" not in words and (tmp_path / out).exists():  # made by an earlier page, or an alternative shown before
                     (tmp_path / out).rename(tmp_path / f"{out}.before-{len(moved)}")
                     moved.append(out)
+                other_machines(command, tmp_path, env)
                 port = free_port()
                 line, serves = as_run(command, port)
                 if serves:
