@@ -282,7 +282,7 @@ def bench_decode(bench: DecodeBench, args: argparse.Namespace, work: Path) -> di
         for name, cmd in cmds.items():
             pause(args.pause)
             runs[name].append(run_json(cmd)[0])
-        print(f"  [decode] " + ", ".join(f"{n} {bench.new_tokens / median(r[-1]['total_s']):.1f} tok/s"
+        print("  [decode] " + ", ".join(f"{n} {bench.new_tokens / median(r[-1]['total_s']):.1f} tok/s"
                                          for n, r in runs.items()), file=sys.stderr, flush=True)
     # each new token reads every weight once (of wpe one row; the head is tied to wte) and, on
     # average, the keys and values of the prompt and of half the new tokens

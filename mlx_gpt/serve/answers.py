@@ -49,9 +49,6 @@ class Shaper:
             except UnicodeDecodeError:
                 return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text
-        if "\ufffd" in text and raw is not None:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        return text
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.info.name}
