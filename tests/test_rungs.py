@@ -142,3 +142,16 @@ def test_train_cli_rejects_an_unknown_rung(tmp_path, data_files):
     proc = run_module("mlx_gpt.train", "--data", str(data_files / "the-verdict.txt"), "--model", "ngram:0",
                       "--data-dir", str(tmp_path / "data"), cwd=tmp_path, timeout=120)
     assert_one_line_error(proc, "n must be at least 1")
+
+
+def test_a_count_rung_is_fitted_on_every_train_shard(tmp_path, data_files):
+    from mlx_gpt.data import prepare
+    from mlx_gpt.training.model import new
+
+    ds = prepare(str(data_files / "the-verdict.txt"), "byte", data_dir=tmp_path / "data", shard_tokens=2000,
+                 workers=1)
+    assert len(ds.train_files) > 2
+    got = new(TrainConfig.of(data=str(ds.path), model="bigram"), ds)
+    want = build("bigram", ds.vocab_size, tokens=ds.tokens("train"))
+    assert int(got.count[: ds.vocab_size].sum()) == len(ds.tokens("train"))
+    assert mx.array_equal(got.count, want.count) and mx.array_equal(got.child_count, want.child_count)

@@ -42,8 +42,8 @@ def new(cfg: TrainConfig, dataset: Dataset):
     on the train split)."""
     if cfg.model.rung == "gpt":
         return build(gpt_config(cfg, dataset.vocab_size), seed=cfg.step.seed)
-    return rungs.build(cfg.model.rung, dataset.vocab_size, tokens=dataset.train_file, overrides=cfg.model.overrides,
-                       seed=cfg.step.seed)
+    return rungs.build(cfg.model.rung, dataset.vocab_size, tokens=dataset.tokens("train"),
+                       overrides=cfg.model.overrides, seed=cfg.step.seed)
 
 
 def assemble(model, cfg: TrainConfig, fresh_adapters: bool):
