@@ -5,10 +5,10 @@ BLAS library inside a matmul uses more cores. Between matmuls (layer norms, GELU
 loss, the optimizer) one core works and the others wait, and a BLAS pool spinning between calls
 stalls as soon as another process wants a core. A step built here splits each micro-batch into
 one slice per core, runs the forward and backward pass of each slice on a stream (a thread) of
-its own with single-threaded BLAS, and sums the slices' gradients weighted by their sizes (or
-their kept targets', where some are ignored): exactly the full batch's mean-loss gradient: a gradient source for ``training.step``'s one
-step, which spreads the gradient sums, the clipping norms and the optimizer's updates over the
-same streams (``StreamPlan.stream_for``).
+its own with single-threaded BLAS, and sums the slices' gradients weighted by their sizes, or
+their kept targets' where some are ignored (exactly the full batch's mean-loss gradient). It is
+a gradient source for ``training.step``'s one step, which spreads the gradient sums, the
+clipping norms and the optimizer's updates over the same streams (``StreamPlan.stream_for``).
 
 Each stream's forward and backward pass is its own compiled function (``mx.compile`` keeps one
 trace per stream). Traced together in one graph, the streams' identical constants would be
@@ -109,8 +109,8 @@ def split_loss(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True
     """loss(x, y) -> the mean loss of a batch x, y (B, T), its rows split over the plan's streams.
 
     ``loss_fn(model, x, y)`` is the mean loss of one slice; the slices' losses are weighted by
-    their share of the batch (``shares``). An evaluation is forward passes only, and on one stream every
-    operation between the matmuls runs on one core.
+    their share of the batch (``shares``). An evaluation is forward passes only, and on one
+    stream every operation between the matmuls runs on one core.
     """
 
     def slice_loss(x: mx.array, y: mx.array) -> mx.array:

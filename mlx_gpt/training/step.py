@@ -3,11 +3,11 @@
 A step takes x, y of shape (accum, B, T): for each micro-batch a *gradient source* gives its
 mean loss and gradients, the sums are kept, and ``finish`` takes their mean over the
 micro-batches and over the ranks (``distributed.all_mean``), clips them, and applies AdamW
-(where targets are ignored, each micro-batch is first weighted by its kept targets, ``shares``);
-float16 runs unscale first and skip a step whose gradients overflow (``scaler``). Only the
-gradient source varies: ``nn.value_and_grad`` of the loss, or on the CPU the split of each
-micro-batch over MLX streams (``cpu/parallel.py``), whose plan also places each parameter's
-share of the update on a stream (an argument, ``stream_for``).
+(where targets are ignored, each micro-batch is first weighted by its kept targets:
+``micro_batch_factors``); float16 runs unscale first and skip a step whose gradients overflow
+(``scaler``). Only the gradient source varies: ``nn.value_and_grad`` of the loss, or on the CPU
+the split of each micro-batch over MLX streams (``cpu/parallel.py``), whose plan also places
+each parameter's share of the update on a stream (an argument, ``stream_for``).
 
 Each compiled piece captures the model, the optimizer and the RNG as inputs and outputs. With
 one micro-batch the step is one graph; with several, each micro-batch's sums are evaluated
@@ -131,7 +131,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
         return loss, update(model, optimizer, grads, stream_for=stream_for)
 
     def weigh(tree, factor: mx.array):
-        """A micro-batch's loss and gradients times its weight in the step's mean (``shares``)."""
+        """A micro-batch's loss and gradients times its factor (``micro_batch_factors``)."""
         def one(a: mx.array) -> mx.array:
             with place(a):
                 return (a * factor).astype(a.dtype)
@@ -154,7 +154,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
 
     def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
         assert x.shape[0] == accum, f"a step takes {accum} micro-batches, got {x.shape[0]}"
-        factors = shares(y, group)
+        factors = micro_batch_factors(y, group)
         total = part(0, x, y, factors)
         for i in range(1, accum):
             mx.eval(total)
@@ -164,7 +164,7 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
     return step
 
 
-def shares(y: mx.array, group: mx.distributed.Group) -> list[float] | None:
+def micro_batch_factors(y: mx.array, group: mx.distributed.Group) -> list[float] | None:
     """Where targets are ignored (``loss.IGNORE``): each micro-batch's factor so that the mean over
     micro-batches and ranks that ``finish`` takes is the mean over every kept target of the step
     (its kept targets' share of the step's, times the micro-batches and ranks); None where every
