@@ -1,13 +1,15 @@
 """GPT-2 encoding for bulk text (prepare's workers): the same ids as ``GPT2Tokenizer.encode``, faster.
 
 GPT-2's BPE works on pieces that a regular expression cuts out of the text (a word with its
-leading space, a run of digits, of punctuation, of spaces), and text repeats its pieces: so the
-pieces are cut here by Python's ``re`` and each distinct piece is encoded once and remembered.
+leading space, a run of digits, of punctuation, of spaces), and text repeats its pieces: so each
+distinct piece is encoded once and remembered. ``bulk_encoder`` does that in C++ where
+``gpt2_native`` builds it; ``BulkEncoder`` is the same in Python, for text the C++ encoder
+leaves (a character its table does not know) and where it is not available.
 
-Python's ``re`` has no ``\\p{L}`` / ``\\p{N}``; ``[^\\W\\d_]`` and ``\\d`` stand for them, which differ
-only on characters that are numbers without being decimal digits (``½``, ``²``, Roman numerals)
-and four control characters ``\\s`` takes for spaces. A text holding one of those is encoded
-whole by the tokenizer itself, so the ids never differ.
+In Python the pieces are cut by ``re``, which has no ``\\p{L}`` / ``\\p{N}``: ``[^\\W\\d_]`` and
+``\\d`` stand for them, which differ only on characters that are numbers without being decimal
+digits (``½``, ``²``, Roman numerals) and four control characters ``\\s`` takes for spaces. A text
+holding one of those is encoded whole by the tokenizer itself, so the ids never differ.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import sys
 import unicodedata
 from functools import lru_cache
 from itertools import chain
+from typing import Callable
+
+import numpy as np
+
+from . import gpt2_native
 
 # GPT-2's pattern, with ``re``'s classes for letters and numbers (see above)
 PIECE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
@@ -58,3 +65,15 @@ class BulkEncoder:
             new = list(dict.fromkeys(pieces))
         for p in new:
             self.known[p] = tuple(self.tokenizer.encode(p))
+
+
+def bulk_encoder(tokenizer) -> Callable[[str], np.ndarray]:
+    """``encode(text)``: a GPT2Tokenizer's ids for text as an array, in C++ where it is built."""
+    python = BulkEncoder(tokenizer)
+    native = gpt2_native.encoder(tokenizer, MAX_REMEMBERED)
+
+    def encode(text: str) -> np.ndarray:
+        ids = None if native is None else native.encode(text)
+        return np.asarray(python.encode(text), dtype=np.int64) if ids is None else ids
+
+    return encode

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import UserError
-from .gpt2_bulk import BulkEncoder
+from .gpt2_bulk import bulk_encoder
 from .tokenizer import Tokenizer, load_tokenizer
 
 Task = Sequence[tuple[str, bool, bool]]
@@ -32,27 +32,30 @@ def bulk_encode(tok: Tokenizer) -> Callable[[str], np.ndarray]:
     """The fastest way to a tokenizer's ids for text in bulk (the same ids as its ``encode``)."""
     if tok.kind == "byte":  # the ids are the bytes: no list of Python ints needed
         return lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    encode = BulkEncoder(tok).encode if tok.kind == "gpt2" else tok.encode
-    return lambda text: np.asarray(encode(text), dtype=np.int64)
+    if tok.kind == "gpt2":
+        return bulk_encoder(tok)
+    return lambda text: np.asarray(tok.encode(text), dtype=np.int64)
 
 
 def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype,
                   encode: Callable[[str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train tokens, val tokens) of a task's pieces, in order."""
     out: tuple[list, list] = ([], [])
-    eot = [] if tok.eot_id is None else [tok.eot_id]
+    eot = None if tok.eot_id is None else np.asarray([tok.eot_id], dtype)
     encode = encode or bulk_encode(tok)
     for text, val, last in task:
-        ids = encode(text)
-        out[val].append(ids)
-        if last and eot:
-            out[val].append(np.asarray(eot))
-    return tuple(np.concatenate(p).astype(dtype) if p else np.zeros(0, dtype) for p in out)
+        out[val].append(encode(text))
+        if last and eot is not None:
+            out[val].append(eot)
+    # ids below the vocabulary's size, which dtype holds: cast in the one copy
+    return tuple(np.concatenate(p, dtype=dtype, casting="unsafe") if p else np.zeros(0, dtype) for p in out)
 
 
 def _start(tokenizer_dir: str, dtype: str) -> None:
-    _worker["tok"], _worker["dtype"] = load_tokenizer(tokenizer_dir), np.dtype(dtype)
-    _worker["encode"] = bulk_encode(_worker["tok"])
+    if _worker.get("dir") != tokenizer_dir:  # spawned: not inherited from the parent
+        tok = load_tokenizer(tokenizer_dir)
+        _worker.update(dir=tokenizer_dir, tok=tok, encode=bulk_encode(tok))
+    _worker["dtype"] = np.dtype(dtype)
 
 
 def _encode(task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +78,10 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
             yield None if task is None else encode_pieces(tok, task, dtype, encode)
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    if tok is not None and context.get_start_method() == "fork":
+        # forked workers inherit the tokenizer and its encoder (built here once, if it must be),
+        # instead of each reading and checking its files again
+        _worker.update(dir=str(tokenizer_dir), tok=tok, encode=bulk_encode(tok))
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
                                initargs=(str(tokenizer_dir), np.dtype(dtype).str))
     pending: deque = deque()
@@ -92,6 +99,7 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
             if f is not None:
                 f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        _worker.clear()
 
 
 def _result(future):
