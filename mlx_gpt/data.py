@@ -16,11 +16,11 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import replacing_file
 from .errors import UserError
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -33,6 +33,7 @@ LLMC_VOCAB = {GPT2_HEADER: 50257, LLAMA3_HEADER: 128256}
 MAGIC = GPT2_HEADER[0]
 MAX_TOKENS = 2**31 - 1  # the count is an int32
 SCAN_CHUNK = 1 << 24  # tokens per read when checking ids
+ID_MEMO = ".token-ids.json"  # each token file's largest id, beside the files (see largest_ids)
 
 
 
@@ -114,20 +115,70 @@ def open_tokens(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype=info.dtype, mode="r", offset=HEADER_BYTES, shape=(info.count,))
 
 
-def check_token_ids(path: str | os.PathLike, vocab_size: int) -> None:
+def check_token_ids(files: list[Path], vocab_size: int) -> None:
     """Refuse a token file holding an id the vocabulary lacks (it would index past the embedding).
 
-    The file is scanned once per process (remembered by path, size and modification time), in
-    chunks, so a large file is never read into memory whole.
+    Each file is scanned in chunks (never read into memory whole), once: its largest id is
+    remembered beside it (``largest_ids``), so the next process that opens it reads no token.
     """
-    st = os.stat(path)
-    largest = _largest_id(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if largest >= vocab_size:
-        raise UserError(f"{path} holds token id {largest}, outside the vocabulary of {vocab_size} tokens")
+    for f, largest in zip(files, largest_ids(files)):
+        if largest >= vocab_size:
+            raise UserError(f"{f} holds token id {largest}, outside the vocabulary of {vocab_size} tokens")
 
 
-@lru_cache(maxsize=1 << 14)  # one small entry a shard: a corpus of thousands of shards is scanned once
-def _largest_id(path: str, size: int, mtime_ns: int) -> int:
+def largest_ids(files: list[Path]) -> list[int]:
+    """Each token file's largest id (-1 for none), scanning only files not scanned before.
+
+    The ids found are kept in a hidden ``.token-ids.json`` in the files' folder (where no reader of
+    shards looks; in the user's cache folder when that folder is read-only), each under the file's
+    device, inode, size, and modification and change times: a file replaced, rewritten or touched
+    since, even to the same size and with its modification time put back, does not match and is
+    scanned again. A memo that cannot be read or written only means scanning again.
+    """
+    found: dict[Path, int] = {}
+    for folder in dict.fromkeys(Path(f).parent for f in files):
+        mine = [Path(f) for f in files if Path(f).parent == folder]
+        memo_path = _memo_path(folder)
+        memo = _read_memo(memo_path)
+        fresh = {}
+        for f in mine:
+            st = os.stat(f)
+            identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            entry = memo.get(f.name)
+            known = isinstance(entry, list) and entry[:-1] == identity and type(entry[-1]) is int
+            found[f] = entry[-1] if known else _largest_id(f)
+            fresh[f.name] = [*identity, found[f]]
+        if fresh != {k: memo.get(k) for k in fresh}:
+            _write_memo(memo_path, fresh)
+    return [found[Path(f)] for f in files]
+
+
+def _memo_path(folder: Path) -> Path:
+    if os.access(folder, os.W_OK):
+        return folder / ID_MEMO
+    from .cpu.matvec import cache_dir
+
+    return cache_dir() / "token-ids" / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return memo.get("files", {}) if isinstance(memo, dict) and memo.get("version") == 1 and \
+        isinstance(memo.get("files"), dict) else {}
+
+
+def _write_memo(path: Path, files: dict) -> None:
+    try:
+        with replacing_file(path) as tmp:
+            tmp.write_text(json.dumps({"version": 1, "files": files}) + "\n")
+    except OSError:
+        pass  # read-only, full: the next process scans again
+
+
+def _largest_id(path: Path) -> int:
     tokens = open_tokens(path)
     largest = -1
     for i in range(0, len(tokens), SCAN_CHUNK):
@@ -293,6 +344,5 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     tokenizer = load_tokenizer(p) if (p / "tokenizer.json").exists() else None
     # llm.c's files say by their header whether they hold GPT-2's or LLaMA-3's tokens
     vocab = tokenizer.vocab_size if tokenizer is not None else read_header(train[0]).llmc_vocab_size
-    for f in train + val:
-        check_token_ids(f, vocab)
+    check_token_ids(train + val, vocab)
     return Dataset(p, tuple(train), tuple(val), vocab, tokenizer)

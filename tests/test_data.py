@@ -1,6 +1,10 @@
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +87,32 @@ def test_token_ids_outside_the_vocabulary_are_refused_on_opening(tmp_path, monke
     write_tokens(ds.val_file, val, vocab_size=301)  # a byte dataset holding id 300
     with pytest.raises(UserError, match="val_000000.bin holds token id 300, outside the vocabulary of 256"):
         load_dataset(ds.path)
+
+
+def test_token_ids_are_scanned_once_across_processes_and_again_when_a_shard_changes(tmp_path, monkeypatch):
+    import mlx_gpt.data as data
+
+    ds = prepare(str(_corpus(tmp_path)), data_dir=tmp_path / "d")  # opening it scans every shard once
+    assert set(json.loads((ds.path / data.ID_MEMO).read_text())["files"]) == {ds.train_file.name, ds.val_file.name}
+    # another process opens it without reading a token: its scan would stop it
+    never = ("import sys, mlx_gpt.data as d\n"
+             "d._largest_id = lambda p: sys.exit(f'scanned {p.name}')\n"
+             "print(d.load_dataset(sys.argv[1]).vocab_size)")
+    proc = subprocess.run([sys.executable, "-c", never, str(ds.path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "256", proc.stderr
+    # the same size, an id outside the vocabulary, the modification time put back: scanned again, refused
+    scanned, real = [], data._largest_id
+    monkeypatch.setattr(data, "_largest_id", lambda p: scanned.append(p.name) or real(p))
+    stat = ds.val_file.stat()
+    val = open_tokens(ds.val_file).astype(np.int64)
+    val[3] = 300
+    time.sleep(0.02)  # past the file system's clock tick: its change time moves
+    write_tokens(ds.val_file, val, vocab_size=301)
+    os.utime(ds.val_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ds.val_file.stat().st_size == stat.st_size
+    with pytest.raises(UserError, match="holds token id 300"):
+        load_dataset(ds.path)
+    assert scanned == [ds.val_file.name]
 
 
 def _corpus(tmp_path):
