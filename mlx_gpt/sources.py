@@ -172,7 +172,19 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
         if not isinstance(text, str):
             what = "no" if not isinstance(record, dict) or field not in record else "a non-string"
             raise UserError(f"{path}:{number}: {what} {field!r} field (choose the field with --text-field)")
+        if not text.isascii() and not _is_unicode(text):
+            raise UserError(f"{path}:{number}: the {field!r} field is not text: it holds a lone surrogate "
+                            "(a \\ud800-\\udfff escape without its pair)")
         yield text
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether a string decoded from JSON is text: JSON's escapes can spell half a surrogate pair."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parquet_texts(path: Path, field: str) -> Iterator[str]:

@@ -239,6 +239,7 @@ def _no_shard_to_read(data):
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"body": "x"}\n'), "x.jsonl:61: no 'text' field"),
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"text": 3}\n'), "x.jsonl:61: a non-string 'text'"),
     ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"text": "\xff"}\n'), "x.jsonl:61: not UTF-8"),
+    ("x.jsonl", lambda p: p.write_bytes(p.read_bytes() + b'{"text": "a \\ud800"}\n'), "x.jsonl:61: the 'text' field is not"),
     ("x.txt", lambda p: p.write_bytes(b"fine\n" * 3000 + b"bad \xc3\x28\n"), "x.txt:3001: not UTF-8"),
 ])
 def test_bad_input_is_one_error_line_and_no_shard(tmp_path, data_files, capsys, name, damage, expect):
