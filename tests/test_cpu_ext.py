@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_gpt import native
 from mlx_gpt.cpu import attention as attn
 from mlx_gpt.cpu import accelerate, extension, ops
 from mlx_gpt.models.gpt import GPTConfig, build
@@ -60,7 +61,7 @@ def rng():
 
 
 def test_the_kernels_build_where_a_compiler_cmake_and_nanobind_are_present():
-    if sys.platform != "linux" or os.environ.get(extension.DISABLE_ENV):
+    if sys.platform != "linux" or os.environ.get(native.DISABLE_ENV):
         pytest.skip("the extension is built for MLX's CPU backend on Linux")
     try:
         import nanobind  # noqa: F401
@@ -393,11 +394,11 @@ def test_environment_variable_turns_the_kernels_off_and_the_pure_path_agrees():
         "print(extension.status())\n"
         "print(extension.load() is None, ops.gelu_approx(x).sum().item())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), extension.DISABLE_ENV: "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), native.DISABLE_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     status, result = out.stdout.strip().splitlines()
-    assert status == f"pure MLX ({extension.DISABLE_ENV} is set)"
+    assert status == f"pure MLX ({native.DISABLE_ENV} is set)"
     off, total = result.split()
     assert off == "True"
     x = mx.linspace(-5, 5, 1001)

@@ -624,7 +624,7 @@ def damaged_extension(t: Path, damage: Callable[[bytes], bytes]) -> tuple[Path, 
     old = os.environ.get("CXX")
     os.environ["CXX"] = "/bin/false"
     try:
-        name = f"{extension.MODULE_NAME}-{extension.build_key(extension._nanobind_version())}{extension._suffix()}"
+        name = extension.KERNELS.target().name
     finally:
         if old is None:
             del os.environ["CXX"]

@@ -18,9 +18,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from ..native import cache_dir, install_sealed, is_sealed, warn
 
 SOURCE = r"""
 #include <dlfcn.h>
@@ -69,60 +70,6 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 """
-
-
-CACHE_ENV = "MLX_GPT_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are cached: ``$MLX_GPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlx_gpt``
-    (``~/.cache/mlx_gpt``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx_gpt"
-
-
-def _record(library: Path) -> Path:
-    return library.with_name(library.name + ".sha256")
-
-
-def _fingerprint(path: Path) -> str:
-    """``SIZE SHA256`` of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{path.stat().st_size} {h.hexdigest()}"
-
-
-def is_sealed(library: Path) -> bool:
-    """Whether a cached library is the one its build recorded: the same size and SHA-256.
-
-    Loading a shared library that was cut short or overwritten kills the process (SIGBUS or
-    SIGSEGV inside the loader, before Python can catch anything), so nothing is loaded unchecked.
-    """
-    try:
-        return _record(library).read_text().strip() == _fingerprint(library)
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def install_sealed(built: Path, target: Path) -> None:
-    """Put a freshly built library at ``target`` with its record beside it, each by an atomic rename:
-    a reader sees the old pair, the new library with a record that does not match (and rebuilds),
-    or the new pair; never half a file."""
-    staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(built, staged)
-    os.chmod(staged, 0o755)
-    record = _record(staged)
-    record.write_text(_fingerprint(staged) + "\n")
-    os.replace(staged, target)
-    os.replace(record, _record(target))
-
-
-def warn(message: str) -> None:
-    print(f"mlx_gpt: warning: {message}", file=sys.stderr, flush=True)
 
 
 def build() -> Path | None:
