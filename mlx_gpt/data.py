@@ -156,7 +156,7 @@ def largest_ids(files: list[Path]) -> list[int]:
 def _memo_path(folder: Path) -> Path:
     if os.access(folder, os.W_OK):
         return folder / ID_MEMO
-    from .cpu.matvec import cache_dir
+    from .native import cache_dir
 
     return cache_dir() / "token-ids" / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]}.json"
 
