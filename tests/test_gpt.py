@@ -78,3 +78,81 @@ def test_config_errors_are_user_errors():
 def test_positions_beyond_block_size_are_refused():
     with pytest.raises(ValueError, match="block_size"):
         build(TINY)(mx.zeros((1, 33), dtype=mx.int32))
+
+
+# --------------------------------------------------------------------------- packed rows (--pack)
+
+LENGTHS = (5, 9, 1, 11, 6)  # examples packed into one row of 32 positions, then padding
+
+
+def packed_row(seed: int = 0) -> tuple[mx.array, mx.array, list[slice]]:
+    """One row holding examples of LENGTHS tokens: its tokens (1, 32), positions (1, 32) and the
+    examples' places in it."""
+    rng = np.random.default_rng(seed)
+    places, at = [], 0
+    for n in LENGTHS:
+        places.append(slice(at, at + n))
+        at += n
+    positions = np.concatenate([np.arange(n) for n in LENGTHS] + [np.arange(32 - at)])
+    return mx.array(rng.integers(0, 97, (1, 32)), dtype=mx.int32), mx.array(positions[None], dtype=mx.int32), places
+
+
+def packed_models():
+    """GPT-2 (learned positions), the modern GPT (RoPE, QK-norm) and the two post-LN rungs."""
+    from mlx_gpt.models import modern, transformer
+
+    cfg = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    post_ln = GPTConfig(**cfg)
+    yield build(TINY, seed=0)
+    yield modern.build(modern.ModernConfig(**cfg, zero_init=False), seed=0)
+    for cls in (transformer.TransformerLM, transformer.GPT1):
+        model = cls(post_ln)
+        mx.eval(model.parameters())
+        yield model
+
+
+@pytest.mark.parametrize("model", list(packed_models()), ids=["gpt", "modern", "transformer", "gpt1"])
+def test_each_packed_example_computes_what_it_does_alone(model):
+    x, positions, places = packed_row()
+    packed = model(x, positions=positions)
+    for where in places:
+        alone = model(x[:, where])  # at positions 0.., attending to itself only
+        np.testing.assert_allclose(np.array(packed[:, where]), np.array(alone), atol=2e-5)
+
+
+@pytest.mark.parametrize("model", list(packed_models())[:2], ids=["gpt", "modern"])
+def test_changing_one_packed_example_leaves_the_others_logits(model):
+    x, positions, places = packed_row()
+    changed = np.array(x)
+    changed[0, places[1]] = (changed[0, places[1]] + 7) % 97
+    a, b = np.array(model(x, positions=positions)), np.array(model(mx.array(changed), positions=positions))
+    others = np.ones(32, bool)
+    others[places[1]] = False
+    np.testing.assert_array_equal(a[:, others], b[:, others])  # not close: the same numbers
+    assert not np.allclose(a[:, places[1]], b[:, places[1]], atol=1e-3)
+    # without the restarting positions, later examples would see it
+    c = np.array(model(mx.array(changed)))
+    assert not np.allclose(np.array(model(x))[:, places[2]], c[:, places[2]], atol=1e-4)
+
+
+def test_positions_restart_at_each_example():
+    from mlx_gpt.models.gpt import Packed
+
+    _, positions, places = packed_row()
+    mask = np.array(Packed(positions).as_array())[0, 0]
+    starts = np.array(Packed(positions).starts())[0]
+    for where in places:
+        assert (starts[where] == where.start).all() and positions[0, where.start].item() == 0
+        block = mask[where, where]
+        np.testing.assert_array_equal(block, np.tril(np.ones_like(block)))  # causal within an example
+        assert mask[where].sum() == block.sum()  # and nothing outside it
+
+
+def test_rotation_at_positions_equals_mlx_rope():
+    from mlx_gpt.models.gpt import ROPE_BASE, rope_at
+
+    x = mx.random.normal((2, 3, 7, 16), key=mx.random.key(2))
+    for offset in (0, 5):
+        want = mx.fast.rope(x, 16, traditional=False, base=ROPE_BASE, scale=1.0, offset=offset)
+        positions = mx.broadcast_to(mx.arange(offset, offset + 7, dtype=mx.int32), (2, 7))
+        np.testing.assert_allclose(np.array(rope_at(x, positions)), np.array(want), atol=1e-5)

@@ -8,6 +8,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..models.cache import PrefixMask
+from ..models.gpt import Packed
 from .ops import _kernels, fast_ops_enabled, softmax
 
 
@@ -29,7 +30,7 @@ def attention_weights_kept(dtype: mx.Dtype, dropout: float) -> bool:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
-              dropout: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+              dropout: Callable[[mx.array], mx.array] | None = None, packed: Packed | None = None) -> mx.array:
     """softmax(q k^T * scale [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
 
     With ``causal`` the mask is aligned to the last query, which is what a prefill after cached
@@ -38,8 +39,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
     pass); with ``dropout`` (applied to the attention weights, which must then be written out)
     it is batched matmuls around ``softmax``, by blocks of queries when causal. Elsewhere, and
     without the kernels, it is ``mx.fast.scaled_dot_product_attention``.
+
+    ``packed`` rows (several examples a row, T == S) see only their own example: the kernel skips
+    the other examples' keys; without it, and with dropout, the mask is written out.
     """
     kernels = _kernels() if fast_ops_enabled(q.dtype) else None
+    if packed is not None:
+        return packed_attention(q, k, v, scale, dropout, packed, kernels)
     if dropout is None:
         if kernels is not None:
             return kernels.attention(q, k, v, scale, causal)
@@ -64,6 +70,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
             weights = softmax(scores)
         outs.append((weights if dropout is None else dropout(weights)) @ vb)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def packed_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                     dropout: Callable[[mx.array], mx.array] | None, packed: Packed, kernels) -> mx.array:
+    """``attention`` of packed rows: the kernel with each query's first key, or the mask written out."""
+    if dropout is None and kernels is not None:
+        return kernels.attention(q, k, v, scale, True, packed.starts())
+    mask = packed.as_array()
+    if dropout is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = mx.where(mask, (q * scale) @ k.swapaxes(-1, -2), mx.array(-mx.inf, q.dtype))
+    return dropout(softmax(scores)) @ v
 
 
 def cache_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: PrefixMask) -> mx.array:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.cache import PrefixMask
-from ..models.gpt import CausalSelfAttention
+from ..models.gpt import CausalSelfAttention, Packed
 from . import attention as attn
 from . import ops
 
@@ -62,6 +62,8 @@ class Attention(CausalSelfAttention):
         if isinstance(mask, mx.array):  # batched rows, each with a length of its own (SlotKVCache)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         dropout = self.attn_dropout if self.training and self.attn_pdrop > 0 else None
+        if isinstance(mask, Packed):  # rows of several examples, each seeing only itself (--pack)
+            return attn.attention(q, k, v, scale=scale, causal=True, dropout=dropout, packed=mask)
         return attn.attention(q, k, v, scale=scale, causal=mask == "causal", dropout=dropout)
 
 

@@ -51,6 +51,36 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class Packed:
+    """Rows that hold several examples each (``--pack``): ``positions`` (B, T) int32 restart at 0 where
+    an example starts and count up by one within it. A token's position (``wpe``, RoPE) is its
+    place in its own example, and it attends only to its own example's tokens up to itself, so
+    each example computes what it would alone in a row."""
+
+    def __init__(self, positions: mx.array):
+        self.positions = positions
+
+    def starts(self) -> mx.array:
+        """(B, T) int32: each token's example's first index in the row."""
+        return mx.arange(self.positions.shape[-1], dtype=mx.int32) - self.positions
+
+    def as_array(self) -> mx.array:
+        """(B, 1, T, T) bool: query i sees key j of its own example at or before it."""
+        j = mx.arange(self.positions.shape[-1], dtype=mx.int32)
+        return ((j[None, None] <= j[None, :, None]) & (j[None, None] >= self.starts()[..., None]))[:, None]
+
+
+def rope_at(x: mx.array, positions: mx.array) -> mx.array:
+    """``mx.fast.rope``'s rotation (not traditional, base ``ROPE_BASE``) of x (B, nh, T, hs) with
+    each token at its own position (B, T), which ``mx.fast.rope``'s offsets (one per row) cannot say."""
+    half = x.shape[-1] // 2
+    freqs = ROPE_BASE ** (-mx.arange(half, dtype=mx.float32) / half)
+    angles = positions[:, None, :, None].astype(mx.float32) * freqs  # (B, 1, T, hs / 2)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    x1, x2 = x[..., :half].astype(mx.float32), x[..., half:].astype(mx.float32)
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
 def preset(name: str, **overrides) -> GPTConfig:
     """A preset's config with any field overridden (``preset("tiny", vocab_size=4096)``)."""
     if name not in PRESETS:
@@ -76,12 +106,15 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=cfg.layer_norm_eps)
             self.k_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=cfg.layer_norm_eps)
 
-    def position(self, q: mx.array, k: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+    def position(self, q: mx.array, k: mx.array, offset: int | mx.array | Packed) -> tuple[mx.array, mx.array]:
         """Queries and keys (B, nh, T, hs) normalised and rotated where the config says so; the
-        first of the T is at position ``offset`` (an int, or an array: one, or one per row)."""
+        first of the T is at position ``offset`` (an int, or an array: one, or one per row), or
+        each token at its own (``Packed``)."""
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope:
+        if self.rope and isinstance(offset, Packed):
+            q, k = rope_at(q, offset.positions), rope_at(k, offset.positions)
+        elif self.rope:
             if isinstance(offset, mx.array) and offset.ndim:
                 offset = offset.reshape(-1)  # (B, 1) -> (B,): each row's own position
             hs = q.shape[-1]
@@ -89,32 +122,34 @@ class CausalSelfAttention(nn.Module):
             k = mx.fast.rope(k, hs, traditional=False, base=ROPE_BASE, scale=1.0, offset=offset)
         return q, k
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, packed: Packed | None = None) -> mx.array:
         B, T, C = x.shape
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if self.rope or "q_norm" in self:
-            q, k = self.position(q, k, cache.offset if cache is not None else 0)
+            q, k = self.position(q, k, packed or (cache.offset if cache is not None else 0))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             mask = cache.attention_mask(T)
         else:
-            mask = "causal" if T > 1 else None
+            mask = packed or ("causal" if T > 1 else None)
         y = self.attend(q, k, v, scale=1.0 / math.sqrt(C // self.n_head), mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
-               mask: str | PrefixMask | None) -> mx.array:
+               mask: str | PrefixMask | Packed | None) -> mx.array:
         """softmax(q k^T * scale, masked) v; "causal" is aligned to the last query, which is what a
         prefill after cached positions needs. With dropout (training only), the attention
         weights are dropped as in GPT-2 and nanoGPT, which needs them written out."""
-        if isinstance(mask, PrefixMask):
+        if isinstance(mask, (PrefixMask, Packed)):
             mask = mask.as_array()
-        if self.training and self.attn_pdrop > 0:  # mask is "causal" here: training has no cache
+        if self.training and self.attn_pdrop > 0:  # training has no cache: mask is "causal" or packed rows'
             scores = (q * scale) @ k.swapaxes(-1, -2)
-            if mask is not None:
+            if isinstance(mask, mx.array):
+                scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+            elif mask is not None:
                 T, S = q.shape[2], k.shape[2]
                 scores = scores + nn.MultiHeadAttention.create_additive_causal_mask(S)[S - T:].astype(scores.dtype)
             return self.attn_dropout(mx.softmax(scores, axis=-1, precise=True)) @ v
@@ -141,15 +176,23 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        x = x + self.attn(self.ln_1(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache | None = None, packed: Packed | None = None) -> mx.array:
+        x = x + self.attn(self.ln_1(x), cache, packed)
         return x + self.mlp(self.ln_2(x))
+
+
+def run_blocks(blocks: list, x: mx.array, cache: list[KVCache] | None, packed: Packed | None) -> mx.array:
+    """x through the blocks, each with its layer's cache, or with the packed rows' positions."""
+    for i, block in enumerate(blocks):
+        x = block(x, cache[i] if cache else None) if packed is None else block(x, None, packed)
+    return x
 
 
 class GPT(LanguageModel):
     # positions and attention masks come from the cache, so generation may hand it
     # fixed-capacity caches (cache.FixedKVCache) and compile its one-token step
     accepts_fixed_cache = True
+    packs = True  # takes packed rows' positions (``Packed``)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -160,20 +203,22 @@ class GPT(LanguageModel):
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
-    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
-        return self.wte.as_linear(self.features(idx, cache))  # the head, tied to wte
+    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
+                 ) -> mx.array:
+        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it;
+        with ``positions`` (B, T), each row holds several examples (``Packed``)."""
+        return self.wte.as_linear(self.features(idx, cache, positions))  # the head, tied to wte
 
-    def features(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def features(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
+                 ) -> mx.array:
         """The final hidden states (B, T, C) that the head (``wte`` as a linear map) turns into logits."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0  # an int, or an array inside a compiled decode step
         if isinstance(offset, int) and offset + T > self.config.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T)))
-        for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache else None)
-        return self.ln_f(x)
+        packed = Packed(positions) if positions is not None else None
+        x = self.drop(self.wte(idx) + self.wpe(offset + mx.arange(T) if packed is None else positions))
+        return self.ln_f(run_blocks(self.h, x, cache, packed))
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

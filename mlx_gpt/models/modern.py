@@ -24,7 +24,7 @@ import mlx.nn as nn
 from ..errors import UserError
 from .base import LanguageModel, ModelConfig
 from .cache import KVCache
-from .gpt import MLP, CausalSelfAttention, init_weights
+from .gpt import MLP, CausalSelfAttention, Packed, init_weights, run_blocks
 
 # the changes from GPT-2, by config field (a ``--changes`` list names them)
 CHANGES = ("rope", "rms_norm", "qk_norm", "relu2", "untied", "no_bias", "softcap", "zero_init")
@@ -102,14 +102,15 @@ class Block(nn.Module):
         self.ln_2 = norm(cfg, cfg.n_embd)
         self.mlp = ReLU2MLP(cfg) if cfg.relu2 else MLP(cfg)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        x = x + self.attn(self.ln_1(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache | None = None, packed: Packed | None = None) -> mx.array:
+        x = x + self.attn(self.ln_1(x), cache, packed)
         return x + self.mlp(self.ln_2(x))
 
 
 class ModernGPT(LanguageModel):
     # positions and masks come from the cache, as GPT's: generation may compile its step
     accepts_fixed_cache = True
+    packs = True  # takes packed rows' positions (``gpt.Packed``)
 
     def __init__(self, cfg: ModernConfig):
         super().__init__()
@@ -123,19 +124,19 @@ class ModernGPT(LanguageModel):
         if cfg.untied:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
+    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
+                 ) -> mx.array:
+        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it;
+        with ``positions`` (B, T), each row holds several examples (``gpt.Packed``)."""
         T = idx.shape[1]
         offset = cache[0].offset if cache else 0  # an int, or an array inside a compiled decode step
         if isinstance(offset, int) and offset + T > self.config.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
         x = self.wte(idx)
         if "wpe" in self:
-            x = x + self.wpe(offset + mx.arange(T))
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache else None)
-        x = self.ln_f(x)
+            x = x + self.wpe(offset + mx.arange(T) if positions is None else positions)
+        packed = Packed(positions) if positions is not None else None
+        x = self.ln_f(run_blocks(self.h, self.drop(x), cache, packed))
         logits = self.lm_head(x) if "lm_head" in self else self.wte.as_linear(x)
         cap = self.config.softcap
         return cap * mx.tanh(logits / cap) if cap else logits

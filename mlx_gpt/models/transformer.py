@@ -23,15 +23,20 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .base import LanguageModel
-from .gpt import MLP, CausalSelfAttention, GPTConfig
+from .gpt import MLP, CausalSelfAttention, GPTConfig, Packed, run_blocks
 
 
 def sinusoids(offset: int, T: int, dims: int) -> mx.array:
     """Positions offset..offset+T-1 as (T, dims): sin and cos of position / 10000^(2i/dims),
     interleaved (dimension 2i is a sine, 2i+1 its cosine)."""
+    return sinusoids_at(mx.arange(offset, offset + T), dims)
+
+
+def sinusoids_at(positions: mx.array, dims: int) -> mx.array:
+    """``sinusoids`` of any positions (...,), as (..., dims)."""
     freq = mx.exp(-math.log(10000.0) * mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    angles = mx.arange(offset, offset + T, dtype=mx.float32)[:, None] * freq[None, :]
-    return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(T, -1)[:, :dims]
+    angles = positions.astype(mx.float32)[..., None] * freq
+    return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(*positions.shape, -1)[..., :dims]
 
 
 class ReLUMLP(MLP):
@@ -49,13 +54,15 @@ class PostLNBlock(nn.Module):
         self.mlp = ReLUMLP(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        x = self.ln_1(x + self.attn(x, cache))
+    def __call__(self, x: mx.array, cache: KVCache | None = None, packed: Packed | None = None) -> mx.array:
+        x = self.ln_1(x + self.attn(x, cache, packed))
         return self.ln_2(x + self.mlp(x))
 
 
 class PostLNTransformer(LanguageModel):
     """Token embedding, post-LN blocks, output layer; subclasses choose positions and head."""
+
+    packs = True  # takes packed rows' positions (``gpt.Packed``)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -67,30 +74,33 @@ class PostLNTransformer(LanguageModel):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
 
-    def embed(self, idx: mx.array, offset: int) -> mx.array:
+    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+        """Token embeddings (B, T, C) with their positions: offset..offset+T-1, or packed rows' (B, T)."""
         raise NotImplementedError
 
     def output(self, x: mx.array) -> mx.array:
         raise NotImplementedError
 
-    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it."""
+    def __call__(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
+                 ) -> mx.array:
+        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it;
+        with ``positions`` (B, T), each row holds several examples (``gpt.Packed``)."""
         offset = cache[0].offset if cache else 0
         if offset + idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {offset + idx.shape[1]} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.embed(idx, offset))
-        for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache else None)
-        return self.output(x)
+        packed = Packed(positions) if positions is not None else None
+        x = self.drop(self.embed(idx, offset, positions))
+        return self.output(run_blocks(self.h, x, cache, packed))
 
 
 class TransformerLM(PostLNTransformer):
     """Vaswani et al.: fixed sinusoidal positions, embeddings scaled by sqrt(d), tied output.
     MLX's default initialisation keeps the scaled embeddings at unit variance, as in the paper."""
 
-    def embed(self, idx: mx.array, offset: int) -> mx.array:
+    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
         d = self.config.n_embd
-        return self.wte(idx) * math.sqrt(d) + sinusoids(offset, idx.shape[1], d)
+        pe = sinusoids(offset, idx.shape[1], d) if positions is None else sinusoids_at(positions, d)
+        return self.wte(idx) * math.sqrt(d) + pe
 
     def output(self, x: mx.array) -> mx.array:
         return self.wte.as_linear(x)
@@ -104,8 +114,8 @@ class GPT1(PostLNTransformer):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def embed(self, idx: mx.array, offset: int) -> mx.array:
-        return self.wte(idx) + self.wpe(mx.arange(offset, offset + idx.shape[1]))
+    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+        return self.wte(idx) + self.wpe(mx.arange(offset, offset + idx.shape[1]) if positions is None else positions)
 
     def output(self, x: mx.array) -> mx.array:
         return self.head(x)

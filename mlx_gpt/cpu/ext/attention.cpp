@@ -14,10 +14,16 @@
 //
 // Decoding (one or two queries, over a fixed cache of which only `length` positions are written)
 // reads each written key and value row once, where it lies.
+//
+// Packed rows (several examples in a row, each seeing only itself) pass each query's first key,
+// its example's first token (`lo`, nondecreasing along a row): a tile of queries multiplies only
+// the keys from its first row's, and a tile of keys only the queries up to the last that sees it,
+// so a row of short examples costs about what its examples cost apart.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "common.h"
@@ -151,7 +157,10 @@ MutSlice heads_last(float* base, int64_t nh, int64_t rows, int64_t hs, int64_t b
   return {base + b * rows * nh * hs + h * hs, nh * hs};
 }
 
-// keys query row r (of t) sees
+// the first key query row r sees: 0, or in packed rows the first of its own example
+inline int64_t first_key(const int32_t* lo, int64_t r) { return lo ? lo[r] : 0; }
+
+// one past the last key query row r (of t) sees
 inline int64_t visible(int64_t r, int64_t t, int64_t s, bool causal) {
   if (!causal) return s;
   int64_t n = r + s - t + 1;
@@ -193,24 +202,24 @@ std::vector<float>& scratch(size_t n) {
 // forward_head for a few queries (decoding): each score a dot product with a key row where it
 // lies, and the output a weighted sum of value rows, one pass over each; the tiled path would
 // first copy all the keys into a transposed block
-void forward_rows(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse) {
+void forward_rows(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse, const int32_t* lo) {
   const int64_t t = z.t, s = z.s, hs = z.hs;
   const float scale = z.scale;
   float* p = scratch(static_cast<size_t>(s)).data();
   for (int64_t r = 0; r < t; ++r) {
     float* yr = y.row(r);
     for (int64_t d = 0; d < hs; ++d) yr[d] = 0.0f;
-    int64_t n = visible(r, t, s, z.causal);
-    if (n == 0) {
+    int64_t a = first_key(lo, r), n = visible(r, t, s, z.causal);
+    if (n <= a) {
       lse[r] = -std::numeric_limits<float>::infinity();
       continue;
     }
     const float* qr = q.row(r);
-    for (int64_t j = 0; j < n; ++j) p[j] = dot(qr, k.row(j), hs);
-    float m = max(p, n) * scale;
-    for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] * scale - m);
-    float total = sum(p, n);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = a; j < n; ++j) p[j] = dot(qr, k.row(j), hs);
+    float m = max(p + a, n - a) * scale;
+    for (int64_t j = a; j < n; ++j) p[j] = exp_nonpositive(p[j] * scale - m);
+    float total = sum(p + a, n - a);
+    for (int64_t j = a; j < n; ++j) {
       const float* vj = v.row(j);
       const float w = p[j];
       for (int64_t d = 0; d < hs; ++d) yr[d] += w * vj[d];
@@ -221,7 +230,7 @@ void forward_rows(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* 
   }
 }
 
-void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse) {
+void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* lse, const int32_t* lo) {
   const int64_t t = z.t, s = z.s, hs = z.hs;
   const float scale = z.scale;  // a local: a float read through z might alias the rows written
   auto& buffer = scratch(static_cast<size_t>(hs * s + kRows * s));
@@ -230,27 +239,29 @@ void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* 
   transpose_into(k, s, hs, kt);
   for (int64_t i0 = 0; i0 < t; i0 += kRows) {
     int64_t rows = std::min<int64_t>(kRows, t - i0);
-    int64_t width = visible(i0 + rows - 1, t, s, z.causal);
-    if (width > 0) matmul(rows, width, hs, q.row(i0), q.stride, 1, kt, s, p, s);
+    // the tile's columns: from its first row's first key to its last row's last
+    int64_t from = first_key(lo, i0), width = visible(i0 + rows - 1, t, s, z.causal);
+    if (width > from) matmul(rows, width - from, hs, q.row(i0), q.stride, 1, kt + from, s, p + from, s);
     float inverse[kRows];
     for (int64_t r = 0; r < rows; ++r) {
       float* pr = p + r * s;
-      int64_t n = visible(i0 + r, t, s, z.causal);
-      if (n == 0) {  // sees no key: its output is 0
-        for (int64_t j = 0; j < width; ++j) pr[j] = 0.0f;
+      int64_t a = first_key(lo, i0 + r), n = visible(i0 + r, t, s, z.causal);
+      if (n <= a) {  // sees no key: its output is 0
+        for (int64_t j = from; j < width; ++j) pr[j] = 0.0f;
         inverse[r] = 0.0f;
         lse[i0 + r] = -std::numeric_limits<float>::infinity();
         continue;
       }
-      float m = max(pr, n) * scale;
-      for (int64_t j = 0; j < n; ++j) pr[j] = exp_nonpositive(pr[j] * scale - m);
+      float m = max(pr + a, n - a) * scale;
+      for (int64_t j = from; j < a; ++j) pr[j] = 0.0f;
+      for (int64_t j = a; j < n; ++j) pr[j] = exp_nonpositive(pr[j] * scale - m);
       for (int64_t j = n; j < width; ++j) pr[j] = 0.0f;
-      float total = sum(pr, n);
+      float total = sum(pr + a, n - a);
       inverse[r] = 1.0f / total;
       lse[i0 + r] = m + std::log(total);
     }
-    if (width > 0) {
-      matmul(rows, hs, width, p, s, 1, v.p, v.stride, y.row(i0), y.stride);
+    if (width > from) {
+      matmul(rows, hs, width - from, p + from, s, 1, v.row(from), v.stride, y.row(i0), y.stride);
     } else {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < hs; ++d) y.row(i0 + r)[d] = 0.0f;
@@ -265,7 +276,7 @@ void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* 
 // dq = scale dS k, dk = scale dS^T q, dv = P^T dO, with P recomputed from the log-sum-exps and
 // dS = P (dP - rowsum(dO o)), dP = dO v^T
 void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const float* lse, Slice g, MutSlice dq,
-                   MutSlice dk, MutSlice dv) {
+                   MutSlice dk, MutSlice dv, const int32_t* lo) {
   const int64_t t = z.t, s = z.s, hs = z.hs;
   const float scale = z.scale;
   auto& buffer = scratch(static_cast<size_t>(2 * hs * s + 2 * t * s + t));
@@ -279,37 +290,45 @@ void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const flo
   for (int64_t i = 0; i < t; ++i) delta[i] = dot(g.row(i), o.row(i), hs);
   for (int64_t i0 = 0; i0 < t; i0 += kRows) {
     int64_t rows = std::min<int64_t>(kRows, t - i0);
-    int64_t width = visible(i0 + rows - 1, t, s, z.causal);
+    int64_t from = first_key(lo, i0), width = visible(i0 + rows - 1, t, s, z.causal);
     float* pt = p + i0 * s;
     float* dst = ds + i0 * s;
-    if (width > 0) {
-      matmul(rows, width, hs, q.row(i0), q.stride, 1, kt, s, pt, s);
-      matmul(rows, width, hs, g.row(i0), g.stride, 1, vt, s, dst, s);
+    if (width > from) {
+      matmul(rows, width - from, hs, q.row(i0), q.stride, 1, kt + from, s, pt + from, s);
+      matmul(rows, width - from, hs, g.row(i0), g.stride, 1, vt + from, s, dst + from, s);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* pr = pt + r * s;
       float* dr = dst + r * s;
-      int64_t n = visible(i0 + r, t, s, z.causal);
+      int64_t a = first_key(lo, i0 + r), n = visible(i0 + r, t, s, z.causal);
       float shift = lse[i0 + r], dl = delta[i0 + r];
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = 0; j < a; ++j) pr[j] = dr[j] = 0.0f;
+      for (int64_t j = a; j < n; ++j) {
         float w = exp_nonpositive(pr[j] * scale - shift);
         pr[j] = w;
         dr[j] = (w * (dr[j] - dl)) * scale;
       }
-      for (int64_t j = n; j < s; ++j) pr[j] = dr[j] = 0.0f;
+      for (int64_t j = std::max(a, n); j < s; ++j) pr[j] = dr[j] = 0.0f;
     }
-    if (width > 0) {
-      matmul(rows, hs, width, dst, s, 1, k.p, k.stride, dq.row(i0), dq.stride);
+    if (width > from) {
+      matmul(rows, hs, width - from, dst + from, s, 1, k.row(from), k.stride, dq.row(i0), dq.stride);
     } else {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < hs; ++d) dq.row(i0 + r)[d] = 0.0f;
     }
   }
-  // key j gets contributions from queries first_query(j)..t-1; rows before that are zero in p, ds
+  // key j gets contributions from queries first_query(j)..t-1 (in packed rows, up to the last of
+  // its example); rows outside those are zero in p, ds
+  int64_t end = 0;  // packed rows: one past the last query that sees a key of the tiles so far
   for (int64_t j0 = 0; j0 < s; j0 += kRows) {
     int64_t rows = std::min<int64_t>(kRows, s - j0);
-    int64_t from = first_query(j0, t, s, z.causal);
-    int64_t kk = std::max<int64_t>(t - from, 0);
+    int64_t from = first_query(j0, t, s, z.causal), until = t;
+    if (lo) {
+      end = std::max(end, from);
+      while (end < t && lo[end] <= j0 + rows - 1) ++end;
+      until = end;
+    }
+    int64_t kk = std::max<int64_t>(until - from, 0);
     auto transposed = [&](const float* a, Slice b, MutSlice c) {
       if (rows == kRows)
         tile_rows<kRows>(hs, kk, a + from * s + j0, 1, s, b.row(from), b.stride, c.row(j0), c.stride);
@@ -343,14 +362,43 @@ int64_t heads_per_task(const Shape& z) {
   return std::max<int64_t>(1, kMinWork / work);
 }
 
+// Each query's first key from packed rows' `starts` (B, T): clamped to [its row's previous one, the
+// query itself], so that a malformed input can neither read outside the row nor break the
+// nondecreasing order the tiles rely on (well-formed starts are left as they are).
+std::vector<int32_t> first_keys(const mx::array& starts, const Shape& z) {
+  std::vector<int32_t> lo(static_cast<size_t>(z.batch * z.t));
+  const int32_t* in = starts.data<int32_t>();
+  for (int64_t b = 0; b < z.batch; ++b) {
+    int32_t previous = 0;
+    for (int64_t r = 0; r < z.t; ++r) {
+      int64_t i = b * z.t + r;
+      previous = static_cast<int32_t>(std::clamp<int64_t>(in[i], previous, r));
+      lo[i] = previous;
+    }
+  }
+  return lo;
+}
+
+const int32_t* row_of(const std::vector<int32_t>& lo, const Shape& z, int64_t b) {
+  return lo.empty() ? nullptr : lo.data() + b * z.t;
+}
+
 }  // namespace
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-                    mx::StreamOrDevice s) {
+                    const std::optional<mx::array>& starts, mx::StreamOrDevice s) {
   check_shapes(q, k, v, scale);
+  std::vector<mx::array> inputs{q, k, v};
+  if (starts) {
+    if (!causal) throw std::invalid_argument("attention: packed rows (starts) are causal");
+    if (starts->dtype() != mx::int32 || starts->ndim() != 2 || starts->shape(0) != q.shape(0) ||
+        starts->shape(1) != q.shape(2) || k.shape(2) != q.shape(2))
+      throw std::invalid_argument("attention: starts must be (B, T) int32 for q (B, nh, T, hs) and T keys");
+    inputs.push_back(mx::contiguous(*starts, false, s));
+  }
   auto stream = mx::to_stream(s);
   auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
-                                     std::make_shared<Attention>(stream, scale, causal), {q, k, v});
+                                     std::make_shared<Attention>(stream, scale, causal, starts.has_value()), inputs);
   return outs[0];
 }
 
@@ -369,8 +417,11 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   Shape z = shape_of(inputs[0], inputs[1], scale_, causal_);
   float* y = allocate_heads_last(outputs[0]);
   float* lse = allocate(outputs[1]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [in = inputs, z, y, lse]() mutable {
-    if (in.size() == 4) {  // a cache: the keys after `length` are not written yet
+  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [in = inputs, z, y, lse, packed = packed_]() mutable {
+    std::vector<int32_t> first;
+    if (packed) {
+      first = first_keys(in[3], z);
+    } else if (in.size() == 4) {  // a cache: the keys after `length` are not written yet
       int64_t length = in[3].data<int32_t>()[0];
       z.s = std::clamp<int64_t>(length, 0, z.s);
     }
@@ -379,7 +430,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
     Pool::instance().run(z.batch * z.heads, heads_per_task(z), [&](int, int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         int64_t b = task / z.heads, h = task % z.heads;
-        forward(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h), lse + task * z.t);
+        forward(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h),
+                lse + task * z.t, row_of(first, z, b));
       }
     });
   });
@@ -389,13 +441,15 @@ void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
 
 std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                       const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
-  if (primals.size() == 4) throw std::invalid_argument("cache_attention has no gradient: it is for decoding");
+  if (primals.size() == 4 && !packed_)
+    throw std::invalid_argument("cache_attention has no gradient: it is for decoding");
+  std::vector<mx::array> inputs{primals[0], primals[1], primals[2], outputs[0], outputs[1], cotangents[0]};
+  if (packed_) inputs.push_back(primals[3]);
   auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
                                       {mx::float32, mx::float32, mx::float32},
-                                      std::make_shared<AttentionGrad>(stream(), scale_, causal_),
-                                      {primals[0], primals[1], primals[2], outputs[0], outputs[1], cotangents[0]});
+                                      std::make_shared<AttentionGrad>(stream(), scale_, causal_, packed_), inputs);
   std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
+  for (int a : argnums) out.push_back(a < 3 ? grads[a] : mx::zeros_like(primals[a], stream()));  // starts: none
   return out;
 }
 
@@ -406,6 +460,8 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   float* dv = allocate_heads_last(outputs[2]);
   dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
            [in = inputs, z, dq, dk, dv] {
+             std::vector<int32_t> first;
+             if (in.size() == 7) first = first_keys(in[6], z);  // packed rows
              View qv(in[0]), kv(in[1]), vv(in[2]), ov(in[3]), gv(in[5]);
              const float* lse = in[4].data<float>();
              Pool::instance().run(z.batch * z.heads, 1, [&](int, int64_t lo, int64_t hi) {
@@ -413,7 +469,8 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
                  int64_t b = task / z.heads, h = task % z.heads;
                  backward_head(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), ov.slice(b, h), lse + task * z.t,
                                gv.slice(b, h), heads_last(dq, z.heads, z.t, z.hs, b, h),
-                               heads_last(dk, z.heads, z.s, z.hs, b, h), heads_last(dv, z.heads, z.s, z.hs, b, h));
+                               heads_last(dk, z.heads, z.s, z.hs, b, h), heads_last(dv, z.heads, z.s, z.hs, b, h),
+                               row_of(first, z, b));
                }
              });
            });

@@ -1,5 +1,6 @@
 // Python bindings: the module mlx_gpt.cpu.extension loads as _mlx_gpt_ext.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -16,8 +17,8 @@ NB_MODULE(_mlx_gpt_ext, m) {
   m.def("rms_norm", &mlx_gpt::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("softmax", &mlx_gpt::softmax, "x"_a, "scale"_a = 1.0f, "causal"_a = false, nb::kw_only(),
         "stream"_a = nb::none());
-  m.def("attention", &mlx_gpt::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true, nb::kw_only(),
-        "stream"_a = nb::none());
+  m.def("attention", &mlx_gpt::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true, "starts"_a = nb::none(),
+        nb::kw_only(), "stream"_a = nb::none());
   m.def("cache_attention", &mlx_gpt::cache_attention, "q"_a, "k"_a, "v"_a, "length"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("cross_entropy", &mlx_gpt::cross_entropy, "logits"_a, "targets"_a, "smoothing"_a = 0.0f, nb::kw_only(),

@@ -7,6 +7,8 @@
 // elsewhere.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -31,9 +33,11 @@ mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevi
 // softmax(scale q k^T [+ causal mask]) v for q (B, nh, T, hs) and k, v (B, nh, S, hs), S >= T, the
 // mask aligned to the last query. The inputs may be any views whose last axis is contiguous (the
 // heads of a (B, T, 3 nh hs) projection); the result is laid out as (B, T, nh, hs), so that the
-// transpose back to (B, T, C) is free.
+// transpose back to (B, T, C) is free. With `starts` (B, T) int32 (packed rows: T == S, causal), query
+// i sees only keys starts[b, i] .. i, the tokens of its own example: starts restart where an
+// example begins and never decrease along a row.
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-                    mx::StreamOrDevice s = {});
+                    const std::optional<mx::array>& starts = std::nullopt, mx::StreamOrDevice s = {});
 
 // attention over a fixed-capacity cache: k, v (B, nh, S, hs) hold `length` (an int32 scalar array,
 // read when the kernel runs) written positions and then unwritten ones, and the T queries are the
@@ -178,7 +182,8 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
 // (cache_attention) only that many keys count, and there is no backward pass.
 class Attention : public mx::Primitive {
  public:
-  Attention(mx::Stream stream, float scale, bool causal) : mx::Primitive(stream), scale_(scale), causal_(causal) {}
+  Attention(mx::Stream stream, float scale, bool causal, bool packed = false)
+      : mx::Primitive(stream), scale_(scale), causal_(causal), packed_(packed) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -186,30 +191,32 @@ class Attention : public mx::Primitive {
   const char* name() const override { return "MlxGptAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && packed_ == o.packed_;
   }
 
  private:
   float scale_;
   bool causal_;
+  bool packed_;  // a fourth input: packed rows' starts (else, with four, a cache's length)
 };
 
-// inputs (q, k, v, out, logsumexp, cotangent) -> (dq, dk, dv)
+// inputs (q, k, v, out, logsumexp, cotangent[, starts]) -> (dq, dk, dv)
 class AttentionGrad : public mx::Primitive {
  public:
-  AttentionGrad(mx::Stream stream, float scale, bool causal)
-      : mx::Primitive(stream), scale_(scale), causal_(causal) {}
+  AttentionGrad(mx::Stream stream, float scale, bool causal, bool packed = false)
+      : mx::Primitive(stream), scale_(scale), causal_(causal), packed_(packed) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxGptAttentionGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttentionGrad&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && packed_ == o.packed_;
   }
 
  private:
   float scale_;
   bool causal_;
+  bool packed_;
 };
 
 // inputs (logits, int32 targets) -> (loss, max, sum of e**(logits - max)), one per row
