@@ -65,3 +65,11 @@ def test_char_classes_are_gpt2s():
                      ("Ⅻ", "NUMBER"), ("²", "NUMBER"), (" ", "SPACE"), ("\u3000", "SPACE"), ("\x85", "SPACE"),
                      ("\x1c", "OTHER"), ("_", "OTHER"), ("\u200b", "OTHER"), ("😀", "OTHER"), ("\U000F0000", "OTHER")]:
         assert table[ord(ch)] == cls[want], repr(ch)
+
+
+def test_without_the_module_the_python_encoder_gives_the_same_ids(tok, data_files, monkeypatch):
+    monkeypatch.setattr(gpt2_native, "encoder", lambda tokenizer, remember: None)  # no compiler, MLX_GPT_NO_EXT=1
+    enc, encode = tiktoken_gpt2(data_files / "gpt2"), bulk_encoder(tok)
+    for text in TEXTS + ODD + _random_texts(100, seed=5):
+        ids = encode(text)
+        assert ids.dtype == np.int64 and ids.tolist() == enc.encode_ordinary(text)
