@@ -1,9 +1,15 @@
-"""Batches of an example set (``examples.py``): one example a row, as ``sampler.py`` draws windows
-of running text, with the same seeds, state and split over processes.
+"""Batches of an example set (``examples.py``): one example a row, or with ``--pack`` as many whole
+examples as fit, as ``sampler.py`` draws windows of running text, with the same seeds, state and
+split over processes.
 
-A row is an example's first block_size + 1 tokens, padded after; its targets are the tokens one
-on, ``loss.IGNORE`` where padded and, with ``--mask-prompt``, where the token is prompt. Every
-batch has the same shape, so the compiled step is traced once.
+An example is its first block_size + 1 tokens (cut there); it takes a row's next positions with
+its tokens as inputs and the tokens one on as targets, ``loss.IGNORE`` where the token is prompt
+with ``--mask-prompt``. A row is one example, or packed, examples drawn in turn until the next
+does not fit: that one starts the next row (the sampler's state holds it), so every drawn
+example is trained on once, whatever its length. The rest of a row is padding (targets IGNORE).
+Packed batches come with each token's position in its own example (``models.gpt.Packed``),
+which keeps the examples of a row from seeing each other. Every batch has the same shape, so
+the compiled step is traced once.
 """
 
 from __future__ import annotations
@@ -21,41 +27,85 @@ def rows(split: ExampleSplit, indices: np.ndarray, block_size: int, mask_prompt:
     """x, y (len(indices), block_size) int32: one example a row, cut to block_size + 1 tokens and
     padded; y is x one token on, IGNORE where padded and, with ``mask_prompt``, where the token
     is prompt."""
-    x = np.zeros((len(indices), block_size), np.int32)
-    y = np.full((len(indices), block_size), IGNORE, np.int32)
-    for r, i in enumerate(indices):
-        ids, mask = split.example(int(i))
-        ids, mask = ids[: block_size + 1].astype(np.int32), mask[: block_size + 1]
-        n = len(ids) - 1
-        x[r, :n] = ids[:-1]
-        y[r, :n] = np.where(mask[1:] == 1, ids[1:], IGNORE) if mask_prompt else ids[1:]
-    return x, y
+    return packed_rows(split, [[int(i)] for i in indices], block_size, mask_prompt)[:2]
+
+
+def packed_rows(split: ExampleSplit, groups: list[list[int]], block_size: int, mask_prompt: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, y, positions (len(groups), block_size) int32: each group's examples one after the other
+    in its row (as ``rows`` lays one out), and each token's position in its own example. The
+    padding after them is a run of positions of its own, seen by nothing else."""
+    x = np.zeros((len(groups), block_size), np.int32)
+    y = np.full((len(groups), block_size), IGNORE, np.int32)
+    positions = np.empty((len(groups), block_size), np.int32)
+    for r, group in enumerate(groups):
+        at = 0
+        for i in group:
+            ids, mask = split.example(i)
+            ids, mask = ids[: block_size + 1].astype(np.int32), mask[: block_size + 1]
+            n = max(min(len(ids) - 1, block_size - at), 0)
+            x[r, at:at + n] = ids[:n]
+            y[r, at:at + n] = np.where(mask[1:n + 1] == 1, ids[1:n + 1], IGNORE) if mask_prompt else ids[1:n + 1]
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+        positions[r, at:] = np.arange(block_size - at)
+    return x, y, positions
 
 
 class ExampleSampler:
-    """Random examples, one a row, in batches of fixed shape (accum, batch, block), as
-    ``sampler.BatchSampler`` draws windows: the same seeds, state and rank split."""
+    """Random examples, one a row or packed (``pack``), in batches of fixed shape (accum, batch,
+    block), as ``sampler.BatchSampler`` draws windows: the same seeds, state and rank split.
+    Packed batches are (x, y, positions), others (x, y)."""
 
     def __init__(self, split: ExampleSplit, batch_size: int, block_size: int, seed: int, accum: int = 1,
-                 rank: int = 0, world: int = 1, mask_prompt: bool = False) -> None:
+                 rank: int = 0, world: int = 1, mask_prompt: bool = False, pack: bool = False) -> None:
         self.split, self.batch_size, self.block_size, self.accum = split, batch_size, block_size, accum
         self.world, self.rows, self.mask_prompt = world, slice(rank * batch_size, (rank + 1) * batch_size), mask_prompt
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.pack, self.pending = pack, None  # packed: the example drawn that did not fit its row
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
+    def next(self) -> tuple[np.ndarray, ...]:
         n = self.accum * self.world * self.batch_size
-        picks = self.rng.integers(0, len(self.split), size=n).reshape(self.accum, -1)[:, self.rows]
-        x, y = rows(self.split, picks.reshape(-1), self.block_size, self.mask_prompt)
-        return x.reshape(*picks.shape, -1), y.reshape(*picks.shape, -1)
+        if not self.pack:
+            picks = self.rng.integers(0, len(self.split), size=n).reshape(self.accum, -1)[:, self.rows]
+            x, y = rows(self.split, picks.reshape(-1), self.block_size, self.mask_prompt)
+            return x.reshape(*picks.shape, -1), y.reshape(*picks.shape, -1)
+        groups = [self.fill() for _ in range(n)]  # every rank draws every row, and takes its own
+        per = n // self.accum  # rows of a micro-batch, over every rank
+        mine = [g for a in range(self.accum) for g in groups[a * per:(a + 1) * per][self.rows]]
+        batch = packed_rows(self.split, mine, self.block_size, self.mask_prompt)
+        return tuple(a.reshape(self.accum, self.batch_size, -1) for a in batch)
+
+    def fill(self) -> list[int]:
+        """One packed row's examples: drawn until the next does not fit, which is kept for the next row."""
+        offsets, group, used = self.split.offsets, [], 0
+        while used < self.block_size:
+            i = self.pending if self.pending is not None else int(self.rng.integers(0, len(self.split)))
+            self.pending = None
+            size = min(int(offsets[i + 1] - offsets[i]), self.block_size + 1) - 1  # the positions it takes
+            if group and used + size > self.block_size:
+                self.pending = i
+                break
+            group.append(i)
+            used += max(size, 1)  # an example of one token takes no position, but ends a row of them
+        return group
 
     def state(self) -> dict:
-        return self.rng.bit_generator.state
+        rng = self.rng.bit_generator.state
+        return {"rng": rng, "pending": self.pending} if self.pack else rng
 
     def set_state(self, state: dict) -> None:
+        """A saved ``state()``; packed, also a generator's state alone (nothing pending), as evaluation sets it."""
+        pending = None
+        if self.pack and isinstance(state, dict) and "rng" in state:
+            state, pending = state["rng"], state.get("pending")
+            if pending is not None and not (isinstance(pending, int) and 0 <= pending < len(self.split)):
+                raise UserError(f"the saved state of the example sampler is corrupt (pending example {pending!r})")
         try:
             self.rng.bit_generator.state = state
         except (TypeError, ValueError, KeyError, OverflowError) as e:
             raise UserError(f"the saved state of the example sampler is corrupt ({e})") from None
+        self.pending = pending
 
 
 def check_lengths(split: ExampleSplit, block_size: int, truncate: bool) -> int:
@@ -81,7 +131,7 @@ def samplers(dataset: ExampleSet, batch_size: int, block_size: int, seed: int, a
         if cut and rank == 0:
             print(f"examples: {cut} of {len(dataset.splits[split])} {split} examples are longer than the block of "
                   f"{block_size} tokens and are cut to fit", file=sys.stderr)
-    kw = dict(rank=rank, world=world, mask_prompt=data.mask_prompt)
+    kw = dict(rank=rank, world=world, mask_prompt=data.mask_prompt, pack=data.pack)
     train, val = dataset.splits["train"], dataset.splits["val"]
     return (ExampleSampler(train, batch_size, block_size, seed, accum, **kw),
             ExampleSampler(val, batch_size, block_size, seed + 1, **kw),

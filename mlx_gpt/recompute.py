@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
+from .models.gpt import Packed
 
 
 class _Recomputed:
@@ -23,22 +24,23 @@ class _Recomputed:
     forward pass and a block's activations instead of all of them.
     """
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, packed: Packed | None = None) -> mx.array:
         if cache is not None:  # generation: nothing is differentiated
             return super().__call__(x, cache)
         outer = self.trainable_parameters()
+        rows = [] if packed is None else [packed.positions]  # packed rows' positions, an input like x
 
-        def forward(params: dict, x: mx.array) -> mx.array:
+        def forward(params: dict, x: mx.array, *rows: mx.array) -> mx.array:
             # the recomputation must not leave its copies in the model: it runs in the backward
             # pass, when the model may hold other arrays than in the forward pass (mixed precision
             # has put its float32 master weights back in place of the cast ones)
             held = self.trainable_parameters()
             self.update(params)
-            y = super(_Recomputed, self).__call__(x)
+            y = super(_Recomputed, self).__call__(x, *((None, Packed(rows[0])) if rows else ()))
             self.update(held)
             return y
 
-        return mx.checkpoint(forward)(outer, x)
+        return mx.checkpoint(forward)(outer, x, *rows)
 
 
 def recompute_blocks(model: nn.Module) -> nn.Module:

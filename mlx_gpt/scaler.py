@@ -62,8 +62,8 @@ class LossScaler:
 
     def scaled(self, loss: Callable) -> Callable:
         """``loss(model, x, y)``, whose gradients come out multiplied by the scale (its value unchanged)."""
-        def f(model, x: mx.array, y: mx.array) -> mx.array:
-            return _scale_gradient(loss(model, x, y), self.state["scale"])
+        def f(model, x: mx.array, y: mx.array, **packed) -> mx.array:  # packed rows' positions (training.step)
+            return _scale_gradient(loss(model, x, y, **packed), self.state["scale"])
 
         return f
 

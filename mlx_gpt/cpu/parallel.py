@@ -104,45 +104,50 @@ def split_for(batch_size: int, cores: int, streams: int = 0) -> tuple[int, int]:
     return (n, max(1, cores // n)) if n >= 2 else (1, cores)
 
 
-def split_loss(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True
-               ) -> Callable[[mx.array, mx.array], mx.array]:
-    """loss(x, y) -> the mean loss of a batch x, y (B, T), its rows split over the plan's streams.
+def rows_of(positions: mx.array | None, part: slice) -> mx.array | None:
+    """A slice's rows of packed rows' positions (None where rows are not packed)."""
+    return None if positions is None else positions[part]
 
-    ``loss_fn(model, x, y)`` is the mean loss of one slice; the slices' losses are weighted by
-    their share of the batch (``shares``). An evaluation is forward passes only, and on one
-    stream every operation between the matmuls runs on one core.
+
+def split_loss(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True) -> Callable[..., mx.array]:
+    """loss(x, y, positions=None) -> the mean loss of a batch x, y (B, T), its rows split over the
+    plan's streams.
+
+    ``loss_fn(model, x, y, positions=...)`` is the mean loss of one slice; the slices' losses are
+    weighted by their share of the batch (``shares``). An evaluation is forward passes only, and
+    on one stream every operation between the matmuls runs on one core.
     """
 
-    def slice_loss(x: mx.array, y: mx.array) -> mx.array:
-        return loss_fn(model, x, y)
+    def slice_loss(x: mx.array, y: mx.array, positions: mx.array | None) -> mx.array:
+        return loss_fn(model, x, y, positions=positions)
 
     if compile:
         slice_loss = mx.compile(slice_loss, inputs=model.state)
 
-    def evaluate(x: mx.array, y: mx.array) -> mx.array:
+    def evaluate(x: mx.array, y: mx.array, positions: mx.array | None = None) -> mx.array:
         parts = slices(x.shape[0], len(plan))
         total = mx.array(0.0)
         for stream, part, share in zip(plan.streams, parts, shares(y, parts)):
             with mx.stream(stream):
-                total = total + slice_loss(x[part], y[part]) * share
+                total = total + slice_loss(x[part], y[part], rows_of(positions, part)) * share
         return total
 
     return evaluate
 
 
 def split_gradients(model, loss_fn: Callable, plan: StreamPlan, compile: bool = True, state: list | None = None
-                    ) -> Callable[[mx.array, mx.array], tuple[mx.array, dict]]:
-    """grads(x, y) -> (mean loss, its gradients) of a micro-batch x, y (B, T), as
+                    ) -> Callable[..., tuple[mx.array, dict]]:
+    """grads(x, y, positions=None) -> (mean loss, its gradients) of a micro-batch x, y (B, T), as
     ``nn.value_and_grad`` gives them, computed slice by slice on the plan's streams.
 
-    ``loss_fn(model, x, y)`` is the mean loss of one slice. ``state``: further arrays the loss
-    reads (a loss scaler's), taken in by the compiled slices.
+    ``loss_fn(model, x, y, positions=...)`` is the mean loss of one slice. ``state``: further arrays
+    the loss reads (a loss scaler's), taken in by the compiled slices.
     """
     state = state or []
 
-    def slice_loss(params: dict, x: mx.array, y: mx.array) -> mx.array:
+    def slice_loss(params: dict, x: mx.array, y: mx.array, positions: mx.array | None) -> mx.array:
         model.update(params)
-        return loss_fn(model, x, y)
+        return loss_fn(model, x, y, positions=positions)
 
     slice_grads = mx.value_and_grad(slice_loss)
     if compile:
@@ -164,13 +169,13 @@ def split_gradients(model, loss_fn: Callable, plan: StreamPlan, compile: bool = 
     if compile:
         weighted_sum = mx.compile(weighted_sum)
 
-    def grads(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
+    def grads(x: mx.array, y: mx.array, positions: mx.array | None = None) -> tuple[mx.array, dict]:
         params = model.trainable_parameters()
         losses, grads_list = [], []
         parts = slices(x.shape[0], len(plan))
         for stream, part in zip(plan.streams, parts):
             with mx.stream(stream):
-                loss, g = slice_grads(params, x[part], y[part])
+                loss, g = slice_grads(params, x[part], y[part], rows_of(positions, part))
             losses.append(loss)
             grads_list.append(g)
         weights = shares(y, parts)

@@ -45,9 +45,9 @@ def fit_to_seconds(cfg: TrainConfig, model, sampler: BatchSampler, group: mx.dis
     budget = cfg.optim.max_seconds
     # every rank times as many steps (each holds collectives), as long as any rank needs more
     while distributed.any_rank(len(times) < 4 or (sum(times[1:]) < min(2.0, budget / 50) and len(times) < 20), group):
-        x, y = sampler.next()
+        batch = [mx.array(a) for a in sampler.next()]  # x, y, and packed rows' positions
         start = time.perf_counter()
-        loss, _ = step_fn(mx.array(x), mx.array(y))
+        loss, _ = step_fn(*batch)
         mx.eval(loss, model.parameters(), optimizer.state)
         times.append(time.perf_counter() - start)
     model.update(weights)
@@ -68,9 +68,9 @@ def _time_evaluation(cfg: TrainConfig, model, sampler: BatchSampler) -> tuple[fl
     times = []
     with eval_mode(model):
         for _ in range(3):
-            x, y = sampler.next()
+            batch = [mx.array(a[0]) for a in sampler.next()]
             start = time.perf_counter()
-            mx.eval(eval_loss(mx.array(x[0]), mx.array(y[0])))
+            mx.eval(eval_loss(*batch))
             times.append(time.perf_counter() - start)
     per_batch = statistics.median(times[1:])
     return per_batch, max(times[0] - per_batch, 0.0)

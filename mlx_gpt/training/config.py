@@ -64,6 +64,9 @@ class DataConfig:
     mask_prompt: bool = setting(False, "train (and evaluate) on the completions and assistant turns only, not on "
                                        "the prompts")
     truncate: bool = setting(True, "cut an example longer than the block to fit (counted); --no-truncate refuses it")
+    pack: bool = setting(False, "put as many whole examples in each row as fit, each seeing only itself and its "
+                                "positions restarting, instead of one example a row and padding (a row then "
+                                "holds several examples: a step trains on more of them)")
     text_field: str = setting("text", "the key of a text example's text")
     prompt_field: str = setting("prompt", "the key of a completion example's prompt")
     completion_field: str = setting("completion", "the key of a completion example's completion")

@@ -135,15 +135,15 @@ def _steps(run: Run, step_fn, report: Reporter, evaluate, show_sample, on_step) 
     stop, vote, watch, clock = _StopFlag(), distributed.AnyRank(group), _DivergenceWatch(run), _TrainClock()
     t_last, tokens_since = time.perf_counter(), 0
     t_line = t_last
-    x, y = sampler.next()
+    batch = sampler.next()  # x, y, and packed rows' positions
     with stop, distributed.Watchdog(group, r.rank_timeout) as watchdog:
         for step in range(run.start_step + 1, cfg.optim.max_iters + 1):
             mx.random.seed(step_seed(cfg.step.seed, step, run.rank))
-            loss, norm = step_fn(mx.array(x), mx.array(y))
+            loss, norm = step_fn(*(mx.array(a) for a in batch))
             mx.async_eval(loss, norm, model.parameters())
             watch.add(step, loss, norm)
             sampler_state = sampler.state()  # what a resume must draw next from
-            x, y = sampler.next()  # prepare the next batch while this step runs
+            batch = sampler.next()  # prepare the next batch while this step runs
             tokens_since += tokens_per_step
             if on_step is not None:
                 on_step(step, loss.item())

@@ -183,6 +183,7 @@ def _ready(cfg: TrainConfig, out: Path, group, dataset: Dataset, model, tokenize
     B, T, shard, seed = cfg.step.batch_size, model.config.block_size, dict(rank=rank, world=world), cfg.step.seed
     check_bytes(2 * 8 * cfg.step.grad_accum * B * (T + 1),  # x and y, and the windows they are cut from
                 f"a step's batches (--grad-accum {cfg.step.grad_accum} x --batch-size {B} x block {T})")
+    check_packing(cfg, dataset, model)
     if isinstance(dataset, examples.ExampleSet):
         samplers = Samplers(*example_sampler.samplers(dataset, B, T, seed, cfg.step.grad_accum, cfg.data, **shard))
     else:
@@ -235,6 +236,17 @@ def _draw(run: Run, directory: Path) -> None:
         plot.save([plot.read_run(directory)], directory / picture, title=f"{run.out.name}")
     except (OSError, UserError, ValueError) as e:
         print(f"warning: {run.out / picture} not drawn ({e})", file=sys.stderr)
+
+
+def check_packing(cfg: TrainConfig, dataset: Dataset, model) -> None:
+    """--pack's requirements: an example set, and a model whose attention takes packed rows."""
+    if not cfg.data.pack:
+        return
+    if not isinstance(dataset, examples.ExampleSet):
+        raise UserError("--pack packs example sets (.jsonl examples); running text already fills every row")
+    if not getattr(model, "packs", False):
+        raise UserError(f"--pack needs a transformer whose attention takes packed rows (gpt, modern, transformer, "
+                        f"gpt1); {type(model).__name__} does not")
 
 
 def save(run: Run, step: int, sampler_state: dict) -> None:

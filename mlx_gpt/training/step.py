@@ -1,6 +1,8 @@
 """The train step and the evaluation, each written once.
 
-A step takes x, y of shape (accum, B, T): for each micro-batch a *gradient source* gives its
+A step takes x, y of shape (accum, B, T), and packed rows' positions of the same shape where each
+row holds several examples (``example_sampler``, ``models.gpt.Packed``; None otherwise, and the
+models take no such argument then): for each micro-batch a *gradient source* gives its
 mean loss and gradients, the sums are kept, and ``finish`` takes their mean over the
 micro-batches and over the ranks (``distributed.all_mean``), clips them, and applies AdamW
 (where targets are ignored, each micro-batch is first weighted by its kept targets:
@@ -33,20 +35,22 @@ from ..optim import AdamW, clip_and_update
 from ..scaler import LossScaler
 from .config import StepConfig, TrainConfig
 
-Step = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+Step = Callable[..., tuple[mx.array, mx.array]]
 
 
-def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0, loss_chunk: int = 0) -> mx.array:
+def loss_fn(model: nn.Module, x: mx.array, y: mx.array, label_smoothing: float = 0.0, loss_chunk: int = 0,
+            positions: mx.array | None = None) -> mx.array:
     """Mean next-token cross-entropy, computed in float32 whatever the model's dtype.
 
     With ``loss_chunk``, a GPT's logits are computed that many positions at a time from its final
     hidden states and its tied head (``wte``), forward and backward, and never held whole.
     """
+    packed = {} if positions is None else {"positions": positions}
     if loss_chunk:
         head = model.wte.weight
-        return mx.mean(chunked_cross_entropy(model.features(x), head, y, loss_chunk, label_smoothing,
+        return mx.mean(chunked_cross_entropy(model.features(x, **packed), head, y, loss_chunk, label_smoothing,
                                              weight_grad="weight" in model.wte.trainable_parameters()))
-    return mx.mean(cross_entropy(model(x), y, label_smoothing=label_smoothing))
+    return mx.mean(cross_entropy(model(x, **packed), y, label_smoothing=label_smoothing))
 
 
 def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:
@@ -60,11 +64,11 @@ def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:
     if dtype == mx.float32:
         return loss
 
-    def f(model, x: mx.array, y: mx.array) -> mx.array:
+    def f(model, x: mx.array, y: mx.array, positions: mx.array | None = None) -> mx.array:
         master = model.trainable_parameters()
         model.update(tree_map(lambda p: p.astype(dtype), master))
         try:
-            return loss(model, x, y)
+            return loss(model, x, y, positions=positions)
         finally:
             model.update(master)
 
@@ -72,17 +76,18 @@ def compute_in(dtype: mx.Dtype, loss: Callable) -> Callable:
 
 
 def make_loss(cfg: StepConfig, label_smoothing: float | None = None) -> Callable:
-    """loss(model, x, y): the step's loss in its dtype (evaluation passes ``label_smoothing=0``)."""
+    """loss(model, x, y, positions=None): the step's loss in its dtype (evaluation passes ``label_smoothing=0``).
+    Packed rows' positions are passed by name, every loss of the step taking them so."""
     smoothing = cfg.label_smoothing if label_smoothing is None else label_smoothing
     return compute_in(cfg.mx_dtype, partial(loss_fn, label_smoothing=smoothing, loss_chunk=cfg.loss_chunk))
 
 
 def plain_gradients(model: nn.Module, loss: Callable, compile: bool, state: list) -> Callable:
-    """grads(x, y) -> (mean loss, gradients) of one micro-batch, by ``nn.value_and_grad``."""
+    """grads(x, y, positions=None) -> (mean loss, gradients) of one micro-batch, by ``nn.value_and_grad``."""
     grad_fn = nn.value_and_grad(model, loss)
 
-    def grads(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
-        return grad_fn(model, x, y)
+    def grads(x: mx.array, y: mx.array, positions: mx.array | None = None) -> tuple[mx.array, dict]:
+        return grad_fn(model, x, y, positions=positions)
 
     if compile:
         # model.state is an output too: value_and_grad leaves its traced parameters in the model
@@ -93,7 +98,8 @@ def plain_gradients(model: nn.Module, loss: Callable, compile: bool, state: list
 
 def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
                     group: mx.distributed.Group | None = None, scaler: LossScaler | None = None) -> Step:
-    """step(x, y) -> (loss, grad_norm) over x, y of shape (accum, B, T); updates model and optimizer.
+    """step(x, y, positions=None) -> (loss, grad_norm) over x, y (and packed rows' positions) of
+    shape (accum, B, T); updates model and optimizer.
 
     With several processes (``group``), the loss and gradients are the means over every rank's
     batch, so the norm, the clipping and the update are the same on every rank. A float16 run
@@ -148,17 +154,17 @@ def make_train_step(model: nn.Module, optimizer: AdamW, cfg: TrainConfig,
         held = [model.state, optimizer.state, *state]
         finish, fold, weigh = mx.compile(finish, inputs=held, outputs=held), mx.compile(fold), mx.compile(weigh)
 
-    def part(i: int, x: mx.array, y: mx.array, factors: list[float] | None) -> tuple:
-        out = grads_of(x[i], y[i])
+    def part(i: int, x: mx.array, y: mx.array, positions: mx.array | None, factors: list[float] | None) -> tuple:
+        out = grads_of(x[i], y[i], None if positions is None else positions[i])
         return out if factors is None else weigh(out, mx.array(factors[i], mx.float32))
 
-    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+    def step(x: mx.array, y: mx.array, positions: mx.array | None = None) -> tuple[mx.array, mx.array]:
         assert x.shape[0] == accum, f"a step takes {accum} micro-batches, got {x.shape[0]}"
         factors = micro_batch_factors(y, group)
-        total = part(0, x, y, factors)
+        total = part(0, x, y, positions, factors)
         for i in range(1, accum):
             mx.eval(total)
-            total = fold(total, part(i, x, y, factors))
+            total = fold(total, part(i, x, y, positions, factors))
         return finish(*total)
 
     return step
@@ -179,16 +185,16 @@ def micro_batch_factors(y: mx.array, group: mx.distributed.Group) -> list[float]
     return [len(counts) * group.size() * int(c) / max(kept, 1) for c in counts]
 
 
-def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable[[mx.array, mx.array], mx.array]:
-    """eval_loss(x, y) -> the mean loss of a batch (B, T); on the CPU its rows are split over the
-    train step's streams, as the step's are."""
+def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable[..., mx.array]:
+    """eval_loss(x, y, positions=None) -> the mean loss of a batch (B, T); on the CPU its rows are
+    split over the train step's streams, as the step's are."""
     loss = make_loss(cfg.step, label_smoothing=0.0)
     plan = backend.stream_plan(model, cfg.step.batch_size, cfg.step.streams)
     if plan is not None:
         return plan.loss(model, loss, compile=cfg.step.compile)
 
-    def f(x: mx.array, y: mx.array) -> mx.array:
-        return loss(model, x, y)
+    def f(x: mx.array, y: mx.array, positions: mx.array | None = None) -> mx.array:
+        return loss(model, x, y, positions=positions)
 
     return mx.compile(f, inputs=model.state) if cfg.step.compile else f
 
@@ -201,8 +207,7 @@ def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: 
     sampler.set_state(np.random.Generator(np.random.PCG64(seed)).bit_generator.state)
     total = mx.array(0.0)
     for _ in range(iters):
-        x, y = sampler.next()
-        total = total + eval_loss(mx.array(x[0]), mx.array(y[0]))
+        total = total + eval_loss(*(mx.array(a[0]) for a in sampler.next()))
         if tick is not None:
             mx.eval(total)
             tick()
