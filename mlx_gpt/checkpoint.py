@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import backend
 from .atomic import previous_version, replacing_directory
 from .errors import UserError, filesystem_error
+from .formats.json_file import read_json
 from .limits import check_model
 from .models.registry import build_model, model_type_of, model_types
 from .tokenizer import Tokenizer, load_tokenizer
@@ -157,10 +158,7 @@ def _write(path: Path, model: Any, weights: dict[str, mx.array], adapter: dict |
 
 def read_config(path: str | os.PathLike) -> dict:
     p = resolve(path) / CONFIG
-    try:
-        config = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p} is unreadable: {e}") from None
+    config = read_json(p)
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
         raise UserError(f"{p} is not an {FORMAT} checkpoint config")
     _check_model_config(config.get("model_type", "gpt"), config["model"], p)
@@ -282,13 +280,7 @@ def load_state(path: str | os.PathLike) -> dict:
     """state.json: where a run stopped (step, best val loss, the number of processes, the
     sampler's position, float16's loss scale), each value checked before a resume trusts it."""
     p = resolve(path) / STATE
-    try:
-        state = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{p} is missing: this checkpoint cannot be resumed") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{p} is corrupt: {str(e).splitlines()[0]}") from None
-
+    state = read_json(p, missing=": this checkpoint cannot be resumed")
     if not isinstance(state, dict):
         raise UserError(f"{p} is corrupt: not a table")
 

@@ -36,6 +36,7 @@ from .ladder_report import UNITS, label, plot, table
 from .limits import check_seed
 from .errors import UserError, run_cli
 from .flags import setting
+from .formats.json_file import read_json
 from .generate import generate
 from .models.rungs import BLOCK_SIZE, LEARNING_RATE, RUNGS, Rung, flops_per_token, parse
 from .models.rungs import build as build_rung
@@ -301,10 +302,7 @@ def _check_study(out: Path, flag: str) -> None:
 def read_report(out: str | os.PathLike) -> dict:
     if not (Path(out) / REPORT).is_file():
         raise UserError(f"{out} holds no study to resume ({REPORT} is missing)")
-    try:
-        return json.loads((Path(out) / REPORT).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {Path(out) / REPORT}: {e}") from None
+    return read_json(Path(out) / REPORT)
 
 
 def climb(cfg: LadderConfig, *, say: Callable[[str], None] | None = None) -> dict:

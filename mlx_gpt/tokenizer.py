@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Protocol
 
 from .errors import UserError
+from .formats.json_file import read_json
 
 META_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # beside it: the chat template the tokenizer carries (chat.py)
@@ -231,12 +232,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 
 def _load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     meta_path = Path(directory, META_FILE)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{meta_path} is missing") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{meta_path} is unreadable: {str(e)[:100]}") from None
+    meta = read_json(meta_path)
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if not isinstance(kind, str):
         raise UserError(f"{meta_path} is unreadable: not an object with a tokenizer kind")

@@ -18,7 +18,7 @@ from typing import Mapping
 from ..errors import UserError
 from ..tokenizer import Tokenizer, is_plain_file_name
 from . import hf_tokenizer
-from .gpt2_files import read_json
+from .json_file import read_json
 from ..models.gpt import GPTConfig
 from .safetensors_file import read_safetensors, write_safetensors
 from .tensors import LazyTensor
@@ -96,12 +96,10 @@ def read_weights(directory: Path) -> dict[str, LazyTensor]:
 
 
 def _read_sharded(index_path: Path, reader) -> dict[str, LazyTensor]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map names to file names")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise UserError(f"{index_path} is not a valid shard index: {str(e)[:100] or type(e).__name__}") from None
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_path} is not a valid shard index: its weight_map must map names to file names")
     tensors: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard

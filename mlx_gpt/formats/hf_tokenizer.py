@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .json_file import read_json
 from ..gpt2_tokenizer import EOT, GPT2Tokenizer
 from ..tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -109,10 +110,10 @@ def read_chat_template(directory: Path) -> str | None:
     try:
         if jinja.is_file():
             return jinja.read_text(encoding="utf-8")
-        path = directory / "tokenizer_config.json"
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read the chat template in {directory}: {' '.join(str(e).split())[:100]}") from None
+    path = directory / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
     template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
