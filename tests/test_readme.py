@@ -146,7 +146,8 @@ SHELL_NOT_RUN = {
 
 # what makes a command tiny: flags appended to it (later flags win), by entry point
 SHRINK = {
-    "mlx_gpt.train": ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2"],
+    "mlx_gpt.train": ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
+                      "--grad-accum", "1"],
     "mlx_gpt.generate": ["--max-new-tokens", "8"],
     "mlx_gpt.ladder": ["--batch-sizes", "4", "--lr-scales", "1", "--sample-tokens", "8"],
     "tools/bench_prepare.py": ["--mb", "1", "--repeat", "1"],
