@@ -55,13 +55,13 @@ def model_of(kind: str, accelerated: bool):
     return backend.layers(model) if accelerated else model
 
 
-def trained(kind, accelerated, streams, batch, recompute, steps=3):
+def trained(kind, accelerated, streams, batch, recompute=False, steps=3, dtype="float32"):
     """Weights and losses after ``steps`` updates on ``batch``."""
     model = model_of(kind, accelerated)
     if recompute:
         recompute_blocks(model)
     cfg = TrainConfig.of(batch_size=batch[0].shape[1], grad_accum=2, streams=streams, learning_rate=3e-4,
-                         min_lr=3e-4, warmup_iters=0, max_iters=10, weight_decay=0.1, compile=True)
+                         min_lr=3e-4, warmup_iters=0, max_iters=10, weight_decay=0.1, compile=True, dtype=dtype)
     optimizer = make_optimizer(cfg.optim)
     optimizer.init(model.trainable_parameters())
     step = make_train_step(model, optimizer, cfg)
@@ -95,3 +95,13 @@ def test_packed_evaluation_is_the_examples_loss(split, streams):
     loss = make_eval_loss(model, cfg)
     want = make_eval_loss(model, cfg.replace(batch_size=5))
     np.testing.assert_allclose(loss(x[0], y[0], p[0]).item(), want(ux[0], uy[0]).item(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_packed_rows_train_in_half_precision(split, dtype):
+    """Mixed precision (float16 with its loss scale): the same losses as one a row, to its rounding."""
+    packed, alone = batches(split)
+    losses, _ = trained("gpt", True, 1, packed, dtype=dtype)
+    want, _ = trained("gpt", True, 1, alone, dtype=dtype)
+    np.testing.assert_allclose(losses, want, atol=3e-2)
+    assert losses[0] > losses[-1]
