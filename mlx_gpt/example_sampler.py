@@ -4,10 +4,11 @@ split over processes.
 
 An example is its first block_size + 1 tokens (cut there); it takes a row's next positions with
 its tokens as inputs and the tokens one on as targets, ``loss.IGNORE`` where the token is prompt
-with ``--mask-prompt``. A row is one example, or packed, examples drawn in turn until the next
-does not fit: that one starts the next row (the sampler's state holds it), so every drawn
-example is trained on once, whatever its length. The rest of a row is padding (targets IGNORE).
-Packed batches come with each token's position in its own example (``models.gpt.Packed``),
+with ``--mask-prompt``. A row is one example, or packed, whole examples drawn at random: a few
+are drawn ahead (``HELD``), and each row takes the oldest of them and then, while any fits, the
+oldest that fits its tail (the sampler's state holds the rest), so every drawn example is
+trained on once, whatever its length, and rows end nearly full. The rest of a row is padding
+(targets IGNORE). Packed batches come with each token's position in its own example (``models.gpt.Packed``),
 which keeps the examples of a row from seeing each other. Every batch has the same shape, so
 the compiled step is traced once.
 """
@@ -21,6 +22,11 @@ import numpy as np
 from .errors import UserError
 from .examples import ExampleSet, ExampleSplit
 from .loss import IGNORE
+
+# packed: examples drawn ahead, each row taking the oldest and then the oldest that fits its
+# tail, so that rows end full where the next example drawn would not fit; each is placed within
+# this many rows of being drawn (a row starts with the oldest), so none waits for ever
+HELD = 8
 
 
 def rows(split: ExampleSplit, indices: np.ndarray, block_size: int, mask_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +68,7 @@ class ExampleSampler:
         self.split, self.batch_size, self.block_size, self.accum = split, batch_size, block_size, accum
         self.world, self.rows, self.mask_prompt = world, slice(rank * batch_size, (rank + 1) * batch_size), mask_prompt
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.pack, self.pending = pack, None  # packed: the example drawn that did not fit its row
+        self.pack, self.held = pack, []  # packed: examples drawn and not yet placed, oldest first
 
     def next(self) -> tuple[np.ndarray, ...]:
         n = self.accum * self.world * self.batch_size
@@ -77,35 +83,36 @@ class ExampleSampler:
         return tuple(a.reshape(self.accum, self.batch_size, -1) for a in batch)
 
     def fill(self) -> list[int]:
-        """One packed row's examples: drawn until the next does not fit, which is kept for the next row."""
+        """One packed row's examples: the oldest held example, then the oldest that fits, the held
+        ones topped up with fresh draws, until none fits."""
         offsets, group, used = self.split.offsets, [], 0
         while used < self.block_size:
-            i = self.pending if self.pending is not None else int(self.rng.integers(0, len(self.split)))
-            self.pending = None
-            size = min(int(offsets[i + 1] - offsets[i]), self.block_size + 1) - 1  # the positions it takes
-            if group and used + size > self.block_size:
-                self.pending = i
+            while len(self.held) < HELD:
+                self.held.append(int(self.rng.integers(0, len(self.split))))
+            sizes = [min(int(offsets[i + 1] - offsets[i]), self.block_size + 1) - 1 for i in self.held]
+            k = next((k for k, size in enumerate(sizes) if used + size <= self.block_size), None)
+            if k is None:
                 break
-            group.append(i)
-            used += max(size, 1)  # an example of one token takes no position, but ends a row of them
+            group.append(self.held.pop(k))
+            used += max(sizes[k], 1)  # an example of one token takes no position, but ends a row of them
         return group
 
     def state(self) -> dict:
         rng = self.rng.bit_generator.state
-        return {"rng": rng, "pending": self.pending} if self.pack else rng
+        return {"rng": rng, "held": list(self.held)} if self.pack else rng
 
     def set_state(self, state: dict) -> None:
-        """A saved ``state()``; packed, also a generator's state alone (nothing pending), as evaluation sets it."""
-        pending = None
+        """A saved ``state()``; packed, also a generator's state alone (nothing held), as evaluation sets it."""
+        held = []
         if self.pack and isinstance(state, dict) and "rng" in state:
-            state, pending = state["rng"], state.get("pending")
-            if pending is not None and not (isinstance(pending, int) and 0 <= pending < len(self.split)):
-                raise UserError(f"the saved state of the example sampler is corrupt (pending example {pending!r})")
+            state, held = state["rng"], state.get("held")
+            if not (isinstance(held, list) and all(isinstance(i, int) and 0 <= i < len(self.split) for i in held)):
+                raise UserError(f"the saved state of the example sampler is corrupt (held examples {held!r})")
         try:
             self.rng.bit_generator.state = state
         except (TypeError, ValueError, KeyError, OverflowError) as e:
             raise UserError(f"the saved state of the example sampler is corrupt ({e})") from None
-        self.pending = pending
+        self.held = list(held)
 
 
 def check_lengths(split: ExampleSplit, block_size: int, truncate: bool) -> int:
