@@ -59,8 +59,6 @@ class Attention(CausalSelfAttention):
     def attend(self, q, k, v, scale, mask):
         if isinstance(mask, PrefixMask):  # a fixed-capacity cache: only its written positions count
             return attn.cache_attention(q, k, v, scale, mask)
-        if isinstance(mask, mx.array):  # batched rows, each with a length of its own (SlotKVCache)
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         dropout = self.attn_dropout if self.training and self.attn_pdrop > 0 else None
         if isinstance(mask, Packed):  # rows of several examples, each seeing only itself (--pack)
             return attn.attention(q, k, v, scale=scale, causal=True, dropout=dropout, packed=mask)

@@ -103,9 +103,9 @@ class FixedKVCache:
 @dataclass(frozen=True)
 class PrefixMask:
     """The mask of a fixed-capacity cache: of its ``capacity`` positions the first ``length`` (an
-    array, known when the step runs) are written, and the ``queries`` new ones are the last of
-    those, each seeing the positions up to its own. A kernel that takes the length reads only the
-    written keys; any other attention takes ``as_array()``.
+    array, known when the step runs: one for the batch, or one a row) are written, and the
+    ``queries`` new ones are the last of those, each seeing the positions up to its own. A kernel
+    that takes the lengths reads only the written keys; any other attention takes ``as_array()``.
     """
 
     length: mx.array
@@ -113,9 +113,11 @@ class PrefixMask:
     capacity: int
 
     def as_array(self) -> mx.array:
-        """(queries, capacity) booleans: whether each query sees each position."""
-        query_pos = self.length - self.queries + mx.arange(self.queries)
-        return mx.arange(self.capacity)[None, :] <= query_pos[:, None]
+        """Whether each query sees each position: (queries, capacity), or (rows, 1, queries,
+        capacity) for a length a row."""
+        query_pos = self.length[..., None] - self.queries + mx.arange(self.queries)
+        seen = mx.arange(self.capacity) <= query_pos[..., None]
+        return seen[:, None] if self.length.ndim == 1 else seen
 
 
 class HistoryCache:
@@ -176,11 +178,9 @@ class SlotKVCache:
         self.values = mx.put_along_axis(self.values, mx.broadcast_to(where, v.shape), v, axis=2)
         return self.keys, self.values
 
-    def attention_mask(self, T: int) -> mx.array:
-        """(S, 1, T, capacity) booleans: each row's query t sees its positions up to its own."""
-        capacity = self.keys.shape[2]
-        query_pos = self.lengths[:, None] + mx.arange(T)[None, :]  # (S, T)
-        return (mx.arange(capacity)[None, None, :] <= query_pos[:, :, None])[:, None]
+    def attention_mask(self, T: int) -> PrefixMask:
+        """Each row's new queries see that row's positions up to their own."""
+        return PrefixMask(self.lengths + T, T, self.keys.shape[2])
 
     @property
     def state(self) -> list[mx.array]:

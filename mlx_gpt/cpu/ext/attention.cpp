@@ -405,8 +405,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 mx::array cache_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& length,
                           float scale, mx::StreamOrDevice s) {
   check_shapes(q, k, v, scale);
-  if (length.dtype() != mx::int32 || length.size() != 1)
-    throw std::invalid_argument("cache_attention: length must be one int32");
+  if (length.dtype() != mx::int32 || (length.size() != 1 && (length.ndim() != 1 || length.shape(0) != q.shape(0))))
+    throw std::invalid_argument("cache_attention: length must be one int32, or one for each row of the batch");
   auto stream = mx::to_stream(s);
   auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
                                      std::make_shared<Attention>(stream, scale, true), {q, k, v, length});
@@ -419,18 +419,22 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   float* lse = allocate(outputs[1]);
   dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [in = inputs, z, y, lse, packed = packed_]() mutable {
     std::vector<int32_t> first;
+    const int32_t* lengths = nullptr;  // a cache: the keys after a row's length are not written yet
+    int64_t per_row = 0;               // whether each row has a length of its own (batched serving)
     if (packed) {
       first = first_keys(in[3], z);
-    } else if (in.size() == 4) {  // a cache: the keys after `length` are not written yet
-      int64_t length = in[3].data<int32_t>()[0];
-      z.s = std::clamp<int64_t>(length, 0, z.s);
+    } else if (in.size() == 4) {
+      lengths = in[3].data<int32_t>();
+      per_row = in[3].size() == 1 ? 0 : 1;
     }
     View qv(in[0]), kv(in[1]), vv(in[2]);
     auto forward = z.t <= kFewQueries ? forward_rows : forward_head;
     Pool::instance().run(z.batch * z.heads, heads_per_task(z), [&](int, int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         int64_t b = task / z.heads, h = task % z.heads;
-        forward(z, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h),
+        Shape zb = z;
+        if (lengths) zb.s = std::clamp<int64_t>(lengths[b * per_row], 0, z.s);
+        forward(zb, qv.slice(b, h), kv.slice(b, h), vv.slice(b, h), heads_last(y, z.heads, z.t, z.hs, b, h),
                 lse + task * z.t, row_of(first, z, b));
       }
     });

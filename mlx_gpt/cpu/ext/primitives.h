@@ -179,7 +179,7 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
 
 // inputs (q, k, v[, length]) -> (out, logsumexp of each query's scaled scores); the backward pass
 // recomputes the attention weights from the log-sum-exps instead of keeping them. With `length`
-// (cache_attention) only that many keys count, and there is no backward pass.
+// (cache_attention; one, or one a row) only that many keys count, and there is no backward pass.
 class Attention : public mx::Primitive {
  public:
   Attention(mx::Stream stream, float scale, bool causal, bool packed = false)
