@@ -82,7 +82,6 @@ class _Prefill:
         self.caches = model.make_cache()
         self.done = 0  # prompt tokens fed
         self.scored: list[TokenInfo] = []  # the prompt's tokens with their log-probabilities (echo)
-        self.last_logits: np.ndarray | None = None
 
 
 class Engine:
@@ -117,6 +116,7 @@ class Engine:
         self._stopping = False
         self._stop_reason = ""
         self._thread: threading.Thread | None = None
+        self._head_t = _head_for_rows(model) if max_batch > 1 else None
         self._step = mx.compile(self._decode, inputs=[model.state])
         tunable = backend.blas_threads() is not None
         self._blas = BlasThreads(backend.cpu_cores()) if tunable else None
@@ -373,7 +373,10 @@ class Engine:
     def _decode(self, tokens: mx.array, keys: list[mx.array], values: list[mx.array], lengths: mx.array):
         """One token for every row: tokens (S,) at each row's length; the next logits (S, vocab)."""
         caches = [SlotKVCache(k, v, lengths) for k, v in zip(keys, values)]
-        logits = self.model(tokens[:, None], caches)[:, -1, :]
+        if self._head_t is not None and tokens.shape[0] > 1:
+            logits = self.model.features(tokens[:, None], caches)[:, -1, :] @ self._head_t
+        else:
+            logits = self.model(tokens[:, None], caches)[:, -1, :]
         return logits.astype(mx.float32), [c.keys for c in caches], [c.values for c in caches]
 
     def _decode_step(self) -> None:
@@ -402,6 +405,21 @@ class Engine:
                 done.append(i)
         for i in reversed(done):
             self._remove_row(i)
+
+
+def _head_for_rows(model) -> mx.array | None:
+    """The tied head laid out (n_embd, vocab), for the steps of several rows on the CPU, or None.
+
+    A product of a few rows against the head as it is stored (vocab, n_embd) makes BLAS pack the
+    whole vocabulary-sized matrix before it multiplies; against this contiguous copy it streams the
+    weight once. One row keeps the stored head, whose matrix-vector path is faster still.
+    """
+    weight = model.wte.weight
+    if not backend.on_cpu() or weight.dtype != mx.float32:  # quantized weights are packed integers
+        return None
+    head = mx.contiguous(weight.T)
+    mx.eval(head)
+    return head
 
 
 def _merge(first: Event, second: Event) -> Event:
