@@ -9,7 +9,8 @@ reaches the CPU wing (``cpu/``).
 - ``configure(batch_size, streams)``, at a run's start: process-wide settings for training
   (the allocator's cache, BLAS threads on the CPU; the wired limit on Metal).
 - ``stream_plan``: how a CPU step splits its batches over MLX streams, or None elsewhere.
-- ``decoding_threads(model)``: BLAS threads while a decoder runs.
+- ``decoding_threads(model)``: BLAS threads while a decoder runs; ``BlasThreads``: per batch size,
+  for a server's steps.
 
 Metal and CUDA see plain MLX everywhere.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from typing import Iterator
 
 import mlx.core as mx
@@ -147,3 +149,42 @@ def decoding_threads(shape: tuple[int, int], chosen: list) -> Iterator[None]:
         yield
     finally:
         set_blas_threads(previous)
+
+
+class BlasThreads:
+    """The BLAS thread count for each batch size, chosen by timing the steps themselves.
+
+    A decode step is a chain of matrix products with a few rows. A second BLAS thread helps
+    only while a core is free for it: on a busy machine every product waits for one, and the
+    step slows down instead (``generate`` measures the same choice once per Decoder). So
+    for each number of rows the first steps alternate between one thread and one per core,
+    the faster median wins, and the race is run again every ``every`` steps of that size, since
+    the machine's load changes.
+    """
+
+    trials = 4  # steps timed with each count
+    every = 512
+
+    def __init__(self, cores: int) -> None:
+        self.counts = (1, cores) if cores > 1 else (1,)
+        self._times: dict[int, dict[int, list[float]]] = {}
+        self._chosen: dict[int, tuple[int, int]] = {}  # rows -> (threads, steps since chosen)
+
+    def pick(self, rows: int) -> int:
+        """The thread count to run the next step of this many rows with."""
+        chosen = self._chosen.get(rows)
+        if chosen is not None and chosen[1] < self.every:
+            self._chosen[rows] = (chosen[0], chosen[1] + 1)
+            return chosen[0]
+        times = self._times.setdefault(rows, {n: [] for n in self.counts})
+        return min(self.counts, key=lambda n: len(times[n]))  # the count with the fewest trials
+
+    def record(self, rows: int, threads: int, seconds: float) -> None:
+        if rows in self._chosen and self._chosen[rows][1] < self.every:
+            return
+        times = self._times.setdefault(rows, {n: [] for n in self.counts})
+        times[threads].append(seconds)
+        if all(len(t) >= self.trials for t in times.values()):
+            best = min(self.counts, key=lambda n: statistics.median(times[n]))
+            self._chosen[rows] = (best, 0)
+            self._times.pop(rows)
