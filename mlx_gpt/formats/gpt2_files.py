@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .json_file import read_json
 
 
 def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
@@ -78,29 +79,6 @@ def _not_gpt2_pipeline(data: dict, model: dict) -> str | None:
     if model.get("byte_fallback"):
         return "its BPE falls back to bytes"
     return None
-
-
-def read_json(path: Path, missing: str = ""):
-    """A JSON file's value; an object that names a key twice is refused (JSON would keep the last).
-    ``missing``: what the error for a missing file adds (why it is needed)."""
-    try:
-        # utf-8-sig: a byte-order mark, as some editors save, is not part of the text
-        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing{missing}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON: {(str(e).splitlines() or [''])[0]:.200}") from None
-    except RecursionError:
-        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
-
-
-def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"key {twice!r:.60} appears twice in one object")
-    return out
 
 
 def read_vocab(path: Path) -> dict[str, int]:
