@@ -264,9 +264,10 @@ def test_the_demonstrations_instruction_set(tmp_path):
     assert prepared.splits.keys() == {"train", "val", "test"}
 
 
-def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path):
-    """--init with LoRA adapters, --grad-accum and bfloat16 train on masked examples: the loss falls
-    and the base's weights stay as they were (in the compute dtype)."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path, pack):
+    """--init with LoRA adapters, --grad-accum and bfloat16 train on masked examples, one a row or
+    packed: the loss falls and the base's weights stay as they were (in the compute dtype)."""
     from mlx.utils import tree_flatten
 
     from mlx_gpt import checkpoint
@@ -279,7 +280,7 @@ def test_examples_compose_with_lora_accumulation_and_bfloat16(tmp_path):
     run = train(TrainConfig.of(data=str(tmp_path / "train.jsonl"), data_dir=str(tmp_path / "data"),
                                init=str(tmp_path / "base"), lora_rank=4, mask_prompt=True, grad_accum=2, batch_size=4,
                                dtype="bfloat16", learning_rate=1e-2, max_iters=12, eval_interval=12, eval_iters=1,
-                               sample_tokens=0, out=str(tmp_path / "lora")), progress=False,
+                               pack=pack, sample_tokens=0, out=str(tmp_path / "lora")), progress=False,
                 on_step=lambda step, loss: losses.append(loss))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
     frozen = {k: v for k, v in tree_flatten(run.model.parameters()) if "lora" not in k}
