@@ -177,9 +177,10 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
   float scale_;
 };
 
-// inputs (q, k, v[, length]) -> (out, logsumexp of each query's scaled scores); the backward pass
-// recomputes the attention weights from the log-sum-exps instead of keeping them. With `length`
-// (cache_attention; one, or one a row) only that many keys count, and there is no backward pass.
+// inputs (q, k, v[, length or starts]) -> (out, logsumexp of each query's scaled scores); the backward
+// pass recomputes the attention weights from the log-sum-exps instead of keeping them. With `length`
+// (cache_attention; one, or one a row) only that many keys count, and there is no backward pass;
+// with `starts` (packed rows) each query sees only the keys from its example's first.
 class Attention : public mx::Primitive {
  public:
   Attention(mx::Stream stream, float scale, bool causal, bool packed = false)
