@@ -3,12 +3,16 @@
 Each task is a list of (text, is val, ends a document) pieces; a worker returns the task's train
 and val tokens, end-of-text after each document's last piece. Only a few tasks are in flight at
 once, so memory stays flat however long the stream. A worker that dies (killed, out of memory)
-breaks the pool, which is reported as an error instead of waiting on it for ever.
+breaks the pool, which is reported as an error instead of waiting on it for ever; a prepare that is
+itself killed (SIGTERM, SIGKILL: no chance to shut its pool down) takes its workers with it on
+Linux, instead of leaving them waiting for tasks for ever.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -51,11 +55,26 @@ def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype,
     return tuple(np.concatenate(p, dtype=dtype, casting="unsafe") if p else np.zeros(0, dtype) for p in out)
 
 
-def _start(tokenizer_dir: str, dtype: str) -> None:
+def _start(tokenizer_dir: str, dtype: str, parent: int) -> None:
+    _end_with(parent)
     if _worker.get("dir") != tokenizer_dir:  # spawned: not inherited from the parent
         tok = load_tokenizer(tokenizer_dir)
         _worker.update(dir=tokenizer_dir, tok=tok, encode=bulk_encode(tok))
     _worker["dtype"] = np.dtype(dtype)
+
+
+def _end_with(parent: int) -> None:
+    """Have Linux end this process when the one that started it ends, however it ends."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
 
 
 def _encode(task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +102,7 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
         # instead of each reading and checking its files again
         _worker.update(dir=str(tokenizer_dir), tok=tok, encode=bulk_encode(tok))
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
-                               initargs=(str(tokenizer_dir), np.dtype(dtype).str))
+                               initargs=(str(tokenizer_dir), np.dtype(dtype).str, os.getpid()))
     pending: deque = deque()
     try:
         for task in tasks:

@@ -7,6 +7,10 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,6 +295,41 @@ def test_a_worker_that_dies_is_reported(tmp_path):
     with pytest.raises(UserError, match="worker process died"):
         for _ in encoded(tasks(), str(tmp_path), np.dtype("<u2"), workers=2):
             pass
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the workers end with their parent on Linux")
+def test_workers_end_when_the_prepare_is_killed(tmp_path):
+    """SIGKILL leaves a prepare no chance to shut its pool down: its workers must not wait for ever."""
+    from mlx_gpt.tokenizer import ByteTokenizer
+
+    ByteTokenizer().save(tmp_path)
+    script = ("import multiprocessing, sys, time\n"
+              "import numpy as np\n"
+              "from mlx_gpt.workers import encoded\n"
+              "def tasks():\n"
+              "    while True:\n"
+              "        yield [('some text', False, True)]\n"
+              "        time.sleep(0.05)\n"
+              "for i, _ in enumerate(encoded(tasks(), sys.argv[1], np.dtype('<u2'), workers=2)):\n"
+              "    if i == 3:\n"
+              "        print(*[c.pid for c in multiprocessing.active_children()], flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's reaping is left
 
 
 @pytest.mark.parametrize("sampler", ["random", "sequential"])
