@@ -34,6 +34,7 @@ ARROW_SUFFIXES = (".arrow",)  # Hugging Face datasets' save_to_disk: Arrow strea
 READ_BLOCK = 1 << 20  # bytes read from a file at a time
 PIECE_CHARS = 1 << 20  # a text file is handed on in pieces of about this many characters
 MAX_PIECE_CHARS = 1 << 26  # ... or, where no space allows a clean cut, at most this many
+MAX_LINE_BYTES = 1 << 27  # a jsonl line (one record) longer than this is refused: memory stays bounded
 CLEAN_CUT = re.compile(r"(?<=\S) (?=\S)")
 GOLDEN = 0.6180339887498949  # document i is val when frac(i * GOLDEN) < val fraction: spread evenly
 
@@ -131,13 +132,19 @@ def _zstd_blocks(raw, path: Path) -> Iterator[bytes]:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    """The file's lines as bytes (newline kept), read block by block."""
-    rest = b""
+    """The file's lines as bytes (newline kept), read block by block; a line longer than
+    MAX_LINE_BYTES (a binary file, a hole of zeros) is an error, not a buffer that grows without end."""
+    rest, count = b"", 0
     for block in _blocks(path):
         block = rest + block
         cut = block.rfind(b"\n") + 1
         rest = block[cut:]
-        yield from block[:cut].splitlines(keepends=True)
+        lines = block[:cut].splitlines(keepends=True)
+        count += len(lines)
+        yield from lines
+        if len(rest) > MAX_LINE_BYTES:
+            raise UserError(f"{path}:{count + 1}: a line longer than {MAX_LINE_BYTES >> 20} MB; "
+                            "not JSON lines (a binary file, or one damaged?)")
     if rest:
         yield rest
 

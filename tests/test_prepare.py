@@ -297,6 +297,16 @@ def test_a_worker_that_dies_is_reported(tmp_path):
             pass
 
 
+def test_a_jsonl_line_without_end_is_refused_before_it_fills_memory(tmp_path, data_files, capsys, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 5000)
+    path = tmp_path / "x.jsonl"
+    _write_jsonl(path, _docs(data_files, 3))
+    with open(path, "ab") as f:  # a hole of zeros, as a file written by two processes at once holds
+        f.write(bytes(20000))
+    line = _cli(capsys, str(path), "--data-dir", str(tmp_path / "data"), "--workers", "1")
+    assert "x.jsonl:4: a line longer than" in line
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the workers end with their parent on Linux")
 def test_workers_end_when_the_prepare_is_killed(tmp_path):
     """SIGKILL leaves a prepare no chance to shut its pool down: its workers must not wait for ever."""
