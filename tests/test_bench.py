@@ -169,3 +169,58 @@ def test_bad_arguments_are_one_line_errors(args, fragment):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *args], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert fragment in proc.stderr.strip().splitlines()[-1]
+
+
+def test_races_alternate_the_reference_and_the_recipe_which_stops_at_the_references_loss():
+    bench = load_bench()
+    calls = []
+
+    def target(i):
+        calls.append(f"reference {i}")
+        return {"wall_s": [120.0, 150.0, 130.0][i], "val_loss": 1.9 + i / 100, "steps": 2000}
+
+    def ours(i, v):
+        calls.append(f"ours {i} to {v:.2f}")
+        return {"wall_s": [40.0, 60.0, 50.0][i], "val_loss": v - 0.01, "steps": 200}
+
+    r = bench.race_to(target, ours, 3)
+    assert calls == ["reference 0", "ours 0 to 1.90", "reference 1", "ours 1 to 1.91", "reference 2", "ours 2 to 1.92"]
+    assert r["median_wall_s"] == {"target": 130.0, "mlx": 50.0} and r["speedup"] == pytest.approx(2.6)
+    assert [p["speedup"] for p in r["pairs"]] == pytest.approx([3.0, 2.5, 2.6])
+    text = "\n".join(bench.recipe_lines({"pydoc": {"config": bench.asdict(bench.PydocBench()), **r}}))
+    assert "2.60x less time" in text and "configs/pydoc-speedrun.toml" in text
+
+
+def test_the_pydoc_race_trains_the_default_runs_shape():
+    from mlx_gpt import flags
+    from mlx_gpt.models import gpt, rungs
+
+    cfg = TrainConfig.of(**flags.read_toml(ROOT / "configs" / "pydoc-speedrun.toml", TrainConfig))
+    default = TrainConfig.of()
+    assert cfg.data.source == default.data.source == "pydoc"
+    assert cfg.model.rung == "modern" and cfg.optim.optimizer == "muon"
+    ours = rungs.build("modern", 256, overrides=cfg.model.overrides)
+    theirs = gpt.GPT(gpt.preset("tiny"))
+    assert (ours.config.n_layer, ours.config.n_embd, ours.config.block_size) == (4, 128, 128)
+    assert (theirs.config.n_layer, theirs.config.n_embd, theirs.config.block_size) == (4, 128, 128)
+    assert abs(ours.num_params() / theirs.num_params() - 1) < 0.1
+
+
+def test_the_ablations_picture_draws_every_variant_from_a_report(tmp_path, capsys):
+    from mlx_gpt.errors import run_cli
+
+    spec = importlib.util.spec_from_file_location("plot_ablation", ROOT / "tools" / "plot_ablation.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    report = {"ablation": {"config": {"max_iters": 500}, "variants": {
+        "GPT-2 recipe": {"val_loss": 2.28, "wall_s": 36.8}, "+ rope": {"val_loss": 2.03, "wall_s": 41.1},
+        "all + Muon": {"val_loss": 1.85, "wall_s": 63.8}}}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    plot.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "a.svg")])
+    svg = (tmp_path / "a.svg").read_text()
+    assert svg.startswith("<?xml") and all(k in svg for k in ("GPT-2 recipe", "+ rope", "all + Muon", "1.850", "63.8"))
+    (tmp_path / "bad.json").write_text(json.dumps({"race": {}}))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(plot.main, [str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.svg")])
+    assert exit_.value.code == 2 and not (tmp_path / "b.svg").exists()
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'bad.json'} is not a tools/bench.py report with an ablation"

@@ -23,11 +23,15 @@ and prints one JSON object; this process only starts them, alternates them and d
 - race: nanoGPT's CPU example end to end (character-level Shakespeare, 4 layers, 4 heads, 128
   wide, block 64, batch 12, 2000 iterations), ``python -m mlx_gpt.train`` against
   tests/reference/nanogpt_train.py, one after the other: wall time and final val loss.
-- speedrun: the same race to a target: nanoGPT's run gives its final val loss V and wall time,
-  then ``python -m mlx_gpt.train --config configs/shakespeare-char-speedrun.toml
-  --stop-at-val-loss V`` (the modern GPT with Muon, about as many parameters) runs until an
-  evaluation reaches V; the evaluations' time counts. Then the same config runs for nanoGPT's
-  wall time (``--max-seconds``): the val loss it reaches there.
+- speedrun: the same race to a target, in ``--rounds`` alternating pairs: each round nanoGPT's
+  run gives its final val loss V and wall time, then ``python -m mlx_gpt.train --config
+  configs/shakespeare-char-speedrun.toml --stop-at-val-loss V`` (the modern GPT with Muon, about
+  as many parameters) runs until an evaluation reaches V; the evaluations' time counts. The
+  ratio of the medians, and each pair's. Then the same config runs for nanoGPT's median wall
+  time (``--max-seconds``): the val loss it reaches there.
+- pydoc: the same on the default run's data, in ``--rounds`` alternating pairs: ``python -m
+  mlx_gpt.train`` as it is (GPT-2's recipe) gives V and its wall time, then
+  ``configs/pydoc-speedrun.toml`` runs to V.
 - ablation: at a fixed token budget (nanoGPT's example, ``--ablation-iters`` steps), GPT-2's
   recipe (``--model modern --changes none``: GPT-2 exactly), each change of the modern GPT
   alone, all of them, and all with Muon: final val loss and wall time of each process.
@@ -57,7 +61,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "reference"
@@ -128,6 +132,15 @@ class SpeedrunBench:
 
 
 @dataclass(frozen=True)
+class PydocBench:
+    """The default run (GPT-2's recipe on the Python manual) sets the target; the modern recipe races it."""
+
+    name: str = "pydoc"
+    note: str = "time to the default run's val loss on the Python manual"
+    config: str = "configs/pydoc-speedrun.toml"
+
+
+@dataclass(frozen=True)
 class AblationBench:
     """Each change of the modern GPT alone at nanoGPT's CPU example's shape and a fixed budget."""
 
@@ -145,7 +158,7 @@ class AblationBench:
 
 
 GPT2_124M = Shape(50257, 12, 12, 768, 1024)
-CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | SpeedrunBench | AblationBench | None] = {
+CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | SpeedrunBench | PydocBench | AblationBench | None] = {
     "A": TrainBench("A", "nanoGPT's CPU example", Shape(65, 4, 4, 128, 64), 12, 64, steps=40, warmup=10,
                      chunk=5),
     "B": TrainBench("B", "nanoGPT's shakespeare-char model", Shape(65, 6, 6, 384, 256), 16, 256, steps=8, warmup=2),
@@ -153,6 +166,7 @@ CONFIGS: dict[str, TrainBench | DecodeBench | RaceBench | SpeedrunBench | Ablati
     "decode": DecodeBench("decode", "GPT-2 124M, batch 1, greedy", GPT2_124M, 16, 128),
     "race": RaceBench(),
     "speedrun": SpeedrunBench(),
+    "pydoc": PydocBench(),
     "ablation": AblationBench(),
     "startup": None,
     # not in the default list: a GPU's config (a step takes tens of seconds on two CPU cores)
@@ -379,20 +393,49 @@ def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def race_to(target: Callable[[int], dict], ours: Callable[[int, float], dict], rounds: int) -> dict:
+    """``rounds`` alternating pairs: ``target(i)`` runs the reference (its wall time and final val
+    loss V), then ``ours(i, V)`` runs to V; each pair's ratio of wall times, and the medians'."""
+    pairs = []
+    for i in range(rounds):
+        t = target(i)
+        m = ours(i, t["val_loss"])
+        pairs.append({"target": t, "mlx": m, "speedup": t["wall_s"] / m["wall_s"], "load_avg": load_avg()})
+        print(f"  [{i + 1}/{rounds}] reference {t['wall_s']:.1f} s to val {t['val_loss']:.4f}; ours {m['wall_s']:.1f} s "
+              f"to val {m['val_loss']:.4f} at step {m['steps']}: {pairs[-1]['speedup']:.2f}x", file=sys.stderr, flush=True)
+    walls = {side: median([p[side]["wall_s"] for p in pairs]) for side in ("target", "mlx")}
+    return {"pairs": pairs, "median_wall_s": walls, "speedup": walls["target"] / walls["mlx"]}
+
+
 def bench_speedrun(bench: SpeedrunBench, args: argparse.Namespace, work: Path) -> dict:
-    """nanoGPT's run sets the target V and the time; the recipe runs to V, then for that time."""
+    """nanoGPT's run sets the target V and the time, the recipe runs to V, in alternating rounds;
+    then the recipe runs for nanoGPT's median time."""
     race = CONFIGS["race"]
     race, d, text, flags, prep = race_setup(race, args, work, args.race_iters or race.max_iters)
-    result: dict = {"config": {**asdict(bench), "race": asdict(race)}}
-    result["torch"] = target = run_nanogpt(d, flags, args)
     ours = ("--config", str(ROOT / bench.config), "--data", str(text), "--data-dir", str(d / "data"))
-    result["mlx"] = run_train(args, d, *ours, "--stop-at-val-loss", f"{target['val_loss']:.4f}",
-                              "--out", str(d / "speedrun"))
-    result["speedup"] = target["wall_s"] / result["mlx"]["wall_s"]
-    print(f"  [speedrun] {result['mlx']['wall_s']:.1f} s to val {result['mlx']['val_loss']:.4f} at step "
-          f"{result['mlx']['steps']}: {result['speedup']:.2f}x", file=sys.stderr, flush=True)
-    result["mlx_in_torch_time"] = run_train(args, d, *ours, "--max-seconds", f"{target['wall_s']:.1f}",
+    result: dict = {"config": {**asdict(bench), "race": asdict(race)}}
+    result.update(race_to(lambda i: run_nanogpt(d, flags, args),
+                          lambda i, v: run_train(args, d, *ours, "--stop-at-val-loss", f"{v:.4f}",
+                                                 "--out", str(d / "speedrun")), args.rounds))
+    budget = result["median_wall_s"]["target"]
+    result["mlx_in_torch_time"] = run_train(args, d, *ours, "--max-seconds", f"{budget:.1f}",
                                             "--out", str(d / "speedrun-timed"))
+    return result
+
+
+def bench_pydoc(bench: PydocBench, args: argparse.Namespace, work: Path) -> dict:
+    """The default run (``python -m mlx_gpt.train``, GPT-2's recipe) sets V; the modern config runs to
+    V, in alternating rounds. The data is prepared once first, untimed, for both."""
+    d = work / "pydoc"
+    d.mkdir(parents=True, exist_ok=True)
+    data = ("--data", "pydoc", "--data-dir", str(d / "data"))
+    subprocess.run([sys.executable, "-m", "mlx_gpt.prepare", "pydoc", "--data-dir", str(d / "data")], cwd=d,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+    result: dict = {"config": asdict(bench)}
+    result.update(race_to(lambda i: run_train(args, d, *data, "--out", str(d / "default")),
+                          lambda i, v: run_train(args, d, "--config", str(ROOT / bench.config), *data,
+                                                 "--stop-at-val-loss", f"{v:.4f}", "--out", str(d / "modern")),
+                          args.rounds))
     return result
 
 
@@ -540,16 +583,23 @@ def format_table(report: dict) -> str:
 def recipe_lines(report: dict) -> list[str]:
     """The speedrun's and the ablation's tables."""
     lines = []
-    if "speedrun" in report:
-        r = report["speedrun"]
-        t, m, timed = r["torch"], r["mlx"], r["mlx_in_torch_time"]
-        lines += ["", f"speedrun ({r['config']['note']}): wall time of the whole process",
-                  f"{'':<4}{'nanoGPT train.py, ' + str(t['steps']) + ' steps':<56}{t['wall_s']:>7.1f} s   val loss "
-                  f"{t['val_loss']:.4f} (the target)",
-                  f"{'':<4}{r['config']['config'] + ', to the target':<56}{m['wall_s']:>7.1f} s   val loss "
-                  f"{m['val_loss']:.4f} at step {m['steps']}: {r['speedup']:.2f}x less time",
-                  f"{'':<4}{'the same in nanoGPT' + chr(39) + 's time':<56}{timed['wall_s']:>7.1f} s   val loss "
-                  f"{timed['val_loss']:.4f} at step {timed['steps']}"]
+    for name, reference in (("speedrun", "nanoGPT train.py"), ("pydoc", "python -m mlx_gpt.train (GPT-2)")):
+        if name not in report:
+            continue
+        r = report[name]
+        lines += ["", f"{name} ({r['config']['note']}): wall time of the whole process, pairs in turn",
+                  f"{'':<4}{'round':<7}{reference:>34}{'val':>8}   {r['config']['config']:<40}{'val':>8}{'step':>6}"]
+        for i, p in enumerate(r["pairs"], 1):
+            t, m = p["target"], p["mlx"]
+            lines.append(f"{'':<4}{i:<7}{t['wall_s']:>32.1f} s{t['val_loss']:>8.4f}   {m['wall_s']:>38.1f} s"
+                         f"{m['val_loss']:>8.4f}{m['steps']:>6}   {p['speedup']:.2f}x")
+        w = r["median_wall_s"]
+        lines.append(f"{'':<4}{'median':<7}{w['target']:>32.1f} s{'':>8}   {w['mlx']:>38.1f} s{'':>14}   "
+                     f"{r['speedup']:.2f}x less time")
+        if "mlx_in_torch_time" in r:
+            timed = r["mlx_in_torch_time"]
+            lines.append(f"{'':<4}the same config for the reference's median time: {timed['wall_s']:.1f} s, val loss "
+                         f"{timed['val_loss']:.4f} at step {timed['steps']}")
     if "ablation" in report:
         r = report["ablation"]
         lines += ["", f"ablation ({r['config']['note']}: {r['config']['max_iters']} steps of 12 x 64 tokens)",
@@ -743,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--vs-torch", action="store_true",
                    help="race PyTorch, HF transformers, mlx-lm and nanoGPT, each in its own process")
-    p.add_argument("--rounds", type=int, default=3, help="train: processes per side, sides alternating")
+    p.add_argument("--rounds", type=int, default=3, help="train, speedrun, pydoc: processes per side, sides alternating")
     p.add_argument("--steps", type=int, default=None, help="train: timed steps per process (default: per config)")
     p.add_argument("--decode-rounds", type=int, default=2, help="decode: processes per implementation")
     p.add_argument("--decode-runs", type=int, default=2, help="decode: timed generations per process")
@@ -810,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     report["race"] = bench_race(bench, args, work)
                 elif isinstance(bench, SpeedrunBench):
                     report["speedrun"] = bench_speedrun(bench, args, work)
+                elif isinstance(bench, PydocBench):
+                    report["pydoc"] = bench_pydoc(bench, args, work)
                 elif isinstance(bench, AblationBench):
                     report["ablation"] = bench_ablation(bench, args, work)
                 else:
