@@ -115,6 +115,19 @@ def test_token_ids_are_scanned_once_across_processes_and_again_when_a_shard_chan
     assert scanned == [ds.val_file.name]
 
 
+def test_the_id_memo_of_a_read_only_folder_goes_to_the_cache(tmp_path, monkeypatch):
+    import mlx_gpt.data as data
+
+    ds = prepare(str(_corpus(tmp_path)), data_dir=tmp_path / "d")
+    (ds.path / data.ID_MEMO).unlink()
+    monkeypatch.setenv("MLX_GPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # a folder this user cannot write
+    load_dataset(ds.path)
+    assert not (ds.path / data.ID_MEMO).exists()
+    memo = json.loads(next((tmp_path / "cache" / "token-ids").glob("*.json")).read_text())
+    assert set(memo["files"]) == {ds.train_file.name, ds.val_file.name}
+
+
 def _corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("hello world. " * 100)
