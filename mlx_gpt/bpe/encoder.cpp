@@ -69,8 +69,8 @@ class Encoder {
     }
   }
 
-  // The ids of a text, or None when it holds a character of unknown class (or is not UTF-8:
-  // a lone surrogate).
+  // The ids of a text, or None when it holds a character of unknown class, is not UTF-8 (a lone
+  // surrogate) or is 2 GB or longer.
   std::optional<Ids> encode(nb::handle text) {
     Py_ssize_t size = 0;
     const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &size);
@@ -80,7 +80,7 @@ class Encoder {
     }
     s_ = reinterpret_cast<const uint8_t*>(data);
     n_ = static_cast<size_t>(size);
-    if (!all_known()) return std::nullopt;
+    if (n_ > INT32_MAX || !all_known()) return std::nullopt;  // bpe() indexes a piece with int32
     auto* out = new std::vector<uint32_t>();
     out->reserve(n_ / 3 + 16);
     for (size_t i = 0; i < n_;) {
@@ -187,23 +187,24 @@ class Encoder {
   void bpe(std::string_view piece, std::vector<uint32_t>& out) const {
     size_t m = piece.size();
     std::vector<uint32_t> id(m);
-    std::vector<int64_t> prev(m), next(m);
+    std::vector<int32_t> prev(m), next(m);
     for (size_t i = 0; i < m; ++i) {
       id[i] = byte_ids_[static_cast<uint8_t>(piece[i])];
-      prev[i] = static_cast<int64_t>(i) - 1;
-      next[i] = i + 1 < m ? static_cast<int64_t>(i) + 1 : -1;
+      prev[i] = static_cast<int32_t>(i) - 1;
+      next[i] = i + 1 < m ? static_cast<int32_t>(i) + 1 : -1;
     }
-    using Entry = std::pair<uint32_t, int64_t>;  // (rank, position of the pair's left token)
-    std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
-    auto offer = [&](int64_t left) {
+    // (rank << 32 | position of the pair's left token): the best rank first, the leftmost of equals
+    std::priority_queue<uint64_t, std::vector<uint64_t>, std::greater<uint64_t>> heap;
+    auto offer = [&](int32_t left) {
       auto it = pairs_.find(key(id[left], id[next[left]]));
-      if (it != pairs_.end()) heap.emplace(it->second.rank, left);
+      if (it != pairs_.end()) heap.push(key(it->second.rank, static_cast<uint32_t>(left)));
     };
-    for (size_t i = 0; i + 1 < m; ++i) offer(static_cast<int64_t>(i));
+    for (size_t i = 0; i + 1 < m; ++i) offer(static_cast<int32_t>(i));
     while (!heap.empty()) {
-      auto [rank, left] = heap.top();
+      uint32_t rank = static_cast<uint32_t>(heap.top() >> 32);
+      int32_t left = static_cast<int32_t>(heap.top() & 0xFFFFFFFFu);
       heap.pop();
-      int64_t right = next[left];
+      int32_t right = next[left];
       if (id[left] == GONE || right < 0) continue;
       auto it = pairs_.find(key(id[left], id[right]));
       if (it == pairs_.end() || it->second.rank != rank) continue;  // that pair was merged away
@@ -214,7 +215,7 @@ class Encoder {
       if (prev[left] >= 0) offer(prev[left]);
       if (next[left] >= 0) offer(left);
     }
-    for (int64_t i = 0; i >= 0; i = next[i]) out.push_back(id[i]);
+    for (int32_t i = 0; i >= 0; i = next[i]) out.push_back(id[i]);
   }
 
   std::vector<uint8_t> classes_;
