@@ -420,6 +420,32 @@ def test_a_quantized_checkpoint_is_served_like_any_other(ckpt, tmp_path):
         assert s.close() == 130
 
 
+def test_a_modern_checkpoint_is_served_like_any_other(tmp_path):
+    """The modern GPT (rotary positions, an untied and soft-capped head): greedy answers, alone and
+    decoded together in one batch of rows at different positions, equal generate's."""
+    from mlx_gpt.models import modern
+
+    cfg = modern.ModernConfig(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=64, zero_init=False)
+    m = modern.build(cfg, seed=3)
+    m.update(tree_map(lambda a: a * 6 if a.ndim == 2 else a, m.parameters()))
+    ckpt = checkpoint.save(tmp_path / NAME, m, ByteTokenizer())
+    loaded = checkpoint.load(ckpt)
+    s = Server(ckpt, "--max-batch", "4")
+    try:
+        jobs = [(prompt, 8 + 5 * i) for i, prompt in enumerate(PROMPTS)]
+
+        def ask(job):
+            return s.client().completions.create(model=NAME, prompt=job[0], max_tokens=job[1],
+                                                 temperature=0).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (prompt, n), answer in zip(jobs, answers):
+            assert answer == solo(loaded, prompt, n), prompt
+    finally:
+        assert s.close() == 130
+
+
 # ------------------------------------------------------------------------ the page, in a browser
 
 

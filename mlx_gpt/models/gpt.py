@@ -207,7 +207,11 @@ class GPT(LanguageModel):
                  ) -> mx.array:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it;
         with ``positions`` (B, T), each row holds several examples (``Packed``)."""
-        return self.wte.as_linear(self.features(idx, cache, positions))  # the head, tied to wte
+        return self.head(self.features(idx, cache, positions))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of final hidden states: the head, tied to ``wte``."""
+        return self.wte.as_linear(h)
 
     def features(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
                  ) -> mx.array:

@@ -128,6 +128,11 @@ class ModernGPT(LanguageModel):
                  ) -> mx.array:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after it;
         with ``positions`` (B, T), each row holds several examples (``gpt.Packed``)."""
+        return self.head(self.features(idx, cache, positions))
+
+    def features(self, idx: mx.array, cache: list[KVCache] | None = None, positions: mx.array | None = None
+                 ) -> mx.array:
+        """The final hidden states (B, T, C) that ``head`` turns into logits."""
         T = idx.shape[1]
         offset = cache[0].offset if cache else 0  # an int, or an array inside a compiled decode step
         if isinstance(offset, int) and offset + T > self.config.block_size:
@@ -136,8 +141,11 @@ class ModernGPT(LanguageModel):
         if "wpe" in self:
             x = x + self.wpe(offset + mx.arange(T) if positions is None else positions)
         packed = Packed(positions) if positions is not None else None
-        x = self.ln_f(run_blocks(self.h, self.drop(x), cache, packed))
-        logits = self.lm_head(x) if "lm_head" in self else self.wte.as_linear(x)
+        return self.ln_f(run_blocks(self.h, self.drop(x), cache, packed))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of final hidden states: the output layer (or ``wte``, tied), soft-capped."""
+        logits = self.lm_head(h) if "lm_head" in self else self.wte.as_linear(h)
         cap = self.config.softcap
         return cap * mx.tanh(logits / cap) if cap else logits
 

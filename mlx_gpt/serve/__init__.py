@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .openai_api import ModelInfo, max_token_chars
 
     model, tokenizer = load(args.checkpoint)
-    if not (getattr(model, "accepts_fixed_cache", False) and hasattr(model, "features")):
-        raise UserError(f"{args.checkpoint} holds a {type(model).__name__}; the server runs GPT checkpoints")
+    if not (getattr(model, "accepts_fixed_cache", False) and hasattr(model, "head")):
+        raise UserError(f"{args.checkpoint} holds a {type(model).__name__}; the server runs GPT and modern GPT "
+                        "checkpoints")
     name = args.name or Path(args.checkpoint).resolve().name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout,
                     prefill_chunk=args.prefill_chunk)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import backend
 from ..models.cache import SlotKVCache
+from ..models.gpt import GPT
 from .requests import Event, Handle, Job, QueueFull, Sequence, TokenInfo
 
 
@@ -58,7 +59,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, timeout: float = 600.0,
                  prefill_chunk: int = 256) -> None:
-        if not getattr(model, "accepts_fixed_cache", False) or not hasattr(model, "features"):
+        if not getattr(model, "accepts_fixed_cache", False) or not hasattr(model, "head"):
             raise TypeError("the batching engine runs GPT models (positions and masks read from the cache)")
         model.eval()
         self.model, self.tokenizer = model, tokenizer
@@ -120,7 +121,7 @@ class Engine:
         """Run a prefill and trace the step for one row before the first request, which would
         otherwise wait for them."""
         caches = self.model.make_cache()
-        mx.eval(self.model.wte.as_linear(self.model.features(mx.zeros((1, 2), mx.int32), caches)))
+        mx.eval(self.model.head(self.model.features(mx.zeros((1, 2), mx.int32), caches)))
         rows, capacity = self._bucket(1, 1)
         nh, hs = self._kv_shape()
         buffers = [mx.zeros((rows, nh, capacity, hs)) for _ in self.model.h]
@@ -228,7 +229,7 @@ class Engine:
             last = logits[-1]
         else:
             h = self.model.features(x, p.caches)[:, -1:, :]
-            last = self.model.wte.as_linear(h)[0, 0]
+            last = self.model.head(h)[0, 0]
         p.done = end
         if end < len(prompt):
             mx.eval([c.state for c in p.caches])
@@ -375,7 +376,7 @@ def _head_for_rows(model) -> mx.array | None:
     weight once. One row keeps the stored head, whose matrix-vector path is faster still.
     """
     weight = model.wte.weight
-    if not backend.on_cpu() or weight.dtype != mx.float32:  # quantized weights are packed integers
+    if not isinstance(model, GPT) or not backend.on_cpu() or weight.dtype != mx.float32:  # quantized: integers
         return None
     head = mx.contiguous(weight.T)
     mx.eval(head)

@@ -56,7 +56,7 @@ def assemble(model, cfg: TrainConfig, fresh_adapters: bool):
         lora.cast_frozen(model, cfg.step.mx_dtype)
     if cfg.step.grad_checkpoint:
         recompute_blocks(model)
-    if cfg.step.loss_chunk and not hasattr(model, "features"):
+    if cfg.step.loss_chunk and not isinstance(model, GPT):
         raise UserError("--loss-chunk applies to GPT models (a head tied to wte)")
     model.train()
     return model
