@@ -190,6 +190,29 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, shakespeare, 
         np.testing.assert_allclose(saved[k], alone[k], rtol=1e-4, atol=1e-5)
 
 
+def test_two_processes_train_packed_examples_as_one_with_twice_the_batch(tmp_path):
+    """--pack --mask-prompt on an example set: each rank builds every packed row and takes its own,
+    and the step weights each rank by its answer tokens, so two ranks train as one process with
+    twice the batch: the same losses and evaluations."""
+    from mlx_gpt.examples import prepare_examples
+    from test_examples import pairs, products, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(60) + products(60, seed=1) + pairs(60, seed=2))
+    prepare_examples(str(data), "byte", data_dir=tmp_path / "data")  # once, before the ranks read it
+    common = dict(data=str(data), data_dir=str(tmp_path / "data"), mask_prompt=True, pack=True, max_iters=4,
+                  eval_interval=2, **{**TINY, "block_size": 48, "batch_size": 2, "sample_tokens": 0})
+    proc = launch(tmp_path, *cli_args({**common, "out": tmp_path / "two"}))
+    assert "done: checkpoint" in proc.stderr, proc.stderr[-3000:]
+    train(TrainConfig.of(**{**common, "batch_size": 4, "out": str(tmp_path / "one")}), progress=False)
+
+    a, b = losses_of(tmp_path / "two"), losses_of(tmp_path / "one")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], rtol=1e-5)
+    evals = [[json.loads(r) for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("two", "one")]
+    evals = [[r["val_loss"] for r in rows if "val_loss" in r] for rows in evals]
+    np.testing.assert_allclose(evals[0], evals[1], rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_run_and_resume_is_exact(tmp_path, shakespeare, prepared):
     common = dict(data=str(shakespeare), data_dir=str(prepared), max_iters=6, eval_interval=3, checkpoint_interval=3,

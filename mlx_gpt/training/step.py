@@ -201,17 +201,23 @@ def make_eval_loss(model: nn.Module, cfg: TrainConfig) -> Callable[..., mx.array
 
 def estimate_loss(eval_loss: Callable, sampler: BatchSampler, iters: int, seed: int,
                   group: mx.distributed.Group | None = None, tick: Callable[[], None] | None = None) -> float:
-    """Mean loss over the same ``iters`` batches every time (a fixed seed), so evals compare;
-    with several processes, over every rank's rows of those batches. ``tick()`` after each batch
-    (evaluated then, one at a time, so that a progress line means what it says)."""
+    """Mean loss over the kept targets of the same ``iters`` batches every time (a fixed seed), so
+    evals compare; with several processes, over every rank's rows of those batches. Each batch
+    counts by its kept targets, as the train step's parts do: an example set's masked loss is the
+    mean over every answer token evaluated, however batches and ranks divide them (running text
+    keeps every target, so each batch counts the same). ``tick()`` after each batch (evaluated
+    then, one at a time, so that a progress line means what it says)."""
     sampler.set_state(np.random.Generator(np.random.PCG64(seed)).bit_generator.state)
-    total = mx.array(0.0)
+    total, kept = mx.array(0.0), 0
     for _ in range(iters):
-        total = total + eval_loss(*(mx.array(a[0]) for a in sampler.next()))
+        batch = [mx.array(a[0]) for a in sampler.next()]
+        n = int(kept_counts(batch[1]).sum())
+        total, kept = total + eval_loss(*batch) * n, kept + n
         if tick is not None:
             mx.eval(total)
             tick()
-    return distributed.all_mean(total / iters, group or distributed.init()).item()
+    total, kept = distributed.all_mean([total, mx.array(float(kept))], group or distributed.init())
+    return (total / kept).item()
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
