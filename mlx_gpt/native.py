@@ -111,9 +111,8 @@ class Module:
                  unavailable: Callable[[], str | None] = lambda: None,
                  smoke_test: Callable[[ModuleType], None] = lambda module: None, timeout_s: int = 900) -> None:
         self.name, self.sources, self.what, self.built, self.fallback = name, sources, what, built, fallback
-        self.key_parts, self.cmake_args, self.unavailable, self.smoke_test = key_parts, cmake_args, unavailable, \
-            smoke_test
-        self.timeout_s = timeout_s
+        self.key_parts, self.cmake_args = key_parts, cmake_args
+        self.unavailable, self.smoke_test, self.timeout_s = unavailable, smoke_test, timeout_s
         self._loaded: tuple[ModuleType | None, str] | None = None
 
     def load(self) -> ModuleType | None:
