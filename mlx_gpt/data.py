@@ -218,11 +218,17 @@ class Dataset:
     @property
     def name(self) -> str:
         """The text's own name (meta.json's, without the tokenizer's label), else the folder's."""
-        try:
-            name = json.loads((self.path / "meta.json").read_text()).get("name")
-        except (OSError, ValueError, AttributeError):
-            name = None
+        name = read_meta(self.path).get("name")
         return name if isinstance(name, str) and name else self.path.name
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The meta.json a prepared folder (token shards or examples) holds; {} when none is readable."""
+    try:
+        meta = json.loads(Path(directory, "meta.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 GPT2_TOKENIZER_DIR = ("tokenizers", "gpt2")  # under --data-dir: where `--tokenizer gpt2` looks
@@ -301,10 +307,7 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
 def _check_listed(directory: Path, files: list[Path]) -> None:
     """Our meta.json lists every shard and its count: one missing (the last, which numbering alone
     cannot tell) or of another length is refused."""
-    try:
-        listed = json.loads((directory / "meta.json").read_text()).get("shards")
-    except (OSError, ValueError, AttributeError):
-        return
+    listed = read_meta(directory).get("shards")
     if not isinstance(listed, dict):
         return
     found = {f.name: f for f in files}

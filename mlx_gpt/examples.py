@@ -31,7 +31,7 @@ import numpy as np
 
 from . import chat
 from .atomic import replacing_directory
-from .data import gpt2_tokenizer, parse_tokenizer_spec, tokenizer_digest
+from .data import gpt2_tokenizer, parse_tokenizer_spec, read_meta, tokenizer_digest
 from .errors import UserError
 from .rundir import RunLock
 from .sources import jsonl_records
@@ -61,7 +61,7 @@ def is_examples(source: str, fmt: str | None = None, fields: Fields = Fields()) 
     text records is a corpus of documents (``prepare``), unless ``fmt`` is "text"."""
     p = Path(source)
     if p.is_dir():
-        return _file(p, FILES["train"]) is not None or _meta(p).get("kind") == KIND
+        return _file(p, FILES["train"]) is not None or read_meta(p).get("kind") == KIND
     if not (p.is_file() and any(p.name.endswith(".jsonl" + c) for c in COMPRESSED)):
         return False
     if fmt is not None:
@@ -246,14 +246,6 @@ def _fingerprint(files: dict[str, Path], digest: str, fmt: str | None, fields: F
     return h.hexdigest()
 
 
-def _meta(directory: Path) -> dict:
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def prepare_examples(source: str, tokenizer: str | Tokenizer | None = None, *, fmt: str | None = None,
                      fields: Fields = Fields(), data_dir: str | os.PathLike = "data") -> "ExampleSet":
     """Tokenize an example set into data/<name>-<tokenizer>-examples/ (reused while its files,
@@ -261,16 +253,16 @@ def prepare_examples(source: str, tokenizer: str | Tokenizer | None = None, *, f
     if fmt is not None and fmt not in SHAPES:
         raise UserError(f"--format must be one of {', '.join(SHAPES)}, got {fmt!r}")
     p = Path(source)
-    if p.is_dir() and _meta(p).get("kind") == KIND:
+    if p.is_dir() and read_meta(p).get("kind") == KIND:
         return load_examples(p)
     tok = tokenizer_for(tokenizer, data_dir)
     files = sources(source)
     fingerprint = _fingerprint(files, tokenizer_digest(tok), fmt, fields)
     label = tok.kind if tok.kind != "sentencepiece" else f"sp{tok.vocab_size}"
     out = Path(data_dir, f"{p.name.split('.jsonl')[0] if p.is_file() else p.name}-{label}-{KIND}")
-    if _meta(out).get("fingerprint") == fingerprint:
+    if read_meta(out).get("fingerprint") == fingerprint:
         return load_examples(out)
-    if out.exists() and _meta(out).get("kind") != KIND:  # a folder of that name we did not write
+    if out.exists() and read_meta(out).get("kind") != KIND:  # a folder of that name we did not write
         raise UserError(f"{out} exists and is not an example set prepared here; move it, or give another --data-dir")
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
     with RunLock(out, hint="wait for it to finish"), replacing_directory(out) as tmp:
@@ -370,7 +362,7 @@ class ExampleSet:
 def load_examples(directory: str | os.PathLike) -> ExampleSet:
     """Open an example set ``prepare_examples`` wrote."""
     p = Path(directory)
-    meta = _meta(p)
+    meta = read_meta(p)
     try:
         splits = {s: _open_split(p, s, meta) for s in meta["splits"]}
         vocab = int(meta["vocab_size"])

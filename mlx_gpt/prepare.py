@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 from . import flags
 from .atomic import replacing_directory, replacing_file
 from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, load_dataset,
-                   parse_tokenizer_spec, read_header, tokenizer_digest)
+                   parse_tokenizer_spec, read_header, read_meta, tokenizer_digest)
 from .errors import UserError, run_cli
 from .rundir import RunLock
 from .shards import ShardWriter
@@ -138,11 +138,7 @@ def _fingerprint(files: list[Path] | None, source: str, data_dir, tokenizer: str
 
 def fingerprint_of(directory: Path) -> str | None:
     """The fingerprint a prepared dataset's meta.json records (None: none readable)."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta.get("fingerprint") if isinstance(meta, dict) else None
+    return read_meta(directory).get("fingerprint")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -321,7 +317,7 @@ def merge_parts(out: str | os.PathLike, parts: Sequence[str | os.PathLike]) -> D
     (copied across file systems) beside one copy of the tokenizer and a meta.json listing them all.
     """
     sets = [load_dataset(p) for p in parts]
-    metas = [json.loads((d.path / "meta.json").read_text()) for d in sets]
+    metas = [read_meta(d.path) for d in sets]
     slices = [tuple(m.get("part") or ()) for m in metas]
     whole = next((d for d, s in zip(sets, slices) if len(s) != 2), None)
     if whole is not None:
