@@ -441,8 +441,6 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   });
 }
 
-void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
-
 std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                       const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
   if (primals.size() == 4 && !packed_)
@@ -479,7 +477,5 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
              });
            });
 }
-
-void AttentionGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
 
 }  // namespace mlx_gpt

@@ -45,75 +45,48 @@ void gelu_backward(const float* x, const float* g, float* dx, int64_t begin, int
   }
 }
 
-// ------------------------------------------------------------------------------- layer norm
+// ------------------------------------------------------------------ layer norm and RMS norm
 
-void layer_norm_rows(const float* x, const float* w, const float* b, float eps, int64_t c, float* y, float* mean,
-                     float* rstd, int64_t begin, int64_t end) {
+// Layer norm when `b` (the bias) is given, RMS norm (no centring, no bias) when it is null:
+// xhat = (x - mean) rstd, y = xhat w + b; `mean` is written only for layer norm.
+void norm_rows(const float* x, const float* w, const float* b, float eps, int64_t c, float* y, float* mean,
+               float* rstd, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = x + r * c;
     float* yr = y + r * c;
-    float m = sum(xr, c) / c;
+    float m = b ? sum(xr, c) / c : 0.0f;
     for (int64_t j = 0; j < c; ++j) yr[j] = xr[j] - m;  // centred first: two-pass variance
-    float var = dot(yr, yr, c) / c;
-    float s = 1.0f / std::sqrt(var + eps);
-    for (int64_t j = 0; j < c; ++j) yr[j] = (yr[j] * s) * w[j] + b[j];
-    mean[r] = m;
+    float s = 1.0f / std::sqrt(dot(yr, yr, c) / c + eps);
+    if (b)
+      for (int64_t j = 0; j < c; ++j) yr[j] = (yr[j] * s) * w[j] + b[j];
+    else
+      for (int64_t j = 0; j < c; ++j) yr[j] = (yr[j] * s) * w[j];
+    if (mean) mean[r] = m;
     rstd[r] = s;
   }
 }
 
-// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)); the weight's and bias's gradients are
-// column sums of g xhat and g, accumulated per share in `dw`, `db`
-void layer_norm_grad_rows(const float* x, const float* w, const float* g, const float* mean, const float* rstd,
-                          int64_t c, float* dx, float* dw, float* db, int64_t begin, int64_t end) {
+// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), without the mean(g w) term for RMS norm (`db`
+// null); the weight's and bias's gradients are column sums of g xhat and g, accumulated per share
+// in `dw`, `db`
+void norm_grad_rows(const float* x, const float* w, const float* g, const float* mean, const float* rstd, int64_t c,
+                    float* dx, float* dw, float* db, int64_t begin, int64_t end) {
   std::vector<float> xhat(c);
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = x + r * c;
     const float* gr = g + r * c;
     float* dxr = dx + r * c;
-    float m = mean[r], s = rstd[r];
+    float m = mean ? mean[r] : 0.0f, s = rstd[r];
     for (int64_t j = 0; j < c; ++j) {
       xhat[j] = (xr[j] - m) * s;
       dxr[j] = gr[j] * w[j];  // g w, overwritten below
       dw[j] += gr[j] * xhat[j];
-      db[j] += gr[j];
     }
-    float a = sum(dxr, c) / c;
+    if (db)
+      for (int64_t j = 0; j < c; ++j) db[j] += gr[j];
+    float a = db ? sum(dxr, c) / c : 0.0f;
     float bb = dot(dxr, xhat.data(), c) / c;
     for (int64_t j = 0; j < c; ++j) dxr[j] = s * ((dxr[j] - a) - xhat[j] * bb);
-  }
-}
-
-// --------------------------------------------------------------------------------- RMS norm
-
-void rms_norm_rows(const float* x, const float* w, float eps, int64_t c, float* y, float* rstd, int64_t begin,
-                   int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    const float* xr = x + r * c;
-    float* yr = y + r * c;
-    float s = 1.0f / std::sqrt(dot(xr, xr, c) / c + eps);
-    for (int64_t j = 0; j < c; ++j) yr[j] = (xr[j] * s) * w[j];
-    rstd[r] = s;
-  }
-}
-
-// dx = rstd (g w - xhat mean(g w xhat)); the weight's gradient is the column sums of g xhat,
-// accumulated per share in `dw`
-void rms_norm_grad_rows(const float* x, const float* w, const float* g, const float* rstd, int64_t c, float* dx,
-                        float* dw, int64_t begin, int64_t end) {
-  std::vector<float> xhat(c);
-  for (int64_t r = begin; r < end; ++r) {
-    const float* xr = x + r * c;
-    const float* gr = g + r * c;
-    float* dxr = dx + r * c;
-    float s = rstd[r];
-    for (int64_t j = 0; j < c; ++j) {
-      xhat[j] = xr[j] * s;
-      dxr[j] = gr[j] * w[j];  // g w, overwritten below
-      dw[j] += gr[j] * xhat[j];
-    }
-    float bb = dot(dxr, xhat.data(), c) / c;
-    for (int64_t j = 0; j < c; ++j) dxr[j] = s * (dxr[j] - xhat[j] * bb);
   }
 }
 
@@ -220,6 +193,50 @@ int64_t last_dim(const mx::array& x) {
   return x.ndim() == 0 ? 1 : x.shape(-1);
 }
 
+int64_t row_count(const mx::array& x) {
+  return x.size() / std::max<int64_t>(last_dim(x), 1);
+}
+
+// Queue body(begin, end) over [0, n) on the stream, split over the pool in shares of at least
+// `grain` items.
+template <class F>
+void dispatch_split(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array*> outputs,
+                    int64_t n, int64_t grain, F body) {
+  dispatch(stream, inputs, std::move(outputs), [n, grain, body] {
+    Pool::instance().run(n, grain, [&](int, int64_t lo, int64_t hi) { body(lo, hi); });
+  });
+}
+
+// body(partial, begin, end) over [0, rows) split over the pool, each share adding its rows' column
+// sums into `partial` (sums.size() vectors of c floats of its own); sums[i] gets the shares' i-th
+// vectors added up.
+template <class F>
+void split_column_sums(int64_t rows, int64_t c, const std::vector<float*>& sums, F body) {
+  auto& pool = Pool::instance();
+  const int64_t k = static_cast<int64_t>(sums.size());
+  std::vector<float> partial(static_cast<size_t>(pool.max_parts() * k * c), 0.0f);
+  std::vector<char> used(pool.max_parts(), 0);
+  pool.run(rows, rows_per_share(c), [&](int part, int64_t lo, int64_t hi) {
+    used[part] = 1;
+    body(partial.data() + part * k * c, lo, hi);
+  });
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j < c; ++j) sums[i][j] = 0.0f;
+    for (int part = 0; part < pool.max_parts(); ++part) {
+      if (!used[part]) continue;
+      const float* pw = partial.data() + (part * k + i) * c;
+      for (int64_t j = 0; j < c; ++j) sums[i][j] += pw[j];
+    }
+  }
+}
+
+// the gradients a vjp was asked for, of all its primitive computes
+std::vector<mx::array> selected(const std::vector<mx::array>& grads, const std::vector<int>& argnums) {
+  std::vector<mx::array> out;
+  for (int a : argnums) out.push_back(grads[a]);
+  return out;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------- ops
@@ -231,32 +248,33 @@ mx::array gelu_approx(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(xc.shape(), mx::float32, std::make_shared<GeluApprox>(stream), {xc});
 }
 
+// layer norm with a bias, RMS norm without
+mx::array norm(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps,
+               mx::StreamOrDevice s) {
+  std::string what = bias ? "layer_norm: " : "rms_norm: ";
+  std::vector<mx::array> inputs{x, weight};
+  if (bias) inputs.push_back(*bias);
+  for (auto& a : inputs) {
+    require_float32(a, (what + "x, weight and bias").c_str());
+    if (&a != &inputs[0] && (x.ndim() == 0 || a.ndim() != 1 || a.shape(0) != x.shape(-1)))
+      throw std::invalid_argument(what + "weight and bias must be vectors as long as x's last axis");
+  }
+  auto stream = mx::to_stream(s);
+  for (auto& a : inputs) a = mx::contiguous(a, false, stream);
+  auto rows = leading_shape(x);
+  std::vector<mx::Shape> shapes{x.shape(), rows, rows};
+  if (!bias) shapes.pop_back();  // no mean
+  return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                std::make_shared<Norm>(stream, eps, bias.has_value()), inputs)[0];
+}
+
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps,
                      mx::StreamOrDevice s) {
-  require_float32(x, "layer_norm: x");
-  require_float32(weight, "layer_norm: weight");
-  require_float32(bias, "layer_norm: bias");
-  if (x.ndim() == 0 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
-      bias.shape(0) != x.shape(-1))
-    throw std::invalid_argument("layer_norm: weight and bias must be vectors as long as x's last axis");
-  auto stream = mx::to_stream(s);
-  auto rows = leading_shape(x);
-  auto outs = mx::array::make_arrays(
-      {x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNorm>(stream, eps),
-      {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream), mx::contiguous(bias, false, stream)});
-  return outs[0];
+  return norm(x, weight, bias, eps, s);
 }
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
-  require_float32(x, "rms_norm: x");
-  require_float32(weight, "rms_norm: weight");
-  if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
-    throw std::invalid_argument("rms_norm: weight must be a vector as long as x's last axis");
-  auto stream = mx::to_stream(s);
-  auto outs = mx::array::make_arrays({x.shape(), leading_shape(x)}, {mx::float32, mx::float32},
-                                     std::make_shared<RMSNorm>(stream, eps),
-                                     {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
-  return outs[0];
+  return norm(x, weight, std::nullopt, eps, s);
 }
 
 mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevice s) {
@@ -302,14 +320,9 @@ std::vector<mx::array> adamw_update(const mx::array& parameter, const mx::array&
 // ------------------------------------------------------------------------------ primitives
 
 void GeluApprox::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  auto& x = inputs[0];
-  float* y = allocate(out);
-  dispatch(stream(), inputs, {&out}, [x = x.data<float>(), y, n = static_cast<int64_t>(x.size())] {
-    Pool::instance().run(n, kGrain, [&](int, int64_t b, int64_t e) { gelu_forward(x, y, b, e); });
-  });
+  dispatch_split(stream(), inputs, {&out}, out.size(), kGrain,
+                 [x = inputs[0].data<float>(), y = allocate(out)](int64_t b, int64_t e) { gelu_forward(x, y, b, e); });
 }
-
-void GeluApprox::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(name()); }
 
 std::vector<mx::array> GeluApprox::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                        const std::vector<int>&, const std::vector<mx::array>&) {
@@ -323,145 +336,60 @@ std::vector<mx::array> GeluApprox::jvp(const std::vector<mx::array>& primals, co
 }
 
 void GeluApproxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  float* dx = allocate(out);
-  dispatch(stream(), inputs, {&out},
-           [x = inputs[0].data<float>(), g = inputs[1].data<float>(), dx, n = static_cast<int64_t>(out.size())] {
-             Pool::instance().run(n, kGrain, [&](int, int64_t b, int64_t e) { gelu_backward(x, g, dx, b, e); });
-           });
+  dispatch_split(stream(), inputs, {&out}, out.size(), kGrain,
+                 [x = inputs[0].data<float>(), g = inputs[1].data<float>(), dx = allocate(out)](int64_t b, int64_t e) {
+                   gelu_backward(x, g, dx, b, e);
+                 });
 }
 
-void GeluApproxGrad::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(name()); }
-
-void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void Norm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   int64_t c = last_dim(inputs[0]);
-  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
-  float* y = allocate(outputs[0]);
-  float* mean = allocate(outputs[1]);
-  float* rstd = allocate(outputs[2]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
-           [x = inputs[0].data<float>(), w = inputs[1].data<float>(), b = inputs[2].data<float>(), eps = eps_, c,
-            rows, y, mean, rstd] {
-             Pool::instance().run(rows, rows_per_share(c), [&](int, int64_t lo, int64_t hi) {
-               layer_norm_rows(x, w, b, eps, c, y, mean, rstd, lo, hi);
-             });
-           });
+  std::vector<mx::array*> outs;
+  for (auto& o : outputs) outs.push_back(&o);
+  dispatch_split(stream(), inputs, outs, row_count(inputs[0]), rows_per_share(c),
+                 [x = inputs[0].data<float>(), w = inputs[1].data<float>(), eps = eps_, c, y = allocate(outputs[0]),
+                  b = centred_ ? inputs[2].data<float>() : nullptr, mean = centred_ ? allocate(outputs[1]) : nullptr,
+                  rstd = allocate(outputs.back())](int64_t lo, int64_t hi) {
+                   norm_rows(x, w, b, eps, c, y, mean, rstd, lo, hi);
+                 });
 }
 
-void LayerNorm::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
-
-std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-                                      const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
-  auto& x = primals[0];
-  auto& w = primals[1];
-  auto g = mx::contiguous(cotangents[0], false, stream());
-  auto grads = mx::array::make_arrays({x.shape(), w.shape(), w.shape()}, {mx::float32, mx::float32, mx::float32},
-                                      std::make_shared<LayerNormGrad>(stream()), {x, w, g, outputs[1], outputs[2]});
-  std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
-  return out;
+std::vector<mx::array> Norm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  std::vector<mx::array> inputs{primals[0], primals[1], mx::contiguous(cotangents[0], false, stream())};
+  inputs.insert(inputs.end(), outputs.begin() + 1, outputs.end());  // [mean,] rstd
+  std::vector<mx::Shape> shapes;
+  for (auto& p : primals) shapes.push_back(p.shape());
+  return selected(mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                         std::make_shared<NormGrad>(stream(), centred_), inputs),
+                  argnums);
 }
 
-void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  int64_t c = last_dim(inputs[0]);
-  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
-  float* dx = allocate(outputs[0]);
-  float* dw = allocate(outputs[1]);
-  float* db = allocate(outputs[2]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
+void NormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  std::vector<mx::array*> outs;
+  for (auto& o : outputs) outs.push_back(&o);
+  dispatch(stream(), inputs, outs,
            [x = inputs[0].data<float>(), w = inputs[1].data<float>(), g = inputs[2].data<float>(),
-            mean = inputs[3].data<float>(), rstd = inputs[4].data<float>(), c, rows, dx, dw, db] {
-             auto& pool = Pool::instance();
-             // per-share column sums, added up after the loop
-             std::vector<float> partial(static_cast<size_t>(pool.max_parts()) * 2 * c, 0.0f);
-             std::vector<char> used(pool.max_parts(), 0);
-             pool.run(rows, rows_per_share(c), [&](int part, int64_t lo, int64_t hi) {
-               used[part] = 1;
-               float* pw = partial.data() + part * 2 * c;
-               layer_norm_grad_rows(x, w, g, mean, rstd, c, dx, pw, pw + c, lo, hi);
-             });
-             for (int64_t j = 0; j < c; ++j) dw[j] = db[j] = 0.0f;
-             for (int part = 0; part < pool.max_parts(); ++part) {
-               if (!used[part]) continue;
-               const float* pw = partial.data() + part * 2 * c;
-               for (int64_t j = 0; j < c; ++j) {
-                 dw[j] += pw[j];
-                 db[j] += pw[c + j];
-               }
-             }
-           });
-}
-
-void LayerNormGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
-
-void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  int64_t c = last_dim(inputs[0]);
-  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
-  float* y = allocate(outputs[0]);
-  float* rstd = allocate(outputs[1]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1]},
-           [x = inputs[0].data<float>(), w = inputs[1].data<float>(), eps = eps_, c, rows, y, rstd] {
-             Pool::instance().run(rows, rows_per_share(c), [&](int, int64_t lo, int64_t hi) {
-               rms_norm_rows(x, w, eps, c, y, rstd, lo, hi);
+            mean = centred_ ? inputs[3].data<float>() : nullptr, rstd = inputs.back().data<float>(),
+            c = last_dim(inputs[0]), rows = row_count(inputs[0]), dx = allocate(outputs[0]), dw = allocate(outputs[1]),
+            db = centred_ ? allocate(outputs[2]) : nullptr] {
+             std::vector<float*> sums{dw};
+             if (db) sums.push_back(db);
+             split_column_sums(rows, c, sums, [&](float* partial, int64_t lo, int64_t hi) {
+               norm_grad_rows(x, w, g, mean, rstd, c, dx, partial, db ? partial + c : nullptr, lo, hi);
              });
            });
 }
-
-void RMSNorm::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
-
-std::vector<mx::array> RMSNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-                                    const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
-  auto& x = primals[0];
-  auto& w = primals[1];
-  auto g = mx::contiguous(cotangents[0], false, stream());
-  auto grads = mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
-                                      std::make_shared<RMSNormGrad>(stream()), {x, w, g, outputs[1]});
-  std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
-  return out;
-}
-
-void RMSNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  int64_t c = last_dim(inputs[0]);
-  int64_t rows = inputs[0].size() / std::max<int64_t>(c, 1);
-  float* dx = allocate(outputs[0]);
-  float* dw = allocate(outputs[1]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1]},
-           [x = inputs[0].data<float>(), w = inputs[1].data<float>(), g = inputs[2].data<float>(),
-            rstd = inputs[3].data<float>(), c, rows, dx, dw] {
-             auto& pool = Pool::instance();
-             // per-share column sums, added up after the loop
-             std::vector<float> partial(static_cast<size_t>(pool.max_parts()) * c, 0.0f);
-             std::vector<char> used(pool.max_parts(), 0);
-             pool.run(rows, rows_per_share(c), [&](int part, int64_t lo, int64_t hi) {
-               used[part] = 1;
-               rms_norm_grad_rows(x, w, g, rstd, c, dx, partial.data() + part * c, lo, hi);
-             });
-             for (int64_t j = 0; j < c; ++j) dw[j] = 0.0f;
-             for (int part = 0; part < pool.max_parts(); ++part) {
-               if (!used[part]) continue;
-               const float* pw = partial.data() + part * c;
-               for (int64_t j = 0; j < c; ++j) dw[j] += pw[j];
-             }
-           });
-}
-
-void RMSNormGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
 
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& x = inputs[0];
   int64_t s = last_dim(x);
-  int64_t t = causal_ ? x.shape(-2) : 1;
-  int64_t rows = x.size() / std::max<int64_t>(s, 1);
-  float* p = allocate(out);
-  dispatch(stream(), inputs, {&out},
-           [x = x.data<float>(), p, scale = scale_, causal = causal_, t, s, rows] {
-             Pool::instance().run(rows, rows_per_share(s), [&](int, int64_t lo, int64_t hi) {
-               softmax_rows(x, p, scale, causal, t, s, lo, hi);
-             });
-           });
+  dispatch_split(stream(), inputs, {&out}, row_count(x), rows_per_share(s),
+                 [x = x.data<float>(), p = allocate(out), scale = scale_, causal = causal_,
+                  t = causal_ ? x.shape(-2) : 1, s](int64_t lo, int64_t hi) {
+                   softmax_rows(x, p, scale, causal, t, s, lo, hi);
+                 });
 }
-
-void Softmax::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(name()); }
 
 std::vector<mx::array> Softmax::vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
                                     const std::vector<int>&, const std::vector<mx::array>& outputs) {
@@ -478,34 +406,20 @@ std::vector<mx::array> Softmax::jvp(const std::vector<mx::array>& primals, const
 
 void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   int64_t s = last_dim(out);
-  int64_t rows = out.size() / std::max<int64_t>(s, 1);
-  float* dx = allocate(out);
-  dispatch(stream(), inputs, {&out},
-           [p = inputs[0].data<float>(), g = inputs[1].data<float>(), dx, scale = scale_, s, rows] {
-             Pool::instance().run(rows, rows_per_share(s), [&](int, int64_t lo, int64_t hi) {
-               softmax_grad_rows(p, g, dx, scale, s, lo, hi);
-             });
-           });
+  dispatch_split(stream(), inputs, {&out}, row_count(out), rows_per_share(s),
+                 [p = inputs[0].data<float>(), g = inputs[1].data<float>(), dx = allocate(out), scale = scale_,
+                  s](int64_t lo, int64_t hi) { softmax_grad_rows(p, g, dx, scale, s, lo, hi); });
 }
-
-void SoftmaxGrad::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(name()); }
 
 void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   int64_t v = last_dim(inputs[0]);
-  int64_t rows = outputs[0].size();
-  float* loss = allocate(outputs[0]);
-  float* row_max = allocate(outputs[1]);
-  float* row_sum = allocate(outputs[2]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
-           [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), s = smoothing_, v, rows, loss, row_max,
-            row_sum] {
-             Pool::instance().run(rows, rows_per_share(v), [&](int, int64_t lo, int64_t hi) {
-               cross_entropy_rows(x, t, s, v, loss, row_max, row_sum, lo, hi);
-             });
-           });
+  dispatch_split(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]}, outputs[0].size(), rows_per_share(v),
+                 [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), s = smoothing_, v,
+                  loss = allocate(outputs[0]), row_max = allocate(outputs[1]),
+                  row_sum = allocate(outputs[2])](int64_t lo, int64_t hi) {
+                   cross_entropy_rows(x, t, s, v, loss, row_max, row_sum, lo, hi);
+                 });
 }
-
-void CrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
 
 std::vector<mx::array> CrossEntropy::vjp(const std::vector<mx::array>& primals,
                                          const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
@@ -526,18 +440,13 @@ std::vector<mx::array> CrossEntropy::vjp(const std::vector<mx::array>& primals,
 
 void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   int64_t v = last_dim(out);
-  int64_t rows = out.size() / std::max<int64_t>(v, 1);
-  float* dx = allocate(out);
-  dispatch(stream(), inputs, {&out},
-           [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), m = inputs[2].data<float>(),
-            total = inputs[3].data<float>(), cot = inputs[4].data<float>(), s = smoothing_, v, rows, dx] {
-             Pool::instance().run(rows, rows_per_share(v), [&](int, int64_t lo, int64_t hi) {
-               cross_entropy_grad_rows(x, t, m, total, cot, s, v, dx, lo, hi);
-             });
-           });
+  dispatch_split(stream(), inputs, {&out}, row_count(out), rows_per_share(v),
+                 [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), m = inputs[2].data<float>(),
+                  total = inputs[3].data<float>(), cot = inputs[4].data<float>(), s = smoothing_, v,
+                  dx = allocate(out)](int64_t lo, int64_t hi) {
+                   cross_entropy_grad_rows(x, t, m, total, cot, s, v, dx, lo, hi);
+                 });
 }
-
-void CrossEntropyGrad::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(name()); }
 
 void AdamWUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   // the parameter and moments are overwritten in place when no one else holds them
@@ -566,7 +475,5 @@ void AdamWUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
              });
            });
 }
-
-void AdamWUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(name()); }
 
 }  // namespace mlx_gpt

@@ -12,6 +12,8 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
+#include "common.h"
+
 namespace mlx_gpt {
 
 namespace mx = mlx::core;
@@ -64,7 +66,7 @@ class GeluApprox : public mx::UnaryPrimitive {
  public:
   explicit GeluApprox(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { no_gpu(name()); }
   std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
                              const std::vector<int>& argnums) override;
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -79,71 +81,52 @@ class GeluApproxGrad : public mx::UnaryPrimitive {
  public:
   explicit GeluApproxGrad(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { no_gpu(name()); }
   const char* name() const override { return "MlxGptGeluApproxGrad"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
 };
 
-// inputs (x, weight, bias) -> (y, mean, rstd); mean and rstd (one per row) feed the backward pass
-class LayerNorm : public mx::Primitive {
+// inputs (x, weight[, bias]) -> (y[, mean], rstd): layer norm when `centred` (with a bias), RMS
+// norm without; mean and rstd (one per row) feed the backward pass
+class Norm : public mx::Primitive {
  public:
-  LayerNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  Norm(mx::Stream stream, float eps, bool centred) : mx::Primitive(stream), eps_(eps), centred_(centred) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
-  const char* name() const override { return "MlxGptLayerNorm"; }
+  const char* name() const override { return centred_ ? "MlxGptLayerNorm" : "MlxGptRMSNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+    auto& o = static_cast<const Norm&>(other);
+    return eps_ == o.eps_ && centred_ == o.centred_;
   }
 
  private:
   float eps_;
+  bool centred_;
 };
 
-// inputs (x, weight, cotangent, mean, rstd) -> (dx, dweight, dbias)
-class LayerNormGrad : public mx::Primitive {
+// inputs (x, weight, cotangent[, mean], rstd) -> (dx, dweight[, dbias])
+class NormGrad : public mx::Primitive {
  public:
-  explicit LayerNormGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  NormGrad(mx::Stream stream, bool centred) : mx::Primitive(stream), centred_(centred) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  const char* name() const override { return "MlxGptLayerNormGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-};
-
-// inputs (x, weight) -> (y, rstd); rstd (one per row) feeds the backward pass
-class RMSNorm : public mx::Primitive {
- public:
-  RMSNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
-  const char* name() const override { return "MlxGptRMSNorm"; }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
+  const char* name() const override { return centred_ ? "MlxGptLayerNormGrad" : "MlxGptRMSNormGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const RMSNorm&>(other).eps_;
+    return centred_ == static_cast<const NormGrad&>(other).centred_;
   }
 
  private:
-  float eps_;
-};
-
-// inputs (x, weight, cotangent, rstd) -> (dx, dweight)
-class RMSNormGrad : public mx::Primitive {
- public:
-  explicit RMSNormGrad(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  const char* name() const override { return "MlxGptRMSNormGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  bool centred_;
 };
 
 class Softmax : public mx::UnaryPrimitive {
  public:
   Softmax(mx::Stream stream, float scale, bool causal) : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { no_gpu(name()); }
   std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
                              const std::vector<int>& argnums) override;
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -166,7 +149,7 @@ class SoftmaxGrad : public mx::UnaryPrimitive {
  public:
   SoftmaxGrad(mx::Stream stream, float scale) : mx::UnaryPrimitive(stream), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { no_gpu(name()); }
   const char* name() const override { return "MlxGptSoftmaxGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return scale_ == static_cast<const SoftmaxGrad&>(other).scale_;
@@ -186,7 +169,7 @@ class Attention : public mx::Primitive {
   Attention(mx::Stream stream, float scale, bool causal, bool packed = false)
       : mx::Primitive(stream), scale_(scale), causal_(causal), packed_(packed) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxGptAttention"; }
@@ -207,7 +190,7 @@ class AttentionGrad : public mx::Primitive {
   AttentionGrad(mx::Stream stream, float scale, bool causal, bool packed = false)
       : mx::Primitive(stream), scale_(scale), causal_(causal), packed_(packed) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
   const char* name() const override { return "MlxGptAttentionGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttentionGrad&>(other);
@@ -225,7 +208,7 @@ class CrossEntropy : public mx::Primitive {
  public:
   CrossEntropy(mx::Stream stream, float smoothing) : mx::Primitive(stream), smoothing_(smoothing) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxGptCrossEntropy"; }
@@ -242,7 +225,7 @@ class CrossEntropyGrad : public mx::UnaryPrimitive {
  public:
   CrossEntropyGrad(mx::Stream stream, float smoothing) : mx::UnaryPrimitive(stream), smoothing_(smoothing) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { no_gpu(name()); }
   const char* name() const override { return "MlxGptCrossEntropyGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return smoothing_ == static_cast<const CrossEntropyGrad&>(other).smoothing_;
@@ -260,7 +243,7 @@ class AdamWUpdate : public mx::Primitive {
       : mx::Primitive(stream), beta1_(beta1), beta2_(beta2), eps_(eps), weight_decay_(weight_decay),
         bias_correction_(bias_correction) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(name()); }
   const char* name() const override { return "MlxGptAdamWUpdate"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AdamWUpdate&>(other);
