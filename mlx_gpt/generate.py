@@ -57,8 +57,9 @@ class StopStrings:
         return "" if self.stopped else text
 
 
-class _Continuation:
-    """One sample's text: detokenized as it streams, ended by end-of-text or a stop string."""
+class Continuation:
+    """One sample's text: detokenized as it streams, ended by end-of-text or a stop string (or by
+    ``close``); ``ids`` are the tokens it holds, end-of-text not included."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
         self.eot_id = tokenizer.eot_id
@@ -111,10 +112,10 @@ def stream_batch(decoder: Decoder, tokenizer: Tokenizer, prompt: str | list[int]
     # errors now, not at the first next()
     prompt_ids = list(prompt) if not isinstance(prompt, str) and len(prompt) else encode_prompt(tokenizer, prompt or "")
     steps = decoder.tokens(prompt_ids, max_new_tokens, seed=seed, num_samples=num_samples, timing=timing)
-    return _stream_rows(steps, [_Continuation(tokenizer, prompt_ids, stop) for _ in range(num_samples)])
+    return _stream_rows(steps, [Continuation(tokenizer, prompt_ids, stop) for _ in range(num_samples)])
 
 
-def _stream_rows(steps: Iterator[list[int]], rows: list[_Continuation]) -> Iterator[list[str]]:
+def _stream_rows(steps: Iterator[list[int]], rows: list[Continuation]) -> Iterator[list[str]]:
     with contextlib.closing(steps):
         for ids in steps:
             yield [row.add(t) for row, t in zip(rows, ids)]

@@ -32,7 +32,7 @@ import numpy as np
 from .. import backend
 from ..models.cache import SlotKVCache
 from ..models.gpt import GPT
-from .requests import Event, Handle, Job, QueueFull, Sequence, TokenInfo
+from .requests import Event, Handle, Job, QueueFull, Sequence, TokenInfo, logprobs_of
 
 
 class _Prefill:
@@ -178,8 +178,7 @@ class Engine:
         self._keys, self._values = [], []
         for handle in handles:
             if id(handle) not in seen:
-                for i in range(handle.job.n):
-                    handle.emit(Event(i, error=reason))
+                handle.fail(reason)
 
     def _drop_finished_handles(self) -> None:
         """Cancelled and timed-out requests leave the queue, the prefills and the batch."""
@@ -189,19 +188,17 @@ class Engine:
             self._waiting = collections.deque(h for h in waiting if not h.cancelled and h.deadline > now)
         for h in waiting:
             if not h.cancelled and h.deadline <= now:
-                for i in range(h.job.n):
-                    h.emit(Event(i, error="timed out waiting for a free slot"))
+                h.fail("timed out waiting for a free slot")
         for p in [p for p in self._prefills if p.handle.cancelled or p.handle.deadline <= now]:
             self._prefills.remove(p)
             if not p.handle.cancelled:
-                for i in range(p.handle.job.n):
-                    p.handle.emit(Event(i, error="timed out"))
+                p.handle.fail("timed out")
         for row in reversed(range(len(self._rows))):
             seq = self._rows[row]
             if seq.handle.cancelled:
                 self._remove_row(row)
             elif seq.handle.deadline <= now:
-                seq.handle.emit(Event(seq.index, text=seq.tail(), finish_reason="length"))
+                seq.handle.emit(Event(seq.index, text=seq.continuation.close(), finish_reason="length"))
                 self._remove_row(row)
 
     def _admit(self) -> None:
@@ -239,11 +236,8 @@ class Engine:
         seqs = [Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
         joining = []
         for seq in seqs:
-            event = Event(seq.index, prompt=p.scored if job.echo_logprobs else None)
-            if job.max_tokens == 0:
-                event.finish_reason = "length"
-            else:
-                event = _merge(event, seq.advance(seq.draw(logits)))
+            event = seq.advance(seq.draw(logits)) if job.max_tokens else Event(seq.index, finish_reason="length")
+            event.prompt = p.scored if job.echo_logprobs else None  # the prompt's scores go with the first event
             p.handle.emit(event)
             if event.finish_reason is None:
                 joining.append(seq)
@@ -253,25 +247,9 @@ class Engine:
 
     def _score(self, logits: mx.array, prompt: tuple[int, ...], start: int, k: int) -> list[TokenInfo]:
         """The prompt's tokens start+1 .. start+T with the log-probabilities logits (T, vocab) give them."""
-        T = logits.shape[0]
-        targets = list(prompt[start + 1 : start + T + 1])
-        lsm = logits.astype(mx.float32)
-        lsm = lsm - mx.logsumexp(lsm, axis=-1, keepdims=True)
-        n = len(targets)
-        chosen = mx.take_along_axis(lsm[:n], mx.array(targets, mx.int32)[:, None], axis=-1)[:, 0]
-        top_ids = top_lp = None
-        if k > 0:
-            top_ids = mx.argpartition(-lsm[:n], k - 1, axis=-1)[:, :k]
-            top_lp = mx.take_along_axis(lsm[:n], top_ids, axis=-1)
-            order = mx.argsort(-top_lp, axis=-1)
-            top_ids = mx.take_along_axis(top_ids, order, axis=-1)
-            top_lp = mx.take_along_axis(top_lp, order, axis=-1)
-        chosen = chosen.tolist()
-        top_ids = top_ids.tolist() if k > 0 else [[]] * n
-        top_lp = top_lp.tolist() if k > 0 else [[]] * n
+        rows = np.array(logits.astype(mx.float32))
         infos = [TokenInfo(prompt[0], None)] if start == 0 else []
-        infos += [TokenInfo(t, lp, tuple(zip(ids, lps))) for t, lp, ids, lps in zip(targets, chosen, top_ids, top_lp)]
-        return infos
+        return infos + [TokenInfo(t, *logprobs_of(row, t, k)) for row, t in zip(rows, prompt[start + 1 :])]
 
     # -------------------------------------------------------------- the batch's rows
 
@@ -381,9 +359,3 @@ def _head_for_rows(model) -> mx.array | None:
     head = mx.contiguous(weight.T)
     mx.eval(head)
     return head
-
-
-def _merge(first: Event, second: Event) -> Event:
-    """One event holding a prompt's scores and the first token's."""
-    second.prompt = first.prompt
-    return second

@@ -16,8 +16,7 @@ from typing import AsyncIterator, Protocol
 
 import numpy as np
 
-from ..detokenizer import StreamingDetokenizer
-from ..generate import StopStrings
+from ..generate import Continuation
 
 
 class Waker(Protocol):
@@ -104,6 +103,11 @@ class Handle:
         except RuntimeError:
             pass
 
+    def fail(self, reason: str) -> None:
+        """End each of the job's choices with an error event."""
+        for i in range(self.job.n):
+            self.emit(Event(i, error=reason))
+
     def cancel(self) -> None:
         """The client is gone: free the job's rows at the engine's next step."""
         self.cancelled = True
@@ -127,11 +131,8 @@ class Sequence:
         self.handle, self.index, self.job = handle, index, job
         self.rng = np.random.default_rng([job.seed, index])
         self.length = len(job.prompt)  # positions in the cache
-        self.generated: list[int] = []
         self.next_token = -1  # drawn, not yet fed to the model
-        self.eot = tokenizer.eot_id
-        self.detok = StreamingDetokenizer(tokenizer, context=job.prompt)
-        self.stops = StopStrings(job.stop)
+        self.continuation = Continuation(tokenizer, job.prompt, job.stop)
         s = job.sampling
         self.counts = np.zeros(vocab, np.float32) if (s.presence_penalty or s.frequency_penalty) else None
         self.seen = None
@@ -159,22 +160,13 @@ class Sequence:
 
     def advance(self, info: TokenInfo) -> Event:
         """The event for a drawn token; its finish_reason is set when the sequence ends with it."""
-        event = Event(self.index, tokens=[info])
-        if info.id == self.eot:
-            event.text, event.finish_reason = self.tail(), "stop"
-            return event
-        self.generated.append(info.id)
-        event.text = self.stops.feed(self.detok.add(info.id))
-        if self.stops.stopped:
+        event = Event(self.index, text=self.continuation.add(info.id), tokens=[info])
+        if self.continuation.done:  # end-of-text or a stop string
             event.finish_reason = "stop"
-        elif len(self.generated) >= self.job.max_tokens:
-            event.text += self.tail()
+        elif len(self.continuation.ids) >= self.job.max_tokens:
+            event.text += self.continuation.close()
             event.finish_reason = "length"
         return event
-
-    def tail(self) -> str:
-        """The text still held back (an unfinished character, a possible stop string's start)."""
-        return self.stops.feed(self.detok.flush()) + self.stops.flush()
 
 
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator, counts: np.ndarray | None = None,
