@@ -23,7 +23,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -136,33 +136,34 @@ def read_questions(path: str | os.PathLike, tokenizer: Tokenizer, *, limit: int 
     return questions
 
 
-def ending_losses(model: nn.Module, questions: Sequence[Question]) -> list[np.ndarray]:
-    """For each question, each ending's per-token losses (nats) given the context, in one batch.
+def continuation_scores(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each (context, continuation), its tokens' losses (nats) given the context and whether
+    each is the model's most likely there, in one batch.
 
-    A row is context + ending, cut to the model's block from the left; rows are padded on the
-    right, which a causal model never sees from earlier positions.
+    A row is context + continuation, cut to the model's block from the left; rows are padded on
+    the right, which a causal model never sees from earlier positions.
     """
     T = model.block_size
-    rows, spans = [], []
-    for q in questions:
-        for e in q.endings:
-            if len(e) > T:
-                raise UserError(f"an ending of {len(e)} tokens is longer than the model's block of {T}")
-            row = (q.context + e)[-(T + 1):]
-            rows.append(row)
-            spans.append(len(e))
+    rows = [(c + k)[-(T + 1):] for c, k in pairs]
     width = max(len(r) for r in rows) - 1
     x = np.zeros((len(rows), width), dtype=np.int32)
     y = np.zeros_like(x)
     for i, r in enumerate(rows):
         x[i, : len(r) - 1], y[i, : len(r) - 1] = r[:-1], r[1:]
-    losses = np.array(cross_entropy(model(mx.array(x)), mx.array(y)))
-    per_row = [losses[i, len(r) - 1 - k : len(r) - 1] for i, (r, k) in enumerate(zip(rows, spans))]
-    out, at = [], 0
-    for q in questions:
-        out.append(per_row[at : at + len(q.endings)])
-        at += len(q.endings)
-    return out
+    logits = model(mx.array(x))
+    losses, best = np.array(cross_entropy(logits, mx.array(y))), np.array(mx.argmax(logits, axis=-1))
+    spans = [slice(len(r) - 1 - min(len(k), len(r) - 1), len(r) - 1) for r, (_, k) in zip(rows, pairs)]
+    return [(losses[i, span], best[i, span] == y[i, span]) for i, span in enumerate(spans)]
+
+
+def ending_losses(model: nn.Module, questions: Sequence[Question]) -> list[list[np.ndarray]]:
+    """For each question, each ending's per-token losses (nats) given the context, in one batch."""
+    longest = max(len(e) for q in questions for e in q.endings)
+    if longest > model.block_size:
+        raise UserError(f"an ending of {longest} tokens is longer than the model's block of {model.block_size}")
+    scores = iter(continuation_scores(model, [(q.context, e) for q in questions for e in q.endings]))
+    return [[next(scores)[0] for _ in q.endings] for q in questions]
 
 
 def evaluate_choices(model: nn.Module, questions: Sequence[Question], *, batch_size: int = 8,
@@ -175,7 +176,7 @@ def evaluate_choices(model: nn.Module, questions: Sequence[Question], *, batch_s
     model.eval()
     try:
         with tqdm(total=len(questions), unit="q", disable=None if progress else True, desc="multiple choice") as bar:
-            for batch in _chunks(questions, batch_size):
+            for batch in (questions[i : i + batch_size] for i in range(0, len(questions), batch_size)):
                 for q, losses in zip(batch, ending_losses(model, batch)):
                     total = [float(np.sum(l, dtype=np.float64)) for l in losses]
                     correct += int(np.argmin(total)) == q.label
@@ -184,11 +185,6 @@ def evaluate_choices(model: nn.Module, questions: Sequence[Question], *, batch_s
     finally:
         model.train(was_training)
     return ChoiceScore(len(questions), correct, correct_norm)
-
-
-def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
 
 
 # ---------------------------------------------------------------------------- CLI

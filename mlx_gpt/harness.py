@@ -22,34 +22,21 @@ from __future__ import annotations
 
 import sys
 
-import mlx.core as mx
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from . import checkpoint
+from .eval import continuation_scores
 from .generate import generate
-from .loss import cross_entropy
 from .models.base import eval_mode
 from .perplexity import total_nll
 
 
 def score_continuations(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """(log-probability, greedy) of each continuation given its context, as one padded batch."""
-    T = model.block_size
-    rows = [(c + k)[-(T + 1):] for c, k in pairs]
-    width = max(len(r) for r in rows) - 1
-    x = np.zeros((len(rows), width), dtype=np.int32)
-    y = np.zeros_like(x)
-    for i, r in enumerate(rows):
-        x[i, : len(r) - 1], y[i, : len(r) - 1] = r[:-1], r[1:]
-    logits = model(mx.array(x))
-    losses, best = np.array(cross_entropy(logits, mx.array(y))), np.array(mx.argmax(logits, axis=-1))
-    out = []
-    for i, (r, (_, k)) in enumerate(zip(rows, pairs)):
-        span = slice(len(r) - 1 - min(len(k), len(r) - 1), len(r) - 1)
-        out.append((-float(np.sum(losses[i, span], dtype=np.float64)), bool((best[i, span] == y[i, span]).all())))
-    return out
+    return [(-float(np.sum(losses, dtype=np.float64)), bool(greedy.all()))
+            for losses, greedy in continuation_scores(model, pairs)]
 
 
 @register_model("mlx_gpt")
