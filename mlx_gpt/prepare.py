@@ -66,11 +66,9 @@ def prepare_dataset(source: str, tokenizer: str | Tokenizer = "byte", *, data_di
         files = part_of(files or [], *part)
         if not files:
             raise UserError(f"part {part[0]}/{part[1]} of {source} holds no files (it has fewer files than parts)")
-    label, spec = None, None  # the output's suffix, and the spec, when the tokenizer is named by one
-    if isinstance(tokenizer, str):
-        spec = tokenizer
-        kind, arg = parse_tokenizer_spec(tokenizer)
-        label = {"byte": "byte", "sp": f"sp{arg}", "gpt2": "gpt2"}[kind]
+    spec = tokenizer if isinstance(tokenizer, str) else None  # else a tokenizer given whole
+    if spec is not None:
+        kind, arg = parse_tokenizer_spec(spec)
         if kind == "sp" and part is not None:
             raise UserError("--part needs one tokenizer for all parts: use byte or gpt2 (a SentencePiece model "
                             "trained on each part would differ)")
@@ -88,7 +86,8 @@ def prepare_dataset(source: str, tokenizer: str | Tokenizer = "byte", *, data_di
                                          if fingerprint_of(d) == fingerprint), None)
         if found is not None:
             return load_dataset(found)
-        label = {"byte": "byte", "sentencepiece": f"sp{tokenizer.vocab_size}"}.get(tokenizer.kind, tokenizer.kind)
+    label = f"sp{tokenizer}" if isinstance(tokenizer, int) else \
+        {"sentencepiece": f"sp{tokenizer.vocab_size}"}.get(tokenizer.kind, tokenizer.kind)  # byte, gpt2, sp4096
     out = Path(data_dir, f"{name}-{label}{suffix}")
     if spec is None and fingerprint_of(out) not in (None, fingerprint):  # that name holds another tokenizer's
         out = Path(data_dir, f"{name}-{label}-{identity[:8]}{suffix}")
