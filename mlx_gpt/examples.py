@@ -350,14 +350,6 @@ class ExampleSet:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def train_file(self) -> Path:
-        return self.path / "train.tokens"
-
-    @property
-    def val_file(self) -> Path:
-        return self.path / "val.tokens"
-
 
 def load_examples(directory: str | os.PathLike) -> ExampleSet:
     """Open an example set ``prepare_examples`` wrote."""
