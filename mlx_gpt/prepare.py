@@ -277,8 +277,8 @@ class Progress:
 
     def __init__(self, total_bytes: int | None):
         self.docs = self.tokens = self.chars = 0
-        self.total, self.started, self.said = total_bytes, time.perf_counter(), time.perf_counter()
-        self.bar = None
+        self.total, self.started = total_bytes, time.perf_counter()
+        self.said, self.bar = self.started, None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -286,23 +286,18 @@ class Progress:
 
     def update(self, docs: int, tokens: int, chars: int) -> None:
         self.docs, self.tokens, self.chars = self.docs + docs, self.tokens + tokens, self.chars + chars
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.started, 1e-9)
         if self.bar is not None:
             self.bar.update(chars)
-            self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens, {self._rate():,.0f} tok/s")
-        elif time.perf_counter() - self.said >= REPORT_EVERY:
-            self.said = time.perf_counter()
-            print(f"prepare: {self.docs:,} documents, {self.tokens:,} tokens, {self._rate():,.0f} tokens/s"
-                  f"{self._eta()}", file=sys.stderr, flush=True)
-
-    def _rate(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
-
-    def _eta(self) -> str:
-        if not self.total or not self.chars:
-            return ""
-        spent = time.perf_counter() - self.started
-        left = max(self.total - self.chars, 0) * spent / self.chars
-        return f", {min(self.chars / self.total, 1):.0%} of the source, ETA {left:,.0f} s"
+            self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s")
+        elif now - self.said >= REPORT_EVERY:
+            self.said, eta = now, ""
+            if self.total and self.chars:
+                left = max(self.total - self.chars, 0) * (now - self.started) / self.chars
+                eta = f", {min(self.chars / self.total, 1):.0%} of the source, ETA {left:,.0f} s"
+            print(f"prepare: {self.docs:,} documents, {self.tokens:,} tokens, {rate:,.0f} tokens/s{eta}",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
