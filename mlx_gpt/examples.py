@@ -179,9 +179,7 @@ def examples_of(path: Path, tokenizer: Tokenizer, fmt: str | None, fields: Field
                             f"(line {first}); one shape per file")
         try:
             ids, mask = encode(pieces(record, shape, fields, tokenizer), tokenizer)
-        except ValueError as e:
-            raise UserError(f"{path}:{number}: {e}") from None
-        except UserError as e:
+        except (ValueError, UserError) as e:
             raise UserError(f"{path}:{number}: {e}") from None
         yield number, ids, mask
 
