@@ -27,13 +27,20 @@ inline void require_float32(const mx::array& a, const char* what) {
   throw std::runtime_error(std::string(what) + " runs on the CPU only");
 }
 
-// Queue `task` on the primitive's stream.
-template <class F>
-void dispatch(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array*> outputs,
-              F&& task) {
+inline void set_outputs(mx::cpu::CommandEncoder& encoder, mx::array& out) {
+  encoder.set_output_array(out);
+}
+
+inline void set_outputs(mx::cpu::CommandEncoder& encoder, std::vector<mx::array>& outputs) {
+  for (auto& a : outputs) encoder.set_output_array(a);
+}
+
+// Queue `task` on the primitive's stream; `outputs` is its one output or all of them.
+template <class Outputs, class F>
+void dispatch(const mx::Stream& stream, const std::vector<mx::array>& inputs, Outputs& outputs, F&& task) {
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& a : inputs) encoder.set_input_array(a);
-  for (auto* a : outputs) encoder.set_output_array(*a);
+  set_outputs(encoder, outputs);
   encoder.dispatch(std::forward<F>(task));
 }
 

@@ -19,6 +19,8 @@
 
 namespace mlx_gpt {
 
+constexpr int64_t kGrain = 16384;  // elements below which a loop is not worth splitting
+
 // body(part, begin, end) for disjoint [begin, end) covering [0, n), possibly several calls per
 // part; part (< max_parts()) names the thread, so calls with one part never overlap.
 using RangeFn = std::function<void(int, int64_t, int64_t)>;

@@ -12,12 +12,6 @@ namespace mlx_gpt {
 
 namespace {
 
-constexpr int64_t kGrain = 16384;  // elements below which a loop is not worth splitting
-
-int64_t rows_per_share(int64_t row_length) {
-  return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_length, 1));
-}
-
 // ------------------------------------------------------------------------------------- GELU
 
 // 0.5 x (1 + tanh(u)) == x sigmoid(z) with z = 2u = x (K1 + K2 x**2); sigmoid from e = e**-|z|
@@ -161,30 +155,6 @@ void cross_entropy_grad_rows(const float* logits, const int32_t* targets, const 
   }
 }
 
-// ------------------------------------------------------------------------------------ AdamW
-
-struct AdamWCoefficients {
-  float beta1, beta2, eps, decay;  // decay: 1 - lr * weight_decay
-  float step_size;                 // lr / (1 - beta1**t)
-  float correction2;               // sqrt(1 - beta2**t)
-};
-
-// torch.optim.AdamW's arithmetic, element by element: p *= 1 - lr wd; m = lerp(m, g, 1 - b1);
-// v = b2 v + (1 - b2) g g; p -= step_size m / (sqrt(v) / sqrt(1 - b2**t) + eps)
-void adamw_rows(const float* p, const float* g, const float* m, const float* v, const AdamWCoefficients& k,
-                float* p_out, float* m_out, float* v_out, int64_t begin, int64_t end) {
-  const float w1 = 1.0f - k.beta1, w2 = 1.0f - k.beta2;
-  for (int64_t i = begin; i < end; ++i) {
-    float gi = g[i];
-    float mi = m[i] + w1 * (gi - m[i]);
-    float vi = k.beta2 * v[i] + w2 * (gi * gi);
-    float denom = std::sqrt(vi) / k.correction2 + k.eps;
-    p_out[i] = p[i] * k.decay + (-k.step_size) * (mi / denom);
-    m_out[i] = mi;
-    v_out[i] = vi;
-  }
-}
-
 mx::Shape leading_shape(const mx::array& x) {
   return mx::Shape(x.shape().begin(), x.shape().end() - 1);
 }
@@ -193,16 +163,20 @@ int64_t last_dim(const mx::array& x) {
   return x.ndim() == 0 ? 1 : x.shape(-1);
 }
 
+int64_t rows_per_share(int64_t row_length) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_length, 1));
+}
+
 int64_t row_count(const mx::array& x) {
   return x.size() / std::max<int64_t>(last_dim(x), 1);
 }
 
 // Queue body(begin, end) over [0, n) on the stream, split over the pool in shares of at least
 // `grain` items.
-template <class F>
-void dispatch_split(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array*> outputs,
-                    int64_t n, int64_t grain, F body) {
-  dispatch(stream, inputs, std::move(outputs), [n, grain, body] {
+template <class Outputs, class F>
+void dispatch_split(const mx::Stream& stream, const std::vector<mx::array>& inputs, Outputs& outputs, int64_t n,
+                    int64_t grain, F body) {
+  dispatch(stream, inputs, outputs, [n, grain, body] {
     Pool::instance().run(n, grain, [&](int, int64_t lo, int64_t hi) { body(lo, hi); });
   });
 }
@@ -251,13 +225,15 @@ mx::array gelu_approx(const mx::array& x, mx::StreamOrDevice s) {
 // layer norm with a bias, RMS norm without
 mx::array norm(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps,
                mx::StreamOrDevice s) {
-  std::string what = bias ? "layer_norm: " : "rms_norm: ";
+  const char* types = bias ? "layer_norm: x, weight and bias" : "rms_norm: x and weight";
+  const char* shapes_error = bias ? "layer_norm: weight and bias must be vectors as long as x's last axis"
+                                  : "rms_norm: weight must be a vector as long as x's last axis";
   std::vector<mx::array> inputs{x, weight};
   if (bias) inputs.push_back(*bias);
   for (auto& a : inputs) {
-    require_float32(a, (what + "x, weight and bias").c_str());
+    require_float32(a, types);
     if (&a != &inputs[0] && (x.ndim() == 0 || a.ndim() != 1 || a.shape(0) != x.shape(-1)))
-      throw std::invalid_argument(what + "weight and bias must be vectors as long as x's last axis");
+      throw std::invalid_argument(shapes_error);
   }
   auto stream = mx::to_stream(s);
   for (auto& a : inputs) a = mx::contiguous(a, false, stream);
@@ -300,27 +276,10 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets, float
   return outs[0];
 }
 
-std::vector<mx::array> adamw_update(const mx::array& parameter, const mx::array& gradient, const mx::array& m,
-                                    const mx::array& v, const mx::array& lr, const mx::array& step, float beta1,
-                                    float beta2, float eps, float weight_decay, bool bias_correction,
-                                    mx::StreamOrDevice s) {
-  for (auto* a : {&parameter, &gradient, &m, &v}) require_float32(*a, "adamw_update: parameter, gradient and moments");
-  if (gradient.shape() != parameter.shape() || m.shape() != parameter.shape() || v.shape() != parameter.shape())
-    throw std::invalid_argument("adamw_update: gradient and moments must have the parameter's shape");
-  if (lr.size() != 1 || step.size() != 1) throw std::invalid_argument("adamw_update: lr and step must be scalars");
-  auto stream = mx::to_stream(s);
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
-  auto scalar = [&](const mx::array& a) { return mx::reshape(mx::astype(a, mx::float32, stream), {}, stream); };
-  return mx::array::make_arrays(
-      {parameter.shape(), parameter.shape(), parameter.shape()}, {mx::float32, mx::float32, mx::float32},
-      std::make_shared<AdamWUpdate>(stream, beta1, beta2, eps, weight_decay, bias_correction),
-      {c(parameter), c(gradient), c(m), c(v), scalar(lr), scalar(step)});
-}
-
 // ------------------------------------------------------------------------------ primitives
 
 void GeluApprox::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  dispatch_split(stream(), inputs, {&out}, out.size(), kGrain,
+  dispatch_split(stream(), inputs, out, out.size(), kGrain,
                  [x = inputs[0].data<float>(), y = allocate(out)](int64_t b, int64_t e) { gelu_forward(x, y, b, e); });
 }
 
@@ -336,7 +295,7 @@ std::vector<mx::array> GeluApprox::jvp(const std::vector<mx::array>& primals, co
 }
 
 void GeluApproxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  dispatch_split(stream(), inputs, {&out}, out.size(), kGrain,
+  dispatch_split(stream(), inputs, out, out.size(), kGrain,
                  [x = inputs[0].data<float>(), g = inputs[1].data<float>(), dx = allocate(out)](int64_t b, int64_t e) {
                    gelu_backward(x, g, dx, b, e);
                  });
@@ -344,9 +303,7 @@ void GeluApproxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
 
 void Norm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   int64_t c = last_dim(inputs[0]);
-  std::vector<mx::array*> outs;
-  for (auto& o : outputs) outs.push_back(&o);
-  dispatch_split(stream(), inputs, outs, row_count(inputs[0]), rows_per_share(c),
+  dispatch_split(stream(), inputs, outputs, row_count(inputs[0]), rows_per_share(c),
                  [x = inputs[0].data<float>(), w = inputs[1].data<float>(), eps = eps_, c, y = allocate(outputs[0]),
                   b = centred_ ? inputs[2].data<float>() : nullptr, mean = centred_ ? allocate(outputs[1]) : nullptr,
                   rstd = allocate(outputs.back())](int64_t lo, int64_t hi) {
@@ -366,9 +323,7 @@ std::vector<mx::array> Norm::vjp(const std::vector<mx::array>& primals, const st
 }
 
 void NormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  std::vector<mx::array*> outs;
-  for (auto& o : outputs) outs.push_back(&o);
-  dispatch(stream(), inputs, outs,
+  dispatch(stream(), inputs, outputs,
            [x = inputs[0].data<float>(), w = inputs[1].data<float>(), g = inputs[2].data<float>(),
             mean = centred_ ? inputs[3].data<float>() : nullptr, rstd = inputs.back().data<float>(),
             c = last_dim(inputs[0]), rows = row_count(inputs[0]), dx = allocate(outputs[0]), dw = allocate(outputs[1]),
@@ -384,7 +339,7 @@ void NormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& x = inputs[0];
   int64_t s = last_dim(x);
-  dispatch_split(stream(), inputs, {&out}, row_count(x), rows_per_share(s),
+  dispatch_split(stream(), inputs, out, row_count(x), rows_per_share(s),
                  [x = x.data<float>(), p = allocate(out), scale = scale_, causal = causal_,
                   t = causal_ ? x.shape(-2) : 1, s](int64_t lo, int64_t hi) {
                    softmax_rows(x, p, scale, causal, t, s, lo, hi);
@@ -406,14 +361,14 @@ std::vector<mx::array> Softmax::jvp(const std::vector<mx::array>& primals, const
 
 void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   int64_t s = last_dim(out);
-  dispatch_split(stream(), inputs, {&out}, row_count(out), rows_per_share(s),
+  dispatch_split(stream(), inputs, out, row_count(out), rows_per_share(s),
                  [p = inputs[0].data<float>(), g = inputs[1].data<float>(), dx = allocate(out), scale = scale_,
                   s](int64_t lo, int64_t hi) { softmax_grad_rows(p, g, dx, scale, s, lo, hi); });
 }
 
 void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   int64_t v = last_dim(inputs[0]);
-  dispatch_split(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]}, outputs[0].size(), rows_per_share(v),
+  dispatch_split(stream(), inputs, outputs, outputs[0].size(), rows_per_share(v),
                  [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), s = smoothing_, v,
                   loss = allocate(outputs[0]), row_max = allocate(outputs[1]),
                   row_sum = allocate(outputs[2])](int64_t lo, int64_t hi) {
@@ -424,56 +379,22 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
 std::vector<mx::array> CrossEntropy::vjp(const std::vector<mx::array>& primals,
                                          const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
                                          const std::vector<mx::array>& outputs) {
+  auto c = mx::contiguous(cotangents[0], false, stream());
+  auto dx = mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream(), smoothing_),
+                      {primals[0], primals[1], outputs[1], outputs[2], c});
   std::vector<mx::array> out;
-  for (int a : argnums) {
-    if (a == 0) {
-      auto c = mx::contiguous(cotangents[0], false, stream());
-      out.push_back(mx::array(primals[0].shape(), mx::float32,
-                              std::make_shared<CrossEntropyGrad>(stream(), smoothing_),
-                              {primals[0], primals[1], outputs[1], outputs[2], c}));
-    } else {
-      out.push_back(mx::zeros_like(primals[1], stream()));
-    }
-  }
+  for (int a : argnums) out.push_back(a == 0 ? dx : mx::zeros_like(primals[1], stream()));  // targets: none
   return out;
 }
 
 void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   int64_t v = last_dim(out);
-  dispatch_split(stream(), inputs, {&out}, row_count(out), rows_per_share(v),
+  dispatch_split(stream(), inputs, out, row_count(out), rows_per_share(v),
                  [x = inputs[0].data<float>(), t = inputs[1].data<int32_t>(), m = inputs[2].data<float>(),
                   total = inputs[3].data<float>(), cot = inputs[4].data<float>(), s = smoothing_, v,
                   dx = allocate(out)](int64_t lo, int64_t hi) {
                    cross_entropy_grad_rows(x, t, m, total, cot, s, v, dx, lo, hi);
                  });
-}
-
-void AdamWUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  // the parameter and moments are overwritten in place when no one else holds them
-  for (int i = 0; i < 3; ++i) {
-    auto& in = inputs[i == 0 ? 0 : i + 1];
-    if (in.is_donatable() && in.flags().row_contiguous && in.data_size() == in.size())
-      outputs[i].copy_shared_buffer(in);
-    else
-      allocate(outputs[i]);
-  }
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
-           [p = inputs[0].data<float>(), g = inputs[1].data<float>(), m = inputs[2].data<float>(),
-            v = inputs[3].data<float>(), lr = inputs[4].data<float>(), step = inputs[5].data<float>(),
-            p_out = outputs[0].data<float>(), m_out = outputs[1].data<float>(), v_out = outputs[2].data<float>(),
-            n = static_cast<int64_t>(outputs[0].size()), b1 = beta1_, b2 = beta2_, eps = eps_, wd = weight_decay_,
-            bc = bias_correction_] {
-             // the scalars are read here, once the stream has computed them; the corrections in
-             // double, as PyTorch computes them from Python floats
-             double rate = *lr, t = *step;
-             double c1 = bc ? 1.0 - std::pow(static_cast<double>(b1), t) : 1.0;
-             double c2 = bc ? 1.0 - std::pow(static_cast<double>(b2), t) : 1.0;
-             AdamWCoefficients k{b1, b2, eps, static_cast<float>(1.0 - rate * wd), static_cast<float>(rate / c1),
-                                 static_cast<float>(std::sqrt(c2))};
-             Pool::instance().run(n, kGrain, [&](int, int64_t lo, int64_t hi) {
-               adamw_rows(p, g, m, v, k, p_out, m_out, v_out, lo, hi);
-             });
-           });
 }
 
 }  // namespace mlx_gpt
