@@ -34,19 +34,12 @@ except ImportError as e:  # on Linux the mlx package alone has no backend
 from . import backend as _backend  # noqa: E402
 from . import lora as _lora  # noqa: E402,F401  (LoRA checkpoints: how they load)
 from . import quantize as _quantize  # noqa: E402,F401  (quantized checkpoints: how they load)
+from .checkpoint import load  # noqa: E402  (``model, tokenizer = mlx_gpt.load("checkpoints/run")``)
 from .errors import UserError  # noqa: E402,F811
 
 _backend.install()  # the loss's and optimizer's operations: the CPU wing's where MLX runs on the CPU
 from .models.gpt import GPT, GPTConfig  # noqa: E402
 
 __version__ = "0.1.0"
-
-
-def load(path: str):
-    """Load a checkpoint directory: ``model, tokenizer = load("checkpoints/run")``."""
-    from .checkpoint import load as _load
-
-    return _load(path)
-
 
 __all__ = ["GPT", "GPTConfig", "UserError", "load", "__version__"]
