@@ -17,6 +17,8 @@ from typing import Any
 
 from .. import chat
 from ..errors import UserError
+from ..generate import encode_prompt
+from ..limits import check_text
 from .requests import Job, Sampling
 
 MAX_STOPS = 16
@@ -184,17 +186,11 @@ def _prompts(prompt: Any, info: ModelInfo) -> list[tuple[list[int], str]]:
         if isinstance(p, str):
             if len(p) > info.block_size * info.max_token_chars:  # more tokens than the context, surely
                 _check_context(len(p) // info.max_token_chars, 0, info)
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "the prompt is not valid Unicode", param="prompt") from None
-            ids = info.tokenizer.encode(p) if p else []
-            if not ids:
-                if info.tokenizer.eot_id is None:
-                    raise APIError(400, "the prompt is empty and this model's tokenizer has no end-of-text token "
-                                        "to start from", param="prompt")
-                ids = [info.tokenizer.eot_id]
-            out.append((ids, p))
+            try:  # generate's checks and encoding: an empty prompt starts at end-of-text
+                check_text(p, "the prompt")
+                out.append((encode_prompt(info.tokenizer, p), p))
+            except UserError as e:
+                raise APIError(400, str(e), param="prompt") from None
         elif p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < info.vocab_size for t in p):
             out.append((list(p), info.tokenizer.decode(p)))
         else:
