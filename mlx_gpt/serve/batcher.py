@@ -48,8 +48,10 @@ class _Prefill:
 class Engine:
     """The batch of running sequences and the thread that steps it.
 
-    max_batch: sequences decoded together at most (a request with n choices takes n);
-    max_queue: requests waiting for room at most, beyond which ``submit`` raises QueueFull;
+    model: one that reads positions and masks from the cache and has ``features`` and ``head``
+    (``serve.main`` refuses any other); max_batch: sequences decoded together at most (a
+    request with n choices takes n); max_queue: requests waiting for room at most, beyond
+    which ``submit`` raises QueueFull;
     timeout: seconds a request may take in all, queued or running (then it ends with an error
     if it never started, else with finish_reason "length"); prefill_chunk: prompt tokens fed
     per turn, over as many new prompts as it covers.
@@ -59,8 +61,6 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, timeout: float = 600.0,
                  prefill_chunk: int = 256) -> None:
-        if not getattr(model, "accepts_fixed_cache", False) or not hasattr(model, "head"):
-            raise TypeError("the batching engine runs GPT models (positions and masks read from the cache)")
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.block_size = model.block_size
@@ -255,11 +255,8 @@ class Engine:
 
     def _bucket(self, rows: int, positions: int) -> tuple[int, int]:
         """Buffer shape for this many rows and positions: rows to a power of two, positions to a step."""
-        r = 1
-        while r < rows:
-            r *= 2
         step = self.capacity_step
-        return r, min(self.block_size, -(-positions // step) * step)
+        return 1 << max(rows - 1, 0).bit_length(), min(self.block_size, -(-positions // step) * step)
 
     def _fit(self) -> None:
         """Resize the buffers to the bucket the current rows need (rows packed first)."""
