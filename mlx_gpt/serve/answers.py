@@ -5,6 +5,7 @@ log-probabilities in the completions' or the chat's layout."""
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,10 +102,7 @@ class Shaper:
         if self.p.logprobs is None:
             return None
         texts = [self._token_text(t.id) for t in tokens]
-        offsets, at = [], 0
-        for s in texts:
-            offsets.append(at)
-            at += len(s)
+        offsets = [0, *itertools.accumulate(map(len, texts))][: len(texts)]  # where each token's text starts
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": [None if t.logprob is None else {self._token_text(i): lp for i, lp in t.top}
                                  for t in tokens],
