@@ -36,19 +36,17 @@ class KVCache:
         prev = self.offset
         T = k.shape[2]
         if self.keys is None or prev + T > self.keys.shape[2]:
-            B, nh, _, hs = k.shape
-            n_new = ((T + self.step - 1) // self.step) * self.step
-            grow_k = mx.zeros((B, nh, n_new, hs), k.dtype)
-            grow_v = mx.zeros((B, nh, n_new, v.shape[3]), v.dtype)
-            if self.keys is None:
-                self.keys, self.values = grow_k, grow_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], grow_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], grow_v], axis=2)
+            self.keys, self.values = self._grown(self.keys, k), self._grown(self.values, v)
         self.offset += T
         self.keys[..., prev : self.offset, :] = k
         self.values[..., prev : self.offset, :] = v
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def _grown(self, buffer: mx.array | None, new: mx.array) -> mx.array:
+        """buffer's valid positions followed by room for new (B, nh, T, hs), in whole steps."""
+        B, nh, T, hs = new.shape
+        room = mx.zeros((B, nh, -(-T // self.step) * self.step, hs), new.dtype)
+        return room if buffer is None else mx.concatenate([buffer[..., : self.offset, :], room], axis=2)
 
     def attention_mask(self, T: int) -> str | None:
         """The mask for the T queries just added: only valid keys are returned, so causal suffices.
