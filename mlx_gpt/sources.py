@@ -317,14 +317,21 @@ def pieces(files: list[Path], *, text_field: str = "text", val_fraction: float =
             texts = _jsonl_texts(path, text_field) if kind == "jsonl" else _parquet_texts(path, text_field)
             for text in texts:
                 if text:
-                    yield from _document(text, is_val(index, val_fraction, val_documents))
+                    parts = text_pieces([text]) if len(text) > PIECE_CHARS else [text]
+                    yield from _document(parts, is_val(index, val_fraction, val_documents))
                     index += 1
 
 
-def _document(text: str, val: bool) -> Iterator[Piece]:
-    parts = list(text_pieces([text])) if len(text) > PIECE_CHARS else [text]
-    for i, part in enumerate(parts):
-        yield Piece(part, val, i == len(parts) - 1, i == 0)
+def _document(texts: Iterable[str], val: bool, opens: bool = True) -> Iterator[Piece]:
+    """The texts of a document (or of a text file's split) as pieces: the last one ends it, and
+    the first opens it unless ``opens`` is off (a text file's val tail, which its train part opened)."""
+    texts = iter(texts)
+    previous = next(texts, None)
+    for text in texts:
+        yield Piece(previous, val, False, opens)
+        previous, opens = text, False
+    if previous is not None:
+        yield Piece(previous, val, True, opens)
 
 
 def _text_file_pieces(path: Path, index: int, val_fraction: float, val_documents: int | None) -> Iterator[Piece]:
@@ -334,17 +341,8 @@ def _text_file_pieces(path: Path, index: int, val_fraction: float, val_documents
     else:
         cut = val_cut(path, val_fraction)
         spans = [(0, cut, False), (cut, size, True)]
-    opens = True
-    for start, end, val in spans:
-        previous = None
-        for text in text_pieces(_text_blocks(path, start, end)):
-            if previous is not None:
-                yield Piece(previous, val, False, opens)
-                opens = False
-            previous = text
-        if previous is not None:
-            yield Piece(previous, val, True, opens)
-            opens = False
+    for start, end, val in spans:  # a span from byte 0 opens the file's document (empty, it yields nothing)
+        yield from _document(text_pieces(_text_blocks(path, start, end)), val, opens=start == 0)
 
 
 def builtin_documents(source: str, cache_dir: str | os.PathLike = "data") -> list[str]:
