@@ -8,9 +8,7 @@
 // the attention weights from the forward pass's log-sum-exps (one more q k^T) rather than
 // keeping a (T, S) matrix per head from the forward pass.
 //
-// The products are small (T, S up to the block size, hs about 64), below the sizes where BLAS
-// pays for its packing; a register tile of 4 rows by 16 columns, vectorized by the compiler,
-// runs them from cache.
+// The products are small, below the sizes where BLAS pays for its packing: tile.h runs them.
 //
 // Decoding (one or two queries, over a fixed cache of which only `length` positions are written)
 // reads each written key and value row once, where it lies.
@@ -29,88 +27,25 @@
 #include "common.h"
 #include "parallel.h"
 #include "primitives.h"
+#include "tile.h"
 #include "vecmath.h"
 
 namespace mlx_gpt {
 
 namespace {
 
-constexpr int kRows = 4;     // rows of a register tile
-constexpr int kCols = 16;    // columns of a register tile: two AVX2 registers
 constexpr int kDims = 4;     // (B, nh, T, hs)
 constexpr int64_t kFewQueries = 2;  // decoding: forward_rows
 
-// eight floats in one AVX2 register (two NEON registers); GCC and Clang vector extensions, since
-// plain arrays of partial sums were partly kept on the stack
-typedef float Lanes __attribute__((vector_size(32)));
-
-inline Lanes load(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
-
-// c (R x n) = a (R x kk) b (kk x n). a(i, k) is a[i * ai + k * ak]
-// (either layout of a), row k of b starts at b + k * ldb, row i of c at c + i * ldc. The partial
-// sums of an R x 16 tile stay in registers over the whole k loop.
-template <int R>
-inline void tile_rows(int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
-                      float* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols) {
-    Lanes acc[R][2] = {};
-    for (int64_t k = 0; k < kk; ++k) {
-      const float* bk = b + k * ldb + j;
-      Lanes b0 = load(bk), b1 = load(bk + 8);
-      for (int r = 0; r < R; ++r) {
-        Lanes av = Lanes{} + a[r * ai + k * ak];
-        acc[r][0] += av * b0;
-        acc[r][1] += av * b1;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float* cr = c + r * ldc + j;
-      store(cr, acc[r][0]);
-      store(cr + 8, acc[r][1]);
-    }
-  }
-  if (j < n) {  // the last n % 16 columns
-    int w = static_cast<int>(n - j);
-    float acc[R][kCols] = {};
-    for (int64_t k = 0; k < kk; ++k) {
-      const float* bk = b + k * ldb + j;
-      for (int r = 0; r < R; ++r) {
-        float av = a[r * ai + k * ak];
-        for (int l = 0; l < w; ++l) acc[r][l] += av * bk[l];
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int l = 0; l < w; ++l) c[r * ldc + j + l] = acc[r][l];
-  }
-}
-
-// tile_rows for m rows: tiles of kRows, then one row at a time
-void matmul(int64_t m, int64_t n, int64_t kk, const float* a, int64_t ai, int64_t ak, const float* b, int64_t ldb,
-            float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) tile_rows<kRows>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc);
-  for (; i < m; ++i) tile_rows<1>(n, kk, a + i * ai, ai, ak, b, ldb, c + i * ldc, ldc);
-}
-
 // One (batch, head) slice of a (B, nh, rows, hs) array: row i starts at p + i * stride.
-struct Slice {
-  const float* p;
+template <class T>
+struct Rows {
+  T* p;
   int64_t stride;
-  const float* row(int64_t i) const { return p + i * stride; }
+  T* row(int64_t i) const { return p + i * stride; }
 };
-
-struct MutSlice {
-  float* p;
-  int64_t stride;
-  float* row(int64_t i) const { return p + i * stride; }
-};
+using Slice = Rows<const float>;
+using MutSlice = Rows<float>;
 
 // A (B, nh, rows, hs) array as the kernels read it: its data (copied when its last axis is not
 // contiguous) and the strides of its first three axes.
@@ -159,13 +94,6 @@ MutSlice heads_last(float* base, int64_t nh, int64_t rows, int64_t hs, int64_t b
 
 // the first key query row r sees: 0, or in packed rows the first of its own example
 inline int64_t first_key(const int32_t* lo, int64_t r) { return lo ? lo[r] : 0; }
-
-// one past the last key query row r (of t) sees
-inline int64_t visible(int64_t r, int64_t t, int64_t s, bool causal) {
-  if (!causal) return s;
-  int64_t n = r + s - t + 1;
-  return n < 0 ? 0 : (n > s ? s : n);
-}
 
 // the first query that sees key j
 inline int64_t first_query(int64_t j, int64_t t, int64_t s, bool causal) {
@@ -241,7 +169,8 @@ void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* 
     int64_t rows = std::min<int64_t>(kRows, t - i0);
     // the tile's columns: from its first row's first key to its last row's last
     int64_t from = first_key(lo, i0), width = visible(i0 + rows - 1, t, s, z.causal);
-    if (width > from) matmul(rows, width - from, hs, q.row(i0), q.stride, 1, kt + from, s, p + from, s);
+    int64_t span = std::max<int64_t>(width - from, 0);
+    matmul(rows, span, hs, q.row(i0), q.stride, 1, kt + from, s, p + from, s);
     float inverse[kRows];
     for (int64_t r = 0; r < rows; ++r) {
       float* pr = p + r * s;
@@ -260,12 +189,7 @@ void forward_head(const Shape& z, Slice q, Slice k, Slice v, MutSlice y, float* 
       inverse[r] = 1.0f / total;
       lse[i0 + r] = m + std::log(total);
     }
-    if (width > from) {
-      matmul(rows, hs, width - from, p + from, s, 1, v.row(from), v.stride, y.row(i0), y.stride);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < hs; ++d) y.row(i0 + r)[d] = 0.0f;
-    }
+    matmul(rows, hs, span, p + from, s, 1, v.row(from), v.stride, y.row(i0), y.stride);  // span 0: zeros
     for (int64_t r = 0; r < rows; ++r) {
       float* yr = y.row(i0 + r);
       for (int64_t d = 0; d < hs; ++d) yr[d] *= inverse[r];
@@ -293,10 +217,9 @@ void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const flo
     int64_t from = first_key(lo, i0), width = visible(i0 + rows - 1, t, s, z.causal);
     float* pt = p + i0 * s;
     float* dst = ds + i0 * s;
-    if (width > from) {
-      matmul(rows, width - from, hs, q.row(i0), q.stride, 1, kt + from, s, pt + from, s);
-      matmul(rows, width - from, hs, g.row(i0), g.stride, 1, vt + from, s, dst + from, s);
-    }
+    int64_t span = std::max<int64_t>(width - from, 0);
+    matmul(rows, span, hs, q.row(i0), q.stride, 1, kt + from, s, pt + from, s);
+    matmul(rows, span, hs, g.row(i0), g.stride, 1, vt + from, s, dst + from, s);
     for (int64_t r = 0; r < rows; ++r) {
       float* pr = pt + r * s;
       float* dr = dst + r * s;
@@ -310,12 +233,7 @@ void backward_head(const Shape& z, Slice q, Slice k, Slice v, Slice o, const flo
       }
       for (int64_t j = std::max(a, n); j < s; ++j) pr[j] = dr[j] = 0.0f;
     }
-    if (width > from) {
-      matmul(rows, hs, width - from, dst + from, s, 1, k.row(from), k.stride, dq.row(i0), dq.stride);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < hs; ++d) dq.row(i0 + r)[d] = 0.0f;
-    }
+    matmul(rows, hs, span, dst + from, s, 1, k.row(from), k.stride, dq.row(i0), dq.stride);  // span 0: zeros
   }
   // key j gets contributions from queries first_query(j)..t-1 (in packed rows, up to the last of
   // its example); rows outside those are zero in p, ds
@@ -383,6 +301,12 @@ const int32_t* row_of(const std::vector<int32_t>& lo, const Shape& z, int64_t b)
   return lo.empty() ? nullptr : lo.data() + b * z.t;
 }
 
+// an Attention primitive's output; its other, the log-sum-exps, feeds the backward pass
+mx::array output_of(const mx::array& q, std::shared_ptr<Attention> attention, const std::vector<mx::array>& inputs) {
+  return mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
+                                std::move(attention), inputs)[0];
+}
+
 }  // namespace
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
@@ -396,10 +320,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
       throw std::invalid_argument("attention: starts must be (B, T) int32 for q (B, nh, T, hs) and T keys");
     inputs.push_back(mx::contiguous(*starts, false, s));
   }
-  auto stream = mx::to_stream(s);
-  auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
-                                     std::make_shared<Attention>(stream, scale, causal, starts.has_value()), inputs);
-  return outs[0];
+  return output_of(q, std::make_shared<Attention>(mx::to_stream(s), scale, causal, starts.has_value()), inputs);
 }
 
 mx::array cache_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& length,
@@ -407,17 +328,14 @@ mx::array cache_attention(const mx::array& q, const mx::array& k, const mx::arra
   check_shapes(q, k, v, scale);
   if (length.dtype() != mx::int32 || (length.size() != 1 && (length.ndim() != 1 || length.shape(0) != q.shape(0))))
     throw std::invalid_argument("cache_attention: length must be one int32, or one for each row of the batch");
-  auto stream = mx::to_stream(s);
-  auto outs = mx::array::make_arrays({q.shape(), {q.shape(0), q.shape(1), q.shape(2)}}, {mx::float32, mx::float32},
-                                     std::make_shared<Attention>(stream, scale, true), {q, k, v, length});
-  return outs[0];
+  return output_of(q, std::make_shared<Attention>(mx::to_stream(s), scale, true), {q, k, v, length});
 }
 
 void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   Shape z = shape_of(inputs[0], inputs[1], scale_, causal_);
   float* y = allocate_heads_last(outputs[0]);
   float* lse = allocate(outputs[1]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1]}, [in = inputs, z, y, lse, packed = packed_]() mutable {
+  dispatch(stream(), inputs, outputs, [in = inputs, z, y, lse, packed = packed_]() mutable {
     std::vector<int32_t> first;
     const int32_t* lengths = nullptr;  // a cache: the keys after a row's length are not written yet
     int64_t per_row = 0;               // whether each row has a length of its own (batched serving)
@@ -460,7 +378,7 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   float* dq = allocate_heads_last(outputs[0]);
   float* dk = allocate_heads_last(outputs[1]);
   float* dv = allocate_heads_last(outputs[2]);
-  dispatch(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]},
+  dispatch(stream(), inputs, outputs,
            [in = inputs, z, dq, dk, dv] {
              std::vector<int32_t> first;
              if (in.size() == 7) first = first_keys(in[6], z);  // packed rows

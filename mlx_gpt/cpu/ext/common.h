@@ -27,6 +27,14 @@ inline void require_float32(const mx::array& a, const char* what) {
   throw std::runtime_error(std::string(what) + " runs on the CPU only");
 }
 
+// one past the last key that query row r of t sees among s keys: all of them, or (causal) those up
+// to the query's own position, the mask aligned to the last query
+inline int64_t visible(int64_t r, int64_t t, int64_t s, bool causal) {
+  if (!causal) return s;
+  int64_t n = r + s - t + 1;
+  return n < 0 ? 0 : (n > s ? s : n);
+}
+
 inline void set_outputs(mx::cpu::CommandEncoder& encoder, mx::array& out) {
   encoder.set_output_array(out);
 }

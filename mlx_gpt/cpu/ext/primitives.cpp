@@ -86,19 +86,12 @@ void norm_grad_rows(const float* x, const float* w, const float* g, const float*
 
 // ---------------------------------------------------------------------------------- softmax
 
-// keys row `r` of a (rows, s) softmax sees: all of them, or the causal prefix
-inline int64_t visible_keys(int64_t r, int64_t t, int64_t s, bool causal) {
-  if (!causal) return s;
-  int64_t v = r % t + s - t + 1;
-  return v < 0 ? 0 : (v > s ? s : v);
-}
-
 void softmax_rows(const float* x, float* p, float scale, bool causal, int64_t t, int64_t s, int64_t begin,
                   int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = x + r * s;
     float* pr = p + r * s;
-    int64_t n = visible_keys(r, t, s, causal);
+    int64_t n = visible(r % t, t, s, causal);  // row r % t of its (t, s) matrix
     if (n > 0) {
       float m = max(xr, n) * scale;  // scale > 0
       for (int64_t j = 0; j < n; ++j) pr[j] = exp_nonpositive(xr[j] * scale - m);
