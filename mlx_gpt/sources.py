@@ -36,6 +36,7 @@ PIECE_CHARS = 1 << 20  # a text file is handed on in pieces of about this many c
 MAX_PIECE_CHARS = 1 << 26  # ... or, where no space allows a clean cut, at most this many
 MAX_LINE_BYTES = 1 << 27  # a jsonl line (one record) longer than this is refused: memory stays bounded
 CLEAN_CUT = re.compile(r"(?<=\S) (?=\S)")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's escapes can spell half a surrogate pair: not text
 GOLDEN = 0.6180339887498949  # document i is val when frac(i * GOLDEN) < val fraction: spread evenly
 
 
@@ -179,19 +180,10 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
         if not isinstance(text, str):
             what = "no" if not isinstance(record, dict) or field not in record else "a non-string"
             raise UserError(f"{path}:{number}: {what} {field!r} field (choose the field with --text-field)")
-        if not text.isascii() and not _is_unicode(text):
+        if not text.isascii() and LONE_SURROGATE.search(text):
             raise UserError(f"{path}:{number}: the {field!r} field is not text: it holds a lone surrogate "
                             "(a \\ud800-\\udfff escape without its pair)")
         yield text
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether a string decoded from JSON is text: JSON's escapes can spell half a surrogate pair."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _parquet_texts(path: Path, field: str) -> Iterator[str]:
