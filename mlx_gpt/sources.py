@@ -27,10 +27,9 @@ from .errors import UserError
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 BUILTIN_SOURCES = ("pydoc", "shakespeare")
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-PARQUET_SUFFIXES = (".parquet",)
-ARROW_SUFFIXES = (".arrow",)  # Hugging Face datasets' save_to_disk: Arrow streams
+# a corpus file's kind by the end of its name (arrow: Hugging Face datasets' save_to_disk streams)
+SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst"), "parquet": (".parquet",), "arrow": (".arrow",),
+            "text": (".txt",)}
 READ_BLOCK = 1 << 20  # bytes read from a file at a time
 PIECE_CHARS = 1 << 20  # a text file is handed on in pieces of about this many characters
 MAX_PIECE_CHARS = 1 << 26  # ... or, where no space allows a clean cut, at most this many
@@ -42,12 +41,7 @@ GOLDEN = 0.6180339887498949  # document i is val when frac(i * GOLDEN) < val fra
 
 def kind_of(path: Path) -> str | None:
     """'text', 'jsonl', 'parquet' or 'arrow' by the file's name; None for a file no source holds."""
-    name = path.name.lower()
-    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("arrow", ARROW_SUFFIXES),
-                           ("text", TEXT_SUFFIXES)):
-        if name.endswith(suffixes):
-            return kind
-    return None
+    return next((kind for kind, suffixes in SUFFIXES.items() if path.name.lower().endswith(suffixes)), None)
 
 
 def source_files(source: str) -> list[Path]:
@@ -70,11 +64,11 @@ def source_name(source: str) -> str:
     if source in BUILTIN_SOURCES:
         return source
     path = Path(source)
-    name = path.name
-    for suffix in (*JSONL_SUFFIXES, *PARQUET_SUFFIXES, *ARROW_SUFFIXES, *TEXT_SUFFIXES):
-        if not path.is_dir() and name.lower().endswith(suffix):
-            return name[: -len(suffix)] or name
-    return path.stem if path.is_file() else name
+    kind = None if path.is_dir() else kind_of(path)
+    if kind is not None:
+        suffix = next(s for s in SUFFIXES[kind] if path.name.lower().endswith(s))
+        return path.name[: -len(suffix)] or path.name
+    return path.stem if path.is_file() else path.name
 
 
 def part_of(files: list[Path], part: int, parts: int) -> list[Path]:
