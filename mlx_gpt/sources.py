@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .atomic import replacing_file
 from .errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -360,24 +361,20 @@ def download(url: str, dest: Path, sha256: str) -> None:
 
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(dest.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
+        with replacing_file(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                    while chunk := r.read(1 << 16):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            if digest.hexdigest() != sha256:
+                raise UserError(f"download of {url} has the wrong checksum; try again")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"download of {url} failed: {e}; offline, put the file at {dest} yourself") from None
-    if digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"download of {url} has the wrong checksum; try again")
-    tmp.replace(dest)
 
 
 def builtin_pieces(docs: list[str], val_fraction: float) -> Iterator[Piece]:
