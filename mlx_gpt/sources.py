@@ -19,6 +19,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -75,12 +76,9 @@ def source_name(source: str) -> str:
 def part_of(files: list[Path], part: int, parts: int) -> list[Path]:
     """The ``part``-th (1-based) of ``parts`` contiguous slices of files, balanced by size."""
     sizes = [f.stat().st_size for f in files]
-    total, before, chosen = max(sum(sizes), 1), 0, []
-    for f, size in zip(files, sizes):
-        if int((before + size / 2) * parts / total) == part - 1:
-            chosen.append(f)
-        before += size
-    return chosen
+    total = max(sum(sizes), 1)  # a file falls in the slice its middle byte falls in
+    return [f for f, size, before in zip(files, sizes, accumulate(sizes, initial=0))
+            if int((before + size / 2) * parts / total) == part - 1]
 
 
 # ---------------------------------------------------------------------------- byte streams
