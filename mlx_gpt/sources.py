@@ -210,7 +210,7 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
 
 def _text_blocks(path: Path, start: int, end: int) -> Iterator[str]:
     """The UTF-8 text of bytes [start, end) of a file, in blocks; bad UTF-8 names the line."""
-    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         with open(path, "rb") as f:
             f.seek(start)
@@ -222,10 +222,9 @@ def _text_blocks(path: Path, start: int, end: int) -> Iterator[str]:
                 left -= len(block)
                 try:
                     yield decoder.decode(block, final=left <= 0)
-                except UnicodeDecodeError as e:
-                    where = line + block[: max(e.start, 0)].count(b"\n") + _newlines_before(path, start)
+                except UnicodeDecodeError as e:  # the line: one more than the newlines before the bad byte
+                    where = 1 + _newlines_before(path, end - left - len(block) + max(e.start, 0))
                     raise UserError(f"{path}:{where}: not UTF-8 ({e.reason})") from None
-                line += block.count(b"\n")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
