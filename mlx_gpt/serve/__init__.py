@@ -10,6 +10,7 @@ server has no authentication, so expose it beyond this machine only behind one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -48,11 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("--timeout and --max-body-mb must be positive")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0 .. 65535, got {args.port}")
-    try:
-        import uvicorn  # noqa: F401
-        import starlette  # noqa: F401
-    except ImportError:
-        raise UserError("serving needs uvicorn and starlette: pip install -e '.[serve]'") from None
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
+        raise UserError("serving needs uvicorn and starlette: pip install -e '.[serve]'")
 
     from ..quantize import load
     from .app import create_app

@@ -9,6 +9,7 @@ whole answer is computed) cancels its request, which frees its rows at the engin
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 import time
@@ -44,12 +45,6 @@ def create_app(engine: Engine, info: ModelInfo, *, max_body: int = 32 << 20) -> 
             {"id": info.name, "object": "model", "created": 0, "owned_by": "mlx_gpt",
              "max_model_len": info.block_size}]})
 
-    async def completions(request: Request) -> Response:
-        return await _answer(request, parse_completion)
-
-    async def chat(request: Request) -> Response:
-        return await _answer(request, parse_chat)
-
     async def _answer(request: Request, parse) -> Response:
         try:
             parsed = parse(await _read_json(request, max_body), info)
@@ -77,8 +72,8 @@ def create_app(engine: Engine, info: ModelInfo, *, max_body: int = 32 << 20) -> 
         return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
 
     routes = [Route("/", index), Route("/health", health), Route("/v1/models", models),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat, methods=["POST"])]
+              Route("/v1/completions", functools.partial(_answer, parse=parse_completion), methods=["POST"]),
+              Route("/v1/chat/completions", functools.partial(_answer, parse=parse_chat), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
