@@ -95,8 +95,7 @@ def max_token_chars(tokenizer, vocab_size: int) -> int:
 
 def parse_completion(body: Any, info: ModelInfo) -> Parsed:
     """A ``POST /v1/completions`` body as jobs."""
-    body = _object(body)
-    _check_model(body, info)
+    body = _object_for(info, body)
     if body.get("suffix") is not None:
         raise APIError(400, "suffix is not supported", param="suffix")
     prompts = _prompts(body.get("prompt"), info)
@@ -117,43 +116,36 @@ def parse_completion(body: Any, info: ModelInfo) -> Parsed:
 
 def parse_chat(body: Any, info: ModelInfo) -> Parsed:
     """A ``POST /v1/chat/completions`` body as a job; the chat's format adds its stop strings."""
-    body = _object(body)
-    _check_model(body, info)
+    body = _object_for(info, body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     text, stops = render_chat([_message(m, i) for i, m in enumerate(messages)], info.tokenizer)
     ((ids, text),) = _prompts(text, info)
-    if "logprobs" in body and body["logprobs"] is not None and not isinstance(body["logprobs"], bool):
-        raise APIError(400, "logprobs must be true or false", param="logprobs")
+    wants_logprobs = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not body.get("logprobs"):
+    if top is not None and not wants_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    logprobs = (top or 0) if body.get("logprobs") else None
+    logprobs = (top or 0) if wants_logprobs else None
     n = _integer(body, "n", 1, 1, info.max_batch)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, None, 0, None)
-    if max_tokens is None:
-        _check_context(len(ids), 0, info, "messages")
-        max_tokens = info.block_size - len(ids)
+    max_tokens = _integer(body, name, max(info.block_size - len(ids), 0), 0, None)  # default: the context's rest
     _check_context(len(ids), max_tokens, info, "messages")
     job = _job(body, info, ids, max_tokens, n, logprobs, echo_logprobs=False, extra_stops=stops)
     return Parsed(True, [job], [text], *_stream_options(body), logprobs=logprobs)
 
 
-def _object(body: Any) -> dict:
+def _object_for(info: ModelInfo, body: Any) -> dict:
+    """The body, a JSON object naming the served model."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
-def _check_model(body: dict, info: ModelInfo) -> None:
     model = body.get("model")
     if not isinstance(model, str):
         raise APIError(400, "model must be a string: the served model's id (GET /v1/models)", param="model")
     if model != info.name:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{info.name}`", param="model",
                        code="model_not_found")
+    return body
 
 
 def _message(m: Any, i: int) -> dict:
