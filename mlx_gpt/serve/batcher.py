@@ -107,7 +107,7 @@ class Engine:
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
         """Queue a job; raises QueueFull when max_queue jobs already wait."""
         assert 1 <= job.n <= self.max_batch and len(job.prompt) + job.max_tokens <= self.block_size
-        handle = Handle(job, loop, self, time.monotonic() + self.timeout)
+        handle = Handle(job, loop, self.wake, time.monotonic() + self.timeout)
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
 from ..generate import Continuation
-
-
-class Waker(Protocol):
-    def wake(self) -> None: ...
 
 
 class QueueFull(Exception):
@@ -88,10 +84,10 @@ class Event:
 class Handle:
     """A submitted job as the HTTP side sees it: its events arrive on the event loop that submitted it."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, engine: Waker, deadline: float) -> None:
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, wake: Callable[[], None], deadline: float) -> None:
         self.job = job
         self.loop = loop
-        self.engine = engine
+        self.wake = wake  # the engine's
         self.deadline = deadline
         self.cancelled = False
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -111,7 +107,7 @@ class Handle:
     def cancel(self) -> None:
         """The client is gone: free the job's rows at the engine's next step."""
         self.cancelled = True
-        self.engine.wake()
+        self.wake()
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event until each of the job's choices has ended."""
