@@ -9,7 +9,7 @@ Shards are memory-mapped once; a window never crosses from one shard into the ne
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -72,10 +72,6 @@ class BatchSampler:
             window[index] = self.shards[s][at : at + self.block_size + 1]
         return window[..., :-1], window[..., 1:]
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        while True:
-            yield self.next()
-
     def state(self) -> dict:
         return self.rng.bit_generator.state
 
@@ -131,10 +127,6 @@ class SequentialSampler:
             x[a], y[a] = window[:-1].reshape(B, T), window[1:].reshape(B, T)
             self.position += 1
         return x, y
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        while True:
-            yield self.next()
 
     def state(self) -> dict:
         """The next window: its index, and its shard's when the split has several (a one-file
