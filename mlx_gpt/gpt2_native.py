@@ -13,7 +13,7 @@ Python path (``encode`` gives None).
 
 The module is built on first use and cached by ``native.Module`` (see ``native.py``), like the
 CPU kernels. Without CMake, a compiler or nanobind, after a failed build, or with
-``MLX_GPT_NO_EXT=1``, ``load()`` gives None and the Python encoder runs.
+``MLX_GPT_NO_EXT=1``, ``encoder()`` gives None and the Python encoder runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from types import ModuleType
 
 from .native import Module
 
@@ -55,7 +54,7 @@ def encoder(tokenizer, remember: int):
     or None for text to encode otherwise), or None where the module is not available."""
     from .gpt2_tokenizer import byte_to_unicode
 
-    module = load()
+    module = MODULE.load()  # built on the first call of a process if needed
     if module is None:
         return None
     vocab = tokenizer.vocab
@@ -63,11 +62,6 @@ def encoder(tokenizer, remember: int):
     byte_ids = [vocab[chars[b]] for b in range(256)]
     merges = [(vocab[a], vocab[b], vocab[a + b]) for a, b in tokenizer.merges]
     return module.Encoder(char_classes(), byte_ids, merges, remember)
-
-
-def load() -> ModuleType | None:
-    """The compiled module (built on the first call of a process if needed), or None."""
-    return MODULE.load()
 
 
 def status() -> str:
