@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 
 from .errors import UserError
 from .formats import gpt2_files, llmc
-from .tokenizer import is_plain_file_name
+from .tokenizer import META_FILE, is_plain_file_name, write_meta
 
 EOT = "<|endoftext|>"
 VOCAB_FILE = "vocab.json"
@@ -115,10 +115,8 @@ class GPT2Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt and tokenizer.json (which names them) into directory."""
-        d = Path(directory)
-        self.write_files(d)
-        meta = {"version": 1, "kind": self.kind, "vocab_file": VOCAB_FILE, "merges_file": MERGES_FILE}
-        (d / "tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.write_files(directory)
+        write_meta(directory, {"kind": self.kind, "vocab_file": VOCAB_FILE, "merges_file": MERGES_FILE})
 
     # ------------------------------------------------------------------ files
 
@@ -206,17 +204,13 @@ class GPT2Tokenizer:
         return cls(vocab, merges, special=special, files=(str(path), str(path)))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "GPT2Tokenizer":
-        """From a checkpoint directory, whose tokenizer.json names the two files."""
-        meta_path = Path(directory, "tokenizer.json")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            vocab, merges = meta.get("vocab_file", VOCAB_FILE), meta.get("merges_file", MERGES_FILE)
-        except (OSError, ValueError, AttributeError, RecursionError) as e:
-            raise UserError(f"{meta_path} is unreadable: {str(e)[:100]}") from None
+    def load(cls, directory: str | os.PathLike, meta: dict) -> "GPT2Tokenizer":
+        """From a checkpoint directory, whose tokenizer.json (``meta``, as ``load_tokenizer`` read it)
+        names the two files."""
+        vocab, merges = meta.get("vocab_file", VOCAB_FILE), meta.get("merges_file", MERGES_FILE)
         for name in (vocab, merges):
             if not is_plain_file_name(name):
-                raise UserError(f"{meta_path}: {name!r:.60} is not the name of a file beside it")
+                raise UserError(f"{Path(directory, META_FILE)}: {name!r:.60} is not the name of a file beside it")
         return cls.from_files(Path(directory, vocab), Path(directory, merges))
 
     @classmethod

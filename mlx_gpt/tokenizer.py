@@ -59,7 +59,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> None:
-        _write_meta(directory, {"kind": self.kind})
+        write_meta(directory, {"kind": self.kind})
 
 
 class SentencePieceTokenizer:
@@ -95,8 +95,8 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         Path(directory, self.model_file).write_bytes(self._proto)
-        _write_meta(directory, {"kind": self.kind, "model_file": self.model_file,
-                                "model_sha256": hashlib.sha256(self._proto).hexdigest()})
+        write_meta(directory, {"kind": self.kind, "model_file": self.model_file,
+                               "model_sha256": hashlib.sha256(self._proto).hexdigest()})
 
     @classmethod
     def train(cls, lines: Iterable[str], vocab_size: int, *, max_lines: int = 2_000_000) -> "SentencePieceTokenizer":
@@ -185,7 +185,8 @@ def _interrupt_noted(noted: list) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _write_meta(directory: str | os.PathLike, meta: dict) -> None:
+def write_meta(directory: str | os.PathLike, meta: dict) -> None:
+    """A tokenizer's tokenizer.json: its kind and what else loading it needs."""
     Path(directory, META_FILE).write_text(json.dumps({"version": 1, **meta}, indent=2) + "\n")
 
 
@@ -261,7 +262,7 @@ def _load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if kind == "gpt2":
         from .gpt2_tokenizer import GPT2Tokenizer
 
-        return GPT2Tokenizer.load(directory)
+        return GPT2Tokenizer.load(directory, meta)
     raise UserError(f"{meta_path}: unknown tokenizer kind {kind!r:.40}")
 
 
