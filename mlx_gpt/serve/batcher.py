@@ -169,16 +169,13 @@ class Engine:
             self._waiting.clear()
         handles += [p.handle for p in self._prefills]
         self._prefills.clear()
-        seen = set()
-        for seq in self._rows:
+        for seq in self._rows:  # a job's choices are running, prefilling or waiting: never two of these
             seq.handle.emit(Event(seq.index, error=reason))
-            seen.add(id(seq.handle))
         self._rows.clear()
         self._shape = (0, 0)
         self._keys, self._values = [], []
         for handle in handles:
-            if id(handle) not in seen:
-                handle.fail(reason)
+            handle.fail(reason)
 
     def _drop_finished_handles(self) -> None:
         """Cancelled and timed-out requests leave the queue, the prefills and the batch."""
