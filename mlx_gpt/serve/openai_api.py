@@ -84,10 +84,7 @@ def render_chat(messages: list[dict], tokenizer) -> tuple[str, tuple[str, ...]]:
 
 def max_token_chars(tokenizer, vocab_size: int) -> int:
     """The most characters one token of this tokenizer decodes to."""
-    longest = 1
-    for i in range(min(vocab_size, tokenizer.vocab_size)):
-        longest = max(longest, len(tokenizer.decode([i])))
-    return longest
+    return max([1] + [len(tokenizer.decode([i])) for i in range(min(vocab_size, tokenizer.vocab_size))])
 
 
 # ------------------------------------------------------------------------ checking requests
