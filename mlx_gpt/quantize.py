@@ -158,8 +158,3 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
     finally:
         lock.release()
     return out
-
-
-def size_bytes(model: Any) -> int:
-    """Bytes the model's parameters take, packed weights as stored."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
