@@ -80,9 +80,7 @@ class FixedKVCache:
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write k, v of shape (B, nh, T, hs) at offset; return the full (B, nh, capacity, hs) buffers."""
         if self.keys is None:
-            B, nh, _, hs = k.shape
-            self.keys = mx.zeros((B, nh, self.capacity, hs), k.dtype)
-            self.values = mx.zeros((B, nh, self.capacity, v.shape[3]), v.dtype)
+            self.keys, self.values = (mx.zeros((*a.shape[:2], self.capacity, a.shape[3]), a.dtype) for a in (k, v))
         # slice_update on a buffer nothing else holds runs in place
         self.keys = mx.slice_update(self.keys, k, self.offset, axes=(2,))
         self.values = mx.slice_update(self.values, v, self.offset, axes=(2,))
