@@ -102,10 +102,6 @@ class Decoder:
         """The BLAS threads decoding chose on the CPU (None until the first generation there)."""
         return self._blas_threads[0] if self._blas_threads else None
 
-    def _decoding_threads(self):
-        """BLAS threads for decoding, measured once per Decoder (``backend.decoding_threads``)."""
-        return backend.decoding_threads(_matvec_shape(self.model), self._blas_threads)
-
     def capacity(self, n_positions: int) -> int:
         """Cache positions for n_positions tokens: rounded up to a step, at most the block size."""
         if not self.compiled:
@@ -176,7 +172,8 @@ class Decoder:
         timing.rows, timing.prompt_tokens = num_samples, window.shape[1]
         state = {} if self.sampling.greedy else {"rng": mx.random.key(seed)}
 
-        with eval_mode(self.model), self._decoding_threads():
+        # BLAS threads for decoding, measured once per Decoder
+        with eval_mode(self.model), backend.decoding_threads(_matvec_shape(self.model), self._blas_threads):
             start = time.perf_counter()
             y, state, caches = self._prefill(mx.array(window), capacity, state, fed=mx.array(prompt_rows))
             n_cached = window.shape[1]
