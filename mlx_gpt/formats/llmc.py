@@ -94,12 +94,8 @@ def read_model(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, LazyTensor
                         f"width {n_embd}, padded vocab {vp}) describes {expected:,} bytes, the file has {size:,}")
     cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     tensors, offset = {}, HEADER_BYTES
-    for name, shape in layout(cfg, vp):
-        if name == "wte.weight":  # only the real rows; the padding rows are never looked up
-            shape_read = (vocab, n_embd)
-        else:
-            shape_read = shape
-        tensors[name] = _at(path, offset, dtype, shape_read)
+    for name, shape in layout(cfg, vp):  # of wte only the real rows: the padding rows are never looked up
+        tensors[name] = _at(path, offset, dtype, (vocab, n_embd) if name == "wte.weight" else shape)
         offset += int(np.prod(shape)) * item.itemsize
     assert offset == size, (offset, size)
     return cfg, tensors
