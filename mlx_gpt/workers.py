@@ -42,11 +42,10 @@ def bulk_encode(tok: Tokenizer) -> Callable[[str], np.ndarray]:
 
 
 def encode_pieces(tok: Tokenizer, task: Task, dtype: np.dtype,
-                  encode: Callable[[str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train tokens, val tokens) of a task's pieces, in order."""
+                  encode: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens, val tokens) of a task's pieces, in order, each text's ids ``encode``'s (``bulk_encode``)."""
     out: tuple[list, list] = ([], [])
     eot = None if tok.eot_id is None else np.asarray([tok.eot_id], dtype)
-    encode = encode or bulk_encode(tok)
     for text, val, last in task:
         out[val].append(encode(text))
         if last and eot is not None:
