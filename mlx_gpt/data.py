@@ -30,11 +30,9 @@ HEADER_BYTES = HEADER_INTS * 4
 GPT2_HEADER, LLAMA3_HEADER = (20240520, 1), (20240801, 7)
 HEADER_DTYPE = {GPT2_HEADER: np.dtype("<u2"), LLAMA3_HEADER: np.dtype("<u4")}
 LLMC_VOCAB = {GPT2_HEADER: 50257, LLAMA3_HEADER: 128256}
-MAGIC = GPT2_HEADER[0]
 MAX_TOKENS = 2**31 - 1  # the count is an int32
 SCAN_CHUNK = 1 << 24  # tokens per read when checking ids
 ID_MEMO = ".token-ids.json"  # each token file's largest id, beside the files (see largest_ids)
-
 
 
 # ---------------------------------------------------------------------------- token files

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from mlx_gpt.data import HEADER_BYTES, MAGIC, TokenFile, load_dataset, open_tokens, prepare, read_header, write_tokens
+from mlx_gpt.data import HEADER_BYTES, TokenFile, load_dataset, open_tokens, prepare, read_header, write_tokens
 from mlx_gpt.sources import read_source
 from mlx_gpt.sampler import BatchSampler, SequentialSampler, make_sampler
 from conftest import assert_one_line_error, run_module
@@ -22,7 +22,7 @@ def test_header_fields_and_uint16_payload(tmp_path):
     write_tokens(tmp_path / "t.bin", tokens, vocab_size=65536)
     raw = (tmp_path / "t.bin").read_bytes()
     header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
-    assert (header[0], header[1], header[2]) == (MAGIC, 1, 5) == (20240520, 1, 5)
+    assert (header[0], header[1], header[2]) == (20240520, 1, 5)
     assert not header[3:].any()
     assert len(raw) == HEADER_BYTES + 2 * 5
     assert np.frombuffer(raw[HEADER_BYTES:], dtype="<u2").tolist() == tokens.tolist()
