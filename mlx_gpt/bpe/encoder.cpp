@@ -37,13 +37,10 @@ constexpr uint32_t GONE = UINT32_MAX;
 
 using Ids = nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>;
 
+// a piece is looked up by its string_view, without copying it into a string
 struct ViewHash {
   using is_transparent = void;
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
-};
-struct ViewEq {
-  using is_transparent = void;
-  bool operator()(std::string_view a, std::string_view b) const noexcept { return a == b; }
 };
 
 struct Merge {
@@ -222,7 +219,7 @@ class Encoder {
   uint32_t byte_ids_[256];
   std::unordered_map<uint64_t, Merge> pairs_;
   size_t remember_;
-  std::unordered_map<std::string, std::pair<size_t, size_t>, ViewHash, ViewEq> known_;
+  std::unordered_map<std::string, std::pair<size_t, size_t>, ViewHash, std::equal_to<>> known_;
   std::vector<uint32_t> arena_;
   const uint8_t* s_ = nullptr;
   size_t n_ = 0;
