@@ -280,7 +280,7 @@ def _prompt(args: argparse.Namespace) -> str | None:
 
 
 def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict], max_new_tokens: int, *, seed: int,
-               stop: Sequence[str] = (), timing: Timing | None = None) -> Iterator[str]:
+               stop: Sequence[str] = ()) -> Iterator[str]:
     """Yield the assistant's reply to ``messages`` piece by piece: the conversation rendered with the
     tokenizer's chat template (``chat.py``), continued until the assistant's turn ends."""
     from . import chat
@@ -288,7 +288,7 @@ def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict],
     template, tokens = chat.template_of(tokenizer), chat.special_tokens(tokenizer)
     ids = chat.encode(tokenizer, chat.render(template, messages, add_generation_prompt=True, **tokens))
     stops = [*stop, chat.end_of_turn(template, **tokens)]
-    for pieces in stream_batch(decoder, tokenizer, ids, max_new_tokens, seed=seed, stop=stops, timing=timing):
+    for pieces in stream_batch(decoder, tokenizer, ids, max_new_tokens, seed=seed, stop=stops):
         if pieces[0]:
             yield pieces[0]
 
@@ -299,17 +299,12 @@ def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, firs
 
     chat.end_of_turn(chat.template_of(tokenizer), **chat.special_tokens(tokenizer))  # a broken template: now, once
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    while True:
-        turn, first = (first if first is not None else _read_line()), None
-        if turn is None:
-            return
-        if not turn.strip():
-            continue
-        reply, timing = "", Timing()
+    for turn, seed in _turns(first, seed):
+        reply = ""
         try:
             check_text(turn, "this turn")
             for piece in chat_reply(decoder, tokenizer, [*messages, {"role": "user", "content": turn}],
-                                    args.max_new_tokens, seed=seed, stop=args.stop, timing=timing):
+                                    args.max_new_tokens, seed=seed, stop=args.stop):
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -320,28 +315,29 @@ def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, firs
             print(f"error: {e}", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        seed += 1
 
 
-def _read_line() -> str | None:
-    """The next line from stdin after a "> " on stderr, without its newline (None: end of input)."""
-    sys.stderr.write("> ")
-    sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        sys.stderr.write("\n")
-        return None
-    return line.rstrip("\n")
+def _turns(first: str | None, seed: int) -> Iterator[tuple[str, int]]:
+    """first (if given), then each line from stdin after a "> " on stderr, without its newline, until
+    end of input; blank lines are skipped, and each line comes with its seed, one more each time."""
+    while True:
+        if first is None:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                sys.stderr.write("\n")
+                return
+            first = line.rstrip("\n")
+        if first.strip():
+            yield first, seed
+            seed += 1
+        first = None
 
 
 def _interact(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, seed: int) -> None:
     """Prompts from stdin until EOF; Ctrl-C ends the current continuation, not the session."""
-    while True:
-        prompt = _read_line()
-        if prompt is None:
-            return
-        if not prompt.strip():
-            continue
+    for prompt, seed in _turns(None, seed):
         try:
             check_text(prompt, "this prompt")
             _run_prompt(decoder, tokenizer, prompt, args, seed)
@@ -349,7 +345,6 @@ def _interact(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, 
             print("\n[stopped]", file=sys.stderr)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-        seed += 1
 
 
 if __name__ == "__main__":
