@@ -30,7 +30,6 @@ from mlx.utils import tree_flatten
 from . import backend, checkpoint, rundir
 from .errors import UserError
 from .models.registry import build_model
-from .tokenizer import Tokenizer
 
 SECTION = "quantization"  # of config.json
 BITS = (4, 8)
@@ -91,11 +90,7 @@ def _load(d: Path, config: dict, fuse: bool) -> Any:
 
 
 checkpoint.LOADERS[SECTION] = _load
-
-
-def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:
-    """``checkpoint.load``, with this module's loader registered: float and quantized alike."""
-    return checkpoint.load(path)
+load = checkpoint.load  # with this module's loader registered above: float and quantized checkpoints alike
 
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int = 64,
