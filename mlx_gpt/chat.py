@@ -109,13 +109,12 @@ def special_tokens(tokenizer) -> dict[str, str]:
 def encode(tokenizer, text: str) -> list[int]:
     """The ids of rendered text, its end-of-text token's text (a template's ``eos_token``, GPT-2's
     ``<|endoftext|>``) read as that one token, as Hugging Face's tokenizers read a special token."""
-    eot = getattr(tokenizer, "eot_id", None)
-    marker = tokenizer.decode([eot]) if eot is not None else ""
+    marker = special_tokens(tokenizer).get("eos_token")
     if not marker:
         return tokenizer.encode(text)
     ids: list[int] = []
     for i, part in enumerate(text.split(marker)):
-        ids += ([eot] if i else []) + (tokenizer.encode(part) if part else [])
+        ids += ([tokenizer.eot_id] if i else []) + (tokenizer.encode(part) if part else [])
     return ids
 
 
