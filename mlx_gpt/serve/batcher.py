@@ -79,8 +79,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._head_t = _head_for_rows(model) if max_batch > 1 else None
         self._step = mx.compile(self._decode, inputs=[model.state])
-        tunable = backend.blas_threads() is not None
-        self._blas = backend.BlasThreads(backend.cpu_cores()) if tunable else None
+        self._blas = backend.BlasThreads(backend.cpu_cores()) if backend.blas_threads() is not None else None
         self._blas_now: int | None = None
         self.steps = 0  # decode steps run, for tests and logs
 
