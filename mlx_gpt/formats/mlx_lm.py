@@ -14,20 +14,16 @@ from typing import Mapping
 
 from ..tokenizer import Tokenizer
 from ..models.gpt import GPTConfig
-from . import hf_tokenizer
+from . import hf, hf_tokenizer
 from .safetensors_file import write_safetensors
 from .tensors import LazyTensor
 
 PREFIX = "model."
 
 
-def config_dict(cfg: GPTConfig, eot_id: int | None) -> dict:
-    """The fields of mlx-lm's gpt2 ModelArgs, plus what its generate reads for stopping."""
-    d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-         "n_layer": cfg.n_layer, "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True}
-    d["bos_token_id"] = d["eos_token_id"] = eot_id  # null when there is none, never GPT-2's default
-    return d
+# mlx-lm reads GPT-2's config.json as transformers writes it: its gpt2 ModelArgs takes the fields it
+# knows, and its generate stops at the end-of-text id (null when there is none, never GPT-2's default)
+config_dict = hf.config_dict
 
 
 def write_directory(directory: Path, cfg: GPTConfig, weights: Mapping[str, LazyTensor],
