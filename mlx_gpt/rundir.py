@@ -28,19 +28,10 @@ from .checkpoint import CONFIG, METRICS
 from .errors import UserError, filesystem_error
 
 
-def claim_out(out: Path, *, overwrite: bool = False, resume: bool = False,
-              inputs: Mapping[str, str | os.PathLike | None] = {}, flag: str = "--out",
-              check: Callable[[Path, str], None] | None = None, holds: Callable[[Path], bool] = checkpoint.exists,
-              what: str = "a checkpoint", hint: str = "pass --overwrite to replace it") -> "RunLock":
-    """Take ``out`` for one writer and return its (held) lock; release it when done.
-
-    ``inputs`` (what each is -> its path): what the command reads, which it must never replace.
-    ``check(out, flag)`` refuses an output we did not write (default: ``check_out``, a run
-    directory's); ``holds(out)`` says it already holds ``what``, which only ``overwrite`` (or
-    ``resume``) may replace.
-    """
-    check_claim(out, overwrite=overwrite, resume=resume, inputs=inputs, flag=flag, check=check, holds=holds,
-                what=what, hint=hint)
+def claim_out(out: Path, **refusals) -> "RunLock":
+    """Take ``out`` for one writer and return its (held) lock; release it when done. ``refusals``
+    are ``check_claim``'s, which runs first."""
+    check_claim(out, **refusals)
     lock = RunLock(out).acquire()
     try:
         clean_up(out)
@@ -54,7 +45,13 @@ def check_claim(out: Path, *, overwrite: bool = False, resume: bool = False,
                 inputs: Mapping[str, str | os.PathLike | None] = {}, flag: str = "--out",
                 check: Callable[[Path, str], None] | None = None, holds: Callable[[Path], bool] = checkpoint.exists,
                 what: str = "a checkpoint", hint: str = "pass --overwrite to replace it") -> None:
-    """``claim_out``'s refusals alone, for a command that checks its output before long work."""
+    """``claim_out``'s refusals alone, for a command that checks its output before long work.
+
+    ``inputs`` (what each is -> its path): what the command reads, which it must never replace.
+    ``check(out, flag)`` refuses an output we did not write (default: ``check_out``, a run
+    directory's); ``holds(out)`` says it already holds ``what``, which only ``overwrite`` (or
+    ``resume``) may replace.
+    """
     (check or check_out)(out, flag)
     for name, path in inputs.items():
         if path is not None and _same(out, Path(path)):
@@ -169,10 +166,6 @@ def _swap_leftover(name: str) -> bool:
     return name.startswith(".") and (".tmp-" in name or name.endswith((".old", ".lock")))
 
 
-def lock_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.lock")
-
-
 class RunLock:
     """A lock on a run directory: exclusive for the one process that writes it, shared for those
     that read it while they work (a LoRA run pins its base), so neither sees the other's half
@@ -180,7 +173,7 @@ class RunLock:
 
     def __init__(self, out: Path, shared: bool = False, hint: str = "wait for it to finish or choose another --out"):
         self.out, self.shared, self.hint = out, shared, hint
-        self.path = lock_path(out)
+        self.path = out.with_name(f".{out.name}.lock")
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
