@@ -35,30 +35,29 @@ def fast_ops_enabled(dtype: mx.Dtype = mx.float32) -> bool:
 
 
 @contextmanager
-def native_ops() -> Iterator[None]:
+def _set(flag: ContextVar[bool]) -> Iterator[None]:
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
+def native_ops():
     """Use MLX's native kernels inside this block, whatever the device (for tests and benchmarks).
 
     The choice is made when a function is traced: a function compiled inside the block keeps
     the native kernels afterwards, and one compiled outside keeps the fast ones.
     """
-    token = _native_only.set(True)
-    try:
-        yield
-    finally:
-        _native_only.reset(token)
+    return _set(_native_only)
 
 
-@contextmanager
-def pure_mlx_ops() -> Iterator[None]:
+def pure_mlx_ops():
     """Use MLX's own operations inside this block even where the C++ kernels load.
 
     Like ``native_ops()``, the choice is made when a function is traced.
     """
-    token = _pure_mlx.set(True)
-    try:
-        yield
-    finally:
-        _pure_mlx.reset(token)
+    return _set(_pure_mlx)
 
 
 def _kernels():
