@@ -71,7 +71,8 @@ _CORE_NEEDS = {"SKYLAKEX": "avx512f", "COOPERLAKE": "avx512bf16", "SAPPHIRERAPID
                "HASWELL": "avx2", "ZEN": "avx2"}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The processor's instruction-set flags in /proc/cpuinfo (none where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -95,7 +96,7 @@ def _runs_here(lib: ctypes.CDLL) -> str | None:
         return None
     if "DYNAMIC_ARCH" in config:
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     for core, flag in _CORE_NEEDS.items():
         if f" {core}" in f" {config.upper()}" and flags and flag not in flags:
             return f"{config.strip()} needs {flag}, which this processor lacks"

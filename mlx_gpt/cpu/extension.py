@@ -25,20 +25,17 @@ from types import ModuleType
 import mlx.core as mx
 
 from ..native import Module
+from .blas import cpu_flags
 
 
 def arch_flags() -> str:
     """Instruction-set flags for this processor: AVX2 + FMA (x86-64-v3) where /proc/cpuinfo has them."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return ""
-    if {"avx2", "fma", "bmi2", "f16c", "movbe"} <= set(flags):
+    flags = cpu_flags()
+    if {"avx2", "fma", "bmi2", "f16c", "movbe"} <= flags:
         return "-march=x86-64-v3"
-    if {"sse4_2", "popcnt", "ssse3"} <= set(flags):
+    if {"sse4_2", "popcnt", "ssse3"} <= flags:
         return "-march=x86-64-v2"
     return ""
 
