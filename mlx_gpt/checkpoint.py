@@ -20,7 +20,6 @@ log line has been written into a fresh ``NAME/`` since).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from .errors import UserError, filesystem_error
 from .formats.json_file import read_json
 from .limits import check_model
 from .models.registry import build_model, model_type_of, model_types
+from .native import sha256_of
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mlx_gpt"
@@ -252,14 +252,9 @@ def first_non_finite(arrays: dict[str, Any]) -> str | None:
 def fingerprint(weights: Path) -> dict:
     """A weights file's size and SHA-256: what a checkpoint that builds on it (a LoRA run's) records."""
     try:
-        size = weights.stat().st_size
-        digest = hashlib.sha256()
-        with open(weights, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        return {"bytes": weights.stat().st_size, "sha256": sha256_of(weights)}
     except OSError as e:
         raise filesystem_error(e, f"reading {weights}") from None
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def load(path: str | os.PathLike) -> tuple[Any, Tokenizer]:

@@ -50,13 +50,18 @@ def _record(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
 
-def _fingerprint(path: Path) -> str:
-    """``SIZE SHA256`` of a file."""
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read a block at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return f"{path.stat().st_size} {h.hexdigest()}"
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> str:
+    """``SIZE SHA256`` of a file."""
+    return f"{path.stat().st_size} {sha256_of(path)}"
 
 
 def is_sealed(library: Path) -> bool:
