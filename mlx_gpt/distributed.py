@@ -15,6 +15,7 @@ loop has not moved for ``timeout`` seconds.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -78,10 +79,7 @@ def all_mean(tree: T, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BY
         parts = [flat[i][1].reshape(-1) for i in bucket]
         summed = mx.distributed.all_sum(mx.concatenate(parts) if len(parts) > 1 else parts[0], group=group)
         mean = summed / n  # a Python scalar keeps the bucket's dtype
-        bounds, total = [], 0
-        for p in parts[:-1]:
-            total += p.size
-            bounds.append(total)
+        bounds = list(itertools.accumulate(p.size for p in parts[:-1]))
         for i, piece in zip(bucket, mx.split(mean, bounds)):
             out[i] = (flat[i][0], piece.reshape(flat[i][1].shape))
     return tree_unflatten(out)
