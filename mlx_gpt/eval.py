@@ -34,6 +34,7 @@ from .data import encode_documents, is_prepared, load_dataset, split_documents, 
 from .errors import UserError, run_cli
 from .limits import check_text
 from .loss import cross_entropy
+from .models.base import eval_mode
 from .perplexity import Score, score
 from .sources import jsonl_records, read_source
 from .tokenizer import Tokenizer
@@ -172,18 +173,14 @@ def evaluate_choices(model: nn.Module, questions: Sequence[Question], *, batch_s
     from tqdm import tqdm
 
     correct = correct_norm = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(questions), unit="q", disable=None if progress else True, desc="multiple choice") as bar:
-            for batch in (questions[i : i + batch_size] for i in range(0, len(questions), batch_size)):
-                for q, losses in zip(batch, ending_losses(model, batch)):
-                    total = [float(np.sum(l, dtype=np.float64)) for l in losses]
-                    correct += int(np.argmin(total)) == q.label
-                    correct_norm += int(np.argmin([t / len(l) for t, l in zip(total, losses)])) == q.label
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    bar = tqdm(total=len(questions), unit="q", disable=None if progress else True, desc="multiple choice")
+    with eval_mode(model), bar:
+        for batch in (questions[i : i + batch_size] for i in range(0, len(questions), batch_size)):
+            for q, losses in zip(batch, ending_losses(model, batch)):
+                total = [float(np.sum(l, dtype=np.float64)) for l in losses]
+                correct += int(np.argmin(total)) == q.label
+                correct_norm += int(np.argmin([t / len(l) for t, l in zip(total, losses)])) == q.label
+            bar.update(len(batch))
     return ChoiceScore(len(questions), correct, correct_norm)
 
 
