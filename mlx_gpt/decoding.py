@@ -113,9 +113,7 @@ class Decoder:
         """Draw the next tokens from last-position logits (B, vocab); fed (B, T) joins the context."""
         state = dict(state)
         if self.sampling.uses_context:
-            seen = state.get("seen")
-            if seen is None:
-                seen = mx.zeros(logits.shape, mx.bool_)
+            seen = state["seen"] if "seen" in state else mx.zeros(logits.shape, mx.bool_)
             state["seen"] = mark_seen(seen, fed)
         key = None
         if not self.sampling.greedy:
