@@ -22,7 +22,6 @@ from .checkpoint import CONFIG, METRICS
 from .errors import UserError, run_cli
 
 
-
 @dataclass
 class Curves:
     """The series of one run that the picture draws."""
@@ -91,6 +90,14 @@ def _tokens_per_step(run: Path) -> int | None:
     return sizes[0] * sizes[1] * sizes[2]
 
 
+# the loss panel's series: a Curves field, its line's style, and its legend label after a run's
+# name (several runs) or alone
+LOSS_SERIES = (("train", {"linewidth": 1, "alpha": 0.6}, "train (logged)", "train loss (logged)"),
+               ("eval_train", {"marker": "s", "markersize": 4, "linestyle": ":", "linewidth": 1}, "train (eval)",
+                "train loss (eval)"),
+               ("eval_val", {"marker": "o", "markersize": 4, "linewidth": 1.8}, "val", "val loss"))
+
+
 def figure(runs: list[Curves], title: str | None = None):
     """The picture of ``runs`` as a matplotlib Figure (no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -103,21 +110,11 @@ def figure(runs: list[Curves], title: str | None = None):
     losses = []
     for run, c in zip(runs, colors):
         label = run.name if len(runs) > 1 else None
-        if run.train:
-            s, v = zip(*run.train)
-            loss_ax.plot(s, v, color=c, linewidth=1, alpha=0.6, label=f"{label}: train (logged)" if label else
-                         "train loss (logged)")
-            losses += v
-        if run.eval_train:
-            s, v = zip(*run.eval_train)
-            loss_ax.plot(s, v, color=c, marker="s", markersize=4, linestyle=":", linewidth=1,
-                         label=f"{label}: train (eval)" if label else "train loss (eval)")
-            losses += v
-        if run.eval_val:
-            s, v = zip(*run.eval_val)
-            loss_ax.plot(s, v, color=c, marker="o", markersize=4, linewidth=1.8,
-                         label=f"{label}: val" if label else "val loss")
-            losses += v
+        for series, style, after_name, alone in LOSS_SERIES:
+            if getattr(run, series):
+                s, v = zip(*getattr(run, series))
+                loss_ax.plot(s, v, color=c, label=f"{label}: {after_name}" if label else alone, **style)
+                losses += v
         best = run.best_val
         if best is not None:
             loss_ax.plot(*best, marker="*", markersize=14, color=c, markeredgecolor="black", zorder=5)
