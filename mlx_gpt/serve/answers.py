@@ -61,18 +61,13 @@ class Shaper:
 
     def response(self, choices: list[Choice]) -> dict:
         """The whole answer (``stream: false``)."""
-        n = self.p.n
         if self.p.chat:
             out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self._chat_logprobs(c.tokens), "finish_reason": c.finish_reason}
                    for i, c in enumerate(choices)]
             return {**self._head("chat.completion"), "choices": out, "usage": self.usage(choices)}
-        out = []
-        for i, c in enumerate(choices):
-            prompt_text = self.p.prompt_texts[i // n] if self.p.echo else ""
-            tokens = (c.prompt or []) + c.tokens if self.p.echo else c.tokens
-            out.append({"index": i, "text": prompt_text + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self._completion_logprobs(tokens)})
+        out = [self._text_choice(i, c, self.p.prompt_texts[i // self.p.n] if self.p.echo else "")
+               for i, c in enumerate(choices)]
         return {**self._head("text_completion"), "choices": out, "usage": self.usage(choices)}
 
     def chunk(self, index: int, event: Event, echo_text: str = "") -> dict | None:
@@ -83,10 +78,13 @@ class Shaper:
             choice = {"index": index, "delta": {"content": event.text} if event.text else {},
                       "logprobs": self._chat_logprobs(event.tokens), "finish_reason": event.finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        tokens = (event.prompt or []) + event.tokens if self.p.echo else event.tokens
-        choice = {"index": index, "text": echo_text + event.text, "finish_reason": event.finish_reason,
-                  "logprobs": self._completion_logprobs(tokens)}
-        return {**self._head("text_completion"), "choices": [choice]}
+        return {**self._head("text_completion"), "choices": [self._text_choice(index, event, echo_text)]}
+
+    def _text_choice(self, index: int, part: Choice | Event, echo_text: str) -> dict:
+        """A completion's choice, whole or a chunk of it: its text and tokens, the prompt's first when echoed."""
+        tokens = (part.prompt or []) + part.tokens if self.p.echo else part.tokens
+        return {"index": index, "text": echo_text + part.text, "finish_reason": part.finish_reason,
+                "logprobs": self._completion_logprobs(tokens)}
 
     def role_chunk(self, index: int) -> dict:
         """A chat stream's first chunk for a choice: who speaks."""
