@@ -147,11 +147,9 @@ def generate_batch(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int
     """num_samples continuations of prompt, drawn as one batch."""
     decoder = Decoder(model, SamplingConfig(**sampling), keep=keep)
     seed = random_seed() if seed is None else seed
-    texts = [""] * num_samples
-    for pieces in stream_batch(decoder, tokenizer, prompt, max_new_tokens, seed=seed, num_samples=num_samples,
-                               stop=stop, timing=timing):
-        texts = [t + p for t, p in zip(texts, pieces)]
-    return texts
+    steps = stream_batch(decoder, tokenizer, prompt, max_new_tokens, seed=seed, num_samples=num_samples, stop=stop,
+                         timing=timing)
+    return ["".join(pieces) for pieces in zip(*steps)] or [""] * num_samples  # no steps: no new tokens
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0,
@@ -207,9 +205,7 @@ def _run_prompt(decoder: Decoder, tokenizer: Tokenizer, prompt: str, args: argpa
             out.flush()
         out.write("\n")
     else:
-        texts = [""] * args.num_samples
-        for step in pieces:
-            texts = [t + p for t, p in zip(texts, step)]
+        texts = ["".join(row) for row in zip(*pieces)] or [""] * args.num_samples
         out.write("\n---\n".join((prompt if args.echo else "") + t for t in texts) + "\n")
     out.flush()
     print(f"{timing.summary()} | seed {seed}", file=sys.stderr)
