@@ -11,8 +11,8 @@ for the loss together with their gradient; with gradient accumulation one more g
 tree per extra stream.
 
 With gradient accumulation the train step evaluates each micro-batch's gradients before it
-starts the next, so one micro-batch's activations and logits are alive at a time (ACCUM_HELD of
-every further one: none). The per-token factors were fitted to ``mx.get_peak_memory()`` of real
+starts the next, so one micro-batch's activations and logits are alive at a time, however many
+there are. The per-token factors were fitted to ``mx.get_peak_memory()`` of real
 steps and round up; docs/memory.md gives measured ratios.
 """
 
@@ -32,7 +32,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # (attention weights); outside the layers, OUTSIDE_PER_WIDTH x n_embd (embeddings, final norm,
 # backward buffers) and LOGITS_PER_TOKEN x vocab in float32 (logits and their gradient)
 ACT_PER_WIDTH, ATTN_PER_SCORE, OUTSIDE_PER_WIDTH, LOGITS_PER_TOKEN = 20, 1.5, 40, 2
-ACCUM_HELD = 0.0
 CHUNKS_AHEAD = 8
 
 
@@ -81,13 +80,12 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
     per_layer = ACT_PER_WIDTH * C + (ATTN_PER_SCORE * nh * T if attention_weights else nh)
     # recomputed blocks keep only each block's input, and one block's activations at a time
     layers = L * C + per_layer if grad_checkpoint else L * per_layer
-    held = 1 + ACCUM_HELD * (grad_accum - 1)
-    activations = int(held * tokens * (layers + OUTSIDE_PER_WIDTH * C) * s)
+    activations = int(tokens * (layers + OUTSIDE_PER_WIDTH * C) * s)
     extra_grads = (grad_accum > 1) + max(streams - 1, 0)
     logit_rows = min(tokens, CHUNKS_AHEAD * loss_chunk) if loss_chunk else tokens
     return MemoryEstimate(parameters=trained * 4 + copy + frozen * s, gradients=trained * 4 * (1 + extra_grads),
                           optimizer=2 * trained * 4, activations=activations,
-                          logits=int(held * logit_rows * V * 4 * LOGITS_PER_TOKEN))
+                          logits=int(logit_rows * V * 4 * LOGITS_PER_TOKEN))
 
 
 def available_memory() -> int:
