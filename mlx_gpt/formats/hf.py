@@ -140,10 +140,16 @@ def map_names(tensors: Mapping[str, LazyTensor], n_layer: int, source: Path
 def write_directory(directory: Path, cfg: GPTConfig, weights: Mapping[str, LazyTensor],
                     tokenizer: Tokenizer | None, *, progress: bool = False) -> None:
     """A directory GPT2LMHeadModel.from_pretrained loads; weights given in MLX's layout."""
+    hf = {PREFIX + name: transposed(t) if is_conv1d(name) else t for name, t in weights.items()}
+    write_files(directory, cfg, hf, "pt", tokenizer, progress)
+
+
+def write_files(directory: Path, cfg: GPTConfig, tensors: Mapping[str, LazyTensor], fmt: str,
+                tokenizer: Tokenizer | None, progress: bool) -> None:
+    """config.json, model.safetensors (``tensors`` as its reader names and lays them out) and the tokenizer."""
     eot = tokenizer.eot_id if tokenizer is not None else None
     (directory / "config.json").write_text(json.dumps(config_dict(cfg, eot), indent=2) + "\n")
-    hf = {PREFIX + name: transposed(t) if is_conv1d(name) else t for name, t in weights.items()}
-    write_safetensors(directory / "model.safetensors", hf, metadata={"format": "pt"}, progress=progress)
+    write_safetensors(directory / "model.safetensors", tensors, metadata={"format": fmt}, progress=progress)
     if tokenizer is not None:
         hf_tokenizer.write_tokenizer(directory, tokenizer, cfg.block_size)
 

@@ -8,14 +8,12 @@ layout). So ours are written prefixed and untransposed, and its ``sanitize`` lea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
 from ..tokenizer import Tokenizer
 from ..models.gpt import GPTConfig
-from . import hf, hf_tokenizer
-from .safetensors_file import write_safetensors
+from . import hf
 from .tensors import LazyTensor
 
 PREFIX = "model."
@@ -29,9 +27,4 @@ config_dict = hf.config_dict
 def write_directory(directory: Path, cfg: GPTConfig, weights: Mapping[str, LazyTensor],
                     tokenizer: Tokenizer | None, *, progress: bool = False) -> None:
     """Write an mlx-lm model directory; weights given under our names in MLX's layout."""
-    eot = tokenizer.eot_id if tokenizer is not None else None
-    (directory / "config.json").write_text(json.dumps(config_dict(cfg, eot), indent=2) + "\n")
-    prefixed = {PREFIX + name: t for name, t in weights.items()}
-    write_safetensors(directory / "model.safetensors", prefixed, metadata={"format": "mlx"}, progress=progress)
-    if tokenizer is not None:
-        hf_tokenizer.write_tokenizer(directory, tokenizer, cfg.block_size)
+    hf.write_files(directory, cfg, {PREFIX + name: t for name, t in weights.items()}, "mlx", tokenizer, progress)
