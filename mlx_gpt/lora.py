@@ -19,7 +19,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +27,7 @@ from mlx.utils import tree_flatten
 from . import checkpoint
 from .errors import UserError
 from .flags import setting
+from .models.base import mix_in
 
 # --lora-targets names: a projection by its own name (c_proj is both attention's and the MLP's),
 # or by its path inside a block
@@ -111,11 +111,6 @@ class _Adapted:
         return super().__call__(x) + self.lora_scale * ((x @ self.lora_a.T) @ self.lora_b.T)
 
 
-@lru_cache(maxsize=None)
-def _adapted_class(cls: type) -> type:
-    return type(cls.__name__, (_Adapted, cls), {})
-
-
 def adapted_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if isinstance(m, _Adapted)]
 
@@ -158,8 +153,7 @@ def apply(model: nn.Module, config: LoRAConfig, seed: int = 0) -> nn.Module:
         layer.lora_a = mx.random.uniform(-bound, bound, (config.rank, in_dim), key=key)
         layer.lora_b = mx.zeros((out_dim, config.rank))
         layer.lora_scale = config.scale
-        if not isinstance(layer, _Adapted):
-            layer.__class__ = _adapted_class(type(layer))
+        mix_in(layer, _Adapted)
     model.freeze()
     for layer in layers:
         layer.unfreeze(keys=list(ADAPTER_NAMES), recurse=False)

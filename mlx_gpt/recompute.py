@@ -7,12 +7,11 @@ call goes through ``mx.checkpoint``, with the same parameters and names.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
+from .models.base import mix_in
 from .models.gpt import Packed
 
 
@@ -51,12 +50,5 @@ def recompute_blocks(model: nn.Module) -> nn.Module:
         raise UserError("--grad-checkpoint needs --dropout 0: a recomputed block would draw new dropout masks "
                         "and its gradients would not be those of the forward pass")
     for block in model.h:
-        cls = type(block)
-        if not issubclass(cls, _Recomputed):
-            block.__class__ = _recomputed_class(cls)
+        mix_in(block, _Recomputed)
     return model
-
-
-@lru_cache(maxsize=None)
-def _recomputed_class(cls: type) -> type:
-    return type(cls.__name__, (_Recomputed, cls), {})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import types
 import typing
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import asdict, fields
 from typing import Iterator
 
@@ -68,6 +69,19 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def mix_in(module: nn.Module, mixin: type) -> None:
+    """Put ``mixin``'s methods in front of ``module``'s own by swapping its class in place for a
+    subclass of both, under the same name: its parameters, their names and its checkpoints stay
+    what they were (LoRA's adapted layers, recomputed blocks). A module that has it already keeps it."""
+    if not isinstance(module, mixin):
+        module.__class__ = _mixed(mixin, type(module))
+
+
+@lru_cache(maxsize=None)
+def _mixed(mixin: type, cls: type) -> type:
+    return type(cls.__name__, (mixin, cls), {})
 
 
 @contextmanager
