@@ -151,8 +151,10 @@ def _write(out: Path, name: str, stream, tokenizer, fingerprint: str, settings: 
     work = out.with_name(f".{out.name}.partial")
     journal = _journal(work, fingerprint, force)
     if journal is None:
-        tok = _sp_train(stream, tokenizer, settings["sp_sample_bytes"], settings["seed"]) \
-            if isinstance(tokenizer, int) else tokenizer
+        tok = tokenizer
+        if isinstance(tokenizer, int):  # SentencePiece, trained on a seeded sample of the train split's lines
+            lines = sample_lines((p.text for p in stream() if not p.val), settings["sp_sample_bytes"], settings["seed"])
+            tok = SentencePieceTokenizer.train(lines, tokenizer)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -246,12 +248,6 @@ def _run(stream, work: Path, journal: dict, writers: dict, tok: Tokenizer, worke
         finished = writers[s].close()
         if finished is not None:
             journal[s]["shards"].append([finished[0].name, finished[1]])
-
-
-def _sp_train(stream, vocab_size: int, sample_bytes: int, seed: int) -> Tokenizer:
-    """SentencePiece trained on a seeded sample of at most sample_bytes of the train split's lines."""
-    lines = sample_lines((p.text for p in stream() if not p.val), sample_bytes, seed)
-    return SentencePieceTokenizer.train(lines, vocab_size)
 
 
 def sample_lines(texts: Iterable[str], budget: int, seed: int) -> list[str]:
