@@ -33,10 +33,6 @@ LAYER_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.b
                 "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def padded_vocab(vocab_size: int) -> int:
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
 def gpt2_params(vocab: int, block: int, n_layer: int, n_embd: int) -> int:
     """GPT-2's parameter count (with biases), from its sizes alone: what ``layout`` holds."""
     C = n_embd
@@ -109,7 +105,7 @@ def write_model(path: str | os.PathLike, cfg: GPTConfig, weights: Mapping[str, L
                 progress: bool = False) -> None:
     """A version 3 (float32) checkpoint that llm.c's train_gpt2 loads."""
     path = Path(path)
-    vp = padded_vocab(cfg.vocab_size)
+    vp = -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # rounded up
     header = np.zeros(256, dtype="<i4")
     header[:8] = [MODEL_MAGIC, 3, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, vp]
     entries = layout(cfg, vp)
