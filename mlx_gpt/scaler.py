@@ -54,9 +54,8 @@ class LossScaler:
     run (``skipped``).
     """
 
-    def __init__(self, init_scale: float = INIT_SCALE, growth_interval: int = GROWTH_INTERVAL,
-                 growth_factor: float = GROWTH_FACTOR, backoff_factor: float = BACKOFF_FACTOR) -> None:
-        self.growth_interval, self.growth_factor, self.backoff_factor = growth_interval, growth_factor, backoff_factor
+    def __init__(self, init_scale: float = INIT_SCALE, growth_interval: int = GROWTH_INTERVAL) -> None:
+        self.growth_interval = growth_interval
         self.state = {"scale": mx.array(init_scale, mx.float32), "good_steps": mx.array(0, mx.int32),
                       "skipped": mx.array(0, mx.int32)}
 
@@ -101,20 +100,18 @@ class LossScaler:
         """The state after a step whose gradients were (``finite``) or were not all finite."""
         scale, good, skipped = self.state["scale"], self.state["good_steps"], self.state["skipped"]
         good = mx.where(finite, good + 1, 0)
-        grown = scale * self.growth_factor
+        grown = scale * GROWTH_FACTOR
         grow = finite & (good >= self.growth_interval) & mx.isfinite(grown)
-        scale = mx.where(finite, mx.where(grow, grown, scale), scale * self.backoff_factor)
+        scale = mx.where(finite, mx.where(grow, grown, scale), scale * BACKOFF_FACTOR)
         good = mx.where(finite & (good >= self.growth_interval), 0, good)
         return {"scale": scale, "good_steps": good, "skipped": skipped + mx.where(finite, 0, 1)}
 
     def state_dict(self) -> dict:
         """The state as plain numbers, for a checkpoint's state.json (the scale is a power of two: exact)."""
-        return {"scale": self.state["scale"].item(), "good_steps": self.state["good_steps"].item(),
-                "skipped": self.state["skipped"].item()}
+        return {k: v.item() for k, v in self.state.items()}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.state.update(scale=mx.array(saved["scale"], mx.float32), good_steps=mx.array(saved["good_steps"], mx.int32),
-                          skipped=mx.array(saved["skipped"], mx.int32))
+        self.state.update({k: mx.array(saved[k], v.dtype) for k, v in self.state.items()})
 
 
 def _assign(tree, values) -> None:
