@@ -18,12 +18,12 @@ steps and round up; docs/memory.md gives measured ratios.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .errors import UserError
+from .limits import machine_bytes
 
 GB = 1e9
 # bytes per element of each dtype a model trains in
@@ -90,13 +90,10 @@ def estimate_train_peak(config, n_params: int, batch_size: int, *, dtype: str = 
 
 def available_memory() -> int:
     """What MLX may use here: Metal's recommended working set on a Mac, else MLX's memory limit
-    (a share of the physical memory on the CPU backend)."""
+    (a share of the physical memory on the CPU backend: ``limits.machine_bytes``)."""
     if mx.metal.is_available():
         return int(mx.metal.device_info()["max_recommended_working_set_size"])
-    limit = mx.get_memory_limit()
-    if limit:
-        return int(limit)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine_bytes()
 
 
 def check_fits(config, n_params: int, batch_size: int, available: int, **kw) -> MemoryEstimate:
