@@ -110,7 +110,7 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
                 yield _result(pending.popleft())
         while pending:
             yield _result(pending.popleft())
-    except BrokenProcessPool:  # submitting to a pool a dead worker broke
+    except BrokenProcessPool:  # submitting to, or waiting on, a pool a dead worker broke
         raise UserError(DIED) from None
     finally:
         for f in pending:
@@ -121,9 +121,4 @@ def encoded(tasks: Iterable[Task | None], tokenizer_dir: str, dtype: np.dtype, w
 
 
 def _result(future):
-    if future is None:
-        return None
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise UserError(DIED) from None
+    return None if future is None else future.result()
