@@ -229,9 +229,8 @@ class Engine:
             return end - start
         self._prefills.remove(p)
         logits = np.array(last.astype(mx.float32))
-        seqs = [Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)]
         joining = []
-        for seq in seqs:
+        for seq in (Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)):
             event = seq.advance(seq.draw(logits)) if job.max_tokens else Event(seq.index, finish_reason="length")
             event.prompt = p.scored if job.echo_logprobs else None  # the prompt's scores go with the first event
             p.handle.emit(event)
