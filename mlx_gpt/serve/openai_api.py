@@ -162,10 +162,9 @@ def _message(m: Any, i: int) -> dict:
 
 def _prompts(prompt: Any, info: ModelInfo) -> list[tuple[list[int], str]]:
     """(token ids, text) of each prompt: a string, a list of strings, token ids or lists of them."""
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        items = [prompt]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        items = [prompt]  # one prompt: text or token ids
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         items = prompt
     else:
