@@ -180,8 +180,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, to: st
                          f"{cfg.layer_norm_eps:g}: its outputs will differ slightly there")
         return Export(_export_llmc(out, cfg, weights, tok, overwrite, progress), notes)
     write = hf.write_directory if to == "hf" else mlx_lm.write_directory
-    lock = rundir.claim_out(out, overwrite=overwrite, inputs={"the checkpoint being exported": checkpoint.resolve(ckpt)},
-                            check=rundir.check_export, holds=Path.exists, what="a model")
+    lock = rundir.claim_out(out, overwrite=overwrite, check=rundir.check_export, holds=Path.exists, what="a model",
+                            inputs={"the checkpoint being exported": checkpoint.resolve(ckpt)})
     try:
         with replacing_directory(out) as tmp:
             write(tmp, cfg, weights, tok, progress=progress)
