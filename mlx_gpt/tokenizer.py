@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+import re
 import signal
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Protocol
 
@@ -26,6 +27,7 @@ from .formats.json_file import read_json
 
 META_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # beside it: the chat template the tokenizer carries (chat.py)
+NOT_IN_A_NAME = re.compile(r"[/\\\x00-\x1f\x7f\ud800-\udfff]")  # separators, control characters, lone surrogates
 
 
 class Tokenizer(Protocol):
@@ -145,8 +147,6 @@ class SentencePieceTokenizer:
 
 def _explain_training_failure(message: str, vocab_size: int) -> str:
     """SentencePiece's C++ check failures, as what to do instead."""
-    import re
-
     small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if small:
         return (f"SentencePiece vocab size {small[1]} is too small for this corpus's characters; "
@@ -195,14 +195,7 @@ def is_plain_file_name(name: object) -> bool:
     never text no file system takes: a NUL, or a lone surrogate a JSON escape can spell; nor a
     control character such as a newline, which no saved name holds and which would break the
     one-line error that names it)."""
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127
-                                                                   for c in name):
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(name, str) and name not in ("", ".", "..") and not NOT_IN_A_NAME.search(name)
 
 
 def with_chat_template(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
