@@ -136,9 +136,8 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, 
     """
     decoder = Decoder(model, SamplingConfig(**sampling), keep=keep)
     seed = random_seed() if seed is None else seed
-    for pieces in stream_batch(decoder, tokenizer, prompt, max_new_tokens, seed=seed, stop=stop, timing=timing):
-        if pieces[0]:
-            yield pieces[0]
+    steps = stream_batch(decoder, tokenizer, prompt, max_new_tokens, seed=seed, stop=stop, timing=timing)
+    yield from (pieces[0] for pieces in steps if pieces[0])
 
 
 def generate_batch(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, *, num_samples: int = 1,
@@ -284,9 +283,8 @@ def chat_reply(decoder: Decoder, tokenizer: Tokenizer, messages: Sequence[dict],
     template, tokens = chat.template_of(tokenizer), chat.special_tokens(tokenizer)
     ids = chat.encode(tokenizer, chat.render(template, messages, add_generation_prompt=True, **tokens))
     stops = [*stop, chat.end_of_turn(template, **tokens)]
-    for pieces in stream_batch(decoder, tokenizer, ids, max_new_tokens, seed=seed, stop=stops):
-        if pieces[0]:
-            yield pieces[0]
+    steps = stream_batch(decoder, tokenizer, ids, max_new_tokens, seed=seed, stop=stops)
+    yield from (pieces[0] for pieces in steps if pieces[0])
 
 
 def _chat(decoder: Decoder, tokenizer: Tokenizer, args: argparse.Namespace, first: str | None, seed: int) -> None:
