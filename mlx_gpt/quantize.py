@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import backend, checkpoint, rundir
 from .errors import UserError
-from .models.registry import build_model
+from .models.registry import build_model, model_type_of
 
 SECTION = "quantization"  # of config.json
 BITS = (4, 8)
@@ -126,7 +126,6 @@ def export_mlx_lm(src: str | os.PathLike, out: str | os.PathLike, *, bits: int =
     """
     from .atomic import replacing_directory
     from .formats import hf_tokenizer, mlx_lm
-    from .models.registry import model_type_of
 
     out = Path(out)
     rundir.check_claim(out, overwrite=overwrite, inputs={"the checkpoint being exported": checkpoint.resolve(src)},
