@@ -223,21 +223,26 @@ class GPT2Tokenizer:
         only tokens below ``r``. ``special`` ids (end-of-text) are kept but never merged to.
         """
         special = set(special)
-        ranks: dict[bytes, int] = {}
+        ranks: dict[bytes, int] = {}  # the other tokens' ids, in id order
+        vocab: dict[str, int] = {}
         for i, t in enumerate(tokens):
-            if i in special:
+            if i in special:  # kept as its text
+                try:
+                    vocab[t.decode("utf-8")] = i
+                except UnicodeDecodeError:
+                    raise UserError(f"special token {i} is not UTF-8 text") from None
                 continue
             if not t:
                 raise UserError(f"token {i} is empty; not a byte-level BPE vocabulary")
             if t in ranks:
                 raise UserError(f"tokens {ranks[t]} and {i} are the same bytes {t!r}")
-            ranks[t] = i
+            ranks[t], vocab[to_unicode(t)] = i, i
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise UserError(f"{len(missing)} single bytes have no token (e.g. byte {missing[0]}); "
                             "not a byte-level BPE vocabulary")
         merges = []
-        for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        for t, r in ranks.items():
             if len(t) == 1:
                 continue
             parts = _bpe(t, ranks, below=r)
@@ -245,15 +250,6 @@ class GPT2Tokenizer:
                 raise UserError(f"token {r} ({t!r}) is not a merge of two earlier tokens; "
                                 "not a byte-level BPE vocabulary")
             merges.append((to_unicode(parts[0]), to_unicode(parts[1])))
-        vocab = {}
-        for i, t in enumerate(tokens):
-            if i in special:
-                try:
-                    vocab[t.decode("utf-8")] = i
-                except UnicodeDecodeError:
-                    raise UserError(f"special token {i} is not UTF-8 text") from None
-            else:
-                vocab[to_unicode(t)] = i
         specials = [tokens[i].decode("utf-8") for i in special]
         return cls(vocab, merges, special=specials, files=("the token list", "the token list"))
 
