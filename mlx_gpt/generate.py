@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from .decoding import Decoder, Timing
@@ -26,6 +27,7 @@ from .errors import UserError, run_cli
 from .flags import DefaultsShown
 from .limits import check_bytes, check_seed, check_text
 from .sampling import SamplingConfig
+from .sources import read_text
 from .tokenizer import Tokenizer
 
 
@@ -260,13 +262,7 @@ def _prompt(args: argparse.Namespace) -> str | None:
     if args.system is not None and not args.chat:
         raise UserError("--system is the system message of a --chat conversation")
     if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except UnicodeDecodeError as e:
-            raise UserError(f"{args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise UserError(f"cannot read {args.prompt_file}: {e.strerror}") from None
+        return read_text(Path(args.prompt_file))
     if args.prompt is None and not (args.interactive or args.chat):
         raise UserError("give --prompt TEXT, --prompt-file PATH, --interactive or --chat")
     if args.prompt == "-" and args.chat:
