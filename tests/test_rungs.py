@@ -99,7 +99,7 @@ def test_count_rungs_sample_what_they_counted():
 
 
 def test_sinusoids_follow_the_paper():
-    pe = np.array(sinusoids(3, 5, 8))
+    pe = np.array(sinusoids(mx.arange(3, 8), 8))
     pos = np.arange(3, 8)[:, None]
     i = np.arange(4)[None, :]
     np.testing.assert_allclose(pe[:, 0::2], np.sin(pos / 10000 ** (2 * i / 8)), atol=1e-5)
@@ -110,7 +110,7 @@ def test_post_layernorm_normalises_the_residual_stream():
     """The Transformer and GPT-1 rungs end in LayerNorm (post-LN); GPT-2 does not until ln_f."""
     for name in ("transformer", "gpt1"):
         model = tiny(name)
-        h = model.embed(mx.array([[1, 2, 3]]), 0)
+        h = model.embed(mx.array([[1, 2, 3]]), mx.arange(3))
         for block in model.h:
             h = block(h)
         np.testing.assert_allclose(np.array(h.mean(axis=-1)), 0, atol=1e-5)

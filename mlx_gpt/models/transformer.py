@@ -26,14 +26,9 @@ from .base import LanguageModel
 from .gpt import MLP, CausalSelfAttention, GPTConfig, Packed, run_blocks
 
 
-def sinusoids(offset: int, T: int, dims: int) -> mx.array:
-    """Positions offset..offset+T-1 as (T, dims): sin and cos of position / 10000^(2i/dims),
-    interleaved (dimension 2i is a sine, 2i+1 its cosine)."""
-    return sinusoids_at(mx.arange(offset, offset + T), dims)
-
-
-def sinusoids_at(positions: mx.array, dims: int) -> mx.array:
-    """``sinusoids`` of any positions (...,), as (..., dims)."""
+def sinusoids(positions: mx.array, dims: int) -> mx.array:
+    """Positions (...,) as (..., dims): sin and cos of position / 10000^(2i/dims), interleaved
+    (dimension 2i is a sine, 2i+1 its cosine)."""
     freq = mx.exp(-math.log(10000.0) * mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     angles = positions.astype(mx.float32)[..., None] * freq
     return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(*positions.shape, -1)[..., :dims]
@@ -74,8 +69,8 @@ class PostLNTransformer(LanguageModel):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
 
-    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
-        """Token embeddings (B, T, C) with their positions: offset..offset+T-1, or packed rows' (B, T)."""
+    def embed(self, idx: mx.array, positions: mx.array) -> mx.array:
+        """Token embeddings (B, T, C) with their positions: (T,) for every row, or packed rows' (B, T)."""
         raise NotImplementedError
 
     def output(self, x: mx.array) -> mx.array:
@@ -89,7 +84,8 @@ class PostLNTransformer(LanguageModel):
         if offset + idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {offset + idx.shape[1]} tokens exceeds block_size {self.config.block_size}")
         packed = Packed(positions) if positions is not None else None
-        x = self.drop(self.embed(idx, offset, positions))
+        at = mx.arange(offset, offset + idx.shape[1]) if positions is None else positions
+        x = self.drop(self.embed(idx, at))
         return self.output(run_blocks(self.h, x, cache, packed))
 
 
@@ -97,10 +93,9 @@ class TransformerLM(PostLNTransformer):
     """Vaswani et al.: fixed sinusoidal positions, embeddings scaled by sqrt(d), tied output.
     MLX's default initialisation keeps the scaled embeddings at unit variance, as in the paper."""
 
-    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+    def embed(self, idx: mx.array, positions: mx.array) -> mx.array:
         d = self.config.n_embd
-        pe = sinusoids(offset, idx.shape[1], d) if positions is None else sinusoids_at(positions, d)
-        return self.wte(idx) * math.sqrt(d) + pe
+        return self.wte(idx) * math.sqrt(d) + sinusoids(positions, d)
 
     def output(self, x: mx.array) -> mx.array:
         return self.wte.as_linear(x)
@@ -114,8 +109,8 @@ class GPT1(PostLNTransformer):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def embed(self, idx: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
-        return self.wte(idx) + self.wpe(mx.arange(offset, offset + idx.shape[1]) if positions is None else positions)
+    def embed(self, idx: mx.array, positions: mx.array) -> mx.array:
+        return self.wte(idx) + self.wpe(positions)
 
     def output(self, x: mx.array) -> mx.array:
         return self.head(x)
