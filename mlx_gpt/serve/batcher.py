@@ -51,10 +51,9 @@ class Engine:
     model: one that reads positions and masks from the cache and has ``features`` and ``head``
     (``serve.main`` refuses any other); max_batch: sequences decoded together at most (a
     request with n choices takes n); max_queue: requests waiting for room at most, beyond
-    which ``submit`` raises QueueFull;
-    timeout: seconds a request may take in all, queued or running (then it ends with an error
-    if it never started, else with finish_reason "length"); prefill_chunk: prompt tokens fed
-    per turn, over as many new prompts as it covers.
+    which ``submit`` raises QueueFull; timeout: seconds a request may take in all, queued or
+    running (then it ends with an error if it never started, else with finish_reason
+    "length"); prefill_chunk: prompt tokens fed per turn, over as many new prompts as it covers.
     """
 
     capacity_step = 128
