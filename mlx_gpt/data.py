@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def largest_ids(files: list[Path]) -> list[int]:
     for folder in dict.fromkeys(Path(f).parent for f in files):
         mine = [Path(f) for f in files if Path(f).parent == folder]
         memo_path = _memo_path(folder)
-        memo = _read_memo(memo_path)
+        memo = json_object(memo_path)
+        memo = memo["files"] if memo.get("version") == 1 and isinstance(memo.get("files"), dict) else {}
         fresh = {}
         for f in mine:
             st = os.stat(f)
@@ -147,7 +149,8 @@ def largest_ids(files: list[Path]) -> list[int]:
             found[f] = entry[-1] if known else _largest_id(f)
             fresh[f.name] = [*identity, found[f]]
         if fresh != {k: memo.get(k) for k in fresh}:
-            _write_memo(memo_path, fresh)
+            with suppress(OSError), replacing_file(memo_path) as tmp:  # read-only, full: the next process scans again
+                tmp.write_text(json.dumps({"version": 1, "files": fresh}) + "\n")
     return [found[Path(f)] for f in files]
 
 
@@ -157,23 +160,6 @@ def _memo_path(folder: Path) -> Path:
     from .native import cache_dir
 
     return cache_dir() / "token-ids" / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]}.json"
-
-
-def _read_memo(path: Path) -> dict:
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return memo.get("files", {}) if isinstance(memo, dict) and memo.get("version") == 1 and \
-        isinstance(memo.get("files"), dict) else {}
-
-
-def _write_memo(path: Path, files: dict) -> None:
-    try:
-        with replacing_file(path) as tmp:
-            tmp.write_text(json.dumps({"version": 1, "files": files}) + "\n")
-    except OSError:
-        pass  # read-only, full: the next process scans again
 
 
 def _largest_id(path: Path) -> int:
@@ -222,11 +208,17 @@ class Dataset:
 
 def read_meta(directory: str | os.PathLike) -> dict:
     """The meta.json a prepared folder (token shards or examples) holds; {} when none is readable."""
+    return json_object(Path(directory, "meta.json"))
+
+
+def json_object(path: str | os.PathLike) -> dict:
+    """A JSON object this package wrote (a meta.json, a memo, a journal), or {} when it is missing,
+    damaged or not an object: the caller then does the work the file would have saved."""
     try:
-        meta = json.loads(Path(directory, "meta.json").read_text())
+        value = json.loads(Path(path).read_text())
     except (OSError, ValueError, RecursionError):
         return {}
-    return meta if isinstance(meta, dict) else {}
+    return value if isinstance(value, dict) else {}
 
 
 GPT2_TOKENIZER_DIR = ("tokenizers", "gpt2")  # under --data-dir: where `--tokenizer gpt2` looks

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 from . import flags
 from .atomic import replacing_directory, replacing_file
-from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, load_dataset,
+from .data import (HEADER_DTYPE, Dataset, gpt2_tokenizer, header_for, is_prepared, json_object, load_dataset,
                    parse_tokenizer_spec, read_header, read_meta, tokenizer_digest)
 from .errors import UserError, run_cli
 from .rundir import RunLock
@@ -193,11 +193,8 @@ def _write(out: Path, name: str, stream, tokenizer, fingerprint: str, settings: 
 
 def _journal(work: Path, fingerprint: str, force: bool) -> dict | None:
     """An interrupted run's journal to go on from (None: start afresh)."""
-    try:
-        journal = json.loads((work / JOURNAL).read_text())
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(journal, dict) and journal.get("fingerprint") == fingerprint and not force
+    journal = json_object(work / JOURNAL)
+    ok = journal.get("fingerprint") == fingerprint and not force
     return journal if ok and (work / "tokenizer.json").exists() else None
 
 
