@@ -77,15 +77,14 @@ class MLXGPT(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        with eval_mode(self.model):
-            for req in requests:
-                context, kwargs = req.args
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", True) else 0.0
-                out.append(generate(self.model, self.tokenizer, context, int(kwargs.get("max_gen_toks",
-                                                                                         self.max_gen_toks)),
-                                    temperature=temperature, stop=until, seed=0))
+        for req in requests:  # generate decodes in eval mode
+            context, kwargs = req.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", True) else 0.0
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            out.append(generate(self.model, self.tokenizer, context, max_new, temperature=temperature, stop=until,
+                                seed=0))
         return out
 
 
