@@ -41,7 +41,7 @@ SHAPES = ("text", "completions", "chat")
 FILES = {"train": "train.jsonl", "val": "valid.jsonl", "test": "test.jsonl"}
 COMPRESSED = ("", ".gz", ".zst")  # train.jsonl, train.jsonl.gz, train.jsonl.zst (sources.jsonl_records reads them)
 VAL_EVERY = 10  # one .jsonl: every tenth example is held out for evaluation
-ARRAYS = ("tokens", "mask", "offsets", "lines")
+ARRAYS = {"tokens": None, "mask": "u1", "offsets": "<i8", "lines": "<i8"}  # each file's dtype (tokens: by vocabulary)
 KIND = "examples"
 
 
@@ -189,16 +189,17 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
         self.files: dict[str, BinaryIO] = {a: open(directory / f"{split}.{a}", "wb") for a in ARRAYS}
-        self.dtype, self.count, self.examples = dtype, 0, 0
-        self.files["offsets"].write(np.zeros(1, "<i8").tobytes())
+        self.dtypes, self.count, self.examples = {**ARRAYS, "tokens": dtype}, 0, 0
+        self._put(offsets=[0])
 
     def add(self, line: int, ids: list[int], mask: list[int]) -> None:
-        self.files["tokens"].write(np.asarray(ids, self.dtype).tobytes())
-        self.files["mask"].write(np.asarray(mask, np.uint8).tobytes())
         self.count += len(ids)
         self.examples += 1
-        self.files["offsets"].write(np.asarray([self.count], "<i8").tobytes())
-        self.files["lines"].write(np.asarray([line], "<i8").tobytes())
+        self._put(tokens=ids, mask=mask, offsets=[self.count], lines=[line])
+
+    def _put(self, **arrays) -> None:
+        for name, values in arrays.items():
+            self.files[name].write(np.asarray(values, self.dtypes[name]).tobytes())
 
     def close(self) -> None:
         for f in self.files.values():
@@ -320,13 +321,10 @@ class ExampleSplit:
 
 def _open_split(directory: Path, split: str, meta: dict) -> ExampleSplit:
     info = meta["splits"][split]
-    dtypes = {"tokens": np.dtype(meta["dtype"]), "mask": np.dtype(np.uint8), "offsets": np.dtype("<i8"),
-              "lines": np.dtype("<i8")}
     arrays = {}
-    for name, dtype in dtypes.items():
+    for name, dtype in {**ARRAYS, "tokens": meta["dtype"]}.items():
         path = directory / f"{split}.{name}"
-        size = os.path.getsize(path)
-        arrays[name] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
     n, count = len(arrays["lines"]), len(arrays["tokens"])
     offsets = arrays["offsets"]
     if (n != info["examples"] or count != info["tokens"] or len(arrays["mask"]) != count or len(offsets) != n + 1
