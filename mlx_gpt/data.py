@@ -33,7 +33,7 @@ HEADER_DTYPE = {GPT2_HEADER: np.dtype("<u2"), LLAMA3_HEADER: np.dtype("<u4")}
 LLMC_VOCAB = {GPT2_HEADER: 50257, LLAMA3_HEADER: 128256}
 MAX_TOKENS = 2**31 - 1  # the count is an int32
 SCAN_CHUNK = 1 << 24  # tokens per read when checking ids
-ID_MEMO = ".token-ids.json"  # each token file's largest id, beside the files (see largest_ids)
+ID_MEMO = ".token-ids.json"  # each token file's largest id, beside the files (see check_token_ids)
 
 
 # ---------------------------------------------------------------------------- token files
@@ -117,22 +117,12 @@ def open_tokens(path: str | os.PathLike) -> np.ndarray:
 def check_token_ids(files: list[Path], vocab_size: int) -> None:
     """Refuse a token file holding an id the vocabulary lacks (it would index past the embedding).
 
-    Each file is scanned in chunks (never read into memory whole), once: its largest id is
-    remembered beside it (``largest_ids``), so the next process that opens it reads no token.
-    """
-    for f, largest in zip(files, largest_ids(files)):
-        if largest >= vocab_size:
-            raise UserError(f"{f} holds token id {largest}, outside the vocabulary of {vocab_size} tokens")
-
-
-def largest_ids(files: list[Path]) -> list[int]:
-    """Each token file's largest id (-1 for none), scanning only files not scanned before.
-
-    The ids found are kept in a hidden ``.token-ids.json`` in the files' folder (where no reader of
-    shards looks; in the user's cache folder when that folder is read-only), each under the file's
-    device, inode, size, and modification and change times: a file replaced, rewritten or touched
-    since, even to the same size and with its modification time put back, does not match and is
-    scanned again. A memo that cannot be read or written only means scanning again.
+    Each file is scanned in chunks (never read into memory whole), once: the largest id found is
+    kept in a hidden ``.token-ids.json`` in the files' folder (where no reader of shards looks; in
+    the user's cache folder when that folder is read-only), under the file's device, inode, size,
+    and modification and change times: a file replaced, rewritten or touched since, even to the
+    same size and with its modification time put back, does not match and is scanned again. A
+    memo that cannot be read or written only means scanning again.
     """
     found: dict[Path, int] = {}
     for folder in dict.fromkeys(Path(f).parent for f in files):
@@ -151,7 +141,9 @@ def largest_ids(files: list[Path]) -> list[int]:
         if fresh != {k: memo.get(k) for k in fresh}:
             with suppress(OSError), replacing_file(memo_path) as tmp:  # read-only, full: the next process scans again
                 tmp.write_text(json.dumps({"version": 1, "files": fresh}) + "\n")
-    return [found[Path(f)] for f in files]
+    bad = next((Path(f) for f in files if found[Path(f)] >= vocab_size), None)
+    if bad is not None:
+        raise UserError(f"{bad} holds token id {found[bad]}, outside the vocabulary of {vocab_size} tokens")
 
 
 def _memo_path(folder: Path) -> Path:
