@@ -33,15 +33,6 @@ Pool::Pool(int threads) {
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
 }
 
-Pool::~Pool() {
-  {
-    std::lock_guard<std::mutex> lock(m_);
-    stop_ = true;
-  }
-  start_.notify_all();
-  for (auto& t : workers_) t.join();
-}
-
 void Pool::claim_chunks(int part) {
   for (int64_t c; (c = next_.fetch_add(1)) < chunks_;) {
     (*body_)(part, c * chunk_, std::min(n_, (c + 1) * chunk_));
@@ -52,8 +43,7 @@ void Pool::work(int index) {
   uint64_t seen = 0;
   std::unique_lock<std::mutex> lock(m_);
   for (;;) {
-    start_.wait(lock, [&] { return stop_ || generation_ != seen; });
-    if (stop_) return;
+    start_.wait(lock, [&] { return generation_ != seen; });
     seen = generation_;
     if (!open_) continue;  // woke after the caller finished the loop alone
     ++active_;

@@ -37,7 +37,7 @@ class Pool {
   // Run body over [0, n) in chunks of at least `grain` items.
   void run(int64_t n, int64_t grain, const RangeFn& body);
 
-  ~Pool();
+  ~Pool() = delete;  // never destroyed (see instance()): its workers wait for loops until the process ends
 
  private:
   explicit Pool(int threads);
@@ -56,7 +56,6 @@ class Pool {
   bool open_ = false;  // workers may still join the running loop
   int active_ = 0;     // workers inside it
   uint64_t generation_ = 0;
-  bool stop_ = false;
 };
 
 }  // namespace mlx_gpt
