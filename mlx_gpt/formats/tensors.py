@@ -41,12 +41,8 @@ class LazyTensor:
     where: Hashable = None
 
     @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def nbytes(self) -> int:
-        return self.size * STORAGE[self.dtype].itemsize
+        return math.prod(self.shape) * STORAGE[self.dtype].itemsize
 
     def read(self) -> np.ndarray:
         """The values as float32 (exact for float16 and bfloat16)."""
