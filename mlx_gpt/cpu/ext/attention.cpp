@@ -19,7 +19,6 @@
 // so a row of short examples costs about what its examples cost apart.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -34,7 +33,7 @@ namespace mlx_gpt {
 
 namespace {
 
-constexpr int kDims = 4;     // (B, nh, T, hs)
+constexpr int kDims = 4;            // (B, nh, T, hs)
 constexpr int64_t kFewQueries = 2;  // decoding: forward_rows
 
 // One (batch, head) slice of a (B, nh, rows, hs) array: row i starts at p + i * stride.
