@@ -114,13 +114,12 @@ def write_model(path: str | os.PathLike, cfg: GPTConfig, weights: Mapping[str, L
         f.write(header.tobytes())
         for name, shape in entries:
             a = np.ascontiguousarray(weights[name].read(), dtype="<f4")
-            padding = np.zeros((vp - cfg.vocab_size, cfg.n_embd), dtype="<f4") if name == "wte.weight" else None
-            if a.shape[0] + (0 if padding is None else padding.shape[0]) != shape[0] or a.shape[1:] != shape[1:]:
+            padding = np.zeros((vp - cfg.vocab_size if name == "wte.weight" else 0, *a.shape[1:]), dtype="<f4")
+            if (a.shape[0] + padding.shape[0], *a.shape[1:]) != shape:
                 raise AssertionError(f"{name}: {a.shape} does not fit {shape}")
             for part in (a, padding):
-                if part is not None:
-                    f.write(memoryview(part.reshape(-1)).cast("B"))
-                    bar.update(part.nbytes)
+                f.write(memoryview(part.reshape(-1)).cast("B"))
+                bar.update(part.nbytes)
 
 
 def read_token_list(path: str | os.PathLike) -> tuple[list[bytes], int | None]:
