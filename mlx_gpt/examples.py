@@ -155,8 +155,6 @@ def encode(parts: list[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[list[in
 
 def read_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line, read one at a time (``sources.jsonl_records``)."""
-    if not path.is_file():
-        raise UserError(f"cannot read {path}: not a file")
     for number, record in jsonl_records(path):
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: not a JSON object")
@@ -225,7 +223,7 @@ def sources(source: str) -> dict[str, Path]:
 def tokenizer_for(spec: str | Tokenizer | None, data_dir: str | os.PathLike) -> Tokenizer:
     """The tokenizer examples are encoded with: a checkpoint's, or byte / GPT-2's BPE by name (a
     SentencePiece model is trained on running text: prepare one there, or fine-tune a checkpoint)."""
-    if spec is None or not isinstance(spec, str):
+    if not isinstance(spec, str):
         return spec or ByteTokenizer()
     kind, arg = parse_tokenizer_spec(spec)
     if kind == "byte":
