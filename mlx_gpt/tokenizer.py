@@ -20,6 +20,7 @@ import re
 import signal
 from pathlib import Path
 from contextlib import contextmanager
+from itertools import takewhile
 from typing import Iterable, Iterator, Protocol
 
 from .errors import UserError
@@ -114,7 +115,8 @@ class SentencePieceTokenizer:
         try:
             with _interrupt_noted(interrupted):
                 spm.SentencePieceTrainer.train(
-                    sentence_iterator=_until(interrupted, lines),
+                    # cut short once a Ctrl-C is noted (raised here, it would surface as a training failure)
+                    sentence_iterator=takewhile(lambda _: not interrupted, lines),
                     model_writer=model,
                     model_type="bpe",
                     vocab_size=vocab_size,
@@ -158,15 +160,6 @@ def _explain_training_failure(message: str, vocab_size: int) -> str:
     detail = message.strip().splitlines()[-1] if message.strip() else "no reason given"
     detail = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[[^]]*\] ", "", detail)  # the C++ source location and check
     return f"SentencePiece training failed: {detail}"
-
-
-def _until(noted: list, lines: Iterable[str]) -> Iterator[str]:
-    """The lines, cut short once a Ctrl-C is noted (an exception here would surface from the C++
-    side as a training failure)."""
-    for line in lines:
-        if noted:
-            return
-        yield line
 
 
 @contextmanager
