@@ -127,9 +127,12 @@ class LadderConfig:
 
 def train_config(cfg: LadderConfig, rung: Rung, budget: float, batch_size: int, learning_rate: float, out: Path,
                  model_flops: float) -> TrainConfig:
-    """How ``mlx_gpt.train`` runs a neural rung for one budget: its schedule laid over the budget."""
+    """How ``mlx_gpt.train`` runs a neural rung for one budget: its schedule laid over the budget.
+    Every rung trains with AdamW, whose rate the ladder searches (the modern rung too: the modern
+    recipe's Muon is a change of optimizer, which the ladder leaves out to compare models)."""
     tcfg = TrainConfig.of(data=cfg.data, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
-                          model=rung.spec, block_size=cfg.block_size, batch_size=batch_size, learning_rate=learning_rate,
+                          model=rung.spec, block_size=cfg.block_size, batch_size=batch_size, optimizer="adamw",
+                          weight_decay=0.1, learning_rate=learning_rate,
                           min_lr=learning_rate * MIN_LR_RATIO, warmup_iters=WARMUP_ITERS, seed=cfg.seed, out=str(out),
                           overwrite=True, eval_interval=10**9, eval_iters=EVAL_ITERS, checkpoint_interval=10**9,
                           log_interval=200, sample_tokens=0)

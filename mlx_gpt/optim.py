@@ -30,28 +30,33 @@ StreamFor = Callable[[mx.array], mx.Stream]  # a parameter -> the stream its sha
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """How long the run is, its learning-rate schedule, and AdamW's settings."""
+    """How long the run is, its learning-rate schedule, and the optimizer's settings. Those left None
+    take the run's recipe's value (``training.config``): today's for a new model, GPT-2's for
+    ``--model gpt`` and the ladder's other rungs."""
 
-    max_iters: int | None = setting(None, "optimizer steps in the run (default: 600; 20 with --init)", resumable=True)
+    max_iters: int | None = setting(None, "optimizer steps in the run (default: 200; 600 for GPT-2; 20 with --init)",
+                                    resumable=True)
     max_seconds: float | None = setting(
         None, "the whole run (data, compiling, training, evaluations, saves) in about this many seconds instead of "
               "--max-iters: a few steps and evaluation batches are timed first and the schedule laid over the steps "
               "that fit (warmup at most a tenth of them); a run 10%% and 2 s past it ends there, evaluated and saved")
-    learning_rate: float | None = setting(None, "peak learning rate (default: 2e-3; 3e-5 with --init, 2e-4 with "
-                                                "--lora-rank)")
-    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: 2e-4; --init's "
-                                         "and --lora-rank's equal their learning rate)")
-    warmup_iters: int | None = setting(None, "steps of linear warmup (default: a tenth of --max-iters, at most 60; "
-                                             "0 with --init)")
+    learning_rate: float | None = setting(None, "peak learning rate, with Muon AdamW's (default: 2e-2; 2e-3 for "
+                                                "GPT-2; 3e-5 with --init, 2e-4 with --lora-rank)")
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: a tenth of the "
+                                         "default learning rate; --init's and --lora-rank's equal it)")
+    warmup_iters: int | None = setting(None, "steps of linear warmup (default: a tenth of --max-iters, at most 5; "
+                                             "at most 60 for GPT-2; 0 with --init)")
     lr_decay_iters: int | None = setting(None, "step where cosine decay reaches min-lr (default: max-iters)")
-    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay, on 2-D weights only")
+    weight_decay: float | None = setting(None, "AdamW's decoupled weight decay, on 2-D weights only (default: 0; 0.1 "
+                                               "for GPT-2 and with --init)")
     beta1: float = setting(0.9, "AdamW's beta1")
     beta2: float = setting(0.99, "AdamW's beta2")
     grad_clip: float = setting(1.0, "clip the gradients' global norm to this (0: off)")
-    optimizer: str = setting("adamw", "adamw, or muon: Newton-Schulz-orthogonalised momentum for the transformer "
-                                      "blocks' 2-D weights, AdamW for embeddings, head, norms and biases")
-    muon_lr: float = setting(0.02, "--optimizer muon: Muon's peak learning rate (the schedule's shape is shared)")
-    muon_momentum: float = setting(0.95, "--optimizer muon: Muon's momentum (Nesterov)")
+    optimizer: str | None = setting(None, "adamw, or muon: Newton-Schulz-orthogonalised momentum for the transformer "
+                                          "blocks' 2-D weights, AdamW for embeddings, head, norms and biases "
+                                          "(default: muon; adamw for GPT-2 and with --init)")
+    muon_lr: float | None = setting(None, "--optimizer muon: Muon's peak rate (default: 0.015; 0.02 for GPT-2)")
+    muon_momentum: float | None = setting(None, "--optimizer muon: Muon's momentum (default: 0.85; 0.95 for GPT-2)")
 
     def __post_init__(self) -> None:
         def need(name: str, ok: Callable[[float], bool], what: str) -> None:
@@ -68,7 +73,7 @@ class OptimConfig:
         need("max_seconds", lambda v: v > 0, "a positive number of seconds")
         need("muon_lr", lambda v: v > 0, "a positive number")
         need("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer not in (None, *OPTIMIZERS):
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
             value = getattr(self, name)

@@ -48,7 +48,8 @@ def test_reference_has_the_same_logits_loss_and_gradient_norm_over_steps():
     np.testing.assert_allclose(tmodel(torch.from_numpy(x.astype(np.int64))).detach().numpy(),
                                np.array(model(mx.array(x))), atol=2e-5)
     # a constant learning rate on both sides, so that several steps compare (AdamW's update included)
-    tcfg = TrainConfig.of(batch_size=4, max_iters=10, warmup_iters=0, learning_rate=2e-3, min_lr=2e-3, streams=1)
+    tcfg = TrainConfig.of(model="gpt", batch_size=4, max_iters=10, warmup_iters=0, learning_rate=2e-3, min_lr=2e-3,
+                          streams=1)
     opt = make_optimizer(tcfg.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, tcfg)

@@ -129,7 +129,9 @@ class Base:
         self.corpus.write_text(corpus_text())
         self.data_dir = root / "data"
         self.run = root / "run"
-        proc = cli("train", "--data", self.corpus, "--data-dir", self.data_dir, "--out", self.run, *TINY, cwd=root)
+        # a GPT-2, which every export takes
+        proc = cli("train", "--data", self.corpus, "--data-dir", self.data_dir, "--out", self.run, "--model", "gpt",
+                   *TINY, cwd=root)
         assert proc.returncode == 0, proc.stderr
         self.dataset = next(self.data_dir.iterdir())
 

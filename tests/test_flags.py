@@ -131,7 +131,7 @@ def test_a_setting_init_brings_is_refused_beside_it_by_name(flag, value):
     cfg = parse_args(["--init", "ckpt"])
     assert (cfg.data.tokenizer, cfg.model.rung, cfg.model.preset) == (None, None, None)
     assert (TrainConfig.of().data.tokenizer, TrainConfig.of().model.rung, TrainConfig.of().model.preset) == \
-        ("byte", "gpt", "tiny")
+        ("byte", "modern", "tiny")
 
 
 def test_every_command_help_shows_each_default_once_and_none_that_is_not_one(tmp_path):

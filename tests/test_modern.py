@@ -140,7 +140,8 @@ def test_the_modern_rung_tops_the_ladder_and_counts_its_untied_head():
 def test_train_stops_at_its_first_evaluation_at_the_target(tmp_path, shakespeare):
     kw = dict(data=str(shakespeare), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), model="modern",
               n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2, log_interval=5,
-              sample_tokens=4, max_iters=60, eval_interval=10, stop_at_val_loss=4.0)
+              sample_tokens=4, max_iters=60, eval_interval=10, stop_at_val_loss=4.0, optimizer="adamw",
+              learning_rate=2e-3)  # slow enough to evaluate above the target first
     train(TrainConfig.of(**kw), progress=False)
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
@@ -150,9 +151,32 @@ def test_train_stops_at_its_first_evaluation_at_the_target(tmp_path, shakespeare
     assert checkpoint.load(tmp_path / "run")[0].config.n_layer == 2
 
 
+def test_the_default_model_trains_on_packed_masked_examples(tmp_path):
+    """The default run's model takes an example set as GPT-2 does: packed rows, the prompts masked,
+    the loss falling from its first evaluation to its last."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "sums"
+    d.mkdir()
+    for split, n in (("train", 400), ("valid", 40)):
+        pairs = rng.integers(0, 50, (n, 2))
+        d.joinpath(f"{split}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."}) + "\n" for a, b in pairs))
+    run = train(TrainConfig.of(data=str(d), data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), n_layer=2,
+                               n_head=2, n_embd=32, block_size=64, batch_size=8, mask_prompt=True, pack=True,
+                               max_iters=40, eval_interval=10, eval_iters=4, sample_tokens=0), progress=False)
+    assert run.cfg.model.rung == "modern" and run.cfg.optim.optimizer == "muon"
+    evals = [r["val_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert len(evals) == 4 and all(map(math.isfinite, evals)) and evals == sorted(evals, reverse=True), evals
+    assert evals[-1] < evals[0] - 0.2, evals
+    assert type(checkpoint.load(tmp_path / "run")[0]) is modern.ModernGPT
+
+
 def test_changes_belong_to_the_modern_model(tmp_path):
-    proc = run_module("mlx_gpt.train", "--changes", "rope", "--out", str(tmp_path / "r"), cwd=tmp_path)
-    assert_one_line_error(proc, "--changes applies to --model modern")
+    proc = run_module("mlx_gpt.train", "--model", "gpt", "--changes", "rope", "--out", str(tmp_path / "r"),
+                      cwd=tmp_path)
+    assert_one_line_error(proc, "--changes applies to a new --model modern")
+    assert TrainConfig.of(changes="rope").model.rung == "modern"  # the default model takes them
 
 
 def test_the_speedrun_config_trains_nanogpts_example_shape_within_a_tenth_of_its_parameters():

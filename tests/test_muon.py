@@ -25,7 +25,7 @@ def params(model) -> dict:
 
 def optim_cfg(**kw) -> TrainConfig:
     return TrainConfig.of(optimizer="muon", learning_rate=LR, min_lr=LR, warmup_iters=0, max_iters=100,
-                          muon_lr=MUON_LR, weight_decay=WD, beta1=0.9, beta2=0.99, **kw)
+                          muon_lr=MUON_LR, muon_momentum=0.95, weight_decay=WD, beta1=0.9, beta2=0.99, **kw)
 
 
 def torch_optimizers(torch, weights: dict):

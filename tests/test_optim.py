@@ -55,7 +55,7 @@ WEIGHT_ATOL, MOMENT_RTOL, LOSS_RTOL, NORM_RTOL, DRIFT_ATOL = 2e-6, 1e-4, 1e-5, 1
 NOISE = 1e-3  # a gradient element below this share of its tensor's RMS gradient is swayed by rounding
 # warmup, then a cosine that reaches min_lr at the last step; clipping bites on some steps of
 # this model and not on others (the test checks both happen)
-TRAIN = dict(batch_size=4, learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, max_iters=STEPS, weight_decay=0.1,
+TRAIN = dict(model="gpt", batch_size=4, learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, max_iters=STEPS, weight_decay=0.1,
              beta1=0.9, beta2=0.95)
 CLIP = {1: 1.0, 3: 0.6}  # by micro-batches per update (averaging three lowers the norm)
 

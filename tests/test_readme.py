@@ -113,7 +113,7 @@ def test_python_examples_run_as_written(tmp_path):
     from mlx_gpt.tokenizer import ByteTokenizer
 
     model = build(GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=16), seed=0)
-    for name in ("pydoc-byte-tiny", "run"):
+    for name in ("pydoc-byte-modern-tiny", "run"):
         checkpoint.save(tmp_path / "checkpoints" / name, model, ByteTokenizer())
     ran = 0
     for page, blocks in python_blocks().items():

@@ -40,8 +40,8 @@ def snapshot(*trees) -> list[dict]:
 
 
 def stepper(model, scaler, **kw):
-    cfg = TrainConfig.of(**{"dtype": "float16", "batch_size": 4, "streams": 1, "warmup_iters": 0, "max_iters": 100,
-                         "learning_rate": 1e-2, **kw})
+    cfg = TrainConfig.of(**{"model": "gpt", "dtype": "float16", "batch_size": 4, "streams": 1, "warmup_iters": 0,
+                            "max_iters": 100, "learning_rate": 1e-2, **kw})
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     return opt, make_train_step(model, opt, cfg, scaler=scaler)
@@ -196,7 +196,8 @@ def test_an_overflowing_step_changes_nothing_but_halves_the_scale(kw):
 def trajectory(dtype, scaler=None, V=256, B=8, T=64, n_embd=64, steps=10, seed=0, lr=5e-3):
     """Losses, gradient norms and skipped-step counts of ``steps`` steps on one fixed batch."""
     model = tiny(vocab_size=V, block_size=T, n_embd=n_embd, n_head=2)
-    cfg = TrainConfig.of(dtype=dtype, batch_size=B, streams=1, warmup_iters=0, max_iters=steps, learning_rate=lr)
+    cfg = TrainConfig.of(model="gpt", dtype=dtype, batch_size=B, streams=1, warmup_iters=0, max_iters=steps,
+                         learning_rate=lr)
     opt = make_optimizer(cfg.optim)
     opt.init(model.trainable_parameters())
     step = make_train_step(model, opt, cfg, scaler=scaler)

@@ -1,6 +1,7 @@
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -8,22 +9,23 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import assert_one_line_error, run_module
-from mlx_gpt import checkpoint
-from mlx_gpt.errors import UserError
+from mlx_gpt import checkpoint, flags
 from mlx_gpt.data import prepare
 from mlx_gpt.errors import UserError
-from mlx_gpt.models.gpt import GPTConfig, build
+from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
 from mlx_gpt.optim import lr_schedule, make_optimizer
 from mlx_gpt.train import train
 from mlx_gpt.training.config import TrainConfig
 from mlx_gpt.training.step import loss_fn, make_train_step
 
-SMALL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
+SMALL = dict(model="gpt", preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
              log_interval=1, sample_tokens=8)
 
 
 def small_cfg(tmp_path, data, **kw) -> TrainConfig:
-    small = {k: v for k, v in SMALL.items() if not (kw.get("init") and k == "preset")}  # --init brings its shape
+    # --init brings its model and shape; another --model brings its own
+    small = {k: v for k, v in SMALL.items() if not ((kw.get("init") and k in ("model", "preset")) or
+                                                    (k == "model" and "model" in kw))}
     return TrainConfig.of(**{"data": str(data), "data_dir": str(tmp_path / "data"), "out": str(tmp_path / "run"),
                           **small, **kw})
 
@@ -228,7 +230,8 @@ def test_optimizer_settings_that_cannot_train_are_refused(flag, value):
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
     out = tmp_path / "run"
     proc = run_module("mlx_gpt.train", "--data", str(shakespeare), "--data-dir", str(tmp_path / "data"),
-                      "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+                      "--out", str(out), "--model", "gpt", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                      "--block-size", "32",
                       "--batch-size", "4", "--max-iters", "40", "--learning-rate", "1e3", "--log-interval", "2",
                       "--checkpoint-interval", "2", "--eval-interval", "100", "--eval-iters", "1",
                       "--sample-tokens", "4", cwd=tmp_path)
@@ -296,10 +299,33 @@ def test_max_seconds_lays_the_schedule_over_the_steps_that_fit(tmp_path, shakesp
 
 def test_a_short_run_warms_up_over_a_tenth_of_itself_unless_told():
     assert TrainConfig.of(max_iters=20).optim.warmup_iters == 2
-    assert TrainConfig.of().optim.warmup_iters == 60  # the default run's, a tenth of 600
-    assert TrainConfig.of(max_iters=6000).optim.warmup_iters == 60
+    assert TrainConfig.of().optim.warmup_iters == 5  # the default run's, at most 5 in today's recipe
+    assert TrainConfig.of(model="gpt").optim.warmup_iters == 60  # GPT-2's, a tenth of 600
+    assert TrainConfig.of(model="gpt", max_iters=6000).optim.warmup_iters == 60
     assert TrainConfig.of(max_iters=20, warmup_iters=15).optim.warmup_iters == 15
     assert TrainConfig.of(init="ckpt").optim.warmup_iters == 0  # a fine-tune: nanoGPT's constant rate
+
+
+def test_a_new_model_is_the_modern_gpt_with_its_recipe_and_gpt2_keeps_its_own():
+    """Without --model, a run trains the modern GPT with today's recipe (configs/pydoc-speedrun.toml's
+    settings); GPT-2's presets and --model gpt train GPT-2's recipe, as do fine-tunes and resumed
+    runs, whose saved settings may predate the choice; a setting given is always taken."""
+    from mlx_gpt.training.config import RunConfig
+
+    speedrun = flags.read_toml(Path(__file__).parents[1] / "configs" / "pydoc-speedrun.toml", TrainConfig)
+    default = TrainConfig.of().flat()
+    shape = {**PRESETS["tiny"], "dropout": 0.0, "lr_decay_iters": default["max_iters"]}  # the unset ones: the preset's
+    assert {k: shape[k] if default[k] is None else default[k] for k in speedrun if k != "out"} == \
+        {k: v for k, v in speedrun.items() if k != "out"}
+    for given in (dict(model="gpt"), dict(preset="gpt2"), dict(preset="gpt2-medium"), dict(model="lstm")):
+        o = TrainConfig.of(**given).optim
+        assert (o.optimizer, o.learning_rate, o.max_iters, o.weight_decay) == ("adamw", 2e-3, 600, 0.1), given
+    assert TrainConfig.of(preset="gpt2").model.rung == "gpt"
+    assert TrainConfig.of(model="modern", preset="gpt2").optim.optimizer == "muon"  # GPT-2's shape, today's recipe
+    assert TrainConfig.of(init="ckpt").optim.optimizer == "adamw"
+    resumed = TrainConfig(run=RunConfig(resume=True, out="run")).resolved()
+    assert (resumed.model.rung, resumed.optim.optimizer, resumed.optim.weight_decay) == ("gpt", "adamw", 0.1)
+    assert TrainConfig.of(optimizer="adamw", weight_decay=0.05).optim.weight_decay == 0.05
 
 
 def test_a_run_speaks_after_its_first_step_and_every_half_minute(tmp_path, shakespeare, monkeypatch, capsys):

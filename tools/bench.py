@@ -30,8 +30,8 @@ and prints one JSON object; this process only starts them, alternates them and d
   ratio of the medians, and each pair's. Then the same config runs for nanoGPT's median wall
   time (``--max-seconds``): the val loss it reaches there.
 - pydoc: the same on the default run's data, in ``--rounds`` alternating pairs: ``python -m
-  mlx_gpt.train`` as it is (GPT-2's recipe) gives V and its wall time, then
-  ``configs/pydoc-speedrun.toml`` runs to V.
+  mlx_gpt.train --model gpt`` (GPT-2's recipe) gives V and its wall time, then
+  ``configs/pydoc-speedrun.toml`` (the default run's settings, written out) runs to V.
 - ablation: at a fixed token budget (nanoGPT's example, ``--ablation-iters`` steps), GPT-2's
   recipe (``--model modern --changes none``: GPT-2 exactly), each change of the modern GPT
   alone, all of them, and all with Muon: final val loss and wall time of each process.
@@ -133,10 +133,10 @@ class SpeedrunBench:
 
 @dataclass(frozen=True)
 class PydocBench:
-    """The default run (GPT-2's recipe on the Python manual) sets the target; the modern recipe races it."""
+    """GPT-2's recipe on the default data (the Python manual) sets the target; the modern recipe races it."""
 
     name: str = "pydoc"
-    note: str = "time to the default run's val loss on the Python manual"
+    note: str = "time to GPT-2's recipe's val loss on the Python manual"
     config: str = "configs/pydoc-speedrun.toml"
 
 
@@ -148,6 +148,9 @@ class AblationBench:
     note: str = "GPT-2's recipe, each change alone, all, all + Muon, at a fixed token budget"
     max_iters: int = 1000
     eval_iters: int = 50  # the one evaluation, at the end: 50 batches of 12 x 64
+    # every variant trains GPT-2's optimizer settings (the race's AdamW), the last Muon at its 0.02 and 0.95
+    base: tuple[str, ...] = ("--optimizer", "adamw", "--weight-decay", "0.1", "--muon-lr", "0.02",
+                             "--muon-momentum", "0.95")
     variants: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("GPT-2 recipe", ("--changes", "none")),
         *((f"+ {c}", ("--changes", c)) for c in ("rope", "rms_norm", "qk_norm", "relu2", "untied", "no_bias",
@@ -383,7 +386,7 @@ def bench_race(bench: RaceBench, args: argparse.Namespace, work: Path) -> dict:
     bench, d, text, flags, prep = race_setup(bench, args, work, args.race_iters or bench.max_iters)
     result: dict = {"config": asdict(bench), "vocab": {"nanogpt": prep["vocab_size"], "mlx": 256}}
     result["mlx"] = run_train(args, d, "--data", str(text), "--data-dir", str(d / "data"), "--tokenizer", "byte",
-                              "--no-bias", "--dropout", "0", "--weight-decay", "0.1", "--grad-clip", "1.0",
+                              "--model", "gpt", "--no-bias", "--dropout", "0", "--weight-decay", "0.1", "--grad-clip", "1.0",
                               "--checkpoint-interval", str(bench.eval_interval), "--out", str(d / "mlx-run"), *flags)
     print(f"  [race] mlx_gpt {result['mlx']['wall_s']:.1f} s, val loss {result['mlx']['val_loss']:.4f}",
           file=sys.stderr, flush=True)
@@ -424,15 +427,15 @@ def bench_speedrun(bench: SpeedrunBench, args: argparse.Namespace, work: Path) -
 
 
 def bench_pydoc(bench: PydocBench, args: argparse.Namespace, work: Path) -> dict:
-    """The default run (``python -m mlx_gpt.train``, GPT-2's recipe) sets V; the modern config runs to
-    V, in alternating rounds. The data is prepared once first, untimed, for both."""
+    """GPT-2's recipe on the default data (``python -m mlx_gpt.train --model gpt``) sets V; the modern
+    config runs to V, in alternating rounds. The data is prepared once first, untimed, for both."""
     d = work / "pydoc"
     d.mkdir(parents=True, exist_ok=True)
     data = ("--data", "pydoc", "--data-dir", str(d / "data"))
     subprocess.run([sys.executable, "-m", "mlx_gpt.prepare", "pydoc", "--data-dir", str(d / "data")], cwd=d,
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
     result: dict = {"config": asdict(bench)}
-    result.update(race_to(lambda i: run_train(args, d, *data, "--out", str(d / "default")),
+    result.update(race_to(lambda i: run_train(args, d, *data, "--model", "gpt", "--out", str(d / "default")),
                           lambda i, v: run_train(args, d, "--config", str(ROOT / bench.config), *data,
                                                  "--stop-at-val-loss", f"{v:.4f}", "--out", str(d / "modern")),
                           args.rounds))
@@ -448,7 +451,7 @@ def bench_ablation(bench: AblationBench, args: argparse.Namespace, work: Path) -
     for label, extra in bench.variants:
         result["variants"][label] = e = run_train(args, d, "--data", str(text), "--data-dir", str(d / "data"),
                                                   "--model", "modern", "--checkpoint-interval", str(iters),
-                                                  "--out", str(d / "ablation"), *flags, *extra)
+                                                  "--out", str(d / "ablation"), *flags, *bench.base, *extra)
         print(f"  [ablation] {label}: val {e['val_loss']:.4f} in {e['wall_s']:.1f} s", file=sys.stderr, flush=True)
     return result
 
@@ -583,7 +586,7 @@ def format_table(report: dict) -> str:
 def recipe_lines(report: dict) -> list[str]:
     """The speedrun's and the ablation's tables."""
     lines = []
-    for name, reference in (("speedrun", "nanoGPT train.py"), ("pydoc", "python -m mlx_gpt.train (GPT-2)")):
+    for name, reference in (("speedrun", "nanoGPT train.py"), ("pydoc", "python -m mlx_gpt.train --model gpt")):
         if name not in report:
             continue
         r = report[name]
@@ -712,7 +715,8 @@ def worker_train(a: argparse.Namespace) -> dict:
     batch = np.load(a.batch)
     model = checkpoint.load_model(a.checkpoint)
     model.train()
-    tcfg = TrainConfig.of(batch_size=batch["x"].shape[0], max_iters=1000, warmup_iters=10, streams=a.streams)
+    tcfg = TrainConfig.of(model="gpt", batch_size=batch["x"].shape[0], max_iters=1000, warmup_iters=10,
+                          streams=a.streams)
     backend.configure(tcfg.step.batch_size, tcfg.step.streams)  # as a run's setup does
     optimizer = make_optimizer(tcfg.optim)
     optimizer.init(model.trainable_parameters())

@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: time the train step and (with several ranks) the all-reduce; rank 0 prints JSON."""
     group = distributed.init()
     rank, world = group.rank(), group.size()
-    cfg = TrainConfig.of(batch_size=args.batch_size, streams=args.streams)
+    cfg = TrainConfig.of(model="gpt", batch_size=args.batch_size, streams=args.streams)
     model = build(GPTConfig(**{**PRESETS[args.preset], "vocab_size": 50257, "block_size": args.block_size}), seed=0)
     backend.layers(model)
     backend.configure(args.batch_size, args.streams)  # as a run's setup does

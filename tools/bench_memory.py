@@ -64,7 +64,8 @@ def run_case(name: str, steps: int) -> dict:
     cfg = TrainConfig.of(batch_size=batch, block_size=block, max_iters=max(steps, 1), warmup_iters=0,
                          learning_rate=3e-5, grad_checkpoint="ckpt" in savings, loss_chunk=256 if "chunk" in savings else 0,
                          dtype="bfloat16" if "bf16" in savings else "float32",
-                         lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None)
+                         lora_rank=8 if "lora" in savings else 0, init="base" if "lora" in savings else None,
+                         model=None if "lora" in savings else "gpt")
     config = GPTConfig(**{**PRESETS[preset], "block_size": block})
     adapters = cfg.lora if cfg.lora.rank else None
     n_params = sum(v.size for _, v in tree_flatten(GPT(config).parameters()))  # lazy: nothing allocated

@@ -65,7 +65,7 @@ def measure(data: Path, pack: bool, block: int, batch: int, steps: int, warmup: 
     from mlx_gpt.training.step import make_train_step
 
     split = examples.prepare_examples(str(data), data_dir=data / "prepared").splits["train"]
-    cfg = TrainConfig.of(batch_size=batch, block_size=block, max_iters=steps + warmup, mask_prompt=True)
+    cfg = TrainConfig.of(model="gpt", batch_size=batch, block_size=block, max_iters=steps + warmup, mask_prompt=True)
     backend.configure(batch, cfg.step.streams)
     model = backend.layers(build(preset("tiny", vocab_size=257, block_size=block), seed=0))
     optimizer = make_optimizer(cfg.optim)

@@ -1,12 +1,12 @@
 """Fine-tune on a generated instruction set, with and without --mask-prompt, and score the answers.
 
     python tools/finetune_demo.py --out demo            # the table in docs/finetuning.md
-    python tools/finetune_demo.py --out demo --init checkpoints/pydoc-byte-tiny
+    python tools/finetune_demo.py --out demo --init checkpoints/pydoc-byte-modern-tiny
 
 Three tasks, seeded: reformat a date (2021-03-14 -> 14/03/2021, the easy one), reverse a word,
 add two numbers. Each example is a prompt ("Reformat the date 2021-03-14:\\n") and a completion
 ("14/03/2021\\n"); train.jsonl and valid.jsonl mix the tasks, test.jsonl holds prompts no run
-trains on. A model (the tiny default, fresh, or --init's) is fine-tuned twice on the same
+trains on. A model (a fresh tiny GPT-2, or --init's) is fine-tuned twice on the same
 batches, once on every token and once with --mask-prompt, and each held-out prompt's greedy
 answer (up to its newline) is scored by exact match, before and after.
 """
@@ -94,7 +94,7 @@ def scores(model, tokenizer, tests: dict[str, list[dict]]) -> dict[str, float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo", help="folder for the data, the runs and the table")
-    p.add_argument("--init", help="fine-tune this checkpoint (default: a fresh tiny GPT, byte tokenizer)")
+    p.add_argument("--init", help="fine-tune this checkpoint (default: a fresh tiny GPT-2, byte tokenizer)")
     p.add_argument("--examples", type=int, default=3000, help="training examples per task")
     p.add_argument("--test", type=int, default=100, help="held-out prompts per task")
     p.add_argument("--max-iters", type=int, default=1500)
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         model, tok = checkpoint.load(a.init)
         shape = {}
     else:  # the fresh model both runs start from: the same seed, the same weights
-        shape = dict(preset="tiny", block_size=a.block_size)
+        shape = dict(model="gpt", preset="tiny", block_size=a.block_size)
         config = GPTConfig(**{**PRESETS["tiny"], "block_size": a.block_size})
         model, tok = build(config, a.seed), ByteTokenizer()
     rows = [("before", scores(model, tok, tests), 0.0)]

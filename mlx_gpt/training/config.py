@@ -47,6 +47,11 @@ def _texts(section: Any) -> None:
             limits.check_text(value, "--" + f.metadata.get("flag", f.name).replace("_", "-"))
 
 
+def default_model(preset: str | None) -> str:
+    """What a new run trains without --model: the modern GPT, or GPT-2 for GPT-2's own shapes."""
+    return "gpt" if (preset or "").startswith("gpt2") else "modern"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = setting("pydoc", "a text file, a folder of .txt files, a prepared data dir (ours or llm.c's), "
@@ -84,9 +89,10 @@ class ModelSpec:
     """Which model trains: a rung of the ladder, for GPT a preset with any field overridden, or
     the weights of a checkpoint (fine-tuning)."""
 
-    rung: str | None = setting(None, f"ladder rung: {', '.join(rungs.RUNGS)} (default: gpt; with --init, the "
+    rung: str | None = setting(None, f"ladder rung: {', '.join(rungs.RUNGS)} (default: modern, the GPT of "
+                                     "today's recipe; gpt, GPT-2, with --preset gpt2*; with --init, the "
                                      "checkpoint's); ngram:N and kneser-ney:N set the order", flag="model")
-    preset: str | None = setting(None, f"model shape of --model gpt: {', '.join(PRESETS)} (default: tiny)")
+    preset: str | None = setting(None, f"model shape of --model modern or gpt: {', '.join(PRESETS)} (default: tiny)")
     n_layer: int | None = setting(None, "transformer blocks (default: the preset's)")
     n_head: int | None = setting(None, "attention heads (default: the preset's)")
     n_embd: int | None = setting(None, "embedding width (default: the preset's)")
@@ -103,8 +109,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         _texts(self)
-        if self.changes is not None and self.rung != "modern":
-            raise UserError("--changes applies to --model modern")
+        if self.changes is not None and (self.init or (self.rung or default_model(self.preset)) != "modern"):
+            raise UserError("--changes applies to a new --model modern")
 
     @property
     def overrides(self) -> dict:
@@ -156,10 +162,10 @@ class StepConfig:
 class RunConfig:
     """Where the run lives, and how often it reports and saves."""
 
-    out: str | None = setting(None, "run directory (default: checkpoints/<data>-<preset>, or -<model> for other "
-                                    "rungs)")
-    eval_interval: int | None = setting(None, "steps between evaluations of train and val loss (default: 200; 5 "
-                                              "with --init)", resumable=True)
+    out: str | None = setting(None, "run directory (default: checkpoints/<data>-<tokenizer>-modern-<preset>, "
+                                    "-<preset> for GPT-2, -<model> for other rungs)")
+    eval_interval: int | None = setting(None, "steps between evaluations of train and val loss (default: 25; 200 "
+                                              "for GPT-2; 5 with --init)", resumable=True)
     eval_iters: int = setting(20, "batches per evaluation", resumable=True)
     log_interval: int = setting(10, "steps between log lines", resumable=True)
     sample_interval: int | None = setting(None, "steps between printed samples (default: eval-interval)",
@@ -191,12 +197,18 @@ class RunConfig:
         _texts(self)
 
 
-# the run's defaults of the fields that default to None (warmup: a tenth of the run, at most WARMUP)
-DEFAULTS = dict(batch_size=32, grad_accum=1, max_iters=600, learning_rate=2e-3, min_lr=2e-4, eval_interval=200,
-                checkpoint_interval=200)
-WARMUP = 60
+# The run's defaults of the fields that default to None: the recipe of the model it trains. A new
+# model is the modern GPT, trained with today's recipe (docs/recipe.md: Muon for the blocks' matrices,
+# AdamW ten times faster for the rest, no weight decay, a third of the steps, evaluated often enough
+# to stop at a target); GPT-2's presets, --model gpt, the ladder's other rungs, fine-tunes and runs
+# saved before there was a choice train with GPT-2's. Warmup is a tenth of the run, at most WARMUP.
+GPT2_RECIPE = dict(batch_size=32, grad_accum=1, max_iters=600, learning_rate=2e-3, min_lr=2e-4, eval_interval=200,
+                   checkpoint_interval=200, optimizer="adamw", weight_decay=0.1, muon_lr=0.02, muon_momentum=0.95)
+MODERN_RECIPE = {**GPT2_RECIPE, "max_iters": 200, "learning_rate": 2e-2, "min_lr": 2e-3, "eval_interval": 25,
+                 "optimizer": "muon", "weight_decay": 0.0, "muon_lr": 0.015, "muon_momentum": 0.85}
+WARMUP = {"gpt2": 60, "modern": 5}
 # what a run without --init starts from (with --init, the checkpoint's model and tokenizer)
-STARTS = dict(tokenizer="byte", model="gpt", preset="tiny")
+STARTS = dict(tokenizer="byte", preset="tiny")
 # nanoGPT's GPT-2 fine-tune: one sequence a micro-batch, 32 of them a step, a small constant
 # learning rate; applied with --init to every one of these the user does not set
 FINETUNE_DEFAULTS = dict(batch_size=1, grad_accum=32, learning_rate=3e-5, min_lr=3e-5, warmup_iters=0,
@@ -238,21 +250,29 @@ class TrainConfig:
     def fine_tuning(self) -> bool:
         return self.model.init is not None and not self.run.resume
 
+    @property
+    def recipe(self) -> str:
+        """Which recipe fills the unset settings (see MODERN_RECIPE): "modern" or "gpt2"."""
+        new = self.model.init is None and not self.run.resume
+        rung = self.model.rung or default_model(self.model.preset)
+        return "modern" if new and rung == "modern" else "gpt2"
+
     def resolved(self) -> "TrainConfig":
         """Every field that defaults to None ("the run's default") given its value for this run."""
-        defaults = {**DEFAULTS, **(FINETUNE_DEFAULTS if self.fine_tuning else {}),
+        defaults = {**(MODERN_RECIPE if self.recipe == "modern" else GPT2_RECIPE),
+                    **(FINETUNE_DEFAULTS if self.fine_tuning else {}),
                     **(LORA_DEFAULTS if self.fine_tuning and self.lora.rank else {})}
         flat = self.flat()
         if self.model.init is None:  # what a new model is and how the data is read
-            defaults.update(STARTS)
+            defaults.update(STARTS, model="gpt" if self.run.resume else default_model(flat["preset"]))
         elif self.fine_tuning:  # --init brings its own
-            given = [name for name in STARTS if flat[name] is not None]
+            given = [name for name in (*STARTS, "model") if flat[name] is not None]
             if given:
                 raise UserError(f"--{given[0]} does not apply with --init: the checkpoint's own "
                                 f"{'tokenizer' if given[0] == 'tokenizer' else 'model'} is used")
         unset = {k: v for k, v in defaults.items() if flat[k] is None}
         if flat["warmup_iters"] is None and "warmup_iters" not in unset:  # a short run still reaches its peak
-            unset["warmup_iters"] = min(WARMUP, (flat["max_iters"] or defaults["max_iters"]) // 10)
+            unset["warmup_iters"] = min(WARMUP[self.recipe], (flat["max_iters"] or defaults["max_iters"]) // 10)
         return self.replace(**unset) if unset else self
 
 

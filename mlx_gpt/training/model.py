@@ -9,17 +9,24 @@ from .. import backend, checkpoint, lora, memory
 from ..data import Dataset
 from ..errors import UserError
 from ..limits import check_bytes, check_model
-from ..models import rungs
+from ..models import modern, rungs
 from ..models.gpt import GPT, PRESETS, GPTConfig, build
+from ..models.modern import ModernConfig
 from ..recompute import recompute_blocks
 from .config import TrainConfig
 
 
-def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    """A new GPT's shape: the preset's, the data's vocabulary, then the fields set."""
+def shaped_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig | ModernConfig:
+    """A new GPT's (or modern GPT's) config: the preset's shape, the data's vocabulary, then the
+    fields set."""
     if cfg.model.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
-    config = GPTConfig(**{**PRESETS[cfg.model.preset], "vocab_size": vocab_size, **cfg.model.overrides})
+    shape = {k: v for k, v in PRESETS[cfg.model.preset].items() if k != "vocab_size"}
+    if cfg.model.rung == "gpt":
+        config = GPTConfig(**{**shape, "vocab_size": vocab_size, **cfg.model.overrides})
+    else:
+        fields = rungs.model_config(rungs.parse("modern"), vocab_size, {**shape, **cfg.model.overrides})
+        config = ModernConfig(**fields)
     check_model(config.to_dict(), "this model")
     check_logits(cfg, config.block_size, config.vocab_size)
     return config
@@ -38,10 +45,12 @@ def from_init(cfg: TrainConfig):
 
 
 def new(cfg: TrainConfig, dataset: Dataset):
-    """A fresh model: a GPT of the config's shape, or another rung (count rungs are fitted here,
-    on the train split)."""
+    """A fresh model: a GPT or modern GPT of the config's shape, or another rung (count rungs are
+    fitted here, on the train split)."""
     if cfg.model.rung == "gpt":
-        return build(gpt_config(cfg, dataset.vocab_size), seed=cfg.step.seed)
+        return build(shaped_config(cfg, dataset.vocab_size), seed=cfg.step.seed)
+    if cfg.model.rung == "modern":
+        return modern.build(shaped_config(cfg, dataset.vocab_size), seed=cfg.step.seed)
     return rungs.build(cfg.model.rung, dataset.vocab_size, tokens=dataset.tokens("train"),
                        overrides=cfg.model.overrides, seed=cfg.step.seed)
 
@@ -65,12 +74,13 @@ def assemble(model, cfg: TrainConfig, fresh_adapters: bool):
 def memory_check(cfg: TrainConfig, model, dataset: Dataset) -> memory.MemoryEstimate | None:
     """The run's estimated peak; a run that cannot fit is refused here, before its model is built.
     (Only transformer-shaped models are estimated: the ladder's small rungs always fit.)"""
-    if model is None and cfg.model.rung != "gpt":
+    if model is None and cfg.model.rung not in ("gpt", "modern"):
         return None
-    config = model.config if model is not None else gpt_config(cfg, dataset.vocab_size)
+    config = model.config if model is not None else shaped_config(cfg, dataset.vocab_size)
     if not all(hasattr(config, f) for f in ("n_layer", "n_embd", "block_size", "vocab_size")):
         return None
-    counted = model if model is not None else GPT(config)  # a fresh GPT's weights are lazy: nothing allocated
+    # a fresh model's weights are lazy: nothing is allocated
+    counted = model if model is not None else (GPT if cfg.model.rung == "gpt" else modern.ModernGPT)(config)
     n_params = sum(v.size for k, v in tree_flatten(counted.parameters()) if not lora.is_adapter(k))
     trainable = lora.count(config, cfg.lora) if cfg.lora.rank else None
     s = cfg.step

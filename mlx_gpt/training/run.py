@@ -69,7 +69,7 @@ def _dataset(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Dataset:
     d = cfg.data
     fields = examples.Fields(d.text_field, d.prompt_field, d.completion_field)
     if examples.is_examples(d.source, d.format, fields):  # prompt/completion or chat examples, one a row
-        if cfg.model.rung not in (None, "gpt"):
+        if cfg.model.rung not in (None, "gpt", "modern"):
             raise UserError(f"--model {cfg.model.rung} trains on running text, not on examples")
         return examples.prepare_examples(d.source, tokenizer or d.tokenizer, fmt=d.format, fields=fields,
                                          data_dir=d.data_dir)
@@ -119,12 +119,13 @@ def _starting_point(cfg: TrainConfig, locks: list):
 
 
 def _default_out(cfg: TrainConfig, dataset: Dataset) -> str:
-    """checkpoints/<data>-<tokenizer>-<preset or rung> (pydoc-byte-tiny), or for a fine-tune
-    checkpoints/<data>-<what it fine-tunes> (shakespeare-gpt2)."""
+    """checkpoints/<data>-<tokenizer>-modern-<preset> (pydoc-byte-modern-tiny), -<preset> for GPT-2
+    (pydoc-byte-tiny), -<rung> for the other rungs, or for a fine-tune checkpoints/<data>-<what it
+    fine-tunes> (shakespeare-gpt2)."""
     m = cfg.model
     if m.init:
         return str(Path("checkpoints") / f"{dataset.name}-{Path(m.init).name}")
-    name = m.preset if m.rung == "gpt" else m.rung.replace(":", "")
+    name = {"gpt": m.preset, "modern": f"modern-{m.preset}"}.get(m.rung, m.rung.replace(":", ""))
     return str(Path("checkpoints") / f"{dataset.path.name}-{name}")
 
 
