@@ -223,6 +223,27 @@ def test_a_checkpoints_own_chat_template_lays_out_the_prompt_and_ends_the_turn()
     assert e.value.status == 400 and "no system role" in e.value.message
 
 
+def test_a_chat_reads_its_templates_end_of_text_as_the_one_token_as_generate_does():
+    """GPT-2's ``<|endoftext|>`` written by a template after each assistant turn is its one token in
+    the served prompt, as ``generate --chat`` (``chat.encode``) and Hugging Face read it, not the
+    several tokens of its text."""
+    from conftest import DATA
+    from mlx_gpt.gpt2_tokenizer import GPT2Tokenizer
+    from mlx_gpt.serve.openai_api import ModelInfo, parse_chat
+    from mlx_gpt.tokenizer import with_chat_template
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token if m['role'] == "
+                "'assistant' else '' }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tok = with_chat_template(GPT2Tokenizer.from_directory(DATA / "gpt2"), template)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}]
+    parsed = parse_chat({"model": "m", "messages": messages, "max_tokens": 4},
+                        ModelInfo("m", tok, 64, tok.vocab_size, 4, 16))
+    ids = list(parsed.jobs[0].prompt)
+    assert ids == chat.encode(tok, render_chat(messages, tok)[0])
+    assert ids.count(tok.eot_id) == 1 and ids != tok.encode(render_chat(messages, tok)[0])
+
+
 def test_logprobs_and_echo_are_the_models(server, model):
     m, tok = model
     prompt = "The with statement"

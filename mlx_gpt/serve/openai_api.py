@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .. import chat
 from ..errors import UserError
@@ -118,7 +118,7 @@ def parse_chat(body: Any, info: ModelInfo) -> Parsed:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     text, stops = render_chat([_message(m, i) for i, m in enumerate(messages)], info.tokenizer)
-    ((ids, text),) = _prompts(text, info)
+    ((ids, text),) = _prompts(text, info, encode=chat.encode)  # end-of-text in the template: its token
     wants_logprobs = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not wants_logprobs:
@@ -160,8 +160,10 @@ def _message(m: Any, i: int) -> dict:
     return {"role": CHAT_ROLES[m["role"]], "content": content}
 
 
-def _prompts(prompt: Any, info: ModelInfo) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt: a string, a list of strings, token ids or lists of them."""
+def _prompts(prompt: Any, info: ModelInfo, encode: Callable[[Any, str], list[int]] = encode_prompt
+             ) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, a list of strings, token ids or lists of them;
+    text is encoded by ``encode`` (a chat's as ``generate --chat`` encodes it)."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
                                    and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         items = [prompt]  # one prompt: text or token ids
@@ -176,7 +178,7 @@ def _prompts(prompt: Any, info: ModelInfo) -> list[tuple[list[int], str]]:
                 _check_context(len(p) // info.max_token_chars, 0, info)
             try:  # generate's checks and encoding: an empty prompt starts at end-of-text
                 check_text(p, "the prompt")
-                out.append((encode_prompt(info.tokenizer, p), p))
+                out.append((encode(info.tokenizer, p), p))
             except UserError as e:
                 raise APIError(400, str(e), param="prompt") from None
         elif p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < info.vocab_size for t in p):
