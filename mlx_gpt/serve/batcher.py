@@ -226,7 +226,6 @@ class Engine:
         if end < len(prompt):
             mx.eval([c.state for c in p.caches])
             return end - start
-        self._prefills.remove(p)
         logits = np.array(last.astype(mx.float32))
         joining = []
         for seq in (Sequence(p.handle, i, self.tokenizer, self.vocab) for i in range(job.n)):
@@ -237,6 +236,7 @@ class Engine:
                 joining.append(seq)
         if joining:
             self._insert(joining, p.caches)
+        self._prefills.remove(p)  # only now: a fault before it fails the job with the rest in flight
         return end - start
 
     def _score(self, logits: mx.array, prompt: tuple[int, ...], start: int, k: int) -> list[TokenInfo]:
