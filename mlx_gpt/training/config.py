@@ -5,10 +5,11 @@ memory), the optimizer and its schedule (``optim.OptimConfig``), LoRA (``lora.Lo
 the run (reporting, checkpoints). Every setting is also a flag and a TOML key of its own name
 (``flags``); saved runs hold the same flat names, so a run's ``train.toml`` is a ``--config``.
 
-A few defaults depend on the run: fine-tuning (``--init``) takes nanoGPT's GPT-2 fine-tune
-settings, LoRA its own learning rate. Those fields default to None, "the run's default", and
-``resolve`` fills them in; the command line and ``TrainConfig.of(...)`` from Python both go
-through it, so they train the same thing. A resumed run is resolved from its saved settings,
+A few defaults depend on the run: a new model takes its recipe's (today's for the modern GPT,
+GPT-2's for the others), fine-tuning (``--init``) nanoGPT's GPT-2 fine-tune settings, LoRA its
+own learning rate. Those fields default to None, "the run's default", and ``resolve`` fills them
+in; the command line and ``TrainConfig.of(...)`` from Python both go through it, so they train
+the same thing. A resumed run is resolved from its saved settings,
 taking only the given settings a resumed run may change.
 """
 
