@@ -16,6 +16,7 @@ from mlx_gpt.models.gpt import PRESETS, GPTConfig, build
 from mlx_gpt.optim import lr_schedule, make_optimizer
 from mlx_gpt.train import train
 from mlx_gpt.training.config import TrainConfig
+from mlx_gpt.training.model import shaped_config
 from mlx_gpt.training.step import loss_fn, make_train_step
 
 SMALL = dict(model="gpt", preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
@@ -321,7 +322,10 @@ def test_a_new_model_is_the_modern_gpt_with_its_recipe_and_gpt2_keeps_its_own():
         o = TrainConfig.of(**given).optim
         assert (o.optimizer, o.learning_rate, o.max_iters, o.weight_decay) == ("adamw", 2e-3, 600, 0.1), given
     assert TrainConfig.of(preset="gpt2").model.rung == "gpt"
-    assert TrainConfig.of(model="modern", preset="gpt2").optim.optimizer == "muon"  # GPT-2's shape, today's recipe
+    modern_gpt2 = TrainConfig.of(model="modern", preset="gpt2")  # GPT-2's shape, today's recipe
+    assert modern_gpt2.optim.optimizer == "muon"
+    c = shaped_config(modern_gpt2, 50257)
+    assert (type(c).__name__, c.n_layer, c.n_embd, c.block_size, c.vocab_size) == ("ModernConfig", 12, 768, 1024, 50257)
     assert TrainConfig.of(init="ckpt").optim.optimizer == "adamw"
     resumed = TrainConfig(run=RunConfig(resume=True, out="run")).resolved()
     assert (resumed.model.rung, resumed.optim.optimizer, resumed.optim.weight_decay) == ("gpt", "adamw", 0.1)

@@ -21,12 +21,13 @@ def shaped_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig | ModernConfig
     fields set."""
     if cfg.model.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
-    shape = {k: v for k, v in PRESETS[cfg.model.preset].items() if k != "vocab_size"}
+    preset, overrides = {**PRESETS[cfg.model.preset], "vocab_size": vocab_size}, cfg.model.overrides
     if cfg.model.rung == "gpt":
-        config = GPTConfig(**{**shape, "vocab_size": vocab_size, **cfg.model.overrides})
-    else:
-        fields = rungs.model_config(rungs.parse("modern"), vocab_size, {**shape, **cfg.model.overrides})
-        config = ModernConfig(**fields)
+        config = GPTConfig(**{**preset, **overrides})
+    else:  # the preset's shape (what it leaves unset, GPT-2's), with today's changes
+        gpt2 = GPTConfig(**preset)
+        shape = {k: getattr(gpt2, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout")}
+        config = ModernConfig(**rungs.model_config(rungs.parse("modern"), vocab_size, {**shape, **overrides}))
     check_model(config.to_dict(), "this model")
     check_logits(cfg, config.block_size, config.vocab_size)
     return config
